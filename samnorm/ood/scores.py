@@ -1,0 +1,125 @@
+"""Logit-based OOD scores (higher = more in-distribution), as functions of a ``(B, K)`` logit tensor.
+
+``msp`` (Hendrycks & Gimpel, ICLR 2017), ``max_logit`` (Hendrycks et al., ICML 2022), ``energy``
+(Liu et al., NeurIPS 2020) and ``odin`` (Liang et al., ICLR 2018; temperature scaling plus an
+optional gradient-sign input perturbation). pytorch-ood's ``MaxSoftmax``, ``MaxLogit`` and
+``EnergyBased`` return the negatives of these.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["energy", "max_logit", "msp", "odin"]
+
+
+def _check_logits(logits: Tensor) -> Tensor:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(
+            f"logits must have shape (batch, classes) with at least one class, got "
+            f"{tuple(logits.shape)}; a single sample is logits.unsqueeze(0)"
+        )
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    return logits
+
+
+def _check_temperature(temperature: float) -> float:
+    temperature = float(temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return temperature
+
+
+def msp(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Maximum softmax probability ``max_k softmax(logits / T)_k``, shape ``(B,)``.
+
+    Computed as ``1 / sum_k exp(z_k - max z)``: no overflow, and exact where ``logsumexp``
+    would round ``max + log(sum)`` back to ``max`` (logits near the float32 limit).
+    With ``temperature=1000`` this is ODIN without input perturbation.
+
+    Example:
+        >>> msp(torch.tensor([[0.0, 0.0], [10.0, 0.0]]))
+        tensor([0.5000, 1.0000])
+    """
+    z = _check_logits(logits) / _check_temperature(temperature)
+    return torch.exp(z - z.amax(dim=1, keepdim=True)).sum(dim=1).reciprocal()
+
+
+def max_logit(logits: Tensor) -> Tensor:
+    """Maximum logit ``max_k logits_k``, shape ``(B,)``.
+
+    Example:
+        >>> max_logit(torch.tensor([[1.0, 3.0], [2.0, -1.0]]))
+        tensor([3., 2.])
+    """
+    return _check_logits(logits).amax(dim=1)
+
+
+def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Negative free energy ``T * logsumexp(logits / T)``, shape ``(B,)`` (stable for any logits).
+
+    Example:
+        >>> energy(torch.tensor([[0.0, 0.0]]))
+        tensor([0.6931])
+    """
+    t = _check_temperature(temperature)
+    return t * torch.logsumexp(_check_logits(logits) / t, dim=1)
+
+
+def odin(
+    model: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    *,
+    temperature: float = 1000.0,
+    epsilon: float = 0.0,
+    input_std: Optional[Sequence[float]] = None,
+) -> Tensor:
+    """ODIN score: MSP at temperature ``T`` of the input moved by ``epsilon`` to raise that MSP.
+
+    ``x' = x - epsilon * sign(grad_x CE(model(x) / T, argmax))`` (the paper's
+    ``x - eps * sign(-grad log S_yhat(x; T))``), then ``msp(model(x'), T)``. The sign step is
+    taken per sample (the loss is summed over the batch), so the score does not depend on the
+    batch size. When ``inputs`` are normalised by a per-channel ``std``, pass ``input_std`` to
+    make the step ``epsilon`` in pixel units, as the paper's code does (the step is divided by
+    ``std``). ``epsilon=0`` needs a single forward pass and no gradient. Put the model in eval
+    mode first: the gradient pass would otherwise update BatchNorm statistics.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+        >>> odin(net, torch.rand(2, 3, 2, 2), temperature=1000.0, epsilon=0.002).shape
+        torch.Size([2])
+    """
+    t = _check_temperature(temperature)
+    epsilon = float(epsilon)
+    if not (epsilon >= 0 and math.isfinite(epsilon)):
+        raise ValueError(f"epsilon must be a finite number >= 0 (0 disables the step), got {epsilon}")
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+        raise TypeError("inputs must be a floating-point tensor of images (B, C, H, W)")
+    if epsilon == 0.0:
+        with torch.no_grad():
+            return msp(model(inputs), t)
+    # the gradient must be computable even when the caller runs under no_grad / inference_mode
+    with torch.inference_mode(False), torch.enable_grad():
+        x = inputs.detach().clone().requires_grad_(True)
+        logits = _check_logits(model(x)) / t
+        loss = F.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    step = grad.sign()
+    if input_std is not None:
+        std = torch.as_tensor(input_std, dtype=step.dtype, device=step.device).reshape(-1)
+        if step.dim() < 2 or std.numel() not in (1, step.shape[1]):
+            raise ValueError(
+                f"input_std needs one value per channel ({step.shape[1] if step.dim() > 1 else '?'}),"
+                f" got {std.numel()}"
+            )
+        step = step / std.reshape(1, -1, *([1] * (step.dim() - 2)))
+    with torch.no_grad():
+        return msp(model(inputs.detach() - epsilon * step), t)
