@@ -81,7 +81,7 @@ def _hvp(pieces: Sequence[Callable[[], Tensor]], params: Sequence[Tensor], vec: 
 def _params_list(params: Iterable[Tensor], what: str = "params") -> list[Tensor]:
     if isinstance(params, Tensor):
         params = [params]
-    chosen = list(getattr(params, "params", params))  # a samnorm.select.Selection or an iterable
+    chosen = list(params)  # a samnorm.select.Selection iterates over its parameters too
     if not chosen:
         raise ValueError(f"{what} is empty: choose at least one parameter tensor")
     for p in chosen:
@@ -519,7 +519,7 @@ def sam_on_bound_check(
             with torch.no_grad():
                 loss_before = float(loss_of(model(inputs), fixed).mean())
             perturbed = model if isinstance(perturb, str) and perturb == "norm" else perturb
-            opt = samnorm.SAM(torch.optim.SGD(trainable, lr=h), perturb=perturbed, rho=rho)
+            opt = samnorm.SAM(torch.optim.SGD(trainable, lr=h), perturb=perturbed, rho=rho, model=model)
             opt.step(closure)
             opt.zero_grad()
             with torch.no_grad():
