@@ -1,0 +1,520 @@
+"""SAM: sharpness-aware minimization as a wrapper around any torch optimizer.
+
+One step of SAM (Foret et al. 2021) with the SAM-ON selection (Mueller et al. 2023):
+
+1. ascent: ``e = rho * g / ||g||`` over the *selected* tensors only (one global L2 norm), or ASAM's
+   ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta`` (Kwon et al. 2021); ``w <- w + e``;
+2. descent: restore the saved ``w`` (a copy, bit-exact, never ``(w + e) - e``) and let the wrapped
+   optimizer step with the gradient taken at ``w + e``.
+
+The step never synchronises host and device: the norm, the non-finite guard and the skip counter are
+device tensors. Tensors are grouped by (device, dtype); each group is perturbed with a handful of
+kernels whatever its number of tensors (one ``cat`` into a flat buffer, one norm, one masked scale,
+one ``_foreach_add_``), which is what makes the hundred tiny tensors of SAM-ON cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .select import Selection, norm_layers
+
+__all__ = ["SAM", "disable_running_stats"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def disable_running_stats(model: nn.Module) -> Iterator[None]:
+    """Keep BatchNorm running statistics unchanged inside the block (SAM's perturbed pass).
+
+    In training mode the layers still normalise with the batch statistics; only the running mean,
+    variance and batch counter are left alone, so they keep describing the unperturbed weights.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with disable_running_stats(bn):
+        ...     _ = bn(torch.randn(8, 3))
+        >>> bn.running_mean.abs().sum().item(), int(bn.num_batches_tracked)
+        (0.0, 0)
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    for m in layers:
+        m.track_running_stats = False  # training forward then passes no running buffers
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+class _Perturbed:
+    """What ``first_step`` changed in one (device, dtype) group: the tensors and their saved values."""
+
+    __slots__ = ("params", "backup")
+
+    def __init__(self, params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
+        self.params = params
+        self.backup = backup
+
+
+class SAM(Optimizer):
+    """Sharpness-aware minimization around an optimizer instance, perturbing selected parameters.
+
+    Args:
+        base_optimizer: the optimizer that takes the descent step (SGD, AdamW, anything). SAM shares
+            its ``param_groups`` and ``state``, so LR schedulers attach to either object.
+        perturb: what the ascent perturbs. ``None``: every parameter of ``base_optimizer`` (plain
+            SAM). An ``nn.Module``: its normalization layers (SAM-ON, see
+            :func:`samnorm.select.norm_layers`). A :class:`~samnorm.select.Selection` or any
+            iterable of parameters, each owned by ``base_optimizer``.
+        rho: radius of the ascent step (``||e|| = rho``; for ASAM ``||e / T|| = rho``).
+        adaptive: ASAM, with ``T = |w| + eta`` elementwise.
+        eta: ASAM's offset, so parameters at 0 are still perturbed (official ASAM uses 0.01).
+        eps: added to the gradient norm before dividing.
+        foreach: ``None``/``True``: the grouped multi-tensor path (sparse gradients always take the
+            per-tensor path); ``False``: a per-tensor loop (same results).
+        sync_first_pass: under ``torch.distributed``, average the first-pass gradients of the
+            perturbed parameters across ranks before the ascent. By default each replica perturbs
+            with its own gradient (as google-research/sam does) and the first pass pays no
+            all-reduce.
+        model: the model, so that :meth:`step` can run the first pass without DDP's all-reduce
+            and the second without updating BatchNorm statistics; taken from ``perturb`` when that
+            is a module.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5)
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+        >>> loss_fn = nn.CrossEntropyLoss()
+        >>> opt.first_step(loss_fn(model(x), y))          # grads of the LayerNorm only, then w += e
+        >>> loss_fn(model(x), y).backward()               # gradient at the perturbed point
+        >>> opt.second_step(zero_grad=True)               # restore w, then SGD's step
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        perturb: nn.Module | Selection | Iterable[torch.Tensor] | None = None,
+        *,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        eps: float = 1e-12,
+        foreach: bool | None = None,
+        sync_first_pass: bool = False,
+        model: nn.Module | None = None,
+    ) -> None:
+        if not isinstance(base_optimizer, Optimizer):
+            raise TypeError(
+                "SAM wraps an optimizer instance, e.g. SAM(torch.optim.SGD(model.parameters(), "
+                f"lr=0.1), model); got {type(base_optimizer).__name__}"
+            )
+        if isinstance(base_optimizer, SAM):
+            raise TypeError("SAM cannot wrap another SAM; wrap its base_optimizer instead")
+        for name, value in (("rho", rho), ("eta", eta), ("eps", eps)):
+            if not (isinstance(value, (int, float)) and 0.0 <= float(value) < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        # Optimizer.__init__ sets up hooks and profiling for whatever torch version runs; its empty
+        # group is replaced at once by the base optimizer's own list (shared, never copied).
+        self.base_optimizer: Optimizer | None = None
+        super().__init__([{"params": []}], {})
+        self.base_optimizer = base_optimizer
+        self._link()
+        self.rho = float(rho)
+        self.adaptive = bool(adaptive)
+        self.eta = float(eta)
+        self.eps = float(eps)
+        self.foreach = foreach
+        self.sync_first_pass = bool(sync_first_pass)
+        self._selection = self._resolve(perturb)
+        self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
+        self._perturbed: list[_Perturbed] | None = None
+        self._first_nonfinite: torch.Tensor | None = None
+        self._nonfinite_count: torch.Tensor | None = None
+        self._nonfinite_seen: torch.Tensor | None = None  # host copy, read without syncing
+        self._warned = False
+        self.last_grad_norm: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _link(self) -> None:
+        # Shared, not copied: schedulers, add_param_group and load_state_dict stay consistent.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults = self.base_optimizer.defaults
+
+    def _owned(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _resolve(self, perturb: object) -> list[torch.Tensor] | None:
+        if perturb is None:
+            return None  # every parameter, looked up at each step so add_param_group is honoured
+        if isinstance(perturb, nn.Module):
+            sel: Selection = norm_layers(_unwrap_ddp(perturb))
+            what = f"{type(perturb).__name__} has no normalization layer with trainable parameters"
+        elif isinstance(perturb, Selection):
+            sel, what = perturb, "the selection is empty"
+        elif isinstance(perturb, torch.Tensor):
+            raise TypeError("perturb takes an iterable of parameters, not a single tensor: [p]")
+        elif isinstance(perturb, Iterable):
+            sel, what = Selection.from_params(perturb), "the parameter list is empty"
+        else:
+            raise TypeError(
+                "perturb must be None (plain SAM), an nn.Module (its norm layers, SAM-ON), a "
+                f"Selection or an iterable of parameters; got {type(perturb).__name__}"
+            )
+        if not sel:
+            raise ValueError(
+                f"nothing to perturb: {what}. Pass perturb=None for plain SAM, or choose parameters "
+                "with samnorm.select (by_type, by_name, ...)"
+            )
+        owned = {id(p) for p in self._owned()}
+        foreign = [n or f"tensor{tuple(p.shape)}" for n, p in sel.named_parameters() if id(p) not in owned]
+        if foreign:
+            raise ValueError(
+                f"{len(foreign)} perturbed parameter(s) are not optimized by the base optimizer "
+                f"(e.g. {foreign[:3]}); build the base optimizer over model.parameters() or "
+                "narrow the selection"
+            )
+        return list(sel)
+
+    def perturbed_parameters(self) -> list[torch.Tensor]:
+        """The parameters the ascent perturbs (all of the base optimizer's when ``perturb=None``)."""
+        return self._owned() if self._selection is None else list(self._selection)
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def first_step(self, loss: torch.Tensor | None = None, zero_grad: bool = False) -> None:
+        """Ascent: perturb the selected parameters by ``e`` and save their values.
+
+        Args:
+            loss: if given, it is differentiated with respect to the perturbed parameters *only*
+                (``torch.autograd.grad``), which skips every other weight-gradient product of that
+                backward pass. If ``None``, the ``.grad`` of the caller's own backward (possibly
+                accumulated over micro-batches) is used.
+            zero_grad: zero all gradients afterwards (set to ``None``), ready for the second pass.
+
+        A parameter without gradient is not perturbed. If the gradient norm is not finite, the
+        ascent is skipped (nothing moves), :attr:`nonfinite_steps` counts it and a warning is
+        given once; nothing here synchronises with the device.
+        """
+        if self._perturbed is not None:
+            raise RuntimeError(
+                "first_step called twice without second_step: the parameters are still perturbed; "
+                "call second_step() (or restore()) first"
+            )
+        params = self.perturbed_parameters()
+        if loss is not None:
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError("first_step(loss=...) needs a scalar loss tensor")
+            if not loss.requires_grad:
+                raise ValueError(
+                    "the loss does not require grad: compute it with autograd enabled (not under "
+                    "torch.no_grad()) from the model's output"
+                )
+            wanted = [p for p in params if p.requires_grad]
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+            pairs = [(p, g) for p, g in zip(wanted, grads) if g is not None]
+        else:
+            pairs = [(p, p.grad) for p in params if p.grad is not None]
+        self._ascend(pairs)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._poll_nonfinite()
+        single = self.foreach is False
+        groups: dict[tuple[torch.device, torch.dtype, bool], list] = defaultdict(list)
+        for p, g in pairs:
+            groups[(p.device, p.dtype, single or g.is_sparse)].append((p, g))
+        self._perturbed = []
+        if not groups:
+            self._first_nonfinite = None
+            return
+        # Pass 1: per group, the vectors whose global norm scales the ascent.
+        prepared = []
+        for (_, _, per_tensor), items in groups.items():
+            ps = [p for p, _ in items]
+            gs = [g for _, g in items]
+            if self.sync_first_pass and not any(g.is_sparse for g in gs):
+                gs = _all_reduce_mean(gs)
+            prepared.append((per_tensor, ps, gs, *self._direction(ps, gs, per_tensor)))
+        acc = torch.float64 if any(p.dtype == torch.float64 for p, _ in pairs) else torch.float32
+        first = pairs[0][0].device
+        norms = [torch.linalg.vector_norm(v, dtype=acc).to(first) for *_, vs, _, _ in prepared for v in vs]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+        finite = torch.isfinite(norm)
+        self.last_grad_norm = norm
+        self._record_nonfinite(finite)
+        scale = self.rho / (norm + self.eps)
+        # Pass 2: e = scale * direction, zeroed when the norm is not finite. A NaN/inf gradient
+        # times 0 is still NaN, so the guard must select (masked_fill), not multiply.
+        for per_tensor, ps, gs, vs, ts, owned in prepared:
+            backup = _clone_all(ps, per_tensor)
+            es = []
+            for v, t in zip(vs, ts):
+                low = v.dtype in _LOW_PRECISION  # scale in float32: rho/||g|| can underflow fp16
+                e = v.float() if low else (v if owned else v.clone())
+                e.mul_(scale.to(e.device, e.dtype))
+                if t is not None:  # ASAM: v = T g, so one more T gives rho * T^2 g / ||T g||
+                    e.mul_(t)
+                e.masked_fill_(~finite.to(e.device), 0.0)
+                es.append(e.to(v.dtype) if low else e)
+            _add_all(ps, gs, es, per_tensor)
+            self._perturbed.append(_Perturbed(ps, backup))
+
+    def _direction(self, ps, gs, per_tensor):
+        """Vectors ``v`` with ``e = rho * T v / ||v||`` (``T`` is None for SAM), and whether the
+        ``v`` are scratch buffers of ours that may be scaled in place."""
+        if per_tensor:
+            vs = [g.coalesce().values() if g.is_sparse else g for g in gs]
+            if not self.adaptive:
+                return vs, [None] * len(vs), False
+            ts = [
+                (_sparse_rows(p, g) if g.is_sparse else p).abs().add_(self.eta)
+                for p, g in zip(ps, gs)
+            ]
+            return [v * t for v, t in zip(vs, ts)], ts, True
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        if not self.adaptive:
+            return [flat], [None], True
+        t = torch.cat([p.reshape(-1) for p in ps]).abs_().add_(self.eta)
+        return [flat.mul_(t)], [t], True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the saved values back into the perturbed parameters (bit-exact), without stepping.
+
+        ``second_step`` calls it; call it yourself to abandon a step after ``first_step`` (for
+        example when the second pass raised).
+        """
+        if self._perturbed is None:
+            return
+        for group in self._perturbed:
+            torch._foreach_copy_(group.params, group.backup)
+        self._perturbed = None
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        """Descent: restore the saved values, then run the base optimizer's step.
+
+        Args:
+            zero_grad: zero all gradients (set to ``None``) after the step.
+            scaler: a ``torch.amp.GradScaler``; the step then goes through ``scaler.step`` (call
+                ``scaler.update()`` after, as usual). If the first pass was not finite, the whole
+                step is skipped and the scaler backs off, exactly as for an inf in the second pass.
+        """
+        if self._perturbed is None:
+            raise RuntimeError("second_step called without first_step: call first_step() first")
+        self.restore()
+        if scaler is not None:
+            if self._first_nonfinite is not None:
+                _poison_if(self._first_nonfinite, self._owned())
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+        self._first_nonfinite = None
+        self._opt_called = True  # what an LR scheduler attached to SAM checks: the step did run
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+        self._poll_nonfinite()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Both passes, running ``closure`` (zero grads, forward, backward, return loss) twice.
+
+        This is the LBFGS convention, which PyTorch Lightning's automatic optimization relies on.
+        Returns the first-pass loss. Gradients are zeroed before the second pass. When SAM knows
+        the model (``perturb=model`` or ``model=``), the first pass skips DDP's all-reduce and the
+        second leaves BatchNorm statistics alone; if the second closure raises, the parameters are
+        restored.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+            >>> opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model)
+            >>> def closure():
+            ...     opt.zero_grad()
+            ...     loss = model(torch.ones(2, 3)).pow(2).mean()
+            ...     loss.backward()
+            ...     return loss
+            >>> loss = opt.step(closure)
+        """
+        if closure is None:
+            raise ValueError(
+                "SAM.step needs a closure that zeroes grads, computes the loss, calls backward and "
+                "returns the loss; or use first_step()/second_step()"
+            )
+        model = self.model if self.model is not None else nn.Module()
+        with torch.enable_grad(), self.first_pass(model):
+            loss = closure()
+        self.first_step(zero_grad=True)
+        with torch.enable_grad(), self.second_pass(model):
+            closure()
+        self.second_step()
+        return loss
+
+    # ------------------------------------------------------------------ passes
+    @contextlib.contextmanager
+    def first_pass(self, model: nn.Module) -> Iterator[None]:
+        """Context for the first forward/backward: no DDP gradient all-reduce (``no_sync``).
+
+        The first-pass gradient is only used locally for the ascent; with ``sync_first_pass=True``
+        SAM averages the perturbed tensors' gradients itself, which costs far less than DDP's
+        all-reduce of every gradient.
+        """
+        with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+            yield
+
+    @contextlib.contextmanager
+    def second_pass(self, model: nn.Module) -> Iterator[None]:
+        """Context for the perturbed forward/backward: BatchNorm running statistics are frozen
+        (see :func:`disable_running_stats`); if the block raises, the parameters are restored."""
+        try:
+            with disable_running_stats(model):
+                yield
+        except BaseException:
+            self.restore()
+            raise
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _record_nonfinite(self, finite: torch.Tensor) -> None:
+        bad = (~finite).to(torch.int64)
+        if self._nonfinite_count is None:
+            self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=bad.device)
+        elif self._nonfinite_count.device != bad.device:  # e.g. loaded from a checkpoint on CPU
+            self._nonfinite_count = self._nonfinite_count.to(bad.device)
+        self._nonfinite_count += bad
+        self._first_nonfinite = ~finite
+        if self._nonfinite_seen is None:
+            pin = bad.device.type == "cuda"
+            self._nonfinite_seen = torch.zeros((), dtype=torch.int64, pin_memory=pin)
+        # Asynchronous copy to host; read at the next poll, so the warning costs no sync.
+        self._nonfinite_seen.copy_(self._nonfinite_count, non_blocking=True)
+
+    def _poll_nonfinite(self) -> None:
+        if self._warned or self._nonfinite_seen is None:
+            return
+        if int(self._nonfinite_seen) > 0:  # a host tensor: no device synchronisation
+            self._warned = True
+            warnings.warn(
+                "SAM: the first-pass gradient norm was not finite, so the ascent was skipped for "
+                "that step (counted in SAM.nonfinite_steps; warned once). With fp16 use a "
+                "GradScaler: second_step(scaler=...) then skips the whole step.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """How many steps skipped the ascent for a non-finite gradient norm (reading it syncs)."""
+        return 0 if self._nonfinite_count is None else int(self._nonfinite_count)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients of every parameter of the base optimizer."""
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the base optimizer (perturbed too when ``perturb=None``)."""
+        if self.base_optimizer is None:  # Optimizer.__init__'s placeholder group
+            super().add_param_group(param_group)
+        else:
+            self.base_optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus SAM's settings under the key ``"sam"``."""
+        if self._perturbed is not None:
+            raise RuntimeError(
+                "state_dict() between first_step and second_step would save perturbed parameters "
+                "alongside it; call it after second_step()"
+            )
+        state = self.base_optimizer.state_dict()
+        state["sam"] = {
+            "rho": self.rho,
+            "adaptive": self.adaptive,
+            "eta": self.eta,
+            "eps": self.eps,
+            "sync_first_pass": self.sync_first_pass,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict` (or a plain base-optimizer state dict)."""
+        state_dict = dict(state_dict)
+        sam = state_dict.pop("sam", None)
+        self.base_optimizer.load_state_dict(state_dict)
+        self._link()  # load_state_dict replaces the base's param_groups and state objects
+        if sam is not None:
+            self.rho, self.adaptive = float(sam["rho"]), bool(sam["adaptive"])
+            self.eta, self.eps = float(sam["eta"]), float(sam["eps"])
+            self.sync_first_pass = bool(sam.get("sync_first_pass", False))
+            count = int(sam.get("nonfinite_steps", 0))
+            self._nonfinite_count = torch.tensor(count) if count else None
+
+    def __repr__(self) -> str:
+        n = len(self.perturbed_parameters())
+        what = "all parameters" if self._selection is None else f"{n} selected tensors"
+        kind = "ASAM" if self.adaptive else "SAM"
+        return f"{kind}(rho={self.rho}, perturb={what}, base={self.base_optimizer!r})"
+
+
+def _clone_all(ps: list[torch.Tensor], per_tensor: bool) -> list[torch.Tensor]:
+    if per_tensor:
+        return [p.detach().clone() for p in ps]
+    flat = torch.cat([p.detach().reshape(-1) for p in ps])
+    return [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in ps]), ps)]
+
+
+def _add_all(ps, gs, es, per_tensor: bool) -> None:
+    if per_tensor:
+        for p, g, e in zip(ps, gs, es):
+            if g.is_sparse:
+                p.index_put_(tuple(g.coalesce().indices()), e, accumulate=True)
+            else:
+                p.add_(e)
+        return
+    (flat,) = es
+    torch._foreach_add_(ps, [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in ps]), ps)])
+
+
+def _sparse_rows(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The entries of dense ``p`` at the indices of sparse ``g`` (shaped like ``g.values()``)."""
+    return p[tuple(g.coalesce().indices())]
+
+
+def _poison_if(flag: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Make GradScaler see an inf when ``flag`` is set, without reading ``flag`` on the host."""
+    for p in params:
+        g = p.grad
+        if g is not None and g.numel() and not g.is_sparse:
+            elem = g[(0,) * g.dim()]  # a view, also for non-contiguous gradients
+            elem.add_(torch.where(flag.to(g.device), float("inf"), 0.0).to(g.dtype))
+            return
+
+
+def _all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return gs
+    flat = torch.cat([g.reshape(-1) for g in gs])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in gs]), gs)]

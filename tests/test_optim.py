@@ -1,0 +1,494 @@
+"""samnorm.SAM against an independent float64 per-parameter reference, and its invariants."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import samnorm
+from samnorm import SAM
+
+# ----------------------------------------------------------------------------- reference
+
+
+class _RefSGD:
+    """torch.optim.SGD semantics written out: momentum, dampening 0, weight decay, nesterov off."""
+
+    def __init__(self, lr, momentum, weight_decay):
+        self.lr, self.momentum, self.wd, self.buf = lr, momentum, weight_decay, {}
+
+    def step(self, ws, gs):
+        for i, (w, g) in enumerate(zip(ws, gs)):
+            d = g + self.wd * w
+            if self.momentum:
+                self.buf[i] = d.clone() if i not in self.buf else self.momentum * self.buf[i] + d
+                d = self.buf[i]
+            w -= self.lr * d
+
+
+class _RefAdamW:
+    """torch.optim.AdamW semantics written out (decoupled weight decay, bias correction)."""
+
+    def __init__(self, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+        self.lr, self.wd, (self.b1, self.b2), self.eps = lr, weight_decay, betas, eps
+        self.m, self.v, self.t = {}, {}, 0
+
+    def step(self, ws, gs):
+        self.t += 1
+        for i, (w, g) in enumerate(zip(ws, gs)):
+            w *= 1 - self.lr * self.wd
+            self.m[i] = self.b1 * self.m.get(i, torch.zeros_like(g)) + (1 - self.b1) * g
+            self.v[i] = self.b2 * self.v.get(i, torch.zeros_like(g)) + (1 - self.b2) * g * g
+            mhat = self.m[i] / (1 - self.b1**self.t)
+            vhat = self.v[i] / (1 - self.b2**self.t)
+            w -= self.lr * mhat / (vhat.sqrt() + self.eps)
+
+
+def _reference_run(model, selected, x, y, steps, rho, adaptive, eta, base):
+    """SAM written as a plain loop over parameters, float64, from the definitions."""
+    params = list(model.parameters())
+    sel = [any(p is s for s in selected) for p in params]
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(steps):
+        gs = torch.autograd.grad(loss_fn(model(x), y), params)
+        with torch.no_grad():
+            ts = [p.abs() + eta if adaptive else torch.ones_like(p) for p in params]
+            norm = math.sqrt(sum(float(((t * g) ** 2).sum()) for t, g, s in zip(ts, gs, sel) if s))
+            saved = [p.clone() for p in params]
+            for p, t, g, s in zip(params, ts, gs, sel):
+                if s:
+                    p += rho * t * t * g / (norm + 1e-12)
+        gs2 = torch.autograd.grad(loss_fn(model(x), y), params)
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
+            base.step(params, gs2)
+
+
+def _net(seed, width, norm):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(5, width), norm(width), nn.Tanh(), nn.Linear(width, width), norm(width)]
+    return nn.Sequential(*layers, nn.Tanh(), nn.Linear(width, 3)).double()
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    width=st.integers(2, 9),
+    rho=st.floats(0.0, 2.0),
+    adaptive=st.booleans(),
+    which=st.sampled_from(["all", "norm", "first"]),
+    opt=st.sampled_from(["sgd", "adamw"]),
+    foreach=st.sampled_from([None, False]),
+    use_loss=st.booleans(),
+)
+def test_matches_float64_reference(seed, width, rho, adaptive, which, opt, foreach, use_loss):
+    model = _net(seed, width, nn.LayerNorm)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    if opt == "sgd":
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        ref_base = _RefSGD(0.05, 0.9, 1e-3)
+    else:
+        base = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+        ref_base = _RefAdamW(0.01, 0.05)
+    perturb = {"all": None, "norm": model, "first": list(model[0].parameters())}[which]
+    sam = SAM(base, perturb, rho=rho, adaptive=adaptive, foreach=foreach)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(3):
+        if use_loss:
+            sam.first_step(loss_fn(model(x), y))
+        else:
+            loss_fn(model(x), y).backward()
+            sam.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        sam.second_step(zero_grad=True)
+    ref_sel = {"all": list(ref.parameters()), "norm": list(samnorm.norm_layers(ref)),
+               "first": list(ref[0].parameters())}[which]
+    _reference_run(ref, ref_sel, x, y, 3, rho, adaptive, 0.01, ref_base)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+def _mlp(norm=nn.LayerNorm, dtype=torch.float32):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 8), norm(8), nn.ReLU(), nn.Linear(8, 4)).to(dtype)
+
+
+def _batch(dtype=torch.float32):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(16, 6, generator=g, dtype=dtype), torch.randint(0, 4, (16,), generator=g)
+
+
+@given(seed=st.integers(0, 1000), rho=st.floats(1e-3, 5.0), which=st.sampled_from(["all", "norm"]),
+       foreach=st.sampled_from([None, False]))
+def test_perturbation_norm_is_rho_and_unselected_never_move(seed, rho, which, foreach):
+    torch.manual_seed(seed)
+    model = _mlp(dtype=torch.float64)
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), None if which == "all" else model,
+              rho=rho, foreach=foreach)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = _batch(torch.float64)
+    sam.first_step(nn.functional.cross_entropy(model(x), y))
+    selected = {id(p) for p in sam.perturbed_parameters()}
+    sq = 0.0
+    for n, p in model.named_parameters():
+        d = p.detach() - before[n]
+        if id(p) in selected:
+            sq += float((d * d).sum())
+        else:
+            assert torch.equal(p.detach(), before[n]), f"{n} moved in the ascent"
+    assert math.isclose(math.sqrt(sq), rho, rel_tol=1e-9)
+    sam.restore()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+@given(seed=st.integers(0, 1000), rho=st.floats(1e-3, 5.0), eta=st.floats(1e-3, 0.1))
+def test_asam_scaled_perturbation_norm_is_rho(seed, rho, eta):
+    torch.manual_seed(seed)
+    model = _mlp(dtype=torch.float64)
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=rho, adaptive=True, eta=eta)
+    before = [p.detach().clone() for p in sam.perturbed_parameters()]
+    x, y = _batch(torch.float64)
+    sam.first_step(nn.functional.cross_entropy(model(x), y))
+    sq = sum(float((((p.detach() - w) / (w.abs() + eta)) ** 2).sum())
+             for p, w in zip(sam.perturbed_parameters(), before))
+    assert math.isclose(math.sqrt(sq), rho, rel_tol=1e-9)
+
+
+@given(seed=st.integers(0, 1000), scale=st.sampled_from([1e-6, 1.0, 1e4]))
+def test_restore_is_bit_exact(seed, scale):
+    torch.manual_seed(seed)
+    model = _mlp()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), None, rho=0.37)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    sam.first_step()
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    sam.restore()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@given(seed=st.integers(0, 1000), opt=st.sampled_from(["sgd", "adamw"]), which=st.sampled_from(["all", "norm"]))
+def test_rho_zero_reproduces_base_optimizer_exactly(seed, opt, which):
+    torch.manual_seed(seed)
+    a, b = _mlp(nn.BatchNorm1d), _mlp(nn.BatchNorm1d)
+    b.load_state_dict(a.state_dict())
+
+    def make(m):
+        if opt == "sgd":
+            return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        return torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+    plain, sam = make(a), SAM(make(b), None if which == "all" else b, rho=0.0)
+    x, y = _batch()
+    for _ in range(3):
+        plain.zero_grad()
+        nn.functional.cross_entropy(a(x), y).backward()
+        plain.step()
+        sam.first_step(nn.functional.cross_entropy(b(x), y))
+        with sam.second_pass(b):
+            nn.functional.cross_entropy(b(x), y).backward()
+        sam.second_step(zero_grad=True)
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+@given(seed=st.integers(0, 1000), adaptive=st.booleans(), which=st.sampled_from(["all", "norm"]))
+def test_foreach_equals_single_tensor(seed, adaptive, which):
+    outs = []
+    for foreach in (True, False):
+        torch.manual_seed(seed)
+        model = _mlp()
+        sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                  None if which == "all" else model, rho=0.5, adaptive=adaptive, foreach=foreach)
+        x, y = _batch()
+        for _ in range(3):
+            sam.first_step(nn.functional.cross_entropy(model(x), y))
+            nn.functional.cross_entropy(model(x), y).backward()
+            sam.second_step(zero_grad=True)
+        outs.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*outs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_first_step_loss_differentiates_only_perturbed_parameters():
+    model = _mlp()
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.1)
+    x, y = _batch()
+    calls = []
+    handle = model[0].weight.register_hook(lambda g: calls.append(1))
+    sam.first_step(nn.functional.cross_entropy(model(x), y))
+    assert calls == [], "the first pass computed a gradient for an unperturbed weight"
+    assert all(p.grad is None for p in model.parameters())
+    handle.remove()
+
+
+def test_non_finite_gradient_skips_ascent_counts_and_warns_once():
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), None, rho=0.5)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    for bad in (float("inf"), float("nan")):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        model[0].weight.grad[0, 0] = bad
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sam.first_step(zero_grad=True)
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            for p, q in zip(model.parameters(), ref.parameters()):
+                p.grad = torch.full_like(p, 0.5)
+                q.grad = torch.full_like(q, 0.5)
+            sam.second_step(zero_grad=True)
+            ref_opt.step()
+        before = [p.detach().clone() for p in model.parameters()]
+        n_warn = sum("not finite" in str(w.message) for w in caught)
+        assert n_warn == (1 if bad == float("inf") else 0)
+    assert sam.nonfinite_steps == 2
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_fp16_norm_accumulates_in_float32():
+    p = nn.Parameter(torch.zeros(20_000, dtype=torch.float16))
+    sam = SAM(torch.optim.SGD([p], lr=0.1), [p], rho=0.5)
+    p.grad = torch.full_like(p, 1000.0)  # per-tensor norm 1.4e5 overflows float16
+    sam.first_step()
+    assert torch.isfinite(sam.last_grad_norm) and sam.nonfinite_steps == 0
+    norm = torch.linalg.vector_norm(p.detach().float())
+    assert math.isclose(float(norm), 0.5, rel_tol=1e-3)
+
+
+def test_none_gradients_on_either_pass():
+    model = nn.ModuleDict({"used": nn.Linear(3, 3), "norm": nn.LayerNorm(3), "unused": nn.LayerNorm(3)})
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.1)
+    x = torch.randn(4, 3)
+    sam.first_step(model["norm"](model["used"](x)).sum())  # "unused" has no gradient
+    model["unused"](model["norm"](model["used"](x))).sum().backward()  # now it has one
+    sam.second_step(zero_grad=True)
+    # every gradient None: nothing perturbed, nothing crashes
+    sam.first_step()
+    sam.second_step()
+
+
+def test_sparse_gradients_match_dense_equivalent():
+    torch.manual_seed(0)
+    outs = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        emb = nn.Embedding(10, 4, sparse=sparse)
+        lin = nn.Linear(4, 2)
+        params = [*emb.parameters(), *lin.parameters()]
+        sam = SAM(torch.optim.SGD(params, lr=0.1), None, rho=0.3, adaptive=True)
+        idx = torch.tensor([1, 3, 3, 7])
+        for _ in range(2):
+            lin(emb(idx)).pow(2).sum().backward()
+            sam.first_step(zero_grad=True)
+            lin(emb(idx)).pow(2).sum().backward()
+            sam.second_step(zero_grad=True)
+        outs.append([p.detach().clone() for p in params])
+    for p, q in zip(*outs):
+        torch.testing.assert_close(p, q)
+
+
+def test_no_host_sync_in_the_step(monkeypatch):
+    model = _mlp()
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.1)
+    x, y = _batch()
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("host sync in the SAM step")
+
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    monkeypatch.setattr(torch.Tensor, "__bool__", forbidden)
+    monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+    for _ in range(2):
+        sam.first_step(nn.functional.cross_entropy(model(x), y))
+        nn.functional.cross_entropy(model(x), y).backward()
+        sam.second_step(zero_grad=True)
+
+        def closure():
+            sam.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        sam.step(closure)
+
+
+def test_state_dict_carries_base_state_and_resume_is_bit_identical():
+    x, y = _batch()
+
+    def make():
+        torch.manual_seed(3)
+        m = _mlp(nn.BatchNorm1d)
+        return m, SAM(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, rho=0.2, adaptive=True)
+
+    def train(m, opt, n):
+        for _ in range(n):
+            with opt.first_pass(m):
+                loss = nn.functional.cross_entropy(m(x), y)
+            opt.first_step(loss)
+            with opt.second_pass(m):
+                nn.functional.cross_entropy(m(x), y).backward()
+            opt.second_step(zero_grad=True)
+
+    full_m, full_o = make()
+    train(full_m, full_o, 6)
+    m, o = make()
+    train(m, o, 3)
+    buf = io.BytesIO()
+    torch.save({"model": m.state_dict(), "opt": o.state_dict()}, buf)
+    assert "momentum_buffer" in next(iter(o.state_dict()["state"].values()))
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    m2, o2 = make()
+    o2.rho = 99.0  # overwritten by the checkpoint
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    assert o2.rho == 0.2 and o2.adaptive and o2.param_groups is o2.base_optimizer.param_groups
+    train(m2, o2, 3)
+    for p, q in zip(full_m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("attach", ["sam", "base"])
+@pytest.mark.parametrize("api", ["two_step", "closure"])
+def test_lr_scheduler_attaches_without_warning(attach, api):
+    model = _mlp()
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=1.0), model)
+    sched = torch.optim.lr_scheduler.StepLR(sam if attach == "sam" else sam.base_optimizer, 1, gamma=0.5)
+    x, y = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            if api == "two_step":
+                sam.first_step(nn.functional.cross_entropy(model(x), y))
+                nn.functional.cross_entropy(model(x), y).backward()
+                sam.second_step(zero_grad=True)
+            else:
+                def closure():
+                    sam.zero_grad()
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+                sam.step(closure)
+            sched.step()
+    assert sam.param_groups[0]["lr"] == sam.base_optimizer.param_groups[0]["lr"] == 0.125
+
+
+def test_add_param_group_and_zero_grad_pass_through():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    sam = SAM(torch.optim.SGD(a.parameters(), lr=0.1))
+    sam.add_param_group({"params": list(b.parameters()), "lr": 0.01})
+    assert len(sam.base_optimizer.param_groups) == 2 and len(sam.perturbed_parameters()) == 4
+    b(torch.ones(1, 2)).sum().backward()
+    sam.zero_grad()
+    assert all(p.grad is None for p in b.parameters())
+
+
+def test_closure_step_returns_first_pass_loss_and_restores_on_error():
+    model = _mlp()
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5)
+    x, y = _batch()
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        sam.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sam.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    calls.append(1)  # from now on the closure never raises
+    expected = nn.functional.cross_entropy(model(x), y)
+    loss = sam.step(closure)
+    assert torch.equal(loss.detach(), expected.detach())
+
+
+def test_clear_errors():
+    model = _mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="optimizer instance"):
+        SAM(model.parameters(), model)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no normalization layer"):
+        SAM(base, nn.Sequential(nn.Linear(6, 8)))
+    with pytest.raises(ValueError, match="not optimized by the base optimizer"):
+        SAM(base, nn.LayerNorm(3))
+    with pytest.raises(ValueError, match="empty"):
+        SAM(base, [])
+    with pytest.raises(ValueError, match="rho"):
+        SAM(base, rho=-1.0)
+    sam = SAM(base, model)
+    with pytest.raises(ValueError, match="closure"):
+        sam.step()
+    with pytest.raises(RuntimeError, match="without first_step"):
+        sam.second_step()
+    sam.first_step(model(torch.randn(2, 6)).sum())
+    with pytest.raises(RuntimeError, match="twice"):
+        sam.first_step()
+    with pytest.raises(RuntimeError, match="after second_step"):
+        sam.state_dict()
+
+
+@given(
+    n=st.integers(2, 6),
+    split=st.integers(1, 5),
+    seed=st.integers(0, 10_000),
+    rho=st.floats(0.0, 1.0),
+    h_frac=st.floats(0.05, 1.0),
+)
+def test_descent_inequality_eq12_on_quadratics(n, split, seed, rho, h_frac):
+    """Appendix eq. 12 on f(w) = 1/2 w'Aw - b'w (L-smooth with L = max|eig(A)|), full batch, so the
+    variance term vanishes (M may be taken as 0): with h <= 1/L one SAM-ON step satisfies
+    f(w+) <= f(w) - h/2 ||grad f(w)||^2 + h L^2 rho^2 (1 + L h) / 2."""
+    split = min(split, n - 1)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, n, generator=g, dtype=torch.float64)
+    a = (q + q.T) / 2
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    lip = float(torch.linalg.eigvalsh(a).abs().max())
+    h = h_frac / lip
+    w_n = nn.Parameter(torch.randn(split, generator=g, dtype=torch.float64))  # the "norm" block
+    w_a = nn.Parameter(torch.randn(n - split, generator=g, dtype=torch.float64))
+
+    def f():
+        w = torch.cat([w_n, w_a])
+        return 0.5 * w @ a @ w - b @ w
+
+    sam = SAM(torch.optim.SGD([w_n, w_a], lr=h), [w_n], rho=rho, eps=0.0)
+    f0 = f()
+    grad = torch.autograd.grad(f0, [w_n, w_a])
+    gsq = float(sum((x * x).sum() for x in grad))
+    if float(grad[0].norm()) == 0.0:
+        return
+    sam.first_step(f())
+    f().backward()
+    sam.second_step()
+    bound = float(f0.detach()) - h / 2 * gsq + 0.5 * h * lip**2 * rho**2 * (1 + lip * h)
+    assert float(f().detach()) <= bound + 1e-9 * (1 + abs(bound))
