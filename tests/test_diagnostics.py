@@ -126,13 +126,6 @@ def test_fc_grad_norm_rejects_bad_input():
         fc_grad_norm(h, nn.ReLU())
 
 
-def test_max_logit_matches_loop():
-    z = torch.randn(7, 4, dtype=torch.float64)
-    torch.testing.assert_close(max_logit(z), torch.stack([max(row) for row in z]))
-    with pytest.raises(ValueError, match="logits"):
-        max_logit(torch.randn(3))
-
-
 def _overlap_loop(a, b, bins):
     """Reference: membership by explicit comparisons with the edges, last bin closed on the right."""
     edges = np.linspace(min(min(a), min(b)), max(max(a), max(b)), bins + 1)
@@ -287,3 +280,37 @@ def test_collect_sets_uses_predictions_for_ood_when_target_is_label():
         collect_sets(adapter, id_loader, {"ID": ood_loader})
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         collect(adapter, ood_loader, target="label")
+
+
+class _TinyResNet(nn.Module):
+    """torchvision-ResNet-shaped (conv1, bn1, relu, maxpool, layer1-4, avgpool, fc), for ModelAdapter."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu, self.maxpool = nn.ReLU(), nn.MaxPool2d(2)
+        block = lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())  # noqa: E731
+        self.layer1, self.layer2, self.layer3, self.layer4 = block(), block(), block(), block()
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
+        return self.fc(torch.flatten(self.avgpool(h), 1))
+
+
+def test_collect_through_model_adapter_matches_autograd_and_restores_mode():
+    torch.manual_seed(4)
+    model = _TinyResNet().double().train()
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    got = collect(model, [(x[:4], torch.zeros(4)), (x[4:], torch.zeros(2))], target="uniform", p=1,
+                  include_bias=False)
+    assert model.training
+    model.eval()
+    want = []
+    for i in range(6):  # GradNorm's original loop: batch size 1, L1 norm of the FC weight gradient
+        model.zero_grad()
+        (-torch.log_softmax(model(x[i : i + 1]), 1).mean()).backward()
+        want.append(model.fc.weight.grad.abs().sum().item())
+    np.testing.assert_allclose(got["grad_norm"], want, rtol=1e-6)
+    np.testing.assert_allclose(got["max_logit"], model(x).amax(1).detach().numpy(), rtol=1e-6)

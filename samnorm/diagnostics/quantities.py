@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samnorm.ood.scores import max_logit  # re-exported: one max-logit for the library
+
 __all__ = [
     "Target",
     "fc_grad_norm",
@@ -156,23 +158,11 @@ def fc_grad_norm(
         return delta_norm * h_norm
 
 
-def max_logit(logits: Tensor) -> Tensor:
-    """Per-sample maximum logit ``max_k z_k`` of a ``(B, K)`` logit tensor.
-
-    Example:
-        >>> max_logit(torch.tensor([[1.0, 3.0], [2.0, 0.0]]))
-        tensor([3., 2.])
-    """
-    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] == 0:
-        raise ValueError("logits must be a (B, K) tensor with K >= 1")
-    return logits.detach().amax(dim=1)
-
-
 def _adapter(model: Any) -> Any:
     """A feature/head split of ``model``: a ModelAdapter as is, else ``ModelAdapter.from_model``."""
     if all(hasattr(model, name) for name in ("features_and_logits", "fc")):
         return model
-    from samnorm.ood import ModelAdapter  # the OOD toolkit owns the feature/head split
+    from samnorm.ood.adapter import ModelAdapter  # the OOD toolkit owns the feature/head split
 
     return ModelAdapter.from_model(model)
 
