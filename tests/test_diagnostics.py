@@ -314,3 +314,15 @@ def test_collect_through_model_adapter_matches_autograd_and_restores_mode():
         want.append(model.fc.weight.grad.abs().sum().item())
     np.testing.assert_allclose(got["grad_norm"], want, rtol=1e-6)
     np.testing.assert_allclose(got["max_logit"], model(x).amax(1).detach().numpy(), rtol=1e-6)
+
+
+def test_gradnorm_settings_agree_with_the_ood_toolkits_scorer():
+    from samnorm.ood.detectors import make_scorer
+
+    torch.manual_seed(5)
+    model = _TinyResNet().double().eval()
+    x = torch.rand(5, 3, 8, 8, dtype=torch.float64)
+    scorers = {name: make_scorer(name, model) for name in ("gradnorm", "energy")}
+    got = collect(model, [x], scorers=scorers, target="uniform", p=1, include_bias=False)
+    np.testing.assert_allclose(got["grad_norm"], got["gradnorm"], rtol=1e-6)
+    np.testing.assert_allclose(got["energy"], torch.logsumexp(model(x), 1).detach().numpy(), rtol=1e-6)

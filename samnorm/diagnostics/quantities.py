@@ -167,11 +167,16 @@ def _adapter(model: Any) -> Any:
     return ModelAdapter.from_model(model)
 
 
-def _score(scorer: Scorer, inputs: Tensor) -> Tensor:
-    fn = getattr(scorer, "score", scorer)
-    if not callable(fn):
-        raise TypeError(f"a scorer must be callable or have .score(inputs), got {type(scorer).__name__}")
-    scores = torch.as_tensor(fn(inputs)).detach()
+def _score(scorer: Scorer, inputs: Tensor, features: Tensor, logits: Tensor) -> Tensor:
+    """One scorer's ``(B,)`` scores, from the shared forward pass when the scorer can use it."""
+    if getattr(scorer, "uses_outputs", False) and hasattr(scorer, "score_outputs"):
+        scores = scorer.score_outputs(features, logits)  # samnorm.ood scorers: no second forward
+    else:
+        fn = getattr(scorer, "score", scorer)
+        if not callable(fn):
+            raise TypeError(f"a scorer must be callable or have .score(inputs), got {type(scorer).__name__}")
+        scores = fn(inputs)
+    scores = torch.as_tensor(scores).detach()
     if scores.dim() != 1 or scores.shape[0] != inputs.shape[0]:
         raise ValueError(f"scorer returned shape {tuple(scores.shape)}, expected ({inputs.shape[0]},)")
     return scores
@@ -190,7 +195,9 @@ def per_sample_quantities(
     """FC gradient norm, max logit and each scorer's score for one batch (one forward pass).
 
     ``model`` is a classifier that :meth:`samnorm.ood.ModelAdapter.from_model` recognises, or a
-    ModelAdapter. Returns ``{"grad_norm", "max_logit", **scorer names}``, each a ``(B,)`` tensor on CPU.
+    ModelAdapter. Scorers are :mod:`samnorm.ood` scorers (those that score from features and logits
+    reuse this pass), objects with ``score(inputs)``, or callables ``inputs -> (B,)``. Returns
+    ``{"grad_norm", "max_logit", **scorer names}``, each a ``(B,)`` float32 tensor on the CPU.
 
     Example:
         >>> q = per_sample_quantities(model, images, scorers={"energy": energy_scorer})  # doctest: +SKIP
@@ -210,7 +217,7 @@ def per_sample_quantities(
             "max_logit": max_logit(logits),
         }
     for name, scorer in (scorers or {}).items():
-        out[name] = _score(scorer, inputs)
+        out[name] = _score(scorer, inputs, features, logits)
     return {name: value.detach().float().cpu() for name, value in out.items()}
 
 
