@@ -16,6 +16,7 @@ one ``_foreach_add_``), which is what makes the hundred tiny tensors of SAM-ON c
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +30,8 @@ from .select import Selection, norm_layers
 
 __all__ = ["SAM", "disable_running_stats"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Tensors up to this size are perturbed through the grouped flat buffer (norm layers, biases).
+_FLAT_MAX_NUMEL = 1 << 16
 
 
 @contextlib.contextmanager
@@ -62,16 +64,6 @@ def disable_running_stats(model: nn.Module) -> Iterator[None]:
 
 def _unwrap_ddp(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
-
-
-class _Perturbed:
-    """What ``first_step`` changed in one (device, dtype) group: the tensors and their saved values."""
-
-    __slots__ = ("params", "backup")
-
-    def __init__(self, params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
-        self.params = params
-        self.backup = backup
 
 
 class SAM(Optimizer):
@@ -145,7 +137,9 @@ class SAM(Optimizer):
         self.sync_first_pass = bool(sync_first_pass)
         self._selection = self._resolve(perturb)
         self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
-        self._perturbed: list[_Perturbed] | None = None
+        self._perturbed: list[_FlatGroup | _TensorGroup] | None = None
+        self._buffers: dict[tuple[torch.device, torch.dtype], _FlatBuffers] = {}
+        self._backups: dict[int, torch.Tensor] = {}  # per-tensor path, keyed by id(param)
         self._first_nonfinite: torch.Tensor | None = None
         self._nonfinite_count: torch.Tensor | None = None
         self._nonfinite_seen: torch.Tensor | None = None  # host copy, read without syncing
@@ -242,62 +236,51 @@ class SAM(Optimizer):
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self._poll_nonfinite()
         single = self.foreach is False
-        groups: dict[tuple[torch.device, torch.dtype, bool], list] = defaultdict(list)
+        by_key: dict[tuple[torch.device, torch.dtype, bool], list] = defaultdict(list)
         for p, g in pairs:
-            groups[(p.device, p.dtype, single or g.is_sparse)].append((p, g))
-        self._perturbed = []
+            # Many small tensors share one flat buffer (a fixed number of kernels); a large tensor
+            # amortises its own kernels and skips the gather into the buffer.
+            per_tensor = single or g.is_sparse or p.numel() > _FLAT_MAX_NUMEL
+            by_key[(p.device, p.dtype, per_tensor)].append((p, g))
+        acc = torch.float64 if any(p.dtype == torch.float64 for p, _ in pairs) else torch.float32
+        groups: list[_FlatGroup | _TensorGroup] = []
+        for (device, dtype, per_tensor), items in by_key.items():
+            ps = [p for p, _ in items]
+            gs = [g for _, g in items]
+            if self.sync_first_pass and not per_tensor:
+                gs = _all_reduce_mean(gs)
+            if per_tensor:
+                groups.append(_TensorGroup(ps, gs, self._t_fn(), self._backups))
+            else:
+                buffers = self._flat_buffers(device, dtype, ps, acc)
+                groups.append(_FlatGroup(ps, gs, buffers, self._t_fn()))
+        self._perturbed = groups
         if not groups:
             self._first_nonfinite = None
             return
-        # Pass 1: per group, the vectors whose global norm scales the ascent.
-        prepared = []
-        for (_, _, per_tensor), items in groups.items():
-            ps = [p for p, _ in items]
-            gs = [g for _, g in items]
-            if self.sync_first_pass and not any(g.is_sparse for g in gs):
-                gs = _all_reduce_mean(gs)
-            prepared.append((per_tensor, ps, gs, *self._direction(ps, gs, per_tensor)))
-        acc = torch.float64 if any(p.dtype == torch.float64 for p, _ in pairs) else torch.float32
         first = pairs[0][0].device
-        norms = [torch.linalg.vector_norm(v, dtype=acc).to(first) for *_, vs, _, _ in prepared for v in vs]
-        norm = torch.linalg.vector_norm(torch.stack(norms))
+        norm = torch.linalg.vector_norm(torch.stack([n.to(first) for g in groups for n in g.norms(acc)]))
         finite = torch.isfinite(norm)
         self.last_grad_norm = norm
         self._record_nonfinite(finite)
-        scale = self.rho / (norm + self.eps)
-        # Pass 2: e = scale * direction, zeroed when the norm is not finite. A NaN/inf gradient
-        # times 0 is still NaN, so the guard must select (masked_fill), not multiply.
-        for per_tensor, ps, gs, vs, ts, owned in prepared:
-            backup = _clone_all(ps, per_tensor)
-            es = []
-            for v, t in zip(vs, ts):
-                low = v.dtype in _LOW_PRECISION  # scale in float32: rho/||g|| can underflow fp16
-                e = v.float() if low else (v if owned else v.clone())
-                e.mul_(scale.to(e.device, e.dtype))
-                if t is not None:  # ASAM: v = T g, so one more T gives rho * T^2 g / ||T g||
-                    e.mul_(t)
-                e.masked_fill_(~finite.to(e.device), 0.0)
-                es.append(e.to(v.dtype) if low else e)
-            _add_all(ps, gs, es, per_tensor)
-            self._perturbed.append(_Perturbed(ps, backup))
+        scale = torch.where(finite, self.rho / (norm + self.eps), 0.0)  # a NaN norm gives a NaN scale
+        for g in groups:
+            g.apply(scale, finite)
 
-    def _direction(self, ps, gs, per_tensor):
-        """Vectors ``v`` with ``e = rho * T v / ||v||`` (``T`` is None for SAM), and whether the
-        ``v`` are scratch buffers of ours that may be scaled in place."""
-        if per_tensor:
-            vs = [g.coalesce().values() if g.is_sparse else g for g in gs]
-            if not self.adaptive:
-                return vs, [None] * len(vs), False
-            ts = [
-                (_sparse_rows(p, g) if g.is_sparse else p).abs().add_(self.eta)
-                for p, g in zip(ps, gs)
-            ]
-            return [v * t for v, t in zip(vs, ts)], ts, True
-        flat = torch.cat([g.reshape(-1) for g in gs])
-        if not self.adaptive:
-            return [flat], [None], True
-        t = torch.cat([p.reshape(-1) for p in ps]).abs_().add_(self.eta)
-        return [flat.mul_(t)], [t], True
+    def _t_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """ASAM's elementwise ``T = |w| + eta`` (None for SAM)."""
+        eta = self.eta
+        return (lambda w: w.abs().add_(eta)) if self.adaptive else None
+
+    def _flat_buffers(self, device, dtype, ps, acc) -> _FlatBuffers:
+        # Persistent across steps: re-allocating (and, on CPU, page-faulting) two model-sized
+        # buffers every step costs more than the arithmetic itself.
+        key = (device, dtype)
+        shapes = [p.shape for p in ps]
+        buf = self._buffers.get(key)
+        if buf is None or buf.shapes != shapes or buf.e.dtype != acc:
+            buf = self._buffers[key] = _FlatBuffers(shapes, device, dtype, acc)
+        return buf
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -309,7 +292,7 @@ class SAM(Optimizer):
         if self._perturbed is None:
             return
         for group in self._perturbed:
-            torch._foreach_copy_(group.params, group.backup)
+            group.restore()
         self._perturbed = None
 
     @torch.no_grad()
@@ -475,28 +458,95 @@ class SAM(Optimizer):
         return f"{kind}(rho={self.rho}, perturb={what}, base={self.base_optimizer!r})"
 
 
-def _clone_all(ps: list[torch.Tensor], per_tensor: bool) -> list[torch.Tensor]:
-    if per_tensor:
-        return [p.detach().clone() for p in ps]
-    flat = torch.cat([p.detach().reshape(-1) for p in ps])
-    return [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in ps]), ps)]
+class _FlatBuffers:
+    """Flat scratch for one (device, dtype) group: the saved values (param dtype) and the ascent
+    vector (float32 or float64, so fp16/bf16 norms and scales never overflow or underflow), each with
+    per-parameter views for the ``_foreach`` copies and adds."""
+
+    def __init__(self, shapes, device, dtype, acc) -> None:
+        self.shapes = shapes
+        sizes = [math.prod(s) for s in shapes]
+        self.backup = torch.empty(sum(sizes), device=device, dtype=dtype)
+        self.e = torch.empty(sum(sizes), device=device, dtype=acc)
+        self.backup_views = [v.view(s) for v, s in zip(self.backup.split(sizes), shapes)]
+        self.e_views = [v.view(s) for v, s in zip(self.e.split(sizes), shapes)]
 
 
-def _add_all(ps, gs, es, per_tensor: bool) -> None:
-    if per_tensor:
-        for p, g, e in zip(ps, gs, es):
+class _FlatGroup:
+    """Dense tensors of one device and dtype: a fixed number of kernels whatever their count."""
+
+    def __init__(self, ps, gs, buf: _FlatBuffers, t_fn) -> None:
+        self.params, self.buf = ps, buf
+        torch._foreach_copy_(buf.backup_views, ps)
+        torch._foreach_copy_(buf.e_views, gs)
+        self.t = None if t_fn is None else t_fn(buf.backup)
+        if self.t is not None:
+            buf.e.mul_(self.t)  # ASAM's norm is ||T g||
+
+    def norms(self, acc: torch.dtype) -> list[torch.Tensor]:
+        return [torch.linalg.vector_norm(self.buf.e, dtype=acc)]
+
+    def apply(self, scale: torch.Tensor, finite: torch.Tensor) -> None:
+        e = self.buf.e
+        # Select, then scale: a NaN/inf gradient times 0 would still be NaN.
+        e.masked_fill_(~finite.to(e.device), 0.0)
+        e.mul_(scale.to(e.device, e.dtype))
+        if self.t is not None:  # e = rho * T (T g) / ||T g||
+            e.mul_(self.t)
+        torch._foreach_add_(self.params, self.buf.e_views)
+
+    def restore(self) -> None:
+        torch._foreach_copy_(self.params, self.buf.backup_views)
+
+
+class _TensorGroup:
+    """The per-tensor path: large tensors, sparse gradients and ``foreach=False`` (same arithmetic).
+
+    Per tensor it costs about what the usual per-parameter loop costs: a copy into a persistent
+    backup, the norm, an in-place guard of the gradient and one fused ``p += g * scale``.
+    """
+
+    def __init__(self, ps, gs, t_fn, backups: dict[int, torch.Tensor]) -> None:
+        self.params = ps
+        self.backup = []
+        for p in ps:
+            b = backups.get(id(p))
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = backups[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+            b.copy_(p)
+            self.backup.append(b)
+        self.grads = [g.coalesce() if g.is_sparse else g for g in gs]
+        # T and the direction v = T g on the gradient's support (the values of a sparse gradient)
+        self.ts = [
+            None if t_fn is None else t_fn(p[tuple(g.indices())] if g.is_sparse else p)
+            for p, g in zip(ps, self.grads)
+        ]
+        self.vs = [
+            v if t is None else v * t
+            for v, t in zip((g.values() if g.is_sparse else g for g in self.grads), self.ts)
+        ]
+
+    def norms(self, acc: torch.dtype) -> list[torch.Tensor]:
+        return [torch.linalg.vector_norm(v, dtype=acc) for v in self.vs]
+
+    def apply(self, scale: torch.Tensor, finite: torch.Tensor) -> None:
+        # scale is 0 when the norm is not finite, but a NaN/inf gradient times 0 is still NaN. Then
+        # and only then nan_to_num_ changes the (consumed) first-pass gradient; otherwise it is
+        # the identity, and cheaper than a select.
+        for p, g, v, t in zip(self.params, self.grads, self.vs, self.ts):
+            s = scale.to(v.device)
+            v.nan_to_num_(0.0, 0.0, 0.0)
+            if t is not None:  # e = rho * T (T g) / ||T g||
+                v.mul_(t)
+            if v.dtype != s.dtype:  # fp16/bf16: scale in float32, rho/||g|| can underflow
+                v = v.to(s.dtype)
             if g.is_sparse:
-                p.index_put_(tuple(g.coalesce().indices()), e, accumulate=True)
+                p.index_put_(tuple(g.indices()), (v * s).to(p.dtype), accumulate=True)
             else:
-                p.add_(e)
-        return
-    (flat,) = es
-    torch._foreach_add_(ps, [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in ps]), ps)])
+                p.addcmul_(v, s)
 
-
-def _sparse_rows(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The entries of dense ``p`` at the indices of sparse ``g`` (shaped like ``g.values()``)."""
-    return p[tuple(g.coalesce().indices())]
+    def restore(self) -> None:
+        torch._foreach_copy_(self.params, self.backup)
 
 
 def _poison_if(flag: torch.Tensor, params: list[torch.Tensor]) -> None:
