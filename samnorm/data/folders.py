@@ -1,0 +1,254 @@
+"""ImageFolder-style datasets with PIL only (no torchvision import), robust to unreadable files.
+
+``root/<class>/<image>`` gives one class per sub-folder (sorted names, as torchvision does); a folder
+with images directly inside (``flat=True``) is one unlabelled set, the usual layout of OOD test sets.
+An image that cannot be decoded is *skipped*: the next readable image of the folder takes its place,
+so a batch keeps its size and an epoch never stops half-way; :attr:`ImageFolder.skipped` counts the
+distinct unreadable files seen so far, across DataLoader worker processes.
+
+Example:
+    >>> import os, tempfile
+    >>> from PIL import Image
+    >>> root = tempfile.mkdtemp()
+    >>> for c in ("cat", "dog"):
+    ...     os.makedirs(os.path.join(root, c))
+    ...     Image.new("RGB", (40, 30), "white").save(os.path.join(root, c, "a.png"))
+    >>> ds = ImageFolder(root, transform=ImageTransform(size=32))
+    >>> x, y = ds[1]
+    >>> ds.classes, tuple(x.shape), y
+    (['cat', 'dog'], (3, 32, 32), 1)
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["IMG_EXTENSIONS", "ImageFolder", "ImageTransform", "transform_for_model"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+class ImageTransform:
+    """PIL image to a normalised ``(C, H, W)`` float tensor: resize the shorter side, centre-crop.
+
+    The image is resized so its shorter side is ``round(size / crop_pct)`` (timm's evaluation
+    convention), centre-cropped to ``size`` x ``size``, scaled to ``[0, 1]`` and normalised with
+    ``mean``/``std``. No random augmentation: fine-tuning runs about one epoch and resumes exactly;
+    the pseudo-OOD sampler supplies the variation.
+
+    Args:
+        size: output side in pixels.
+        crop_pct: fraction of the resized image kept by the crop (1.0: resize straight to ``size``).
+        mean, std: per-channel normalisation (their length sets the channel count, 1 or 3).
+        interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"``.
+
+    Example:
+        >>> from PIL import Image
+        >>> t = ImageTransform(size=8, mean=(0.0,), std=(1.0,))
+        >>> t(Image.new("RGB", (20, 10), (255, 255, 255))).shape
+        torch.Size([1, 8, 8])
+    """
+
+    _RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
+
+    def __init__(
+        self,
+        size: int = 224,
+        crop_pct: float = 1.0,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        interpolation: str = "bilinear",
+    ) -> None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        if len(mean) != len(std) or len(mean) not in (1, 3) or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std need 1 or 3 entries each, std > 0; got {mean!r}, {std!r}")
+        if interpolation not in self._RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(self._RESAMPLE)}, got {interpolation!r}")
+        self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    @property
+    def channels(self) -> int:
+        """Number of output channels (1: grayscale, 3: RGB)."""
+        return len(self.mean)
+
+    def __call__(self, image: Any) -> Tensor:
+        image = image.convert("RGB" if self.channels == 3 else "L")
+        w, h = image.size
+        short = max(1, round(self.size / self.crop_pct))
+        scale = short / min(w, h)
+        nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
+        image = image.resize((nw, nh), resample=self._RESAMPLE[self.interpolation])
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        arr = np.asarray(image, dtype=np.float32) / 255.0
+        x = torch.from_numpy(arr.reshape(self.size, self.size, self.channels).copy()).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return (x - mean) / std
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageTransform(size={self.size}, crop_pct={self.crop_pct}, mean={self.mean}, std={self.std}, "
+            f"interpolation={self.interpolation!r})"
+        )
+
+
+def transform_for_model(model: Any, size: int | None = None, in_chans: int | None = None) -> ImageTransform:
+    """The evaluation transform a timm model was trained with (its ``pretrained_cfg``).
+
+    ``size`` overrides the input size (keeping the crop fraction); models without a config get
+    ``size`` (default 224), no crop and mean = std = 0.5. ``in_chans`` picks 1 or 3 channels.
+
+    Example:
+        >>> import timm
+        >>> transform_for_model(timm.create_model("resnet18"), size=64).size
+        64
+    """
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    chans = in_chans or (cfg.get("input_size") or (3,))[0]
+    if chans not in (1, 3):
+        raise ValueError(f"image folders give 1 or 3 channels; the model takes {chans}")
+    mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
+    std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+    if chans == 1 and len(mean) == 3:  # grayscale: average the channel statistics
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    cfg_size = (cfg.get("input_size") or (3, 224, 224))[-1]
+    interpolation = cfg.get("interpolation")
+    return ImageTransform(
+        size=size or cfg_size,
+        crop_pct=float(cfg.get("crop_pct") or 1.0),
+        mean=mean,
+        std=std,
+        interpolation=interpolation if interpolation in ImageTransform._RESAMPLE else "bilinear",
+    )
+
+
+class ImageFolder(Dataset):
+    """Images in ``root/<class>/...`` (or directly in ``root`` with ``flat=True``) as ``(image, label)``.
+
+    Args:
+        root: the folder.
+        transform: PIL image -> tensor (default: ``ImageTransform()``).
+        classes: fix the class list and order (e.g. the training set's for a validation set); a
+            sub-folder outside it is an error.
+        flat: ``None`` (default) accepts either layout; ``True`` takes every image under ``root``
+            (recursively) as class 0; ``False`` requires class sub-folders.
+
+    Example:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> root = tempfile.mkdtemp()
+        >>> Image.new("L", (9, 9)).save(os.path.join(root, "x.png"))
+        >>> ImageFolder(root).classes
+        ['.']
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        transform: Callable[[Any], Tensor] | None = None,
+        classes: Sequence[str] | None = None,
+        flat: bool | None = None,
+    ) -> None:
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist (or is not a directory)")
+        self.root = root
+        self.transform = transform or ImageTransform()
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if flat is None:
+            flat = not subdirs
+        if flat:
+            found = ["."]
+            self.samples = [(p, 0) for p in self._images(root)]
+        else:
+            if not subdirs:
+                raise ValueError(f"{root!r} has no class sub-folders; pass flat=True for a folder of images")
+            found = subdirs
+            self.samples = []
+        self.classes = list(classes) if classes is not None else found
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        if not flat:
+            unknown = [c for c in subdirs if c not in self.class_to_idx]
+            if unknown:
+                raise ValueError(
+                    f"{root!r} has classes the model was not trained on: {unknown[:5]}; "
+                    f"expected sub-folders among {self.classes[:5]}{'...' if len(self.classes) > 5 else ''}"
+                )
+            for c in subdirs:
+                self.samples += [(p, self.class_to_idx[c]) for p in self._images(os.path.join(root, c))]
+        if not self.samples:
+            raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
+        self.targets = [t for _, t in self.samples]
+        # One byte per file in shared memory: DataLoader workers (fork or spawn) mark what they skip.
+        self._bad = multiprocessing.get_context().RawArray("b", len(self.samples))
+
+    @staticmethod
+    def _images(folder: str) -> list[str]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            out += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        return out
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> Tensor | None:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return self.transform(image)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            if not self._bad[index]:
+                warnings.warn(f"skipping unreadable image {path}: {err}", RuntimeWarning, stacklevel=3)
+            self._bad[index] = 1
+            return None
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        n = len(self.samples)
+        for offset in range(n):
+            i = (index + offset) % n
+            if self._bad[i]:
+                continue
+            x = self._load(i)
+            if x is not None:
+                return x, self.samples[i][1]
+        raise ValueError(f"no readable image left in {self.root!r}: all {n} files failed to decode")
+
+    @property
+    def skipped(self) -> int:
+        """Distinct unreadable images met so far (in this process and its DataLoader workers)."""
+        return int(self.skipped_mask().sum())
+
+    def skipped_mask(self) -> Tensor:
+        """Boolean tensor over :attr:`samples`: True where the file could not be decoded."""
+        return torch.from_numpy(np.frombuffer(self._bad, dtype=np.int8).copy()).bool()
+
+    def skipped_paths(self) -> list[str]:
+        """Paths of the unreadable images met so far."""
+        return [p for (p, _), bad in zip(self.samples, self._bad) if bad]
+
+    def __repr__(self) -> str:
+        return f"ImageFolder({self.root!r}, {len(self)} images, {len(self.classes)} classes)"
+

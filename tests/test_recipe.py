@@ -1,0 +1,253 @@
+"""The fine-tuning recipe: determinism, exact resumption, optimizers, checkpoints and image folders."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from samnorm.data.folders import ImageFolder, ImageTransform
+from samnorm.optim import SAM
+from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig, _build_optimizer, finetune, save_atomic
+
+timm = pytest.importorskip("timm")
+from samnorm.models.t2t_vit import T2TViT  # noqa: E402
+
+
+def tiny_t2t(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)  # dropout inside the T2T module (0.1) exercises the saved RNG too
+    return T2TViT(img_size=16, in_chans=1, num_classes=4, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
+
+
+def toy_data(n: int = 64) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.rand(n, 1, 16, 16, generator=g), torch.arange(n) % 4)
+
+
+FAST = dict(batch_size=8, progress=False, log=lambda _: None)
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_same_seed_same_weights():
+    a = finetune(tiny_t2t(), toy_data(), steps=3, **FAST).model
+    b = finetune(tiny_t2t(), toy_data(), steps=3, **FAST).model
+    assert_bit_identical(state(a), state(b))
+    c = finetune(tiny_t2t(), toy_data(), steps=3, seed=1, **FAST).model
+    assert not torch.equal(state(a)["head.weight"], state(c)["head.weight"])
+
+
+class CrashAfter(Dataset):
+    """The same data, but loading dies after ``limit`` items, like a preempted job."""
+
+    def __init__(self, data: Dataset, limit: int) -> None:
+        self.data, self.limit, self.calls = data, limit, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise KeyboardInterrupt("preempted")
+        return self.data[i]
+
+
+@pytest.mark.parametrize("optimizer", ["sam-on", "sgd"])
+def test_resumed_run_is_bit_identical(tmp_path, optimizer):
+    kw = dict(steps=7, checkpoint_every=2, log_every=1, optimizer=optimizer, ood_ratio=0.5, **FAST)
+    straight = finetune(tiny_t2t(), toy_data(), output_dir=tmp_path / "a", **kw)
+    # Epochs have 8 steps of 8 images; crash while loading step 6, after the checkpoint of step 4.
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_t2t(), CrashAfter(toy_data(), 5 * 8 + 3), output_dir=tmp_path / "b", **kw)
+    assert torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)["step"] == 4
+    resumed = finetune(tiny_t2t(seed=123), toy_data(), output_dir=tmp_path / "b", resume=True, **kw)
+    assert_bit_identical(state(straight.model), state(resumed.model))
+    assert straight.history == resumed.history
+    a = torch.load(tmp_path / "a" / CHECKPOINT_NAME, weights_only=True)
+    b = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
+    for k, v in a["optimizer"]["state"].items():
+        for name, t in v.items():
+            assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
+    logged = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in logged] == list(range(1, 8))
+
+
+def test_resume_across_an_epoch_boundary(tmp_path):
+    kw = dict(steps=11, checkpoint_every=9, **FAST)  # 8 steps per epoch: resume inside epoch 2
+    straight = finetune(tiny_t2t(), toy_data(), **kw)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_t2t(), CrashAfter(toy_data(), 10 * 8), output_dir=tmp_path, **kw)
+    resumed = finetune(tiny_t2t(), toy_data(), output_dir=tmp_path, resume=True, **kw)
+    assert_bit_identical(state(straight.model), state(resumed.model))
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    finetune(tiny_t2t(), toy_data(), steps=2, output_dir=tmp_path, **FAST)
+    with pytest.raises(ValueError, match=r"lr: 0.001 -> 0.01"):
+        finetune(tiny_t2t(), toy_data(), steps=2, lr=0.01, output_dir=tmp_path, resume=True, **FAST)
+    # Logging cadence may change on resume; a finished run stays finished.
+    done = finetune(tiny_t2t(), toy_data(), steps=2, log_every=7, output_dir=tmp_path, resume=True, **FAST)
+    assert done.steps == 2
+
+
+def test_checkpoint_rebuilds_the_model(tmp_path):
+    from samnorm.models import create_model
+
+    kwargs = dict(img_size=16, in_chans=1, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
+    model = create_model("t2t_vit_7", num_classes=4, **kwargs)
+    result = finetune(model, toy_data(), steps=2, output_dir=tmp_path, model_name="t2t_vit_7",
+                      model_kwargs=kwargs, **FAST)
+    rebuilt = create_model(None, checkpoint=result.checkpoint)
+    assert_bit_identical(state(result.model), state(rebuilt))
+    cfg = json.load(open(tmp_path / "config.json"))
+    assert cfg["total_steps"] == 2 and cfg["optimizer"] == "sam-on" and cfg["model_name"] == "t2t_vit_7"
+
+
+@pytest.mark.parametrize("name, sam, norm_only, adaptive, rho",
+                         [("sam-on", True, True, False, 0.5), ("asam-on", True, True, True, 10.0),
+                          ("sam", True, False, False, 0.05), ("asam", True, False, True, 0.5), ("sgd", False, 0, 0, 0)])
+def test_optimizer_choices(name, sam, norm_only, adaptive, rho):
+    model = tiny_t2t()
+    opt = _build_optimizer(model, FinetuneConfig(optimizer=name))
+    assert isinstance(opt, SAM) == sam
+    if sam:
+        norm_params = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+        perturbed = {id(p) for p in opt.perturbed_parameters()}
+        assert (perturbed == norm_params) if norm_only else (perturbed == {id(p) for p in model.parameters()})
+        assert opt.adaptive == adaptive and opt.rho == rho
+    before = state(model)
+    finetune(model, toy_data(), steps=1, optimizer=name, **FAST)
+    assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
+
+
+def test_sam_on_differs_from_sgd_and_logs_are_sane():
+    sam = finetune(tiny_t2t(), toy_data(), steps=2, log_every=1, **FAST)
+    sgd = finetune(tiny_t2t(), toy_data(), steps=2, log_every=1, optimizer="sgd", **FAST)
+    assert not torch.equal(state(sam.model)["norm.weight"], state(sgd.model)["norm.weight"])
+    # The first step is taken from identical weights and data: identical first-pass logs.
+    assert sam.history[0]["loss"] == pytest.approx(sgd.history[0]["loss"], rel=1e-6)
+    for r in sam.history:
+        assert 0 <= r["acc"] <= 1 and r["ood"] > 0 and r["loss"] == pytest.approx(r["ce"] + 0.5 * r["ood"], rel=1e-5)
+    assert sam.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to zero at the last step
+
+
+def test_epochs_and_no_pseudo_ood():
+    r = finetune(tiny_t2t(), toy_data(), epochs=0.5, ood_ratio=0.0, log_every=1, **FAST)
+    assert r.steps == 4 and all(h["ood"] == 0 for h in r.history)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(TypeError, match="DataLoader"):
+        finetune(tiny_t2t(), DataLoader(toy_data()), steps=1, **FAST)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        finetune(tiny_t2t(), toy_data(4), steps=1, **FAST)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        FinetuneConfig(optimizer="adam-on")
+    with pytest.raises(ValueError, match="ood_ratio"):
+        FinetuneConfig(ood_ratio=2)
+    with pytest.raises(TypeError):
+        finetune(tiny_t2t(), toy_data(), steps=1, not_a_setting=3, **FAST)
+
+
+def test_save_atomic_never_leaves_half_a_file(tmp_path):
+    path = tmp_path / "c.pt"
+    save_atomic({"v": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        save_atomic({"v": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path)["v"] == 1 and os.listdir(tmp_path) == ["c.pt"]
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def make_folder(root, classes=("ant", "bee"), per_class=3, size=(20, 14), mode="RGB", corrupt=()):
+    from PIL import Image
+
+    for ci, c in enumerate(classes):
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(per_class):
+            colour = (40 * ci + 10 * i,) * (3 if mode == "RGB" else 1)
+            Image.new(mode, size, colour if mode == "RGB" else colour[0]).save(root / c / f"{i}.png")
+    for rel in corrupt:
+        (root / rel).write_bytes(b"this is not an image")
+    return root
+
+
+def test_image_folder_skips_and_counts_unreadable_files(tmp_path):
+    root = make_folder(tmp_path, corrupt=["ant/broken.jpg", "bee/zz.png"])
+    ds = ImageFolder(root, transform=ImageTransform(size=8))
+    assert len(ds) == 8 and ds.classes == ["ant", "bee"]
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        batches = list(DataLoader(ds, batch_size=4))
+    assert sum(len(b[0]) for b in batches) == 8  # every slot filled by a readable neighbour
+    assert ds.skipped == 2 and sorted(os.path.basename(p) for p in ds.skipped_paths()) == ["broken.jpg", "zz.png"]
+
+
+def test_image_folder_counts_across_worker_processes(tmp_path):
+    root = make_folder(tmp_path, corrupt=["ant/broken.jpg"])
+    ds = ImageFolder(root, transform=ImageTransform(size=8))
+    list(DataLoader(ds, batch_size=2, num_workers=2))
+    assert ds.skipped == 1
+
+
+def test_image_folder_layouts_and_errors(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    from PIL import Image
+
+    Image.new("L", (5, 9)).save(flat / "a.png")
+    ds = ImageFolder(flat, transform=ImageTransform(size=6, mean=(0.5,), std=(0.5,)))
+    x, y = ds[0]
+    assert x.shape == (1, 6, 6) and y == 0 and ds.classes == ["."]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no images"):
+        (tmp_path / "empty").mkdir()
+        ImageFolder(tmp_path / "empty")
+    root = make_folder(tmp_path / "val", classes=("ant", "wasp"))
+    with pytest.raises(ValueError, match="not trained on.*wasp"):
+        ImageFolder(root, classes=["ant", "bee"])
+    fixed = ImageFolder(make_folder(tmp_path / "val2", classes=("bee",)), classes=["ant", "bee"])
+    assert set(fixed.targets) == {1}
+    bad = make_folder(tmp_path / "allbad", classes=("a",), per_class=0, corrupt=["a/x.png"])
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="no readable image"):
+        ImageFolder(bad)[0]
+
+
+def test_image_transform_against_pil_reference():
+    from PIL import Image
+
+    import numpy as np
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (15, 30, 3), dtype=np.uint8))
+    t = ImageTransform(size=10, crop_pct=0.5, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="nearest")
+    # Shorter side 15 -> 10 / 0.5 = 20, so 30x15 -> 40x20, then the centred 10x10 crop.
+    ref = img.resize((40, 20), resample=Image.NEAREST).crop((15, 5, 25, 15))
+    expected = torch.from_numpy(np.asarray(ref, dtype=np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(t(img), expected)
+
+
+def test_finetune_on_a_folder_with_a_corrupt_image(tmp_path):
+    root = make_folder(tmp_path, classes=("a", "b", "c", "d"), per_class=4, corrupt=["b/bad.jpg"])
+    ds = ImageFolder(root, transform=ImageTransform(size=16, mean=(0.5,), std=(0.5,)))
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        result = finetune(tiny_t2t(), ds, epochs=1, batch_size=4, progress=False, log=lambda _: None)
+    assert result.steps == 4 and result.skipped_images == 1
