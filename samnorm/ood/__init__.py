@@ -1,0 +1,87 @@
+"""OOD detection toolkit: scores, scorers, metrics and the evaluation harness.
+
+Convention everywhere: a higher score means more in-distribution.
+
+- :mod:`samnorm.ood.metrics`: ``auroc``, ``fpr_at_tpr``, ``aupr_in``, ``aupr_out``,
+  ``ood_metrics`` under named conventions (``CONVENTIONS``).
+- :mod:`samnorm.ood.scores`: ``msp``, ``max_logit``, ``energy``, ``odin`` on logits.
+- :class:`ModelAdapter`: how a classifier splits into features and head.
+- :mod:`samnorm.ood.detectors`: scorers with ``fit`` / ``score`` / ``score_loader``: MSP,
+  MaxLogit, Energy, ODIN, ReAct, GradNorm, RankFeat, RankWeight, Mahalanobis, KNN, ViM.
+- :func:`evaluate`: tables of FPR95 / AUROC / AUPR-In / AUPR-Out per OOD set.
+
+Example:
+    >>> from samnorm.ood import auroc
+    >>> auroc([2.0, 3.0], [1.0, 2.0])
+    0.875
+"""
+
+from samnorm.ood import metrics, scores
+from samnorm.ood.adapter import ModelAdapter
+from samnorm.ood.detectors import (
+    KNN,
+    MSP,
+    ODIN,
+    SCORERS,
+    Energy,
+    GradNorm,
+    Mahalanobis,
+    MaxLogit,
+    NotFittedError,
+    RankFeat,
+    RankWeight,
+    ReAct,
+    Scorer,
+    ViM,
+    make_scorer,
+)
+from samnorm.ood.evaluate import OODResults, evaluate
+from samnorm.ood.metrics import (
+    CONVENTIONS,
+    Convention,
+    OODMetrics,
+    aupr_in,
+    aupr_out,
+    auroc,
+    fpr_at_tpr,
+    ood_metrics,
+)
+from samnorm.ood.rankfeat import rank1, remove_rank1
+from samnorm.ood.scores import energy, max_logit, msp, odin
+
+__all__ = [
+    "CONVENTIONS",
+    "KNN",
+    "MSP",
+    "ODIN",
+    "SCORERS",
+    "Convention",
+    "Energy",
+    "GradNorm",
+    "Mahalanobis",
+    "MaxLogit",
+    "ModelAdapter",
+    "NotFittedError",
+    "OODMetrics",
+    "OODResults",
+    "RankFeat",
+    "RankWeight",
+    "ReAct",
+    "Scorer",
+    "ViM",
+    "aupr_in",
+    "aupr_out",
+    "auroc",
+    "energy",
+    "evaluate",
+    "fpr_at_tpr",
+    "make_scorer",
+    "max_logit",
+    "metrics",
+    "msp",
+    "odin",
+    "ood_metrics",
+    "rank1",
+    "remove_rank1",
+    "scores",
+]
