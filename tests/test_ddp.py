@@ -1,0 +1,48 @@
+"""SAM under DistributedDataParallel: 2 CPU processes on gloo, started by torchrun."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path: Path, mode: str) -> list[dict]:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path / mode
+    worker = Path(__file__).with_name("ddp_sam_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), str(out), mode]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(f"{out}.rank{r}") for r in range(2)]
+
+
+def test_ddp_default_first_pass_is_local_and_ranks_stay_identical(tmp_path):
+    r0, r1 = _run(tmp_path, "local")
+    for p, q in zip(r0["params"], r1["params"]):
+        assert torch.equal(p, q)
+    # no all-reduce in the first pass, DDP's all-reduce in the second
+    assert all(first == 0 and second >= 1 for first, second in r0["per_pass"])
+
+
+def test_ddp_synchronised_first_pass_equals_one_process_on_the_whole_batch(tmp_path):
+    r0, r1 = _run(tmp_path, "sync")
+    for p, q, ref in zip(r0["params"], r1["params"], r0["reference"]):
+        assert torch.equal(p, q)
+        torch.testing.assert_close(p, ref, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,241 @@
+"""SAM in real training loops: GradScaler, accumulation, BatchNorm, clipping, compile, Lightning."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from samnorm import SAM, disable_running_stats
+
+
+def _mlp(norm=nn.LayerNorm, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), norm(16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
+
+
+def _data(n=16, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
+
+
+def _ce(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+# ----------------------------------------------------------------------------- GradScaler
+
+
+def _scaler_step(model, opt, scaler, x, y, inject=None):
+    """One AMP step with the documented recipe; ``inject`` puts an inf in one pass's gradient."""
+    handle = None
+    if inject == "first":  # on a norm weight: the SAM-ON first pass differentiates only those
+        handle = model[1].weight.register_hook(lambda g: g * float("inf"))
+    opt.first_step(scaler.scale(_ce(model, x, y)))
+    if handle is not None:
+        handle.remove()
+    if inject == "second":
+        handle = model[0].weight.register_hook(lambda g: g * float("inf"))
+    with opt.second_pass(model):
+        scaler.scale(_ce(model, x, y)).backward()
+    if handle is not None:
+        handle.remove()
+    opt.second_step(scaler=scaler, zero_grad=True)
+    scaler.update()
+
+
+def test_grad_scaler_matches_unscaled_step_exactly():
+    x, y = _data()
+    a, b = _mlp(), _mlp()
+    oa = SAM(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, rho=0.3)
+    ob = SAM(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), b, rho=0.3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for _ in range(3):
+        _scaler_step(a, oa, scaler, x, y)
+        ob.first_step(_ce(b, x, y))
+        _ce(b, x, y).backward()
+        ob.second_step(zero_grad=True)
+    # power-of-two scaling is exact: the ascent direction and the unscaled gradient are identical
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("inject", ["first", "second"])
+def test_grad_scaler_inf_in_either_pass_skips_whole_step_and_backs_off(inject):
+    x, y = _data()
+    model = _mlp()
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    before = copy.deepcopy(model.state_dict())
+    _scaler_step(model, opt, scaler, x, y, inject=inject)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed although the step had an inf"
+    assert scaler.get_scale() == 2.0**11
+    assert opt.nonfinite_steps == (1 if inject == "first" else 0)
+    assert not opt.state  # the base optimizer never stepped: no momentum buffers
+    _scaler_step(model, opt, scaler, x, y)  # and the next clean step goes through
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_fp16_autocast_step_runs_on_cpu():
+    x, y = _data()
+    model = _mlp()
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = _ce(model, x, y)
+    opt.first_step(scaler.scale(loss))
+    with torch.autocast("cpu", dtype=torch.float16), opt.second_pass(model):
+        loss2 = _ce(model, x, y)
+    scaler.scale(loss2).backward()
+    opt.second_step(scaler=scaler, zero_grad=True)
+    scaler.update()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+
+@pytest.mark.parametrize("perturb", ["norm", "all"])
+def test_gradient_accumulation_equals_large_batch(perturb):
+    x, y = _data(24, torch.float64)
+    big, acc = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
+
+    def make(m):
+        return SAM(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                   m if perturb == "norm" else None, rho=0.4)
+
+    ob, oa = make(big), make(acc)
+    k = 3
+    for _ in range(2):
+        ob.first_step(_ce(big, x, y))
+        _ce(big, x, y).backward()
+        ob.second_step(zero_grad=True)
+        # k micro-batches: both passes accumulate into .grad, the ascent uses the sum
+        for xs, ys in zip(x.chunk(k), y.chunk(k)):
+            (_ce(acc, xs, ys) / k).backward()
+        oa.first_step(zero_grad=True)
+        for xs, ys in zip(x.chunk(k), y.chunk(k)):
+            (_ce(acc, xs, ys) / k).backward()
+        oa.second_step(zero_grad=True)
+    for p, q in zip(big.parameters(), acc.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+def test_second_pass_leaves_batchnorm_statistics_alone():
+    x, y = _data()
+    model = _mlp(nn.BatchNorm1d)
+    ref = copy.deepcopy(model)
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5)
+    opt.first_step(_ce(model, x, y))
+    with opt.second_pass(model):
+        _ce(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    ref(x)  # one forward at the unperturbed point: what the statistics must reflect
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model[1], name), getattr(ref[1], name)), name
+    # and without the context the perturbed pass would have moved them
+    bn = copy.deepcopy(model[1])
+    bn(torch.randn(8, 16))
+    assert not torch.equal(bn.running_mean, model[1].running_mean)
+
+
+def test_closure_step_shields_batchnorm_when_sam_knows_the_model():
+    x, y = _data()
+    model = _mlp(nn.BatchNorm1d)
+    ref = copy.deepcopy(model)
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = _ce(model, x, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    ref(x)
+    assert torch.equal(model[1].running_mean, ref[1].running_mean)
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_disable_running_stats_restores_flags_on_error():
+    bn = nn.BatchNorm1d(3)
+    with pytest.raises(RuntimeError), disable_running_stats(bn):
+        raise RuntimeError("x")
+    assert bn.track_running_stats
+
+
+# ----------------------------------------------------------------------------- clipping
+
+
+def test_clipping_the_second_pass_gradient():
+    x, y = _data(dtype=torch.float64)
+    model = _mlp(dtype=torch.float64)
+    lr, max_norm = 0.5, 0.01
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=lr), model, rho=0.2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.first_step(_ce(model, x, y))
+    _ce(model, x, y).backward()
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # the documented place
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.second_step()
+    assert float(total) > max_norm
+    assert abs(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) - max_norm) < 1e-5 * max_norm  # clip divides by norm + 1e-6
+    for p, w, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), w - lr * g)
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def test_compiled_model_trains_like_eager():
+    pytest.importorskip("torch._dynamo")
+    x, y = _data()
+    eager, comp = _mlp(), _mlp()
+    compiled = torch.compile(comp, backend="aot_eager")  # dynamo + AOTAutograd, no C++ toolchain
+    oe = SAM(torch.optim.SGD(eager.parameters(), lr=0.1), eager, rho=0.3)
+    oc = SAM(torch.optim.SGD(comp.parameters(), lr=0.1), comp, rho=0.3)
+    for _ in range(3):
+        for m, o in ((eager, oe), (compiled, oc)):
+            o.first_step(_ce(m, x, y))
+            _ce(m, x, y).backward()
+            o.second_step(zero_grad=True)
+    for p, q in zip(eager.parameters(), comp.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- Lightning
+
+
+def test_lightning_automatic_optimization():
+    pl = pytest.importorskip("pytorch_lightning")
+    x, y = _data(32)
+    calls = {"training_step": 0}
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(nn.BatchNorm1d)
+
+        def training_step(self, batch, _):
+            calls["training_step"] += 1
+            return _ce(self.net, *batch)
+
+        def configure_optimizers(self):
+            return SAM(torch.optim.SGD(self.parameters(), lr=0.1), self.net, rho=0.3)
+
+    module = Module()
+    before = copy.deepcopy(module.state_dict())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    assert calls["training_step"] == 6  # step(closure) ran the closure twice per optimizer step
+    assert int(module.net[1].num_batches_tracked) == 3  # the perturbed pass left BN alone
+    assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
