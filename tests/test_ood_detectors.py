@@ -1,7 +1,7 @@
 """Model adapter and scorers against plain-loop / float64 references and against pytorch-ood.
 
 Tiny models: a 4-stage timm ResNetV2 (BiT layout: StdConv2d + GroupNormAct, 1x1-conv head), a
-2-block timm ViT, and a stand-in that follows the T2T-ViT contract (CONTRACTS.md section 1).
+2-block timm ViT, and a 2-block samnorm T2T-ViT.
 """
 
 from __future__ import annotations
@@ -40,52 +40,10 @@ def tiny_vit(num_classes: int = 10) -> nn.Module:
                              num_classes=num_classes).eval()
 
 
-def _sinusoid_table(n: int, dim: int) -> torch.Tensor:
-    pos = torch.arange(n, dtype=torch.float64)[:, None]
-    rates = torch.pow(10000.0, -2.0 * (torch.arange(dim) // 2) / dim)
-    angles = pos * rates
-    return torch.where(torch.arange(dim) % 2 == 0, angles.sin(), angles.cos()).float()[None]
-
-
-class StandInT2TViT(nn.Module):
-    """Follows the T2TViT interface of CONTRACTS.md section 1 (until samnorm.models lands)."""
-
-    def __init__(self, img_size: int = 32, embed_dim: int = 48, depth: int = 2, num_classes: int = 10):
-        super().__init__()
-        self.tokens_to_token = nn.Sequential(nn.Conv2d(3, embed_dim, 8, stride=8), nn.Flatten(2))
-        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
-        n = (img_size // 8) ** 2
-        self.register_buffer("pos_embed", _sinusoid_table(n + 1, embed_dim))
-        self.pos_drop = nn.Dropout(0.0)
-        self.blocks = nn.Sequential(*[
-            timm.models.vision_transformer.Block(embed_dim, num_heads=4) for _ in range(depth)
-        ])
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
-        self.num_features, self.num_classes = embed_dim, num_classes
-
-    def prepare_tokens(self, x):
-        x = self.tokens_to_token(x).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
-
-    def forward_features(self, x):
-        return self.norm(self.blocks(self.prepare_tokens(x)))
-
-    def forward_head(self, x, pre_logits: bool = False):
-        x = x[:, 0]
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-
 def tiny_t2t() -> nn.Module:
+    from samnorm.models.t2t_vit import T2TViT
+
     torch.manual_seed(0)
-    try:
-        from samnorm.models.t2t_vit import T2TViT
-    except ImportError:
-        return StandInT2TViT().eval()
     return T2TViT(img_size=32, embed_dim=48, depth=2, num_heads=4, num_classes=10).eval()
 
 
