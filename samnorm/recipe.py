@@ -42,7 +42,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,16 @@ from samnorm.data.pseudo_ood import PseudoOOD
 from samnorm.losses import OOD_LOSSES, SFTLoss
 from samnorm.optim import SAM
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "OPTIMIZERS", "CHECKPOINT_NAME", "save_atomic"]
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
+    "evaluate_datasets",
+    "Evaluation",
+    "OPTIMIZERS",
+    "CHECKPOINT_NAME",
+    "save_atomic",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "samnorm.finetune/1"
@@ -278,6 +287,7 @@ def finetune(
     model_kwargs: Mapping[str, Any] | None = None,
     sampler: PseudoOOD | None = None,
     log: Callable[[str], None] | None = None,
+    metadata: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` with SAM-ON (by default) and pseudo-OOD images.
@@ -295,6 +305,8 @@ def finetune(
         progress: show a tqdm progress bar (rank 0 only).
         model_name, model_kwargs: recorded in the checkpoint so ``create_model(None, checkpoint=...)``
             and ``samnorm evaluate`` rebuild the model.
+        metadata: anything else to record in the checkpoint under ``"metadata"`` (the CLI keeps the
+            class names and the image transform there).
         sampler: a custom :class:`PseudoOOD` (default: one from ``config.transforms`` and the seed).
         log: where to print log lines (default: stderr on rank 0).
 
@@ -381,7 +393,8 @@ def finetune(
             save_atomic({
                 "format": FORMAT, "step": step, "total_steps": total, "world_size": world,
                 "config": dataclasses.asdict(cfg), "model_name": model_name,
-                "model_kwargs": dict(model_kwargs or {}), "model": model.state_dict(),
+                "model_kwargs": dict(model_kwargs or {}), "metadata": dict(metadata or {}),
+                "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "sampler": [s["sampler"] for s in states], "rng": [s["rng"] for s in states],
                 "history": history,
@@ -467,3 +480,114 @@ def _skipped(dataset: Dataset, world: int, device: torch.device) -> int:
     if world > 1:
         dist.all_reduce(mask, op=dist.ReduceOp.MAX)  # the union of what each rank met
     return int(mask.sum().item())
+
+
+def _batch_shard(n: int, batch_size: int, rank: int, world: int) -> tuple[list[int], bool]:
+    """Indices of the batches ``rank, rank + world, ...`` of the one-process batching of ``n`` items.
+
+    Each batch is then exactly the batch a single process would see, so the scores (which may depend
+    on the batch composition through the kernels used) are the same bit for bit. A rank left without
+    a batch scores the first batch again, flagged as padding (``False``) so the merge drops it.
+    """
+    batches = list(range(rank, math.ceil(n / batch_size), world))
+    real = bool(batches)
+    idx = [i for b in (batches or [0]) for i in range(b * batch_size, min((b + 1) * batch_size, n))]
+    return idx, real
+
+
+class Evaluation(NamedTuple):
+    """What :func:`evaluate_datasets` returns: the results, and per set the indices left out as unreadable."""
+
+    results: Any  # samnorm.ood.OODResults
+    skipped: dict[str, list[int]]
+
+
+def _union_mask(dataset: Dataset, world: int) -> Tensor | None:
+    mask_fn = getattr(dataset, "skipped_mask", None)
+    if mask_fn is None:
+        return None
+    mask = mask_fn().to(torch.uint8)
+    if world > 1:
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        mask = mask.to(backend_device)
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX)
+    return mask.cpu().bool()
+
+
+def evaluate_datasets(
+    model: nn.Module,
+    id_data: Dataset,
+    ood_data: Mapping[str, Dataset],
+    scorers: Sequence[str] = ("msp", "max_logit", "energy"),
+    *,
+    fit_data: Dataset | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    tpr: float = 0.95,
+    convention: str = "samnorm",
+    id_name: str = "ID",
+) -> Evaluation:
+    """:func:`samnorm.ood.evaluate` on datasets, sharded across ``torch.distributed`` ranks.
+
+    Every rank scores its share of the batches (the batches of a one-process run, dealt out in
+    turn), the shards are gathered and put back in dataset order, and every rank returns the same
+    :class:`samnorm.ood.OODResults`: the scores equal those of one process, with no sample dropped
+    or repeated (``DistributedSampler`` would pad with repeats). Images that an
+    :class:`~samnorm.data.folders.ImageFolder` could not decode (on any rank) are left out of the
+    scores and metrics and listed in ``skipped``. Scorers that need ID statistics are fitted on
+    ``fit_data`` by every rank (the same, deterministic fit).
+
+    Example:
+        >>> from samnorm.models import T2TViT
+        >>> net = T2TViT(img_size=16, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2)
+        >>> id_set = TensorDataset(torch.rand(10, 1, 16, 16), torch.zeros(10, dtype=torch.long))
+        >>> ood = {"noise": TensorDataset(torch.randn(6, 1, 16, 16), torch.zeros(6, dtype=torch.long))}
+        >>> res, skipped = evaluate_datasets(net, id_set, ood, ["msp", "energy"], batch_size=4)
+        >>> res.scores["MSP"]["noise"].shape, skipped
+        ((6,), {'ID': [], 'noise': []})
+    """
+    from samnorm.ood import OODResults, evaluate, make_scorer
+
+    rank, world = _dist()
+    built = [make_scorer(name, model) for name in scorers]
+    if any(not s.is_fitted for s in built):
+        if fit_data is None:
+            need = [s.name for s in built if not s.is_fitted]
+            raise ValueError(f"scorers {need} need ID training statistics: give the ID training data (--fit DIR)")
+        fit_loader = DataLoader(fit_data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        for s in built:
+            if not s.is_fitted:
+                s.fit(fit_loader)
+    sets = {id_name: id_data, **ood_data}
+    shards = {name: _batch_shard(len(ds), batch_size, rank, world) for name, ds in sets.items()}
+    loaders = {
+        name: DataLoader(ds, batch_size=batch_size, sampler=_IndexSampler(shards[name][0]), num_workers=num_workers)
+        for name, ds in sets.items()
+    }
+    local = evaluate(model, loaders[id_name], {n: loaders[n] for n in ood_data}, built, tpr=tpr,
+                     convention=convention, id_name=id_name)
+    scores, speed = local.scores, local.images_per_second
+    if world > 1:
+        mine = {name: (idx, real, {s: scores[s][name] for s in scores}) for name, (idx, real) in shards.items()}
+        gathered = _gather((mine, speed), world)
+        merged: dict[str, dict[str, Any]] = {s: {} for s in scores}
+        for name, ds in sets.items():
+            for s in scores:
+                out = torch.full((len(ds),), float("nan"), dtype=torch.float64)
+                for part, _ in gathered:
+                    idx, real, values = part[name]
+                    if real:
+                        out[torch.tensor(idx)] = torch.from_numpy(values[s])
+                merged[s][name] = out.numpy()
+        scores, speed = merged, sum(v for _, v in gathered)
+    skipped: dict[str, list[int]] = {}
+    for name, ds in sets.items():
+        mask = _union_mask(ds, world)
+        skipped[name] = [] if mask is None else mask.nonzero().flatten().tolist()
+        if skipped[name]:
+            keep = (~mask).numpy()
+            for s in scores:
+                scores[s][name] = scores[s][name][keep]
+    if world == 1 and not any(skipped.values()):
+        return Evaluation(local, skipped)
+    return Evaluation(OODResults(scores, id_name, list(ood_data), tpr, local.convention, speed), skipped)

@@ -248,7 +248,7 @@ def load_checkpoint(
 
 def create_model(
     name: str | None = DEFAULT_MODEL,
-    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     num_classes: int | None = None,
     pretrained: bool = False,
     new_head: bool = False,
@@ -265,7 +265,8 @@ def create_model(
     Args:
         name: timm model name, e.g. ``"resnetv2_101x1_bit.goog_in21k_ft_in1k"`` (the default, BiT-M
             R101x1 as in the paper) or ``"t2t_vit_24"``.
-        checkpoint: local weights file, see :func:`load_checkpoint`.
+        checkpoint: local weights file (see :func:`load_checkpoint`), or a checkpoint already read
+            with :func:`read_checkpoint`.
         num_classes: classifier size; with ``new_head=True`` a checkpoint's other-sized head is dropped.
         pretrained: download timm's hub weights (explicit opt-in; excludes ``checkpoint``).
         new_head, use_ema, trusted: see :func:`load_checkpoint`.
@@ -280,8 +281,11 @@ def create_model(
 
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained=True (hub download) or checkpoint=<local file>, not both")
-    path = None if checkpoint is None else os.fspath(checkpoint)
-    raw = None if path is None or _is_npz(path) else read_checkpoint(path, trusted)
+    if isinstance(checkpoint, Mapping):
+        path, raw = "", checkpoint
+    else:
+        path = None if checkpoint is None else os.fspath(checkpoint)
+        raw = None if path is None or _is_npz(path) else read_checkpoint(path, trusted)
     if name is None:
         if not isinstance(raw, Mapping) or "model_name" not in raw:
             where = "" if path is None else f" ({path!r} records none)"
@@ -304,4 +308,5 @@ def create_model(
         found = int(state_dict[head + ".weight"].shape[0])
         if found != getattr(model, "num_classes", found) and hasattr(model, "reset_classifier"):
             model.reset_classifier(found)
-    return load_state_dict(model, state_dict, new_head=new_head, what=f"checkpoint {path!r}")
+    what = f"checkpoint {path!r}" if path else "the checkpoint"
+    return load_state_dict(model, state_dict, new_head=new_head, what=what)

@@ -1,0 +1,196 @@
+"""The samnorm CLI on tiny image folders made here, and the same commands in 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("timm")
+from samnorm.cli import build_parser, main  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
+
+TINY = ["--model", "t2t_vit_7", "--model-arg", "img_size=16", "--model-arg", "in_chans=1", "--model-arg",
+        "embed_dim=16", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """train/ (3 classes x 8, one corrupt file), val/ (3 x 3), ood/ (7 colour images in sub-folders, one corrupt)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for c in range(3):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.random((18, 22)) * 70 + 80 * c).astype(np.uint8)).save(d / f"{i}.png")
+    (root / "train" / "class1" / "broken.jpg").write_bytes(b"not a jpeg")
+    for sub in ("a", "b/c"):
+        (root / "ood" / sub).mkdir(parents=True)
+    for i in range(7):
+        img = Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8))
+        img.save(root / "ood" / ("a" if i < 4 else "b/c") / f"{i}.jpg")
+    (root / "ood" / "a" / "zz_truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n0000")
+    return root
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["finetune", "--train", str(folders / "train"), "--output", str(out), *TINY, "--batch-size", "4",
+                 "--epochs", "1", "--log-every", "2", "--checkpoint-every", "3", "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_finetune_writes_a_checkpoint_that_records_everything(trained):
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["world_size"] == 1  # 25 images // batch 4
+    assert ckpt["model_name"] == "t2t_vit_7" and ckpt["model_kwargs"]["embed_dim"] == 16
+    assert ckpt["metadata"]["classes"] == ["class0", "class1", "class2"]
+    assert ckpt["metadata"]["transform"]["size"] == 16 and len(ckpt["metadata"]["transform"]["mean"]) == 1
+    logged = [json.loads(line) for line in open(trained / "log.jsonl")]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert json.load(open(trained / "config.json"))["optimizer"] == "sam-on"
+
+
+def test_evaluate_tables_and_raw_scores(folders, trained, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    code, out, err = run(["evaluate", "--checkpoint", str(trained / "checkpoint.pt"), "--id", str(folders / "val"),
+                          "--ood", f"noise={folders / 'ood'}", "--fit", str(folders / "train"),
+                          "--scorers", "msp,energy,react", "--output", str(tmp_path), "--workers", "0",
+                          "--batch-size", "4"], capsys)
+    assert code == 0, err
+    assert "| Energy | noise |" in out and "left out 1 unreadable" in err
+    data = json.load(open(tmp_path / "scores.json"))
+    assert len(data["scores"]["MSP"]["ID"]) == 9 and len(data["scores"]["MSP"]["noise"]) == 7
+    assert len(data["files"]["noise"]) == 7 and data["skipped"]["noise"][0].endswith("zz_truncated.png")
+    for row in data["metrics"]:
+        if row["ood_set"] == "noise":
+            s_id, s_ood = data["scores"][row["scorer"]]["ID"], data["scores"][row["scorer"]]["noise"]
+            ref = roc_auc_score([1] * len(s_id) + [0] * len(s_ood), s_id + s_ood)
+            assert row["AUROC"] == pytest.approx(ref, abs=1e-12)
+    csv_lines = open(tmp_path / "results.csv").read().splitlines()
+    assert csv_lines[0].startswith("scorer,ood_set,FPR95,AUROC") and len(csv_lines) == 1 + 3 * 2
+    assert "Model: t2t_vit_7" in open(tmp_path / "results.md").read()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["evaluate", "--id", "{root}/missing", "--ood", "o={root}/ood", "--output", "{tmp}"], "does not exist"),
+        (["evaluate", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}", "--scorers", "msp,wat"],
+         "unknown scorer"),
+        (["evaluate", "--id", "{root}/val", "--ood", "o={root}/ood", "--ood", "o={root}/val", "--output", "{tmp}"],
+         "share a name"),
+        (["evaluate", "--checkpoint", "{ckpt}", "--model", "t2t_vit_7", "--id", "{root}/val", "--ood", "o={root}/ood",
+          "--output", "{tmp}"], "does not fit T2TViT: missing keys: blocks.1."),
+        (["evaluate", "--checkpoint", "{tmp}/garbage.pt", "--id", "{root}/val", "--ood", "o={root}/ood",
+          "--output", "{tmp}"], "cannot read"),
+        (["evaluate", "--checkpoint", "{ckpt}", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
+          "--scorers", "react"], "need ID training statistics"),
+        (["finetune", "--train", "{root}/train", "--output", "{tmp}", "--model", "no_such_net"], "unknown model name"),
+        (["finetune", "--train", "{root}/val/class0", "--output", "{tmp}"], "no class sub-folders"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(folders, trained, tmp_path, capsys, args, message):
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage")
+    fill = dict(root=folders, tmp=tmp_path, ckpt=trained / "checkpoint.pt")
+    code, out, err = run([a.format(**fill) for a in args] + ["--workers", "0"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("samnorm ") and message in lines[0], err
+
+
+def test_other_class_count_needs_new_head(folders, trained, tmp_path, capsys):
+    os.makedirs(tmp_path / "two")
+    for c in ("class0", "class1"):
+        os.symlink(folders / "train" / c, tmp_path / "two" / c)
+    common = ["finetune", "--train", str(tmp_path / "two"), "--output", str(tmp_path / "o"), "--checkpoint",
+              str(trained / "checkpoint.pt"), "--steps", "1", "--batch-size", "4", "--workers", "0", "--no-progress"]
+    code, _, err = run(common, capsys)
+    assert code == 2 and "--new-head" in err
+    code, _, err = run(common + ["--new-head"], capsys)
+    assert code == 0, err
+    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["model"]["head.weight"].shape[0] == 2
+
+
+def test_pseudo_ood_grid(folders, tmp_path, capsys):
+    code, out, _ = run(["pseudo-ood", "--images", str(folders / "train"), "--output", str(tmp_path / "g.png"),
+                        "--n", "5", "--size", "24", "--channels", "1", "--transforms", "jigsaw,blur"], capsys)
+    assert code == 0 and "5 images x 2 transforms" in out
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_parser_and_fast_help():
+    args = build_parser().parse_args(["evaluate", "--id", "v", "--ood", "some/dir/textures", "--output", "o",
+                                      "--model-arg", "img_size=(32, 32)", "--model-arg", "name=abc"])
+    assert args.ood == [("textures", "some/dir/textures")] and args.model_arg == [("img_size", (32, 32)), ("name", "abc")]
+    code = "import sys, samnorm.cli as c; c.build_parser(); print('timm' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"  # --help does not pay for timm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_train_and_evaluate_like_torchrun(folders, tmp_path, capsys):
+    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+    finetune = ["finetune", "--train", str(folders / "train"), "--output", str(run_dir), *TINY, "--batch-size", "4",
+                "--epochs", "1", "--log-every", "1", "--no-progress"]
+
+    def evaluate_to(out):
+        return ["evaluate", "--checkpoint", str(run_dir / "checkpoint.pt"), "--id", str(folders / "val"),
+                "--ood", f"noise={folders / 'ood'}", "--scorers", "msp,energy,rankfeat", "--output", str(out),
+                "--workers", "0", "--batch-size", "2"]
+
+    evaluate = evaluate_to(eval_dir)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        torch.set_num_threads(1)
+        from samnorm.cli import main
+        assert main({finetune!r}) == 0
+        assert main({evaluate!r}) == 0
+    """)
+    port = _free_port()
+    procs = []
+    for rank in range(2):  # the environment torchrun gives each worker
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "done:" in outs[0][0] and "| MSP | noise |" in outs[0][0]
+    assert outs[1][0] == ""  # rank 1 prints nothing
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 3  # 25 // 2 // 4
+    sharded = json.load(open(eval_dir / "scores.json"))
+    # The same evaluation in one process: the merged scores are identical, bit for bit, in order.
+    code, _, err = run(evaluate_to(tmp_path / "single"), capsys)
+    assert code == 0, err
+    single = json.load(open(tmp_path / "single" / "scores.json"))
+    assert sharded["scores"] == single["scores"] and sharded["files"] == single["files"]
+    assert sharded["skipped"] == single["skipped"] and sharded["metrics"] == single["metrics"]
