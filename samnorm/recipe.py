@@ -443,7 +443,8 @@ def finetune(
         sched.step()
         with torch.no_grad():
             correct = (logits.argmax(1) == y).sum()
-            parts = (terms.total.detach() * len(y), terms.ce * len(y), terms.ood * len(y), correct, y.new_tensor(len(y)))
+            b = len(y)
+            parts = (terms.total.detach() * b, terms.ce * b, terms.ood * b, correct, y.new_tensor(b))
             window += torch.stack([t.double() for t in parts])
         done = step + 1
         if done % cfg.log_every == 0 or done == total:

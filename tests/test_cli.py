@@ -142,7 +142,8 @@ def test_pseudo_ood_grid(folders, tmp_path, capsys):
 def test_parser_and_fast_help():
     args = build_parser().parse_args(["evaluate", "--id", "v", "--ood", "some/dir/textures", "--output", "o",
                                       "--model-arg", "img_size=(32, 32)", "--model-arg", "name=abc"])
-    assert args.ood == [("textures", "some/dir/textures")] and args.model_arg == [("img_size", (32, 32)), ("name", "abc")]
+    assert args.ood == [("textures", "some/dir/textures")]
+    assert args.model_arg == [("img_size", (32, 32)), ("name", "abc")]
     code = "import sys, samnorm.cli as c; c.build_parser(); print('timm' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"  # --help does not pay for timm

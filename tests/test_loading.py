@@ -239,3 +239,27 @@ def test_bit_npz_through_timms_loader(tmp_path):
     with pytest.raises(ValueError, match="cannot read .npz"):
         load_checkpoint(nn.Linear(2, 2), tmp_path / "other.npz")
     assert os.path.isfile(tmp_path / "BiT-M-tiny.npz")
+
+
+def test_bit_pytorch_layout_is_renamed(tmp_path):
+    """Google's PyTorch BiT names (the MOS/GradNorm/RankFeat checkpoints), spelled out by hand."""
+    torch.manual_seed(0)
+    src = _tiny_resnetv2()
+    theirs = {"root.conv.weight": src.stem.conv.weight, "before_head.gn.weight": src.norm.weight,
+              "before_head.gn.bias": src.norm.bias, "head.conv.weight": src.head.fc.weight,
+              "head.conv.bias": src.head.fc.bias}
+    for i, stage in enumerate(src.stages):
+        for j, block in enumerate(stage.blocks):
+            p = f"body.block{i + 1}.unit{j + 1:02d}."
+            for k in (1, 2, 3):
+                theirs[p + f"conv{k}.weight"] = getattr(block, f"conv{k}").weight
+                theirs[p + f"gn{k}.weight"] = getattr(block, f"norm{k}").weight
+                theirs[p + f"gn{k}.bias"] = getattr(block, f"norm{k}").bias
+            if block.downsample is not None:
+                theirs[p + "downsample.weight"] = block.downsample.conv.weight
+    assert len(theirs) == len(src.state_dict())
+    ckpt = {"step": 10, "model": {"module." + k: v for k, v in theirs.items()}, "optim": {}}
+    torch.save(ckpt, tmp_path / "bit.pth.tar")
+    dst = load_checkpoint(_tiny_resnetv2(), tmp_path / "bit.pth.tar")
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k

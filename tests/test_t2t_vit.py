@@ -31,7 +31,8 @@ def published_trainable(embed: int, depth: int, mlp_ratio: float, in_chans: int 
 
     t2t = performer(in_chans * 49) + performer(tok * 9) + (tok * 9 * embed + embed)
     hidden = int(embed * mlp_ratio)
-    block = 4 * embed + 3 * embed * embed + (embed * embed + embed) + (embed * hidden + hidden) + (hidden * embed + embed)
+    attention = 3 * embed * embed + (embed * embed + embed)  # qkv without bias, projection
+    block = 4 * embed + attention + (embed * hidden + hidden) + (hidden * embed + embed)
     return t2t + embed + depth * block + 2 * embed + (embed * classes + classes)
 
 

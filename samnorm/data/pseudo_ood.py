@@ -382,7 +382,10 @@ class PseudoOOD:
             self.transforms.append(t)
         w = [1.0] * len(self.transforms) if weights is None else [float(v) for v in weights]
         if len(w) != len(self.transforms) or any(v < 0 or not math.isfinite(v) for v in w) or sum(w) <= 0:
-            raise ValueError(f"weights must be {len(self.transforms)} finite non-negative numbers with a positive sum, got {weights!r}")
+            raise ValueError(
+                f"weights must be {len(self.transforms)} finite non-negative numbers with a positive sum, "
+                f"got {weights!r}"
+            )
         self.weights = w
         self.seed = int(seed)
         self._generators: dict[str, torch.Generator] = {}

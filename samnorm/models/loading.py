@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,11 +89,41 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
+# Google's PyTorch BiT layout (big_transfer, also the MOS / GradNorm / RankFeat checkpoints such as
+# BiT-S-R101x1-flat-finetune.pth.tar) -> timm's ResNetV2 names.
+_UNIT = r"^body\.block(\d+)\.unit(\d+)\."
+
+
+def _unit(m: re.Match[str], rest: str) -> str:
+    return f"stages.{int(m[1]) - 1}.blocks.{int(m[2]) - 1}.{rest}"
+
+
+_BIT_RULES = (
+    (re.compile(r"^root\.conv\."), "stem.conv."),
+    (re.compile(_UNIT + r"gn(\d)\."), lambda m: _unit(m, f"norm{m[3]}.")),
+    (re.compile(_UNIT + r"conv(\d)\."), lambda m: _unit(m, f"conv{m[3]}.")),
+    (re.compile(_UNIT + r"downsample\."), lambda m: _unit(m, "downsample.conv.")),
+    (re.compile(r"^(before_)?head\.gn\."), "norm."),
+    (re.compile(r"^head\.conv\."), "head.fc."),
+)
+
+
+def _bit_to_timm(key: str) -> str:
+    for pattern, repl in _BIT_RULES:
+        new, n = pattern.subn(repl, key)
+        if n:
+            return new
+    return key
+
+
 def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict[str, Tensor]:
     """The model weights inside a checkpoint, with DDP/compile prefixes stripped.
 
     Looks for ``state_dict_ema``/``model_ema`` (when ``use_ema``), then ``state_dict``/``model``; a
-    mapping whose values are all tensors is taken as the state dict itself.
+    mapping whose values are all tensors is taken as the state dict itself. Checkpoints in Google's
+    PyTorch BiT layout (``root.conv``, ``body.block1.unit01.gn1``, ``head.conv``; e.g. the
+    ``BiT-S-R101x1-flat-finetune.pth.tar`` used by MOS, GradNorm and RankFeat) are renamed to timm's
+    ResNetV2 keys.
 
     Example:
         >>> ckpt = {"epoch": 3, "state_dict": {"module.fc.weight": torch.zeros(2, 2)}}
@@ -109,7 +140,10 @@ def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> d
             "checkpoint holds no state dict: entries "
             f"{_listing(not_tensors)} are not tensors and none of {list(keys)} is present"
         )
-    return {_strip_prefixes(str(k)): v for k, v in inner.items()}
+    state = {_strip_prefixes(str(k)): v for k, v in inner.items()}
+    if "root.conv.weight" in state and any(k.startswith("body.block") for k in state):
+        state = {_bit_to_timm(k): v for k, v in state.items()}
+    return state
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "checkpoint") -> None:
@@ -131,7 +165,9 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], what: s
     ]
     problems = [
         f"{label}: {_listing(names)}"
-        for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for label, names in (
+            ("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)
+        )
         if names
     ]
     if problems:

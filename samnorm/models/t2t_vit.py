@@ -345,7 +345,9 @@ class T2TViT(nn.Module):
     @staticmethod
     def _check_pool(global_pool: str | None) -> None:
         if global_pool not in (None, "token"):
-            raise ValueError(f"T2T-ViT classifies from the class token only: global_pool must be 'token', got {global_pool!r}")
+            raise ValueError(
+                f"T2T-ViT classifies from the class token only: global_pool must be 'token', got {global_pool!r}"
+            )
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
