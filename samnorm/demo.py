@@ -110,6 +110,7 @@ class DemoConfig:
         data_seed: seed of the ID split, the OOD patches and pretraining.
         progress: tqdm progress bars (to stderr).
         plots: write the PNG figures (needs matplotlib).
+        plot_scorers: scorers whose distributions are plotted, pretrained vs each arm's first seed.
         quiet: do not print the table at the end.
     """
 
@@ -142,6 +143,7 @@ class DemoConfig:
     data_seed: int = 0
     progress: bool = True
     plots: bool = True
+    plot_scorers: tuple[str, ...] = ("MSP", "Energy", "RankFeat")
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -155,6 +157,8 @@ class DemoConfig:
         bad = [s for s in self.scorers if s not in SCORER_NAMES]
         if bad or not self.scorers:
             raise ValueError(f"scorers must be names from {list(SCORER_NAMES)}, got {list(self.scorers)}")
+        if any(s not in self.scorers for s in self.plot_scorers):
+            raise ValueError(f"plot_scorers must be among the scorers {list(self.scorers)}, got {list(self.plot_scorers)}")
         if not self.ood_sets:
             raise ValueError("ood_sets is empty: name at least one of textures, photos, faces, noise")
         for name in ("pretrain_epochs", "batch_size", "epochs", "n_ood", "stem_width", "groups"):
@@ -770,8 +774,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoReport:
     if config.plots:
         t = time.perf_counter()
         with _bar(1, "plots", config.progress) as bar:
-            plotted = [s for s in ("MSP", "Energy", "RankFeat") if s in config.scorers]
-            for i, path in enumerate(_plots(out, pre_results, first_results, plotted)):
+            for i, path in enumerate(_plots(out, pre_results, first_results, config.plot_scorers)):
                 files[f"plot_{i}"] = path
             bar.update()
         timings["plots"] = time.perf_counter() - t
@@ -808,9 +811,7 @@ def _describe(model: nn.Module, config: DemoConfig) -> str:
 def select_hyperparameters(
     config: DemoConfig | None = None,
     *,
-    lrs: Sequence[float] = (0.01, 0.03, 0.1),
-    ood_weights: Sequence[float] = (0.5, 1.0),
-    transform_sets: Sequence[Sequence[str]] = (),
+    grid: Mapping[str, Sequence[Any]] | None = None,
     rhos: Mapping[str, Sequence[float]] | None = None,
     seeds: Sequence[int] = (0, 1),
     out: Callable[[str], None] = print,
@@ -820,12 +821,14 @@ def select_hyperparameters(
     ID = the validation split; OOD = :func:`~samnorm.data.offline.heldout_patches` and pseudo-OOD
     images of the validation digits (sampler seed 10,000 + ``data_seed``, unlike any training seed).
     Criterion: mean FPR95 of MSP and Energy on the held-out set, averaged over ``seeds``, among
-    settings whose validation accuracy stays within 1 point of the pretrained model's. Step 1 picks
-    learning rate, loss weight and transforms on the SGD arm; step 2 picks rho per SAM arm with the
-    step-1 settings. Prints one line per candidate through ``out`` and returns the table and choice.
+    settings whose validation accuracy stays within 1 point of the pretrained model's. Step 1 tries
+    every combination of ``grid`` (fine-tuning settings shared by all arms: ``lr``, ``ood_weight``,
+    ``transforms``, ``ood_loss``, ``epochs``) on the SGD arm; step 2 picks rho per SAM arm from
+    ``rhos`` with the step-1 settings. Prints one line per trial through ``out``; returns the
+    pretrained model's row, every trial and the choice.
 
     Example:
-        >>> choice = select_hyperparameters(DemoConfig(), lrs=(0.03,), ood_weights=(0.5,))  # doctest: +SKIP
+        >>> choice = select_hyperparameters(grid={"lr": (0.03,)}, rhos={"sam_on": (0.1,)})  # doctest: +SKIP
         >>> choice["chosen"]                                                             # doctest: +SKIP
     """
     import itertools
@@ -834,12 +837,18 @@ def select_hyperparameters(
     from samnorm.ood import energy, fpr_at_tpr, msp
 
     config = config if config is not None else DemoConfig()
+    grid = dict(grid) if grid is not None else {"lr": (0.01, 0.03, 0.1), "ood_weight": (0.25, 0.5, 1.0)}
     rhos = dict(rhos) if rhos is not None else {"sam_on": (0.05, 0.1, 0.2, 0.5), "sam": (0.02, 0.05, 0.1, 0.2)}
-    transform_sets = [tuple(t) for t in transform_sets] or [tuple(config.transforms)]
+    allowed = {f.name for f in dataclasses.fields(_Recipe)} - {"rho"}
+    if set(grid) - allowed:
+        raise ValueError(f"grid keys must be among {sorted(allowed)}, got {sorted(set(grid) - allowed)}")
+    if set(rhos) - {"sam_on", "sam"}:
+        raise ValueError(f"rhos keys must be 'sam_on' and/or 'sam', got {sorted(rhos)}")
     data = _load_data(config, heldout=True)
     model, _ = pretrain(config, data)
     xv, yv = data.val
-    val_ood = {"heldout": data.ood["heldout"], "pseudo": PseudoOOD(list(transform_sets[0]), seed=10_000 + config.data_seed)(xv, yv)}
+    val_ood = {"heldout": data.ood["heldout"],
+               "pseudo": PseudoOOD(list(config.transforms), seed=10_000 + config.data_seed)(xv, yv)}
 
     def measure(m: nn.Module) -> dict[str, float]:
         lid = _logits(m, xv)
@@ -851,34 +860,33 @@ def select_hyperparameters(
         row["criterion"] = (row["heldout MSP"] + row["heldout Energy"]) / 2
         return row
 
-    base = measure(model)
-    out(f"pretrained: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
-    table = []
+    def show(values: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
-    def trial(arm: str, **overrides: Any) -> dict[str, Any]:
-        recipe = _recipe(config, arm, **overrides)
+    base = measure(model)
+    out("pretrained: " + show(base))
+    table: list[dict[str, Any]] = []
+
+    def trial(arm: str, settings: dict[str, Any]) -> dict[str, Any]:
+        recipe = _recipe(config, arm, **settings)
         rows = [measure(finetune(model, arm, s, data.train, recipe)) for s in seeds]
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        ok = mean["accuracy"] >= base["accuracy"] - 0.01
-        entry = {"arm": arm, **overrides, **mean, "eligible": ok}
+        entry = {"arm": arm, **settings, **mean, "eligible": mean["accuracy"] >= base["accuracy"] - 0.01}
         table.append(entry)
-        out(f"{arm:6s} " + ", ".join(f"{k}={v}" for k, v in overrides.items()) + " | "
-            + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()) + ("" if ok else "  (accuracy drop > 1 pt)"))
+        out(f"{arm:6s} " + show(settings) + " | " + show(mean) + ("" if entry["eligible"] else "  (accuracy drop > 1 pt)"))
         return entry
 
     def best(entries: list[dict[str, Any]]) -> dict[str, Any]:
         pool = [e for e in entries if e["eligible"]] or entries
         return min(pool, key=lambda e: e["criterion"])
 
-    step1 = [trial("sgd", lr=lr, ood_weight=w, transforms=t)
-             for lr, w, t in itertools.product(lrs, ood_weights, transform_sets)]
-    shared = best(step1)
-    chosen: dict[str, Any] = {"lr": shared["lr"], "ood_weight": shared["ood_weight"], "transforms": list(shared["transforms"])}
+    keys = list(grid)
+    step1 = [trial("sgd", dict(zip(keys, values))) for values in itertools.product(*grid.values())]
+    winner = best(step1)
+    chosen: dict[str, Any] = {k: winner[k] for k in keys}
     for arm, values in rhos.items():
-        entries = [trial(arm, lr=shared["lr"], ood_weight=shared["ood_weight"], transforms=shared["transforms"], rho=r)
-                   for r in values]
-        chosen[f"rho_{arm}"] = best(entries)["rho"]
-    out("chosen: " + json.dumps(chosen))
+        chosen[f"rho_{arm}"] = best([trial(arm, {**chosen, "rho": r}) for r in values])["rho"]
+    out("chosen: " + show(chosen))
     return {"pretrained": base, "table": table, "chosen": chosen}
 
 

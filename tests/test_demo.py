@@ -1,0 +1,258 @@
+"""The demo pipeline on a tiny configuration: structure, finiteness, cache, arms, statistics, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("timm")
+pytest.importorskip("mlxtend")
+pytest.importorskip("skimage")
+
+from samnorm import demo  # noqa: E402
+from samnorm.demo import ARMS, SCORER_NAMES, DemoConfig  # noqa: E402
+
+TINY = dict(
+    seeds=(0, 1),
+    n_train=192,
+    n_test=80,
+    n_ood=30,
+    widths=(8, 16, 16, 32),
+    stem_width=8,
+    groups=4,
+    pretrain_epochs=1,
+    batch_size=32,
+    progress=False,
+    quiet=True,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoConfig, demo.DemoReport]:
+    root = tmp_path_factory.mktemp("demo")
+    config = DemoConfig(out_dir=str(root / "out"), cache_dir=str(root / "cache"), plot_scorers=("MSP",), **TINY)
+    return config, demo.run_demo(config)
+
+
+def _numbers(tree: object) -> list[float]:
+    if isinstance(tree, dict):
+        return [v for x in tree.values() for v in _numbers(x)]
+    if isinstance(tree, list):
+        return [v for x in tree for v in _numbers(x)]
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return [float(tree)]
+    return []
+
+
+def test_report_structure_and_every_figure_is_finite(tiny) -> None:
+    config, report = tiny
+    data = report.data
+    assert list(data["arms"]) == list(config.arms)
+    sets = ["textures", "photos", "faces", "noise"]
+    assert data["ood_sets"] == sets
+    for block in [data["pretrained"], *(run for arm in data["arms"].values() for run in arm["seeds"].values()),
+                  *(arm[k] for arm in data["arms"].values() for k in ("mean", "std"))]:
+        assert set(block["metrics"]) == set(SCORER_NAMES)
+        for per_set in block["metrics"].values():
+            assert list(per_set) == [*sets, "average"]
+            for row in per_set.values():
+                assert {"FPR95", "AUROC"} <= set(row)
+    for arm in data["arms"].values():
+        assert list(arm["seeds"]) == ["0", "1"]
+    numbers = _numbers(data)
+    assert len(numbers) > 500 and all(math.isfinite(v) for v in numbers)
+    # Rates and accuracies are fractions.
+    for block in [data["pretrained"], *(run for arm in data["arms"].values() for run in arm["seeds"].values())]:
+        assert 0 <= block["id_accuracy"] <= 1
+        assert all(0 <= v <= 1 for v in _numbers(block["metrics"]))
+    # The JSON file holds the same figures.
+    saved = json.loads(Path(report.files["json"]).read_text(encoding="utf-8"))
+    assert _numbers(saved["arms"]) == _numbers(data["arms"])
+
+
+def test_markdown_tables_and_files(tiny) -> None:
+    config, report = tiny
+    text = Path(report.files["markdown"]).read_text(encoding="utf-8")
+    assert text == report.markdown
+    for scorer in SCORER_NAMES:
+        assert text.count(f"| {scorer} |") == 2 * (1 + 4)  # FPR95 and AUROC, average and 4 sets
+    for name in ("SAM-ON", "SGD", "full SAM", "SAM-ON − SGD", "ID accuracy", "Convention", "How the defaults"):
+        assert name in text
+    assert "Target" in text and ("met" in text)
+    for key, path in report.files.items():
+        assert Path(path).stat().st_size > 0, key
+    pngs = sorted(Path(config.out_dir).glob("*.png"))
+    assert [p.name for p in pngs] == sorted(f"scores_msp_{arm}.png" for arm in config.arms)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_metrics_match_sklearn_on_the_cached_model(tiny) -> None:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    config, report = tiny
+    model, info = demo.pretrain(config)
+    assert info["cached"]
+    data = demo._load_data(config)
+    logits_id = demo._logits(model, data.test[0])
+    assert report.data["pretrained"]["id_accuracy"] == pytest.approx(
+        float((logits_id.argmax(1) == data.test[1]).double().mean()))
+    for name, x in data.ood.items():
+        logits_ood = demo._logits(model, x)
+        for scorer, fn in (("MSP", lambda z: z.double().softmax(1).amax(1)), ("Energy", lambda z: z.double().logsumexp(1))):
+            s_id, s_ood = fn(logits_id).numpy(), fn(logits_ood).numpy()
+            labels = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]
+            scores = np.r_[s_id, s_ood]
+            fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+            row = report.data["pretrained"]["metrics"][scorer][name]
+            assert row["AUROC"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+            assert row["FPR95"] == pytest.approx(fpr[np.searchsorted(tpr, 0.95)], abs=1e-6)
+
+
+def test_cache_is_keyed_by_configuration_and_survives_corruption(tiny, tmp_path) -> None:
+    config, _ = tiny
+    model, info = demo.pretrain(config)
+    assert info["cached"] and Path(info["path"]).is_file()
+    other = DemoConfig(**{**TINY, "pretrain_lr": 0.05}, cache_dir=config.cache_dir)
+    assert other.pretrain_key() != config.pretrain_key()
+    # A corrupt file is ignored with a warning, retrained and replaced.
+    cfg = DemoConfig(**TINY, cache_dir=str(tmp_path))
+    _, first = demo.pretrain(cfg)
+    assert not first["cached"]
+    Path(first["path"]).write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="ignoring the cached weights"):
+        again, second = demo.pretrain(cfg)
+    assert not second["cached"] and second["path"] == first["path"]
+    reloaded, third = demo.pretrain(cfg)
+    assert third["cached"]
+    for a, b in zip(again.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("SAMNORM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo.default_cache_dir() == tmp_path / "xdg" / "samnorm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert demo.default_cache_dir() == tmp_path / "home" / ".cache" / "samnorm"
+    monkeypatch.setenv("SAMNORM_CACHE_DIR", str(tmp_path / "explicit"))
+    assert demo.default_cache_dir() == tmp_path / "explicit"
+
+
+def test_arms_share_data_order_loss_and_sampler(tiny) -> None:
+    # SAM with rho = 0 perturbs nothing, so SAM-ON and full SAM at rho 0 must reproduce the SGD arm
+    # bit for bit: that holds only if all arms see the same batches, pseudo-OOD images and loss.
+    config, _ = tiny
+    model, _ = demo.pretrain(config)
+    data = demo._load_data(config)
+    train = (data.train[0][:96], data.train[1][:96])
+    sgd = demo.finetune(model, "sgd", 3, train, demo._recipe(config, "sgd"))
+    for arm in ("sam_on", "sam"):
+        tuned = demo.finetune(model, arm, 3, train, demo._recipe(config, arm, rho=0.0))
+        for a, b in zip(sgd.state_dict().values(), tuned.state_dict().values()):
+            assert torch.equal(a, b)
+    # With rho > 0 the arms differ, the same seed repeats exactly, another seed differs.
+    sam_on = demo.finetune(model, "sam_on", 3, train, demo._recipe(config, "sam_on", rho=0.5))
+    repeat = demo.finetune(model, "sam_on", 3, train, demo._recipe(config, "sam_on", rho=0.5))
+    other = demo.finetune(model, "sam_on", 4, train, demo._recipe(config, "sam_on", rho=0.5))
+    weights = [torch.cat([p.flatten() for p in m.parameters()]) for m in (sgd, sam_on, repeat, other)]
+    assert not torch.equal(weights[0], weights[1])
+    assert torch.equal(weights[1], weights[2])
+    assert not torch.equal(weights[1], weights[3])
+    # The pretrained model is never modified by fine-tuning.
+    fresh, _ = demo.pretrain(config)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_sam_on_perturbs_only_groupnorm_parameters(tiny) -> None:
+    import samnorm
+    from timm.layers import GroupNormAct
+
+    config, _ = tiny
+    model = demo.build_backbone(config)
+    selected = {id(p) for p in samnorm.norm_layers(model)}
+    expected = {id(p) for m in model.modules() if isinstance(m, GroupNormAct) for p in m.parameters(recurse=False)}
+    assert selected == expected and selected
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.floats(-10, 10), min_size=3, max_size=3), min_size=1, max_size=5))
+def test_mean_std_matches_numpy(rows: list[list[float]]) -> None:
+    runs = [{"a": r[0], "b": {"c": r[1], "d": r[2]}} for r in rows]
+    mean, std = demo._mean_std(runs)
+    values = np.array(rows)
+    expected_std = values.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros(3)
+    assert mean["a"] == pytest.approx(values[:, 0].mean(), abs=1e-9)
+    assert mean["b"]["d"] == pytest.approx(values[:, 2].mean(), abs=1e-9)
+    assert std["b"]["c"] == pytest.approx(expected_std[1], abs=1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(-1, 1), st.floats(0, 1), st.booleans())
+def test_verdict(delta: float, spread: float, lower_is_better: bool) -> None:
+    verdict = demo._verdict(delta, spread, lower_is_better)
+    if abs(delta) <= spread:
+        assert verdict == "within spread"
+    else:
+        assert verdict == ("better" if (delta < 0) == lower_is_better else "worse")
+
+
+def _synthetic(pre_fpr: float, sgd: list[float], sam_on: list[float], acc_on: list[float]) -> dict:
+    def block(fpr: float, acc: float) -> dict:
+        return {"id_accuracy": acc, "metrics": {s: {"average": {"FPR95": fpr, "AUROC": 1 - fpr}} for s in ("MSP", "Energy")}}
+
+    report = {"pretrained": block(pre_fpr, 0.95), "arms": {}}
+    for arm, fprs, accs in (("sgd", sgd, [0.95] * len(sgd)), ("sam_on", sam_on, acc_on)):
+        mean, std = demo._mean_std([block(f, a) for f, a in zip(fprs, accs)])
+        report["arms"][arm] = {"mean": mean, "std": std}
+    report["comparisons"] = demo._compare(report)
+    return report
+
+
+def test_target_requires_gaps_beyond_the_spread() -> None:
+    met = demo._target(_synthetic(0.5, [0.30, 0.31, 0.32], [0.10, 0.11, 0.12], [0.95, 0.95, 0.95]))
+    assert met["evaluated"] and met["met"]
+    # SAM-ON's mean is lower than SGD's but the seeds overlap: not beyond the spread.
+    close = demo._target(_synthetic(0.5, [0.30, 0.35, 0.40], [0.28, 0.33, 0.38], [0.95, 0.95, 0.95]))
+    assert not close["met"] and not close["checks"]["MSP FPR95 below sgd beyond spread"]
+    assert close["checks"]["MSP FPR95 below pretrained beyond spread"]
+    # 1.5 points of ID accuracy lost.
+    lossy = demo._target(_synthetic(0.5, [0.30, 0.31, 0.32], [0.10, 0.11, 0.12], [0.935, 0.935, 0.935]))
+    assert not lossy["met"] and not lossy["checks"]["ID accuracy loss <= 1 point"]
+
+
+def test_config_rejects_bad_values() -> None:
+    for kwargs, match in (
+        ({"backbone": "vgg"}, "backbone"),
+        ({"arms": ("sam_on", "adam")}, "arms"),
+        ({"seeds": ()}, "seeds"),
+        ({"scorers": ("MSP", "KNN")}, "scorers"),
+        ({"lr": 0.0}, "lr"),
+        ({"n_train": 5}, "n_train"),
+        ({"widths": (8, 16), "depths": (1,)}, "widths"),
+        ({"plot_scorers": ("ViM",)}, "plot_scorers"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            DemoConfig(**kwargs)
+
+
+def test_cli_parser_and_bad_arguments(capsys) -> None:
+    parser = argparse.ArgumentParser(prog="samnorm")
+    demo.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo"])
+    assert args.func is demo._main and args.seeds == 3 and args.backbone == "resnetv2"
+    args = parser.parse_args(["demo", "--arms", "sam_on,bogus", "--no-progress"])
+    assert args.func(args) == 2
+    assert "arms" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--seeds", "0"])
+    assert list(ARMS) == ["sam_on", "sgd", "sam"]
