@@ -35,20 +35,27 @@ __all__ = [
     "QUANTITY_LABELS",
 ]
 
-#: Axis labels for the built-in quantities; other names (scorers) are shown as given.
-QUANTITY_LABELS = {
-    "grad_norm": "FC-layer gradient norm",
-    "max_logit": "maximum logit",
-    "msp": "MSP score",
-    "energy": "energy score",
-    "max_logit_score": "max-logit score",
+#: Axis labels by quantity name (the diagnostics' built-ins; add your own). Scorer names of
+#: samnorm.ood (any case, "-" and "_" ignored) read "<Scorer> score"; other names are shown as given.
+QUANTITY_LABELS = {"grad_norm": "FC-layer gradient norm", "max_logit": "maximum logit"}
+_SCORER_NAMES = {
+    name.lower(): name
+    for name in ("MSP", "MaxLogit", "Energy", "ODIN", "ReAct", "GradNorm", "RankFeat", "RankWeight",
+                 "Mahalanobis", "KNN", "ViM")
 }
 _ID_COLOR = "#1f77b4"
 _OOD_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 
 
 def _label(quantity: str) -> str:
-    return QUANTITY_LABELS.get(quantity, quantity)
+    if quantity in QUANTITY_LABELS:
+        return QUANTITY_LABELS[quantity]
+    scorer = _SCORER_NAMES.get(quantity.lower().replace("_", "").replace("-", ""))
+    return f"{scorer} score" if scorer else quantity
+
+
+def _id_label(id_name: str) -> str:
+    return id_name if id_name == "ID" else f"{id_name} (ID)"
 
 
 def _new_figure(figsize: tuple[float, float], dpi: int) -> Figure:
@@ -113,14 +120,14 @@ def _draw(
 ) -> list[tuple[float, float]]:
     """Density histograms of ID and each OOD set on ``ax``; returns (AUROC, overlap) per OOD set."""
     metrics = []
-    id_label = f"{id_name} (ID, n={id_values.size})"
+    id_label = f"{_id_label(id_name)}, n={id_values.size}"
     ax.hist(id_values, bins=edges, density=True, histtype="stepfilled", color=_ID_COLOR, alpha=0.35, label=id_label)
     ax.hist(id_values, bins=edges, density=True, color=_ID_COLOR, histtype="step", linewidth=1.4)
     for i, (name, values) in enumerate(ood.items()):
         color = _OOD_COLORS[i % len(_OOD_COLORS)]
         auroc, overlap = _metrics(id_values, values)
         metrics.append((auroc, overlap))
-        label = f"{name} (n={values.size}): AUROC {100 * auroc:.1f}%, overlap {overlap:.2f}"
+        label = f"{name}, n={values.size}: AUROC {100 * auroc:.1f}%, overlap {overlap:.2f}"
         ax.hist(values, bins=edges, density=True, histtype="stepfilled", color=color, alpha=0.25, label=label)
         ax.hist(values, bins=edges, density=True, color=color, histtype="step", linewidth=1.4)
     ax.set_xlabel(_label(quantity))
@@ -352,7 +359,7 @@ def plot_summary(
             rows.append([_label(quantity), stage, *(f"{100 * a:.1f} / {o:.2f}" for a, o in metrics)])
     # one legend for the page (every panel uses the same colours); the numbers are in the table
     handles, _ = ax.get_legend_handles_labels()
-    fig.legend(handles[: 1 + len(ood_names)], [f"{id_name} (ID)", *ood_names], loc="outside lower center",
+    fig.legend(handles[: 1 + len(ood_names)], [_id_label(id_name), *ood_names], loc="outside lower center",
                ncols=1 + len(ood_names), frameon=False)
     table_ax = fig.add_subplot(grid[len(names), :])
     table_ax.set_axis_off()

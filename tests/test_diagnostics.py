@@ -195,7 +195,7 @@ def test_summarize_auroc_matches_sklearn_with_ties():
         y = np.r_[np.ones(40), np.zeros(results[name]["s"].size)]
         want = roc_auc_score(y, np.r_[results["ID"]["s"], results[name]["s"]])
         assert entry["auroc"] == pytest.approx(want, abs=1e-12)
-        assert entry["overlap"] == overlap_coefficient(results["ID"]["s"], results[name]["s"], bins=100)
+        assert entry["overlap"] == overlap_coefficient(results["ID"]["s"], results[name]["s"])
         assert entry["mean"] == pytest.approx(results[name]["s"].mean())
     assert summary["s"]["sets"]["ID"]["n"] == 40
     assert len(summary["s"]["histogram"]["edges"]) == 6
@@ -326,3 +326,70 @@ def test_gradnorm_settings_agree_with_the_ood_toolkits_scorer():
     got = collect(model, [x], scorers=scorers, target="uniform", p=1, include_bias=False)
     np.testing.assert_allclose(got["grad_norm"], got["gradnorm"], rtol=1e-6)
     np.testing.assert_allclose(got["energy"], torch.logsumexp(model(x), 1).detach().numpy(), rtol=1e-6)
+
+
+def _write_folders(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "id" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(root / "id" / c / f"{i}.png")
+    (root / "ood").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((30, 30), 60 * i, dtype=np.uint8)).save(root / "ood" / f"{i}.png")
+    (root / "ood" / "broken.png").write_bytes(b"not an image")
+
+
+def _checkpoint(path, seed):
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("test_vit", img_size=32, num_classes=3)
+    kwargs = {"img_size": 32, "num_classes": 3}
+    torch.save({"model_name": "test_vit", "model_kwargs": kwargs, "model": model.state_dict()}, path)
+
+
+def test_diagnose_command_writes_figures_and_json(tmp_path, capsys):
+    import argparse
+    import json
+
+    from samnorm.diagnostics.cli import add_parser
+
+    _write_folders(tmp_path)
+    _checkpoint(tmp_path / "after.pth", 0)
+    _checkpoint(tmp_path / "before.pth", 1)
+    parser = argparse.ArgumentParser(prog="samnorm")
+    add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    argv = [
+        "diagnose", "--checkpoint", str(tmp_path / "after.pth"), "--baseline", str(tmp_path / "before.pth"),
+        "--id", str(tmp_path / "id"), "--ood", f"flat grey={tmp_path / 'ood'}", "--scorers", "energy",
+        "--image-size", "32", "--batch-size", "4", "--max-images", "8", "--theory", "3", "--theory-iters", "3",
+        "--dpi", "30", "--out", str(out),
+    ]
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ood_names"] == ["flat grey"] and set(summary["theory"]) == {"after", "before"}
+    assert summary["theory"]["after"]["images"] == 3
+    assert summary["meta"]["skipped_images"]["flat grey"] == 1
+    for stage in ("after", "before"):
+        assert set(summary[stage]) == {"grad_norm", "max_logit", "Energy"}
+        assert summary[stage]["Energy"]["sets"]["ID"]["n"] == 8  # the --max-images subset
+    values = np.load(out / "values.npz")
+    energy = {s: values[f"after/{s}/Energy"] for s in ("ID", "flat grey")}
+    assert summary["after"]["Energy"]["sets"]["flat grey"]["auroc"] == pytest.approx(
+        roc_auc_score(np.r_[np.ones(8), np.zeros(5)], np.r_[energy["ID"], energy["flat grey"]])
+    )
+    for name in ("summary.png", "Energy.png", "grad_norm_max_logit_flat_grey.png"):
+        assert (out / name).stat().st_size > 0 and name in summary["files"]
+    # bad input: one clear line, exit status 2
+    bad = parser.parse_args([*argv[:5], "--id", str(tmp_path / "missing"), "--ood", f"x={tmp_path / 'ood'}"])
+    assert bad.func(bad) == 2 and "does not exist" in capsys.readouterr().err
+    needs_fit = parser.parse_args([*argv, "--scorers", "mahalanobis"])
+    assert needs_fit.func(needs_fit) == 2 and "--fit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--ood", "no-equals-sign"])

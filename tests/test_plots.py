@@ -46,7 +46,7 @@ def test_plot_distributions_writes_png_of_figsize_times_dpi_with_auroc_in_title(
     ])
     assert f"mean AUROC {100 * mean:.1f}%" in ax.get_title()
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels[0] == "ID (ID, n=300)" and labels[1].startswith("far (n=200): AUROC")
+    assert labels[0] == "ID, n=300" and labels[1].startswith("far, n=200: AUROC")
 
 
 def test_plot_before_after_and_grad_norm_max_logit_sizes(tmp_path):

@@ -337,19 +337,26 @@ def _shared_edges(arrays: Iterable[np.ndarray], bins: int) -> np.ndarray:
     return np.linspace(low, high, int(bins) + 1)
 
 
-def overlap_coefficient(a: Any, b: Any, *, bins: int = 100) -> float:
+def _rice_bins(n: int) -> int:
+    """Rice's rule ``ceil(2 n^(1/3))``, within [5, 200]: enough bins for the sample, not more."""
+    return int(min(200, max(5, math.ceil(2 * n ** (1 / 3)))))
+
+
+def overlap_coefficient(a: Any, b: Any, *, bins: int | None = None) -> float:
     """Overlap of two empirical distributions, ``sum_bins min(P_a(bin), P_b(bin))``, in [0, 1].
 
-    Both samples are binned on the same ``bins`` equal-width bins spanning their union; 1 means the
-    histograms coincide, 0 that they share no bin. It estimates ``integral min(f_a, f_b)``; the estimate
-    depends on ``bins`` (coarser bins give larger overlap), so compare values computed with the same bins.
+    Both samples are binned on the same equal-width bins spanning their union; 1 means the
+    histograms coincide, 0 that they share no bin. It estimates ``integral min(f_a, f_b)``. The estimate
+    depends on the bins (too many bins for the sample size drive it towards 0): ``bins=None`` takes
+    Rice's rule ``ceil(2 n^(1/3))`` on the smaller sample (5 to 200 bins), so two comparisons with the
+    same sample sizes use the same bins; pass ``bins`` to fix them.
 
     Example:
         >>> overlap_coefficient([0.0, 1.0], [0.0, 1.0])
         1.0
     """
     a, b = _as_1d(a, "a"), _as_1d(b, "b")
-    edges = _shared_edges((a, b), bins)
+    edges = _shared_edges((a, b), _rice_bins(min(a.size, b.size)) if bins is None else bins)
     fa = np.histogram(a, edges)[0] / a.size
     fb = np.histogram(b, edges)[0] / b.size
     return float(np.minimum(fa, fb).sum())
@@ -385,14 +392,15 @@ def summarize(
     id_name: str = "ID",
     quantities: Iterable[str] | None = None,
     bins: int = 50,
-    overlap_bins: int = 100,
+    overlap_bins: int | None = None,
 ) -> dict[str, Any]:
     """Per-quantity, per-OOD-set separation of ID and OOD: a JSON-ready dict.
 
     ``summary[quantity]["sets"][ood] = {"auroc", "overlap", "mean", "std", "n"}`` (ID first under
     ``id_name``) and ``summary[quantity]["histogram"]``. AUROC treats ID as positive and a higher value as
     more in-distribution (the library's convention): 0.5 is no separation, below 0.5 means OOD data has
-    the larger values (as the CE gradient norm often does). ``overlap`` is :func:`overlap_coefficient`.
+    the larger values (as the CE gradient norm often does). ``overlap`` is :func:`overlap_coefficient`
+    with ``bins=overlap_bins``; ``bins`` is the number of histogram bins stored.
 
     Example:
         >>> s = summarize({"ID": {"max_logit": [3.0, 4.0]}, "noise": {"max_logit": [1.0, 2.0]}})

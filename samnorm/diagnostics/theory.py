@@ -62,11 +62,20 @@ def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     return sum((x * y).sum() for x, y in zip(xs, ys))
 
 
+def _math_attention() -> Any:
+    """Route scaled_dot_product_attention to its math kernel: the fused ones (flash, memory-efficient)
+    have neither a double backward (HVPs) nor a vmap batching rule (per-sample gradients)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _hvp(pieces: Sequence[Callable[[], Tensor]], params: Sequence[Tensor], vec: Sequence[Tensor]) -> list[Tensor]:
     """Hessian of ``sum(piece())`` times ``vec``, accumulated piece by piece to bound memory."""
     out = [torch.zeros_like(p) for p in params]
     for piece in pieces:
-        loss = piece()
+        with _math_attention():
+            loss = piece()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         dot = sum((g * v).sum() for g, v in zip(grads, vec) if g is not None and g.requires_grad)
         if not isinstance(dot, Tensor):  # the piece is at most linear in params: zero Hessian
@@ -282,7 +291,8 @@ def _vmap_grad_sq_norms(
 
     in_dims = (None, 0, None if labels is None else 0)
     try:
-        grads = vmap(grad(sample_loss), in_dims=in_dims, chunk_size=chunk_size)(selected, inputs, labels)
+        with _math_attention():
+            grads = vmap(grad(sample_loss), in_dims=in_dims, chunk_size=chunk_size)(selected, inputs, labels)
     except RuntimeError as err:
         raise RuntimeError(
             f"per-sample gradients by torch.func failed ({err}); put the model in eval() mode or use "

@@ -1,0 +1,308 @@
+"""``samnorm diagnose``: the appendix's figures and a JSON summary for your own model and folders.
+
+::
+
+    samnorm diagnose --checkpoint finetuned.pth --baseline pretrained.pth \\
+        --id data/val --ood textures=data/dtd --ood sun=data/SUN --scorers msp,energy --out diag/
+
+writes, under ``--out``:
+
+- ``summary.json``: per quantity (FC gradient norm, max logit, each scorer) and OOD set: AUROC,
+  overlap coefficient, mean/std and histograms, for the checkpoint and the baseline; the theory
+  estimates with ``--theory``; the options and the counts of images read and skipped;
+- ``values.npz``: every raw per-image value (``<model>/<set>/<quantity>``);
+- ``summary.png`` (one page), ``<quantity>.png`` (ID vs OOD, before | after) and
+  ``grad_norm_max_logit_<ood>.png`` (appendix figures 8-14, one per OOD set).
+
+:func:`write_report` does the writing from plain result dicts, so scripts (and ``samnorm demo``) make
+the same files from values they computed themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["add_parser", "write_report", "run"]
+
+_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _slug(name: str) -> str:
+    return _SLUG.sub("_", name).strip("._") or "set"
+
+
+def _ood_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--ood takes NAME=DIR (e.g. textures=data/dtd), got {text!r}")
+    return name, path
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``samnorm diagnose`` on an ``argparse`` sub-parser collection (``func=run``).
+
+    Example:
+        >>> import argparse
+        >>> parser = argparse.ArgumentParser(prog="samnorm")
+        >>> add_parser(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["diagnose", "--checkpoint", "c.pth", "--id", "val", "--ood", "t=dtd"])
+        >>> args.ood, args.func.__name__
+        ([('t', 'dtd')], 'run')
+    """
+    p = subparsers.add_parser(
+        "diagnose",
+        help="plots and a JSON summary of score, gradient-norm and max-logit distributions (ID vs OOD)",
+        description=(
+            "Compute, for the ID folder and each OOD folder, the per-image FC-layer gradient norm, the "
+            "maximum logit and the chosen scorers' scores, for the checkpoint and optionally the baseline "
+            "(the model before fine-tuning); write figures like the paper's appendix and a JSON summary."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, help="weights of the model to diagnose (local file)")
+    p.add_argument("--model", default=None,
+                   help="timm model name; default: the name a samnorm checkpoint records")
+    p.add_argument("--baseline", default=None,
+                   help="weights of the model before fine-tuning, for before/after figures")
+    p.add_argument("--id", required=True, dest="id_dir", help="ID image folder (class sub-folders or flat)")
+    p.add_argument("--id-name", default="ID", help="name of the ID set in figures and JSON (default: ID)")
+    p.add_argument("--ood", action="append", type=_ood_arg, required=True, metavar="NAME=DIR",
+                   help="an OOD image folder; repeat for several")
+    p.add_argument("--scorers", default="msp,energy",
+                   help="comma-separated samnorm.ood scorers (msp, energy, odin, react, gradnorm, rankfeat, "
+                        "rankweight, mahalanobis, knn, vim; the max logit is always computed); '' for none "
+                        "(default: msp,energy)")
+    p.add_argument("--fit", default=None, dest="fit_dir",
+                   help="ID *training* folder, for scorers that need ID statistics (react, mahalanobis, ...)")
+    p.add_argument("--target", choices=("pred", "label", "uniform"), default="pred",
+                   help="cross-entropy target of the FC gradient norm: predicted class (eq. 13, default), the "
+                        "ID folder's label (its sorted class order must be the model's), or uniform (GradNorm)")
+    p.add_argument("--grad-norm-p", type=float, default=2.0,
+                   help="entry-wise norm of the FC gradient: 2 = Frobenius (default), 1 = GradNorm's L1")
+    p.add_argument("--image-size", type=int, default=None, help="input side; default: the model's")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="a seeded random subset of at most this many images per folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --max-images subsets")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--theory", type=int, default=0, metavar="N",
+                   help="estimate L, M and the eq. 12 terms on N ID images (0: skip; costly on big models)")
+    p.add_argument("--h", type=float, default=1e-3, help="learning rate h of the eq. 12 terms (with --theory)")
+    p.add_argument("--rho", type=float, default=0.5, help="SAM radius rho of the eq. 12 terms (with --theory)")
+    p.add_argument("--theory-iters", type=int, default=20, help="power iterations for L (with --theory)")
+    p.add_argument("--dpi", type=int, default=100)
+    p.add_argument("--trusted", action="store_true", help="allow full unpickling of old checkpoint files")
+    p.add_argument("--out", default="diagnostics", help="output folder (default: ./diagnostics)")
+    p.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"samnorm diagnose: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``samnorm diagnose``: returns the exit status (0 on success, 2 on bad input).
+
+    Example:
+        >>> run(parser.parse_args(["diagnose", "--checkpoint", "c.pth", "--id", "val", "--ood", "t=dtd"]))  # doctest: +SKIP
+        0
+    """
+    try:
+        summary = _diagnose(args)
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as err:
+        return _fail(str(err))
+    print(f"wrote {len(summary['files'])} files to {args.out}")
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    names = [name for name, _ in args.ood]
+    if len(set(names)) != len(names) or args.id_name in names:
+        raise ValueError(f"OOD set names must be distinct and differ from --id-name {args.id_name!r}: {names}")
+    for what, value in (("--batch-size", args.batch_size), ("--max-images", args.max_images or 1)):
+        if value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value}")
+    if args.theory < 0 or args.workers < 0:
+        raise ValueError("--theory and --workers must be >= 0")
+    for path in [args.id_dir, *(d for _, d in args.ood), *([args.fit_dir] if args.fit_dir else [])]:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"image folder {path!r} does not exist (or is not a directory)")
+
+
+def _loader(path: str, transform: Any, args: argparse.Namespace) -> Any:
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from samnorm.data.folders import ImageFolder
+
+    dataset = ImageFolder(path, transform=transform)
+    if args.max_images is not None and len(dataset) > args.max_images:
+        # a random subset, not the first N files: those would all come from the first classes
+        gen = torch.Generator().manual_seed(args.seed)
+        dataset = Subset(dataset, torch.randperm(len(dataset), generator=gen)[: args.max_images].tolist())
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+
+
+def _skipped(loader: Any) -> int:
+    dataset = loader.dataset
+    return getattr(getattr(dataset, "dataset", dataset), "skipped", 0)
+
+
+def _diagnose(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from samnorm.data.folders import transform_for_model
+    from samnorm.diagnostics.quantities import collect_sets
+    from samnorm.models.loading import create_model
+    from samnorm.ood.detectors import make_scorer
+
+    _check_args(args)
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    models = {"after": create_model(args.model, checkpoint=args.checkpoint, trusted=args.trusted)}
+    if args.baseline is not None:
+        models["before"] = create_model(args.model, checkpoint=args.baseline, trusted=args.trusted)
+    transform = transform_for_model(models["after"], size=args.image_size)
+    id_loader = _loader(args.id_dir, transform, args)
+    ood_loaders = {name: _loader(path, transform, args) for name, path in args.ood}
+    fit_loader = _loader(args.fit_dir, transform, args) if args.fit_dir else None
+    scorer_names = [s.strip() for s in args.scorers.split(",") if s.strip()]
+    results, theory = {}, {}
+    for stage, model in models.items():
+        model.to(device).eval()
+        scorers = {}
+        for name in scorer_names:
+            scorer = make_scorer(name, model)
+            if scorer.name == "MaxLogit":  # the same values as the built-in max_logit quantity
+                continue
+            if not scorer.is_fitted:
+                if fit_loader is None:
+                    raise ValueError(f"scorer {name!r} needs ID statistics: pass --fit <ID training folder>")
+                scorer.fit(fit_loader)
+            scorers[scorer.name] = scorer
+        results[stage] = collect_sets(
+            model, id_loader, ood_loaders, id_name=args.id_name, scorers=scorers, target=args.target,
+            p=args.grad_norm_p, device=device,
+        )
+        if args.theory:
+            theory[stage] = _theory(model, id_loader, args, device)
+        model.to("cpu")
+    meta = {
+        "checkpoint": args.checkpoint,
+        "baseline": args.baseline,
+        "model": args.model,
+        "id": args.id_dir,
+        "ood": dict(args.ood),
+        "target": args.target,
+        "grad_norm_p": args.grad_norm_p,
+        "skipped_images": {args.id_name: _skipped(id_loader), **{n: _skipped(l) for n, l in ood_loaders.items()}},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return write_report(
+        results["after"], args.out, id_name=args.id_name, before=results.get("before"),
+        theory=theory or None, meta=meta, dpi=args.dpi,
+    )
+
+
+def _theory(model: Any, loader: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """L, M, ||grad f||^2 and the eq. 12 terms at these weights, on the first ``args.theory`` ID images."""
+    import torch
+
+    from samnorm.diagnostics.theory import Eq12Bound, estimate_smoothness, per_sample_grad_sq_norms
+
+    batches, count = [], 0
+    for images, _ in loader:
+        batches.append(images[: args.theory - count])
+        count += batches[-1].shape[0]
+        if count >= args.theory:
+            break
+    x = torch.cat(batches).to(device)
+    L = estimate_smoothness(model, x, target="pred", chunk_size=args.batch_size, iters=args.theory_iters)
+    sq_norms = per_sample_grad_sq_norms(model, x, target="pred", method="loop")
+    labels = model(x).argmax(1)
+    loss = torch.nn.functional.cross_entropy(model(x), labels)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    bound = Eq12Bound(h=args.h, rho=args.rho, L=L.value, M=float(sq_norms.max()),
+                      grad_sq_norm=float(sum(g.pow(2).sum() for g in grads)))
+    return {"images": int(x.shape[0]), "power_iterations": L.iterations, "converged": L.converged,
+            "eq12": bound.to_dict()}
+
+
+def write_report(
+    results: Mapping[str, Mapping[str, Any]],
+    out_dir: str | os.PathLike[str],
+    *,
+    id_name: str = "ID",
+    before: Mapping[str, Mapping[str, Any]] | None = None,
+    theory: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    dpi: int = 100,
+) -> dict[str, Any]:
+    """Write ``summary.json``, ``values.npz`` and the figures for ``results[set][quantity] -> values``.
+
+    ``before`` (same layout) adds the model before fine-tuning to every figure and to the JSON;
+    ``theory`` and ``meta`` are stored in the JSON as given (JSON-ready values). Returns the summary
+    dict, whose ``"files"`` lists what was written.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> r = {"ID": {"max_logit": np.array([3.0, 4.0, 5.0])}, "noise": {"max_logit": np.array([1.0, 3.5])}}
+        >>> s = write_report(r, tempfile.mkdtemp())
+        >>> s["after"]["max_logit"]["sets"]["noise"]["auroc"]
+        0.8333333333333334
+    """
+    import numpy as np
+
+    from samnorm import plots
+    from samnorm.diagnostics.quantities import summarize
+
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    stages = {"after": results, **({"before": before} if before is not None else {})}
+    quantities = list(results[id_name]) if id_name in results else []
+    summary: dict[str, Any] = {
+        "id_name": id_name,
+        "ood_names": [n for n in results if n != id_name],
+        "convention": "AUROC with ID positive; higher value = more in-distribution",
+        **{stage: summarize(res, id_name=id_name, quantities=quantities) for stage, res in stages.items()},
+    }
+    files = []
+
+    def path(name: str) -> str:
+        files.append(name)
+        return os.path.join(out, name)
+
+    for quantity in quantities:
+        pick = {stage: {s: v[quantity] for s, v in res.items()} for stage, res in stages.items()}
+        target = path(f"{_slug(quantity)}.png")
+        if before is not None:
+            plots.plot_before_after(pick["before"], pick["after"], id_name=id_name, quantity=quantity, dpi=dpi,
+                                    path=target)
+        else:
+            plots.plot_distributions(pick["after"], id_name=id_name, quantity=quantity, dpi=dpi, path=target)
+    if {"grad_norm", "max_logit"} <= set(quantities):
+        for ood in summary["ood_names"]:
+            plots.plot_grad_norm_max_logit(results, id_name=id_name, before=before, ood_names=[ood], dpi=dpi,
+                                           path=path(f"grad_norm_max_logit_{_slug(ood)}.png"))
+    plots.plot_summary(results, id_name=id_name, before=before, dpi=dpi, path=path("summary.png"))
+    arrays = {
+        f"{stage}/{s}/{q}": np.asarray(v, dtype=np.float64)
+        for stage, res in stages.items() for s, values in res.items() for q, v in values.items()
+    }
+    np.savez_compressed(path("values.npz"), **arrays)
+    if theory is not None:
+        summary["theory"] = dict(theory)
+    if meta is not None:
+        summary["meta"] = dict(meta)
+    summary["files"] = [*files, "summary.json"]
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+    return summary
