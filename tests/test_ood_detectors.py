@@ -257,9 +257,19 @@ def test_rank1_power_iteration_converges_to_svd(batch, m, n, ratio, wide):
     exact = s[0] * u[:, :, :1] @ v[:, :, :1].transpose(1, 2)
     torch.testing.assert_close(ood.rank1(a, "svd"), exact, atol=1e-10, rtol=0)
     iters = math.ceil(math.log(1e-12) / (2 * math.log(ratio))) + 5
-    torch.testing.assert_close(ood.rank1(a, "power", iters=iters), exact, atol=1e-9, rtol=0)
-    a32 = a.float()
-    torch.testing.assert_close(ood.rank1(a32, "power", iters=iters), exact.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ood.rank1(a, "power", iters=iters, tol=0.0), exact, atol=1e-9, rtol=0)
+    # early stop at tol=1e-6: the remaining error is ~tol * r^2 / (1 - r^2) <= 1e-6 for r <= 0.5
+    torch.testing.assert_close(ood.rank1(a.float(), "power", iters=iters), exact.float(), atol=1e-5, rtol=0)
+
+
+def test_power_iteration_is_independent_of_batch_and_chunking(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(6, 40, 9, generator=gen)
+    whole = ood.rank1(a, "power")
+    torch.testing.assert_close(torch.cat([ood.rank1(a[:1], "power"), ood.rank1(a[1:], "power")]), whole)
+    monkeypatch.setattr("samnorm.ood.rankfeat._CPU_CHUNK_BYTES", 1)  # one matrix per chunk
+    torch.testing.assert_close(ood.rank1(a, "power"), whole)
+    torch.testing.assert_close(ood.rank1(a.transpose(1, 2), "power"), whole.transpose(1, 2))
 
 
 def test_rankfeat_bad_arguments():
@@ -268,6 +278,8 @@ def test_rankfeat_bad_arguments():
         ood.RankFeat(model, method="lanczos")
     with pytest.raises(ValueError, match="iters"):
         ood.RankFeat(model, method="power", iters=0)
+    with pytest.raises(ValueError, match="tol"):
+        ood.RankFeat(model, method="power", tol=-1.0)
     with pytest.raises(ValueError, match="twice"):
         ood.RankFeat(model, blocks=(3, -1))
     with pytest.raises(ValueError, match="block index"):

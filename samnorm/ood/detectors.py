@@ -471,7 +471,8 @@ class RankFeat(Scorer):
     average the logits of each removal, as RankFeat's best BiT variant: for a ResNetV2, ``-1`` is
     "block 4", ``-2`` "block 3 then block 4", ``(-2, -1)`` both. For ViT / T2T-ViT, ``-1`` edits
     the tokens after the last block, before the final norm. ``method="power"`` uses ``iters``
-    steps of seeded power iteration instead of the full SVD (:mod:`samnorm.ood.rankfeat`).
+    steps of seeded power iteration (stopping per sample at ``tol``) instead of the full SVD
+    (:mod:`samnorm.ood.rankfeat`).
 
     Example:
         >>> RankFeat(model, blocks=(-2, -1), method="power").score(images)  # doctest: +SKIP
@@ -486,6 +487,7 @@ class RankFeat(Scorer):
         blocks: Union[int, Sequence[int]] = -1,
         method: Method = "svd",
         iters: int = 20,
+        tol: float = 1e-6,
         seed: int = 0,
         temperature: float = 1.0,
     ) -> None:
@@ -496,8 +498,8 @@ class RankFeat(Scorer):
         self.blocks = sorted({self.adapter.block_index(i) for i in indices})
         if len(self.blocks) != len(indices):
             raise ValueError(f"blocks {indices} name the same block twice")
-        check_method(method, iters)
-        self.method, self.iters, self.seed = method, iters, seed
+        check_method(method, iters, tol)
+        self.method, self.iters, self.tol, self.seed = method, iters, float(tol), seed
         self.temperature = float(temperature)
 
     def _score_inputs(self, inputs: Tensor) -> Tensor:
@@ -507,7 +509,7 @@ class RankFeat(Scorer):
             for index in self.blocks:  # the clean prefix is shared by all removals
                 hidden = a.run_blocks(hidden, done, index + 1)
                 done = index + 1
-                edited = remove_rank1(hidden, self.method, iters=self.iters, seed=self.seed)
+                edited = remove_rank1(hidden, self.method, iters=self.iters, tol=self.tol, seed=self.seed)
                 total = total + a.head(a.pool(a.run_blocks(edited, done)))
             return S.energy(total / len(self.blocks), self.temperature)
 
