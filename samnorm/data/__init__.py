@@ -3,6 +3,8 @@
 Submodules load lazily (PEP 562), so ``import samnorm.data`` costs nothing until a name is used:
 
 * :mod:`samnorm.data.pseudo_ood`: :class:`PseudoOOD` and its transforms, ``save_example_grid``.
+* :mod:`samnorm.data.folders`: ``ImageFolder`` (PIL only; skips and counts unreadable files) and
+  ``ImageTransform`` / ``transform_for_model`` (resize, centre crop, normalise).
 * :mod:`samnorm.data.offline`: real image sets shipped inside Python packages (MNIST digits as ID;
   textures, photos, faces and noise as OOD), for the demo and tests.
 
@@ -35,6 +37,7 @@ _EXPORTS: dict[str, str] = {
             "save_example_grid",
         )
     },
+    **{name: "folders" for name in ("IMG_EXTENSIONS", "ImageFolder", "ImageTransform", "transform_for_model")},
     **{
         name: "offline"
         for name in (
