@@ -232,9 +232,8 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
-    def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self._poll_nonfinite()
+    def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # under no_grad
+        self._poll_nonfinite(stacklevel=5)
         single = self.foreach is False
         by_key: dict[tuple[torch.device, torch.dtype, bool], list] = defaultdict(list)
         for p, g in pairs:
@@ -318,7 +317,7 @@ class SAM(Optimizer):
         self._opt_called = True  # what an LR scheduler attached to SAM checks: the step did run
         if zero_grad:
             self.zero_grad(set_to_none=True)
-        self._poll_nonfinite()
+        self._poll_nonfinite(stacklevel=4)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """Both passes, running ``closure`` (zero grads, forward, backward, return loss) twice.
@@ -391,7 +390,8 @@ class SAM(Optimizer):
         # Asynchronous copy to host; read at the next poll, so the warning costs no sync.
         self._nonfinite_seen.copy_(self._nonfinite_count, non_blocking=True)
 
-    def _poll_nonfinite(self) -> None:
+    def _poll_nonfinite(self, stacklevel: int) -> None:
+        """Warn once if a step was skipped; ``stacklevel`` points the warning at the user's call."""
         if self._warned or self._nonfinite_seen is None:
             return
         if int(self._nonfinite_seen) > 0:  # a host tensor: no device synchronisation
@@ -401,7 +401,7 @@ class SAM(Optimizer):
                 "that step (counted in SAM.nonfinite_steps; warned once). With fp16 use a "
                 "GradScaler: second_step(scaler=...) then skips the whole step.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     @property
