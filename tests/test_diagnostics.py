@@ -18,7 +18,6 @@ from samnorm.diagnostics import (
     collect_sets,
     fc_grad_norm,
     histograms,
-    max_logit,
     overlap_coefficient,
     per_sample_quantities,
     summarize,
@@ -61,7 +60,9 @@ def _autograd_fc_norms(h, fc, target, labels, p, include_bias, temperature):
     temperature=st.sampled_from([1.0, 0.5, 3.0]),
     seed=st.integers(0, 2**16),
 )
-def test_fc_grad_norm_matches_per_sample_autograd(batch, dim, classes, target, p, include_bias, has_bias, temperature, seed):
+def test_fc_grad_norm_matches_per_sample_autograd(
+    batch, dim, classes, target, p, include_bias, has_bias, temperature, seed
+):
     gen = torch.Generator().manual_seed(seed)
     fc = nn.Linear(dim, classes, bias=has_bias).double()
     with torch.no_grad():
@@ -352,32 +353,28 @@ def _checkpoint(path, seed):
 
 
 def test_diagnose_command_writes_figures_and_json(tmp_path, capsys):
-    import argparse
     import json
 
-    from samnorm.diagnostics.cli import add_parser
+    from samnorm.cli import main
 
     _write_folders(tmp_path)
     _checkpoint(tmp_path / "after.pth", 0)
     _checkpoint(tmp_path / "before.pth", 1)
-    parser = argparse.ArgumentParser(prog="samnorm")
-    add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "out"
     argv = [
         "diagnose", "--checkpoint", str(tmp_path / "after.pth"), "--baseline", str(tmp_path / "before.pth"),
-        "--id", str(tmp_path / "id"), "--ood", f"flat grey={tmp_path / 'ood'}", "--scorers", "energy",
-        "--image-size", "32", "--batch-size", "4", "--max-images", "8", "--theory", "3", "--theory-iters", "3",
-        "--dpi", "30", "--out", str(out),
+        "--id", str(tmp_path / "id"), "--ood", f"flat grey={tmp_path / 'ood'}", "--scorers", "energy,max_logit",
+        "--batch-size", "4", "--workers", "0", "--device", "cpu", "--max-images", "8", "--theory", "3",
+        "--theory-iters", "3", "--dpi", "30", "--output", str(out),
     ]
     with pytest.warns(RuntimeWarning, match="unreadable"):
-        args = parser.parse_args(argv)
-        assert args.func(args) == 0
+        assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ood_names"] == ["flat grey"] and set(summary["theory"]) == {"after", "before"}
     assert summary["theory"]["after"]["images"] == 3
     assert summary["meta"]["skipped_images"]["flat grey"] == 1
     for stage in ("after", "before"):
-        assert set(summary[stage]) == {"grad_norm", "max_logit", "Energy"}
+        assert set(summary[stage]) == {"grad_norm", "max_logit", "Energy"}  # MaxLogit is max_logit
         assert summary[stage]["Energy"]["sets"]["ID"]["n"] == 8  # the --max-images subset
     values = np.load(out / "values.npz")
     energy = {s: values[f"after/{s}/Energy"] for s in ("ID", "flat grey")}
@@ -387,9 +384,8 @@ def test_diagnose_command_writes_figures_and_json(tmp_path, capsys):
     for name in ("summary.png", "Energy.png", "grad_norm_max_logit_flat_grey.png"):
         assert (out / name).stat().st_size > 0 and name in summary["files"]
     # bad input: one clear line, exit status 2
-    bad = parser.parse_args([*argv[:5], "--id", str(tmp_path / "missing"), "--ood", f"x={tmp_path / 'ood'}"])
-    assert bad.func(bad) == 2 and "does not exist" in capsys.readouterr().err
-    needs_fit = parser.parse_args([*argv, "--scorers", "mahalanobis"])
-    assert needs_fit.func(needs_fit) == 2 and "--fit" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parser.parse_args([*argv, "--ood", "no-equals-sign"])
+    capsys.readouterr()
+    assert main([*argv[:5], "--id", str(tmp_path / "missing"), "--ood", f"x={tmp_path / 'ood'}", "--output", "o"]) == 2
+    assert "samnorm diagnose: error: image folder" in capsys.readouterr().err
+    assert main([*argv, "--scorers", "mahalanobis"]) == 2
+    assert "--fit" in capsys.readouterr().err

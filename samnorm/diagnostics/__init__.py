@@ -4,7 +4,8 @@
   for ID and OOD loaders, and their distribution summaries (AUROC, overlap, histograms).
 - :mod:`samnorm.diagnostics.theory`: estimates of L and M, the terms of the appendix's eq. 12, and a
   SAM-ON run that puts measured loss / energy changes next to eq. 12 / eq. 15.
-- ``samnorm diagnose`` (:mod:`samnorm.diagnostics.cli`): plots and a JSON summary in one command.
+- ``samnorm diagnose`` (:mod:`samnorm.diagnostics.cli`): plots and a JSON summary in one command;
+  :func:`write_report` writes the same files from result dicts computed in a script.
 
 Example:
     >>> from samnorm.diagnostics import collect_sets, summarize                  # doctest: +SKIP
@@ -12,6 +13,7 @@ Example:
     >>> summarize(results)["max_logit"]["sets"]["textures"]["auroc"]           # doctest: +SKIP
 """
 
+from samnorm.diagnostics.cli import write_report
 from samnorm.diagnostics.quantities import (
     collect,
     collect_sets,
@@ -50,4 +52,5 @@ __all__ = [
     "hessian_spectral_norm",
     "per_sample_grad_sq_norms",
     "sam_on_bound_check",
+    "write_report",
 ]

@@ -3,9 +3,9 @@
 ::
 
     samnorm diagnose --checkpoint finetuned.pth --baseline pretrained.pth \\
-        --id data/val --ood textures=data/dtd --ood sun=data/SUN --scorers msp,energy --out diag/
+        --id data/val --ood textures=data/dtd --ood sun=data/SUN --scorers msp,energy --output diag/
 
-writes, under ``--out``:
+writes, under ``--output``:
 
 - ``summary.json``: per quantity (FC gradient norm, max logit, each scorer) and OOD set: AUROC,
   overlap coefficient, mean/std and histograms, for the checkpoint and the baseline; the theory
@@ -31,31 +31,28 @@ from typing import Any
 
 __all__ = ["add_parser", "write_report", "run"]
 
-_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
+_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")  # file names from user-given set and scorer names
 
 
 def _slug(name: str) -> str:
     return _SLUG.sub("_", name).strip("._") or "set"
 
 
-def _ood_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--ood takes NAME=DIR (e.g. textures=data/dtd), got {text!r}")
-    return name, path
-
-
 def add_parser(subparsers: Any) -> None:
-    """Register ``samnorm diagnose`` on an ``argparse`` sub-parser collection (``func=run``).
+    """Register ``samnorm diagnose`` on the ``samnorm`` sub-parser collection (``func=run``).
+
+    The model options (``--model``, ``--checkpoint``, ``--model-arg``, ``--img-size``, ``--device``,
+    ``--batch-size``, ``--workers``, ``--trust-checkpoint``) are those of ``samnorm evaluate``.
 
     Example:
-        >>> import argparse
-        >>> parser = argparse.ArgumentParser(prog="samnorm")
-        >>> add_parser(parser.add_subparsers(dest="command"))
-        >>> args = parser.parse_args(["diagnose", "--checkpoint", "c.pth", "--id", "val", "--ood", "t=dtd"])
+        >>> from samnorm.cli import build_parser
+        >>> args = build_parser().parse_args(
+        ...     ["diagnose", "--checkpoint", "c.pth", "--id", "val", "--ood", "t=dtd", "--output", "out"])
         >>> args.ood, args.func.__name__
         ([('t', 'dtd')], 'run')
     """
+    from samnorm.cli import _add_model_args, _named_dir
+
     p = subparsers.add_parser(
         "diagnose",
         help="plots and a JSON summary of score, gradient-norm and max-logit distributions (ID vs OOD)",
@@ -65,15 +62,12 @@ def add_parser(subparsers: Any) -> None:
             "(the model before fine-tuning); write figures like the paper's appendix and a JSON summary."
         ),
     )
-    p.add_argument("--checkpoint", required=True, help="weights of the model to diagnose (local file)")
-    p.add_argument("--model", default=None,
-                   help="timm model name; default: the name a samnorm checkpoint records")
     p.add_argument("--baseline", default=None,
-                   help="weights of the model before fine-tuning, for before/after figures")
-    p.add_argument("--id", required=True, dest="id_dir", help="ID image folder (class sub-folders or flat)")
+                   help="weights of the model before fine-tuning (same model options), for before/after figures")
+    p.add_argument("--id", required=True, dest="id_dir", help="ID test folder (class sub-folders or flat)")
     p.add_argument("--id-name", default="ID", help="name of the ID set in figures and JSON (default: ID)")
-    p.add_argument("--ood", action="append", type=_ood_arg, required=True, metavar="NAME=DIR",
-                   help="an OOD image folder; repeat for several")
+    p.add_argument("--ood", action="append", type=_named_dir, required=True, metavar="NAME=DIR",
+                   help="OOD folder, repeatable; images anywhere below DIR")
     p.add_argument("--scorers", default="msp,energy",
                    help="comma-separated samnorm.ood scorers (msp, energy, odin, react, gradnorm, rankfeat, "
                         "rankweight, mahalanobis, knn, vim; the max logit is always computed); '' for none "
@@ -82,48 +76,41 @@ def add_parser(subparsers: Any) -> None:
                    help="ID *training* folder, for scorers that need ID statistics (react, mahalanobis, ...)")
     p.add_argument("--target", choices=("pred", "label", "uniform"), default="pred",
                    help="cross-entropy target of the FC gradient norm: predicted class (eq. 13, default), the "
-                        "ID folder's label (its sorted class order must be the model's), or uniform (GradNorm)")
+                        "ID folder's label, or uniform (as GradNorm)")
     p.add_argument("--grad-norm-p", type=float, default=2.0,
                    help="entry-wise norm of the FC gradient: 2 = Frobenius (default), 1 = GradNorm's L1")
-    p.add_argument("--image-size", type=int, default=None, help="input side; default: the model's")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--max-images", type=int, default=None,
                    help="a seeded random subset of at most this many images per folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-images subsets")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--theory", type=int, default=0, metavar="N",
                    help="estimate L, M and the eq. 12 terms on N ID images (0: skip; costly on big models)")
     p.add_argument("--h", type=float, default=1e-3, help="learning rate h of the eq. 12 terms (with --theory)")
     p.add_argument("--rho", type=float, default=0.5, help="SAM radius rho of the eq. 12 terms (with --theory)")
     p.add_argument("--theory-iters", type=int, default=20, help="power iterations for L (with --theory)")
-    p.add_argument("--dpi", type=int, default=100)
-    p.add_argument("--trusted", action="store_true", help="allow full unpickling of old checkpoint files")
-    p.add_argument("--out", default="diagnostics", help="output folder (default: ./diagnostics)")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG figures (default 100)")
+    p.add_argument("--output", required=True, help="output directory")
+    _add_model_args(p)
     p.set_defaults(func=run)
 
 
-def _fail(message: str) -> int:
-    print(f"samnorm diagnose: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``samnorm diagnose``: returns the exit status (0 on success, 2 on bad input).
+    """Entry point of ``samnorm diagnose``; bad input raises ``ValueError``/``OSError`` with one clear
+    line, which ``samnorm`` prints as ``samnorm diagnose: error: ...`` with exit status 2.
 
     Example:
-        >>> run(parser.parse_args(["diagnose", "--checkpoint", "c.pth", "--id", "val", "--ood", "t=dtd"]))  # doctest: +SKIP
+        >>> from samnorm.cli import main
+        >>> main(["diagnose", "--checkpoint", "c.pth", "--id", "val", "--ood", "t=dtd",
+        ...       "--output", "o"])  # doctest: +SKIP
         0
     """
-    try:
-        summary = _diagnose(args)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as err:
-        return _fail(str(err))
-    print(f"wrote {len(summary['files'])} files to {args.out}")
+    summary = _diagnose(args)
+    print(f"wrote {', '.join(summary['files'])} to {args.output}", file=sys.stderr)
     return 0
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.checkpoint is None:
+        raise ValueError("--checkpoint is required: the weights of the model to diagnose")
     names = [name for name, _ in args.ood]
     if len(set(names)) != len(names) or args.id_name in names:
         raise ValueError(f"OOD set names must be distinct and differ from --id-name {args.id_name!r}: {names}")
@@ -137,13 +124,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"image folder {path!r} does not exist (or is not a directory)")
 
 
-def _loader(path: str, transform: Any, args: argparse.Namespace) -> Any:
+def _loader(dataset: Any, args: argparse.Namespace) -> Any:
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from samnorm.data.folders import ImageFolder
-
-    dataset = ImageFolder(path, transform=transform)
     if args.max_images is not None and len(dataset) > args.max_images:
         # a random subset, not the first N files: those would all come from the first classes
         gen = torch.Generator().manual_seed(args.seed)
@@ -153,33 +137,45 @@ def _loader(path: str, transform: Any, args: argparse.Namespace) -> Any:
 
 def _skipped(loader: Any) -> int:
     dataset = loader.dataset
-    return getattr(getattr(dataset, "dataset", dataset), "skipped", 0)
+    return getattr(dataset, "dataset", dataset).skipped
+
+
+def _model(args: argparse.Namespace, checkpoint: str) -> tuple[Any, dict[str, Any]]:
+    """A model built like ``samnorm evaluate`` does, and the metadata its checkpoint records."""
+    from samnorm.cli import _build_model, _read_recorded
+
+    stage_args = argparse.Namespace(**{**vars(args), "checkpoint": checkpoint})
+    raw = _read_recorded(checkpoint, args.trust_checkpoint)
+    model, _, kwargs = _build_model(stage_args, raw)
+    return model, {"kwargs": kwargs, **(raw or {}).get("metadata", {})}
 
 
 def _diagnose(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from samnorm.data.folders import transform_for_model
+    from samnorm.cli import _names, _transform
+    from samnorm.data.folders import ImageFolder
     from samnorm.diagnostics.quantities import collect_sets
-    from samnorm.models.loading import create_model
     from samnorm.ood.detectors import make_scorer
 
     _check_args(args)
     started = time.perf_counter()
-    device = torch.device(args.device)
-    models = {"after": create_model(args.model, checkpoint=args.checkpoint, trusted=args.trusted)}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, meta = _model(args, args.checkpoint)
+    models = {"after": model}
     if args.baseline is not None:
-        models["before"] = create_model(args.model, checkpoint=args.baseline, trusted=args.trusted)
-    transform = transform_for_model(models["after"], size=args.image_size)
-    id_loader = _loader(args.id_dir, transform, args)
-    ood_loaders = {name: _loader(path, transform, args) for name, path in args.ood}
-    fit_loader = _loader(args.fit_dir, transform, args) if args.fit_dir else None
-    scorer_names = [s.strip() for s in args.scorers.split(",") if s.strip()]
+        models["before"] = _model(args, args.baseline)[0]
+    # the fine-tuning checkpoint's recorded transform and class order, as `samnorm evaluate` uses them
+    transform = _transform(args, model, meta["kwargs"], meta.get("transform"))
+    classes = meta.get("classes")
+    id_loader = _loader(ImageFolder(args.id_dir, transform, classes=classes), args)
+    ood_loaders = {name: _loader(ImageFolder(path, transform, flat=True), args) for name, path in args.ood}
+    fit_loader = _loader(ImageFolder(args.fit_dir, transform, classes=classes), args) if args.fit_dir else None
     results, theory = {}, {}
     for stage, model in models.items():
         model.to(device).eval()
         scorers = {}
-        for name in scorer_names:
+        for name in _names(args.scorers):
             scorer = make_scorer(name, model)
             if scorer.name == "MaxLogit":  # the same values as the built-in max_logit quantity
                 continue
@@ -195,10 +191,9 @@ def _diagnose(args: argparse.Namespace) -> dict[str, Any]:
         if args.theory:
             theory[stage] = _theory(model, id_loader, args, device)
         model.to("cpu")
-    meta = {
+    info = {
         "checkpoint": args.checkpoint,
         "baseline": args.baseline,
-        "model": args.model,
         "id": args.id_dir,
         "ood": dict(args.ood),
         "target": args.target,
@@ -207,8 +202,8 @@ def _diagnose(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
     }
     return write_report(
-        results["after"], args.out, id_name=args.id_name, before=results.get("before"),
-        theory=theory or None, meta=meta, dpi=args.dpi,
+        results["after"], args.output, id_name=args.id_name, before=results.get("before"),
+        theory=theory or None, meta=info, dpi=args.dpi,
     )
 
 
