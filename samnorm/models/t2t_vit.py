@@ -21,6 +21,7 @@ OOD adapter, handles it like a ViT.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -447,87 +448,44 @@ default_cfgs = generate_default_cfgs(
     }
 )
 
-# Published shapes: (embed_dim, depth, num_heads, mlp_ratio).
+# Published shapes: (embed_dim, depth, num_heads, mlp_ratio) and the paper's parameter count.
 _ARCHS = {
-    "t2t_vit_7": (256, 7, 4, 2.0),
-    "t2t_vit_10": (256, 10, 4, 2.0),
-    "t2t_vit_12": (256, 12, 4, 2.0),
-    "t2t_vit_14": (384, 14, 6, 3.0),
-    "t2t_vit_19": (448, 19, 7, 3.0),
-    "t2t_vit_24": (512, 24, 8, 3.0),
+    "t2t_vit_7": (256, 7, 4, 2.0, "4.3M"),
+    "t2t_vit_10": (256, 10, 4, 2.0, "5.9M"),
+    "t2t_vit_12": (256, 12, 4, 2.0, "6.9M"),
+    "t2t_vit_14": (384, 14, 6, 3.0, "21.5M"),
+    "t2t_vit_19": (448, 19, 7, 3.0, "39.2M"),
+    "t2t_vit_24": (512, 24, 8, 3.0, "64.1M"),  # the paper's transformer backbone
 }
 
 
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> T2TViT:
-    embed_dim, depth, num_heads, mlp_ratio = _ARCHS[variant]
-    args = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-    return build_model_with_cfg(
-        T2TViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs)
+def _entrypoint(variant: str) -> Callable[..., T2TViT]:
+    """The timm entry point ``variant(pretrained=False, **kwargs)``, registered under that name."""
+    embed_dim, depth, num_heads, mlp_ratio, params = _ARCHS[variant]
+
+    def create(pretrained: bool = False, **kwargs: Any) -> T2TViT:
+        args = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        return build_model_with_cfg(
+            T2TViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs)
+        )
+
+    create.__name__ = create.__qualname__ = variant
+    create.__module__ = __name__  # timm finds default_cfgs through the entry point's module
+    create.__doc__ = (
+        f"{variant.replace('t2t_vit', 'T2T-ViT').replace('_', '-')}: embed {embed_dim}, depth {depth}, "
+        f"{num_heads} heads, MLP ratio {mlp_ratio:g} ({params} parameters).\n\n"
+        f"    ``pretrained=True`` downloads the official ImageNet weights (needs a network); for a local\n"
+        f"    file use :func:`samnorm.models.create_model` with ``checkpoint=``.\n\n"
+        f"    Example:\n"
+        f"        >>> {variant}(img_size=32, in_chans=1, num_classes=2)(torch.rand(1, 1, 32, 32)).shape\n"
+        f"        torch.Size([1, 2])\n"
     )
+    return register_model(create)
 
 
-@register_model
-def t2t_vit_7(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-7: embed 256, depth 7, 4 heads, MLP ratio 2 (4.3M parameters).
-
-    Example:
-        >>> t2t_vit_7(img_size=32, in_chans=1, num_classes=2)(torch.rand(1, 1, 32, 32)).shape
-        torch.Size([1, 2])
-    """
-    return _create("t2t_vit_7", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_10(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-10: embed 256, depth 10, 4 heads, MLP ratio 2 (5.9M parameters).
-
-    Example:
-        >>> t2t_vit_10(num_classes=0).num_features
-        256
-    """
-    return _create("t2t_vit_10", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_12(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-12: embed 256, depth 12, 4 heads, MLP ratio 2 (6.9M parameters).
-
-    Example:
-        >>> len(t2t_vit_12().blocks)
-        12
-    """
-    return _create("t2t_vit_12", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_14(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-14: embed 384, depth 14, 6 heads, MLP ratio 3 (21.5M parameters).
-
-    Example:
-        >>> t2t_vit_14().embed_dim
-        384
-    """
-    return _create("t2t_vit_14", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_19(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-19: embed 448, depth 19, 7 heads, MLP ratio 3 (39.2M parameters).
-
-    Example:
-        >>> t2t_vit_19().embed_dim
-        448
-    """
-    return _create("t2t_vit_19", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_24(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-24, the paper's transformer backbone: embed 512, depth 24, 8 heads, MLP ratio 3 (64.1M).
-
-    Example:
-        >>> import timm, samnorm.models
-        >>> timm.create_model("t2t_vit_24", num_classes=10).head.out_features
-        10
-    """
-    return _create("t2t_vit_24", pretrained, **kwargs)
+t2t_vit_7 = _entrypoint("t2t_vit_7")
+t2t_vit_10 = _entrypoint("t2t_vit_10")
+t2t_vit_12 = _entrypoint("t2t_vit_12")
+t2t_vit_14 = _entrypoint("t2t_vit_14")
+t2t_vit_19 = _entrypoint("t2t_vit_19")
+t2t_vit_24 = _entrypoint("t2t_vit_24")
