@@ -106,6 +106,11 @@ def test_custom_adapter_is_checked_and_unknown_models_are_refused():
         good.block_index(1)
 
 
+def test_adapter_looks_through_data_parallel_and_compile_wrappers(resnet):
+    assert ood.ModelAdapter.from_model(nn.DataParallel(resnet)).model is resnet
+    assert ood.ModelAdapter.from_model(torch.compile(resnet)).model is resnet
+
+
 # ---------------------------------------------------------------------------- logit scorers
 def test_logit_scorers_match_formulas_and_pytorch_ood(model_and_x):
     model, x = model_and_x

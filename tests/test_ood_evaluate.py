@@ -91,6 +91,8 @@ def test_tables_name_the_convention_and_can_be_recomputed(setup, tmp_path):
     assert [r["ood_set"] for r in rows] == ["far", "near", "Average"] * 2
     assert {r["convention"] for r in rows} == {"pytorch_ood"}
     msp_far = res.metrics["MSP"]["far"]
+    assert res.table[0] == {"scorer": "MSP", "ood_set": "far", **msp_far.as_dict()}
+    assert res.table[2]["ood_set"] == "Average" and res.table[2]["AUROC"] == res.average("MSP")["AUROC"]
     assert float(rows[0]["AUROC"]) == msp_far.auroc and float(rows[0]["FPR90"]) == msp_far.fpr
     other = res.with_convention("rankfeat", tpr=0.95)
     assert other.convention.name == "rankfeat" and other.columns[0] == "FPR95"

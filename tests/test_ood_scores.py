@@ -75,6 +75,7 @@ def test_odin_perturbation_matches_a_per_sample_autograd_loop():
     # the step raises the MSP at T, and epsilon=0 is plain temperature-scaled MSP
     assert (got >= S.odin(net, x, temperature=t) - 1e-7).all()
     torch.testing.assert_close(S.odin(net, x, temperature=t), S.msp(net(x), t).detach())
+    torch.testing.assert_close(S.odin(net(x).detach(), temperature=t), S.msp(net(x), t).detach())
 
 
 def test_odin_works_under_inference_mode_and_is_batch_size_invariant():
@@ -94,6 +95,9 @@ def test_odin_works_under_inference_mode_and_is_batch_size_invariant():
         (lambda: S.msp([[1.0]]), TypeError, "torch.Tensor"),
         (lambda: S.energy(torch.ones(1, 2), temperature=0), ValueError, "temperature"),
         (lambda: S.odin(_net(), torch.rand(1, 3, 6, 6), epsilon=-1), ValueError, "epsilon"),
+        (lambda: S.odin(torch.ones(1, 3), epsilon=0.1), ValueError, "cannot perturb"),
+        (lambda: S.odin(_net(), [[1.0]]), TypeError, "floating-point"),
+        (lambda: S.odin("model", torch.ones(1, 3)), TypeError, "logits or a model"),
         (lambda: S.odin(_net(), torch.rand(1, 3, 6, 6), epsilon=0.1, input_std=[1, 2]), ValueError,
          "per channel"),
     ],

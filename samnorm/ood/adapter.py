@@ -93,6 +93,11 @@ class ModelAdapter:
         """
         if isinstance(model, ModelAdapter):
             return model
+        # look through DistributedDataParallel / DataParallel and torch.compile wrappers
+        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(
+            model, "_orig_mod"
+        ):
+            model = model.module if hasattr(model, "module") else model._orig_mod
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or a ModelAdapter, got {type(model).__name__}")
 

@@ -265,7 +265,7 @@ class MSP(Scorer):
 
     def __init__(self, model: Union[nn.Module, ModelAdapter], temperature: float = 1.0) -> None:
         super().__init__(model)
-        self.temperature = float(temperature)
+        self.temperature = S.check_temperature(temperature)
 
     def _from_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
         return S.msp(logits, self.temperature)
@@ -298,7 +298,7 @@ class Energy(Scorer):
 
     def __init__(self, model: Union[nn.Module, ModelAdapter], temperature: float = 1.0) -> None:
         super().__init__(model)
-        self.temperature = float(temperature)
+        self.temperature = S.check_temperature(temperature)
 
     def _from_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
         return S.energy(logits, self.temperature)
@@ -327,7 +327,9 @@ class ODIN(Scorer):
         input_std: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__(model)
-        self.temperature, self.epsilon = float(temperature), float(epsilon)
+        self.temperature, self.epsilon = S.check_temperature(temperature), float(epsilon)
+        if not (self.epsilon >= 0 and np.isfinite(self.epsilon)):
+            raise ValueError(f"epsilon must be a finite number >= 0 (0 disables the step), got {epsilon}")
         self.input_std = input_std
         self.uses_outputs = self.epsilon == 0.0
 
@@ -411,7 +413,7 @@ class ReAct(Scorer):
             raise ValueError(f"percentile must be in (0, 100] (90 = the ReAct default), got {percentile}")
         if max_values < 1:
             raise ValueError(f"max_values must be positive, got {max_values}")
-        self.percentile, self.temperature = float(percentile), float(temperature)
+        self.percentile, self.temperature = float(percentile), S.check_temperature(temperature)
         self.max_values, self.seed = int(max_values), seed
         self.threshold = None if threshold is None else float(threshold)
         self._fitted = threshold is not None
@@ -451,7 +453,7 @@ class GradNorm(Scorer):
 
     def __init__(self, model: Union[nn.Module, ModelAdapter], temperature: float = 1.0) -> None:
         super().__init__(model)
-        self.temperature = float(temperature)
+        self.temperature = S.check_temperature(temperature)
 
     def _from_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
         t = self.temperature
@@ -500,7 +502,7 @@ class RankFeat(Scorer):
             raise ValueError(f"blocks {indices} name the same block twice")
         check_method(method, iters, tol)
         self.method, self.iters, self.tol, self.seed = method, iters, float(tol), seed
-        self.temperature = float(temperature)
+        self.temperature = S.check_temperature(temperature)
 
     def _score_inputs(self, inputs: Tensor) -> Tensor:
         a = self.adapter

@@ -64,8 +64,10 @@ class OODResults:
         per_set = [m.as_dict() for m in self.metrics[scorer].values()]
         return {col: float(np.mean([row[col] for row in per_set])) for col in self.columns}
 
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per (scorer, OOD set) and per scorer's average, metrics as fractions."""
+    @property
+    def table(self) -> list[dict[str, Any]]:
+        """Rows ``{"scorer", "ood_set", "FPR95", "AUROC", "AUPR-In", "AUPR-Out"}`` (fractions):
+        one per (scorer, OOD set), then the scorer's ``"Average"`` over the OOD sets."""
         out = []
         for scorer, per_set in self.metrics.items():
             for name, m in per_set.items():
@@ -95,7 +97,7 @@ class OODResults:
             "| Scorer | OOD set | " + " | ".join(f"{c} {arrows[c]}" for c in cols) + " |",
             "|---|---|" + "---:|" * len(cols),
         ]
-        for row in self.rows():
+        for row in self.table:
             name = f"**{row['ood_set']}**" if row["ood_set"] == AVERAGE else row["ood_set"]
             values = " | ".join(f"{row[c] * scale:.{digits}f}" for c in cols)
             lines.append(f"| {row['scorer']} | {name} | {values} |")
@@ -106,7 +108,7 @@ class OODResults:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, ["scorer", "ood_set", *self.columns, "convention"], lineterminator="\n")
         writer.writeheader()
-        for row in self.rows():
+        for row in self.table:
             writer.writerow({**row, "convention": self.convention.name})
         text = buffer.getvalue()
         if path is not None:

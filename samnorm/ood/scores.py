@@ -9,7 +9,7 @@ optional gradient-sign input perturbation). pytorch-ood's ``MaxSoftmax``, ``MaxL
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,8 @@ def _check_logits(logits: Tensor) -> Tensor:
     return logits
 
 
-def _check_temperature(temperature: float) -> float:
+def check_temperature(temperature: float) -> float:
+    """``temperature`` as a float; ``ValueError`` unless positive and finite."""
     temperature = float(temperature)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
@@ -49,7 +50,7 @@ def msp(logits: Tensor, temperature: float = 1.0) -> Tensor:
         >>> msp(torch.tensor([[0.0, 0.0], [10.0, 0.0]]))
         tensor([0.5000, 1.0000])
     """
-    z = _check_logits(logits) / _check_temperature(temperature)
+    z = _check_logits(logits) / check_temperature(temperature)
     return torch.exp(z - z.amax(dim=1, keepdim=True)).sum(dim=1).reciprocal()
 
 
@@ -70,39 +71,52 @@ def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
         >>> energy(torch.tensor([[0.0, 0.0]]))
         tensor([0.6931])
     """
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     return t * torch.logsumexp(_check_logits(logits) / t, dim=1)
 
 
 def odin(
-    model: Callable[[Tensor], Tensor],
-    inputs: Tensor,
+    logits_or_model: Union[Tensor, Callable[[Tensor], Tensor]],
+    inputs: Optional[Tensor] = None,
     *,
     temperature: float = 1000.0,
     epsilon: float = 0.0,
     input_std: Optional[Sequence[float]] = None,
 ) -> Tensor:
-    """ODIN score: MSP at temperature ``T`` of the input moved by ``epsilon`` to raise that MSP.
+    """ODIN score: MSP at temperature ``T``, optionally of inputs moved to raise that MSP.
 
-    ``x' = x - epsilon * sign(grad_x CE(model(x) / T, argmax))`` (the paper's
-    ``x - eps * sign(-grad log S_yhat(x; T))``), then ``msp(model(x'), T)``. The sign step is
-    taken per sample (the loss is summed over the batch), so the score does not depend on the
+    ``odin(logits)`` is ``msp(logits, T)`` (ODIN without perturbation, as in the RankFeat
+    evaluation). ``odin(model, inputs, epsilon=eps)`` first moves the inputs:
+    ``x' = x - eps * sign(grad_x CE(model(x) / T, argmax))`` (the paper's
+    ``x - eps * sign(-grad log S_yhat(x; T))``), then returns ``msp(model(x'), T)``. The sign step
+    is taken per sample (the loss is summed over the batch), so the score does not depend on the
     batch size. When ``inputs`` are normalised by a per-channel ``std``, pass ``input_std`` to
-    make the step ``epsilon`` in pixel units, as the paper's code does (the step is divided by
-    ``std``). ``epsilon=0`` needs a single forward pass and no gradient. Put the model in eval
-    mode first: the gradient pass would otherwise update BatchNorm statistics.
+    make the step ``eps`` in pixel units, as the paper's code does (the step is divided by
+    ``std``). Put the model in eval mode first: the gradient pass would otherwise update
+    BatchNorm statistics.
 
     Example:
+        >>> odin(torch.tensor([[2.0, 0.0]]), temperature=1.0)
+        tensor([0.8808])
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
         >>> odin(net, torch.rand(2, 3, 2, 2), temperature=1000.0, epsilon=0.002).shape
         torch.Size([2])
     """
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     epsilon = float(epsilon)
     if not (epsilon >= 0 and math.isfinite(epsilon)):
         raise ValueError(f"epsilon must be a finite number >= 0 (0 disables the step), got {epsilon}")
+    if isinstance(logits_or_model, Tensor):
+        if inputs is not None or epsilon > 0:
+            raise ValueError(
+                "odin(logits) cannot perturb inputs; call odin(model, inputs, epsilon=...) instead"
+            )
+        return msp(logits_or_model, t)
+    if not callable(logits_or_model):
+        raise TypeError(f"odin takes logits or a model, got {type(logits_or_model).__name__}")
+    model = logits_or_model
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-        raise TypeError("inputs must be a floating-point tensor of images (B, C, H, W)")
+        raise TypeError("odin(model, inputs): inputs must be a floating-point tensor of images")
     if epsilon == 0.0:
         with torch.no_grad():
             return msp(model(inputs), t)
