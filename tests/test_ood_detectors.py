@@ -387,8 +387,10 @@ def test_knn_subsampled_bank_and_errors(feature_data):
     model, x, labels, train, test = feature_data
     half = ood.KNN(model, k=5, fraction=0.5, seed=1).fit_features(train)
     assert 100 < half.bank.shape[0] < 200 and half.bank.dtype == torch.float32
-    small = ood.KNN(model, k=5, bank_dtype=torch.float16).fit_features(train)
-    assert small.bank.dtype == torch.float16
+    small = ood.KNN(model, k=5, bank_dtype=torch.float16, bank_device="cpu").fit_features(train)
+    assert small.bank.dtype == torch.float16 and small.bank.device.type == "cpu"
+    full = ood.KNN(model, k=5).fit_features(train)
+    torch.testing.assert_close(small.score_outputs(test, test), full.score_outputs(test, test), rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="exceeds"):
         ood.KNN(model, k=500).fit_features(train)
     with pytest.raises(ValueError, match="fraction"):

@@ -196,12 +196,12 @@ class Scorer:
             )
         if labels is not None and labels.shape != (features.shape[0],):
             raise ValueError(f"labels must have shape ({features.shape[0]},), got {tuple(labels.shape)}")
-        adapter = self.adapter
+        adapter, device = self.adapter, _device(self.model)
 
         def passes() -> Iterator[Outputs]:
             for i in range(0, features.shape[0], batch_size):
-                f = features[i : i + batch_size]
-                yield f, adapter.head(f), None if labels is None else labels[i : i + batch_size]
+                f = features[i : i + batch_size].to(device)
+                yield f, adapter.head(f), None if labels is None else labels[i : i + batch_size].to(device)
 
         with torch.no_grad():
             self._fit(passes)
@@ -618,36 +618,36 @@ class Mahalanobis(Scorer):
 
     def _fit(self, passes: Passes) -> None:
         k, d = self.adapter.num_classes, self.adapter.num_features
-        means = torch.zeros(k, d, dtype=torch.float64)
-        counts = torch.zeros(k, dtype=torch.float64)
-        scatter = torch.zeros(d, d, dtype=torch.float64)  # pooled within-class scatter
+        means = counts = scatter = None  # float64, on the device of the features
         for feats, _, labels in passes():
             if labels is None:
                 raise ValueError("Mahalanobis.fit needs class labels: pass (images, labels) batches")
-            f, y = feats.double().cpu(), labels.cpu().long()
+            f, y = feats.double(), labels.to(feats.device).long()
             if y.numel() == 0:
                 continue
             if y.min() < 0 or y.max() >= k:
                 raise ValueError(f"labels must be class indices in [0, {k}), got {y.min()}..{y.max()}")
+            if scatter is None:
+                means, counts = f.new_zeros(k, d), f.new_zeros(k)
+                scatter = f.new_zeros(d, d)  # pooled within-class scatter
             # Chan et al.'s pairwise update: scatter around the batch's class means, plus the
             # shift between batch and running means; E[hh^T] - mu mu^T would cancel
             # catastrophically when features vary little around a large mean
             cls, inv, cnt = torch.unique(y, return_inverse=True, return_counts=True)
             cnt = cnt.double()
-            batch_means = torch.zeros(len(cls), d, dtype=torch.float64).index_add_(0, inv, f) / cnt[:, None]
+            batch_means = f.new_zeros(len(cls), d).index_add_(0, inv, f) / cnt[:, None]
             centred = f - batch_means[inv]
             delta = batch_means - means[cls]
             total = counts[cls] + cnt
             scatter += centred.T @ centred + (delta * (counts[cls] * cnt / total)[:, None]).T @ delta
             means[cls] += delta * (cnt / total)[:, None]
             counts[cls] = total
-        n = counts.sum()
-        if n < 2:
-            raise ValueError("Mahalanobis.fit needs at least 2 samples")
+        if counts is None or counts.sum() < 2:
+            raise ValueError("Mahalanobis.fit needs at least 2 labelled samples")
         present = counts > 0
         means = means[present]
-        cov = scatter / n
-        cov += torch.eye(d, dtype=torch.float64) * (self.jitter * cov.trace() / d)
+        cov = scatter / counts.sum()
+        cov += torch.eye(d, dtype=torch.float64, device=cov.device) * (self.jitter * cov.trace() / d)
         chol, info = torch.linalg.cholesky_ex(cov)
         if info != 0:
             raise ValueError(f"the covariance is not positive definite; raise jitter (now {self.jitter})")
@@ -671,7 +671,8 @@ class KNN(Scorer):
     feature to its k-th nearest normalised ID training feature.
 
     The bank keeps a seeded random ``fraction`` of the fit samples (the paper uses 1% of
-    ImageNet), optionally in ``bank_dtype`` (e.g. ``torch.float16``). Search is exact and chunked:
+    ImageNet), optionally in ``bank_dtype`` (e.g. ``torch.float16``) and on ``bank_device``
+    (e.g. ``"cpu"`` for a GPU model: then only chunks are copied to the GPU while scoring). Search is exact and chunked:
     ``chunk_size`` bank rows at a time, keeping a running top-k; the k-th distance is then
     recomputed in float64.
 
@@ -689,6 +690,7 @@ class KNN(Scorer):
         fraction: float = 1.0,
         chunk_size: int = 16384,
         bank_dtype: Optional[torch.dtype] = None,
+        bank_device: Optional[Union[str, torch.device]] = None,
         seed: int = 0,
     ) -> None:
         super().__init__(model)
@@ -700,6 +702,7 @@ class KNN(Scorer):
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.k, self.fraction, self.chunk_size = k, float(fraction), int(chunk_size)
         self.bank_dtype, self.seed = bank_dtype, seed
+        self.bank_device = None if bank_device is None else torch.device(bank_device)
 
     @staticmethod
     def _normalize(features: Tensor) -> Tensor:
@@ -712,7 +715,7 @@ class KNN(Scorer):
             z = self._normalize(feats.float())
             if self.fraction < 1.0:
                 z = z[(torch.rand(z.shape[0], generator=gen) < self.fraction).to(z.device)]
-            parts.append(z.to(self.bank_dtype or z.dtype))
+            parts.append(z.to(self.bank_device or z.device, self.bank_dtype or z.dtype))
         bank = torch.cat(parts) if parts else torch.empty(0)
         if bank.shape[0] < self.k:
             raise ValueError(f"k={self.k} exceeds the {bank.shape[0]} samples kept in the bank")
@@ -720,15 +723,15 @@ class KNN(Scorer):
 
     def _from_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
         q = self._normalize(features.float())
-        bank = self.bank.to(q.device)
+        bank = self.bank  # may live elsewhere (bank_device): only chunks travel
         best = q.new_full((q.shape[0], 0), -2.0)
         best_idx = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
         for start in range(0, bank.shape[0], self.chunk_size):
-            sims = q @ bank[start : start + self.chunk_size].to(q.dtype).T
+            sims = q @ bank[start : start + self.chunk_size].to(q.device, q.dtype).T
             idx = torch.arange(start, start + sims.shape[1], device=q.device).expand_as(sims)
             best, pos = torch.cat([best, sims], 1).topk(min(self.k, best.shape[1] + sims.shape[1]), dim=1)
             best_idx = torch.cat([best_idx, idx], 1).gather(1, pos)
-        kth = bank[best_idx[:, -1]].double()
+        kth = bank[best_idx[:, -1].to(bank.device)].to(q.device, torch.float64)
         return -torch.linalg.vector_norm(q.double() - kth, dim=1)
 
     def _params(self) -> dict[str, Any]:
@@ -768,14 +771,17 @@ class ViM(Scorer):
         )
 
     def _fit(self, passes: Passes) -> None:
-        d = self.adapter.num_features
-        second, n = torch.zeros(d, d, dtype=torch.float64), 0
+        second, n = None, 0  # float64, on the device of the features
         for feats, _, _ in passes():
-            x = feats.double().cpu() - self.origin
-            second += x.T @ x
+            x = feats.double() - self.origin.to(feats.device)
+            if second is None:
+                second = x.T @ x
+            else:
+                second += x.T @ x
             n += x.shape[0]
-        if n == 0:
+        if second is None or n == 0:
             raise ValueError("ViM.fit got no samples")
+        d = self.adapter.num_features
         _, vecs = torch.linalg.eigh(second / n)  # ascending eigenvalues
         self.residual = vecs[:, : d - self.dim].contiguous()
         max_logit = norm = 0.0
