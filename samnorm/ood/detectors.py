@@ -542,8 +542,9 @@ class RankWeight(Scorer):
         layer: Optional[str] = None,
         then: Optional[Callable[[nn.Module], Scorer]] = None,
     ) -> None:
-        # the copy must be re-adapted, so custom adapters (closures over the original) cannot be used
-        edited = copy.deepcopy(model.model if isinstance(model, ModelAdapter) else model)
+        # the copy is re-adapted with from_model, so a custom adapter's closures (which would still
+        # point at the original) are never used; DDP / compile wrappers are looked through
+        edited = copy.deepcopy(ModelAdapter.from_model(model).model)
         self.layer = layer if layer is not None else self._default_layer(ModelAdapter.from_model(edited))
         try:
             weight = edited.get_submodule(self.layer).weight
@@ -576,17 +577,23 @@ class RankWeight(Scorer):
 
     @property
     def is_fitted(self) -> bool:
+        """True once the inner scorer can score."""
         return self.inner.is_fitted
 
     def fit(self, data: Any = None, *, batch_size: int = 256) -> "RankWeight":
+        """Fit the inner scorer (``then``) on the edited copy; a no-op for Energy."""
         self.inner.fit(data, batch_size=batch_size)
         return self
 
-    def fit_features(self, features: Tensor, labels: Optional[Tensor] = None, *, batch_size: int = 8192) -> "RankWeight":
+    def fit_features(
+        self, features: Tensor, labels: Optional[Tensor] = None, *, batch_size: int = 8192
+    ) -> "RankWeight":
+        """Fit the inner scorer from features of the *edited* copy (see ``fit_features``)."""
         self.inner.fit_features(features, labels, batch_size=batch_size)
         return self
 
     def score(self, inputs: Tensor) -> Tensor:
+        """Scores ``(B,)`` of the inner scorer on the edited copy."""
         return self.inner.score(inputs)
 
     def _params(self) -> dict[str, Any]:
@@ -599,9 +606,10 @@ class Mahalanobis(Scorer):
     NeurIPS 2018; without input pre-processing or feature ensembles).
 
     ``fit`` needs labels; it streams class means and the pooled within-class scatter in float64
-    (no feature bank, numerically stable pairwise updates). The covariance gets ``jitter * trace / D`` on its diagonal (relative, so
-    scale-free) and is factorised by Cholesky. Score: ``-min_c (h - mu_c)^T Sigma^-1 (h - mu_c)``.
-    Classes absent from the fit data are ignored.
+    (no feature bank, numerically stable pairwise updates). The covariance gets
+    ``jitter * trace / D`` on its diagonal (relative, so scale-free) and is factorised by
+    Cholesky. Score: ``-min_c (h - mu_c)^T Sigma^-1 (h - mu_c)``. Classes absent from the fit
+    data are ignored.
 
     Example:
         >>> Mahalanobis(model).fit(train_loader).score(images)  # doctest: +SKIP
@@ -672,9 +680,9 @@ class KNN(Scorer):
 
     The bank keeps a seeded random ``fraction`` of the fit samples (the paper uses 1% of
     ImageNet), optionally in ``bank_dtype`` (e.g. ``torch.float16``) and on ``bank_device``
-    (e.g. ``"cpu"`` for a GPU model: then only chunks are copied to the GPU while scoring). Search is exact and chunked:
-    ``chunk_size`` bank rows at a time, keeping a running top-k; the k-th distance is then
-    recomputed in float64.
+    (e.g. ``"cpu"`` for a GPU model: only chunks are then copied to the GPU while scoring).
+    Search is exact and chunked: ``chunk_size`` bank rows at a time, keeping a running top-k;
+    the k-th distance is then recomputed in float64.
 
     Example:
         >>> KNN(model, k=50).fit(train_loader).score(images)  # doctest: +SKIP
@@ -743,10 +751,11 @@ class ViM(Scorer):
     the feature's residual outside the ``dim``-dimensional principal space of ID features.
 
     Features are centred at ``u = -pinv(W) b``; the principal space is spanned by the top ``dim``
-    eigenvectors of the (uncentred-at-mean, centred-at-``u``) second moment; ``alpha`` = mean
-    max logit / mean residual norm on the fit data. ``dim`` defaults to the paper's choices: 1000
-    for D >= 2048, 512 for D >= 768, else D // 2. ``fit`` reads the data twice (statistics, then
-    ``alpha``), streaming in float64.
+    eigenvectors of the second moment of ``h - u`` (the paper's
+    ``EmpiricalCovariance(assume_centered=True)``); ``alpha`` = mean max logit / mean residual
+    norm on the fit data. ``dim`` defaults to the paper's choices: 1000 for D >= 2048, 512 for
+    D >= 768, else D // 2. ``fit`` reads the data twice (statistics, then ``alpha``), streaming
+    in float64.
 
     Example:
         >>> ViM(model).fit(train_loader).score(images)  # doctest: +SKIP
@@ -764,11 +773,11 @@ class ViM(Scorer):
         if not isinstance(dim, int) or not 0 < dim < d:
             raise ValueError(f"dim must be an int in (0, {d}) for {d}-dimensional features, got {dim!r}")
         self.dim = dim
-        w = self.adapter.fc_weight.detach().double().cpu()
-        b = self.adapter.fc_bias
-        self.origin = (
-            -(torch.linalg.pinv(w) @ b.detach().double().cpu()) if b is not None else torch.zeros(d, dtype=torch.float64)
-        )
+        w, b = self.adapter.fc_weight.detach().double().cpu(), self.adapter.fc_bias
+        # the origin where all logits are zero; without a bias it is 0
+        self.origin = torch.zeros(d, dtype=torch.float64)
+        if b is not None:
+            self.origin = -(torch.linalg.pinv(w) @ b.detach().double().cpu())
 
     def _fit(self, passes: Passes) -> None:
         second, n = None, 0  # float64, on the device of the features
