@@ -217,7 +217,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         payload = {
             "model": name, "checkpoint": args.checkpoint, "id_name": args.id_name, "ood_names": names,
             "tpr": res.tpr, "convention": res.convention.name, "higher_is_in_distribution": True,
-            "metrics": res.rows(),
+            "metrics": res.table,
             "files": {n: [p for i, (p, _) in enumerate(ds.samples) if i not in gone[n]]
                       for n, ds in sets.items()},
             "skipped": {n: [sets[n].samples[i][0] for i in idx] for n, idx in skipped.items() if idx},
