@@ -14,6 +14,7 @@ explicitly (and has a network). Supported files:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -67,8 +68,10 @@ def read_checkpoint(path: str | os.PathLike[str], trusted: bool = False) -> Any:
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu")
+    # torch < 2.5 has no safe_globals; there such files need trusted=True.
+    allow = getattr(torch.serialization, "safe_globals", None)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure gets the same advice
         if not trusted:
