@@ -45,6 +45,8 @@ def test_plot_distributions_writes_png_of_figsize_times_dpi_with_auroc_in_title(
         for n in ("far", "near")
     ])
     assert f"mean AUROC {100 * mean:.1f}%" in ax.get_title()
+    reversed_title = plots.plot_distributions({"ID": [0.0, 1.0], "far": [5.0, 6.0]}, dpi=20).axes[0].get_title()
+    assert reversed_title.endswith("AUROC 0.0% (OOD larger)")
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0] == "ID, n=300" and labels[1].startswith("far, n=200: AUROC")
 
