@@ -117,6 +117,7 @@ def feature_maps():
 
     head = torch.nn.Linear(2048, 1000)
     torch.nn.init.normal_(head.weight, std=0.05, generator=gen)
+    torch.nn.init.zeros_(head.bias)
     return [maps(0.5, 1.5) for _ in range(4)], [maps(1.0, 2.0) for _ in range(4)], head
 
 
