@@ -106,6 +106,15 @@ def test_conv1x1_head_and_index_target_agree_with_linear_and_label():
     torch.testing.assert_close(fc_grad_norm(h, fc, target=y), by_label)
 
 
+def test_low_precision_heads_are_measured_in_float32():
+    torch.manual_seed(2)
+    fc = nn.Linear(6, 4).bfloat16()
+    h = torch.randn(5, 6).bfloat16()
+    got = fc_grad_norm(h, fc, target="uniform", p=1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, fc_grad_norm(h.float(), fc.float(), target="uniform", p=1))
+
+
 def test_fc_grad_norm_rejects_bad_input():
     fc = nn.Linear(3, 2)
     h = torch.randn(4, 3)

@@ -140,7 +140,9 @@ def fc_grad_norm(
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     with torch.no_grad():
-        h = features.to(weight.dtype)
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # no fp16/bf16 softmax differences
+        h, weight = features.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         logits = F.linear(h, weight, bias)
         t = _target_distribution(logits, target, labels)
         delta = torch.softmax(logits / temperature, dim=1) - t
