@@ -254,7 +254,18 @@ class Scorer:
 
 
 # ---------------------------------------------------------------------------- logit scores
-class MSP(Scorer):
+class _Tempered(Scorer):
+    """A scorer with one ``temperature`` T applied to the logits (default 1)."""
+
+    def __init__(self, model: Union[nn.Module, ModelAdapter], temperature: float = 1.0) -> None:
+        super().__init__(model)
+        self.temperature = S.check_temperature(temperature)
+
+    def _params(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+
+class MSP(_Tempered):
     """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017).
 
     Example:
@@ -263,16 +274,8 @@ class MSP(Scorer):
 
     name = "MSP"
 
-    def __init__(self, model: Union[nn.Module, ModelAdapter], temperature: float = 1.0) -> None:
-        super().__init__(model)
-        self.temperature = S.check_temperature(temperature)
-
     def _from_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
         return S.msp(logits, self.temperature)
-
-    def _params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature}
-
 
 class MaxLogit(Scorer):
     """Maximum logit (Hendrycks et al., "Scaling OOD detection...", ICML 2022).
@@ -287,7 +290,7 @@ class MaxLogit(Scorer):
         return S.max_logit(logits)
 
 
-class Energy(Scorer):
+class Energy(_Tempered):
     """Energy score ``T logsumexp(logits / T)`` (Liu et al., NeurIPS 2020).
 
     Example:
@@ -296,16 +299,8 @@ class Energy(Scorer):
 
     name = "Energy"
 
-    def __init__(self, model: Union[nn.Module, ModelAdapter], temperature: float = 1.0) -> None:
-        super().__init__(model)
-        self.temperature = S.check_temperature(temperature)
-
     def _from_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
         return S.energy(logits, self.temperature)
-
-    def _params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature}
-
 
 class ODIN(Scorer):
     """ODIN (Liang et al., ICLR 2018): MSP at temperature T, optionally of perturbed inputs.
@@ -435,7 +430,7 @@ class ReAct(Scorer):
 
 
 # ---------------------------------------------------------------------------- GradNorm
-class GradNorm(Scorer):
+class GradNorm(_Tempered):
     """GradNorm (Huang, Geng & Li, NeurIPS 2021): L1 norm of the last layer's weight gradient.
 
     The loss is ``KL(uniform || softmax(z / T))`` for one sample, ``z = W h + b``. Its gradient
@@ -451,18 +446,10 @@ class GradNorm(Scorer):
 
     name = "GradNorm"
 
-    def __init__(self, model: Union[nn.Module, ModelAdapter], temperature: float = 1.0) -> None:
-        super().__init__(model)
-        self.temperature = S.check_temperature(temperature)
-
     def _from_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
         t = self.temperature
         probs = torch.softmax(logits / t, dim=1)
         return (probs - 1.0 / probs.shape[1]).abs().sum(dim=1) * features.abs().sum(dim=1) / t
-
-    def _params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature}
-
 
 # ---------------------------------------------------------------------------- RankFeat / RankWeight
 class RankFeat(Scorer):
