@@ -59,7 +59,7 @@ class Convention:
         >>> CONVENTIONS["pytorch_ood"].positive
         'ood'
         >>> Convention("mine", point="closest").describe()
-        'mine: ID positive, FPR at the ROC point closest to the TPR, AUPR = average precision'
+        'mine: ID positive, FPR at the ROC point closest to the target TPR, AUPR = average precision'
     """
 
     name: str
@@ -74,8 +74,8 @@ class Convention:
 
     def describe(self) -> str:
         """One line naming the convention, for table captions."""
-        point = "first ROC point with TPR >= the TPR" if self.point == "first" else (
-            "the ROC point closest to the TPR"
+        point = "the first ROC point whose TPR reaches the target" if self.point == "first" else (
+            "the ROC point closest to the target TPR"
         )
         aupr = "average precision" if self.aupr == "average_precision" else "trapezoid rule"
         return f"{self.name}: {self.positive.upper()} positive, FPR at {point}, AUPR = {aupr}"
