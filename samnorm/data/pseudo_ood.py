@@ -475,10 +475,6 @@ def save_example_grid(
         >>> out.endswith("g.png") and os.path.getsize(out) > 0
         True
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     sampler = sampler or PseudoOOD()
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
@@ -492,25 +488,13 @@ def save_example_grid(
     with torch.no_grad():
         for name, t in zip(sampler.names, sampler.transforms):
             rows.append((name, torch.maximum(torch.minimum(t(x, partners, g), hi), lo)))
-    n_rows, n_cols = len(rows), x.shape[0]
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.4 * n_cols + 1, 1.4 * n_rows), squeeze=False)
-    for r, (name, batch) in enumerate(rows):
-        shown = _display(batch, mean, std)
-        for c in range(n_cols):
-            ax = axes[r][c]
-            if shown.shape[1] == 3:
-                ax.imshow(shown[c].permute(1, 2, 0).numpy(), interpolation="nearest")
-            else:  # one channel, or a channel count with no colour meaning: show the channel mean
-                ax.imshow(shown[c].mean(0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name, fontsize=9)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+    from ..plots import plot_image_grid  # matplotlib without pyplot: no global backend switch
+
+    shown = torch.cat([_display(batch, mean, std) for _, batch in rows])
+    if shown.shape[1] != 3:  # one channel, or a channel count with no colour meaning: the mean
+        shown = shown.mean(1, keepdim=True)
+    n_cols = x.shape[0]
+    titles = [name if c == 0 else "" for name, _ in rows for c in range(n_cols)]
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_image_grid(shown, titles=titles, ncols=n_cols, title=title, cell_inches=1.4, path=path)
     return path
