@@ -277,6 +277,16 @@ def test_power_iteration_is_independent_of_batch_and_chunking(monkeypatch):
     torch.testing.assert_close(ood.rank1(a.transpose(1, 2), "power"), whole.transpose(1, 2))
 
 
+@pytest.mark.parametrize("method", ["svd", "power"])
+def test_rank1_removal_keeps_gradients_when_asked(method):
+    x = torch.rand(3, 8, 2, 2, dtype=torch.float64, requires_grad=True)
+    edited = ood.remove_rank1(x, method)
+    edited.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        torch.testing.assert_close(edited, ood.remove_rank1(x, method))
+
+
 def test_rankfeat_bad_arguments():
     model = tiny_resnetv2()
     with pytest.raises(ValueError, match="method"):

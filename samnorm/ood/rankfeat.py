@@ -9,15 +9,16 @@ Power iteration is the official alternating ``u <- A v / |A v|``, ``v <- A^T u /
 generator (shared by the batch), so results are deterministic; each sample stops on its own once
 its unit vector ``v`` moves by at most ``tol`` in every entry (``iters`` is the cap), so results do
 not depend on the batch size or composition; and on the CPU the batch is processed in chunks of
-about 1 MiB, so each chunk's matrices stay in cache across the steps, which are memory-bound
-matrix-vector products. The error of the top singular direction shrinks like ``(s2 / s1)^(2 k)``
+about 1 MiB, so each chunk's matrices stay in cache across the steps (memory-bound
+matrix-vector products) and while the chunk's result is written: the whole removal reads the
+features from memory once. The error of the top singular direction shrinks like ``(s2 / s1)^(2 k)``
 after ``k`` steps; when it stops early, the remaining error is about ``tol * r^2 / (1 - r^2)``
 with ``r = s2 / s1``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -44,31 +45,12 @@ def _unit(x: Tensor) -> Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def _power_right(a: Tensor, iters: int, tol: float, seed: int) -> Tensor:
-    """Unit top right-singular vectors ``(B, N, 1)`` of ``a`` by alternating power iteration."""
-    gen = torch.Generator().manual_seed(seed)
-    start = torch.randn(a.shape[2], 1, generator=gen, dtype=torch.float64).to(a)
-    per_matrix = max(1, a[0].numel() * a.element_size())
-    chunk = max(1, _CPU_CHUNK_BYTES // per_matrix) if a.device.type == "cpu" else a.shape[0]
-    parts = []
-    for part in a.split(chunk):
-        v = start.expand(part.shape[0], -1, -1)
-        done = torch.zeros(part.shape[0], 1, 1, dtype=torch.bool, device=a.device)
-        for _ in range(iters):
-            new = _unit(part.transpose(1, 2) @ _unit(part @ v))
-            moved = (new - v).abs().amax(dim=1, keepdim=True)
-            v = torch.where(done, v, new)  # a converged sample keeps its vector
-            done = done | (moved <= tol)
-            if bool(done.all()):
-                break
-        parts.append(v)
-    return torch.cat(parts)
-
-
-def _top_pair(
+def _pairs(
     matrices: Tensor, method: str, iters: int, tol: float, seed: int
-) -> tuple[Tensor, Tensor]:
-    """``(left (B, M, 1), right (B, 1, N))`` whose product is the rank-1 component."""
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """``(rows, left (b, M, 1), right (b, 1, N))`` per chunk of the batch, ``left @ right`` being
+    the rank-1 component of ``matrices[rows]``. With "power", a chunk's matrices are still in
+    cache when the caller uses them right after the pair is yielded."""
     if not isinstance(matrices, Tensor) or matrices.dim() != 3 or not matrices.is_floating_point():
         raise ValueError(
             "matrices must be a floating-point (B, M, N) tensor, got "
@@ -77,10 +59,48 @@ def _top_pair(
     check_method(method, iters, tol)
     if method == "svd":
         u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
-        return u[:, :, :1] * s[:, None, :1], vh[:, :1, :]
-    v = _power_right(matrices, iters, tol, seed)
-    # s1 u1 v1^T = (A v1) v1^T for the unit top right-singular vector v1
-    return matrices @ v, v.transpose(1, 2)
+        yield slice(None), u[:, :, :1] * s[:, None, :1], vh[:, :1, :]
+        return
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randn(matrices.shape[2], 1, generator=gen, dtype=torch.float64).to(matrices)
+    per_matrix = max(1, matrices[0].numel() * matrices.element_size())
+    on_cpu = matrices.device.type == "cpu"
+    chunk = max(1, _CPU_CHUNK_BYTES // per_matrix) if on_cpu else matrices.shape[0]
+    for first in range(0, matrices.shape[0], chunk):
+        rows = slice(first, first + chunk)
+        part = matrices[rows]
+        v = start.expand(part.shape[0], -1, -1)
+        done = torch.zeros(part.shape[0], 1, 1, dtype=torch.bool, device=part.device)
+        for _ in range(iters):
+            new = _unit(part.transpose(1, 2) @ _unit(part @ v))
+            moved = (new - v).abs().amax(dim=1, keepdim=True)
+            v = torch.where(done, v, new)  # a converged sample keeps its vector
+            done = done | (moved <= tol)
+            if bool(done.all()):
+                break
+        # s1 u1 v1^T = (A v1) v1^T for the unit top right-singular vector v1
+        yield rows, part @ v, v.transpose(1, 2)
+
+
+def _per_chunk(
+    matrices: Tensor, combine: Callable[..., Tensor], method: str, iters: int, tol: float, seed: int
+) -> Tensor:
+    """``combine(part, left, right[, out=])`` over the chunks of :func:`_pairs`, one result."""
+    pairs = _pairs(matrices, method, iters, tol, seed)
+    if torch.is_grad_enabled() and matrices.requires_grad:  # out= does not record gradients
+        return torch.cat([combine(matrices[rows], left, right) for rows, left, right in pairs])
+    out = torch.empty(matrices.shape, dtype=matrices.dtype, device=matrices.device)
+    for rows, left, right in pairs:
+        combine(matrices[rows], left, right, out=out[rows])  # written while the chunk is hot
+    return out
+
+
+def _product(part: Tensor, left: Tensor, right: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    return torch.bmm(left, right, out=out)
+
+
+def _difference(part: Tensor, left: Tensor, right: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    return torch.addcmul(part, left, right, value=-1, out=out)
 
 
 def rank1(
@@ -100,8 +120,7 @@ def rank1(
         >>> torch.allclose(rank1(a, "power"), rank1(a), atol=1e-6)  # stopped at tol=1e-6
         True
     """
-    left, right = _top_pair(matrices, method, iters, tol, seed)
-    return left @ right
+    return _per_chunk(matrices, _product, method, iters, tol, seed)
 
 
 def remove_rank1(
@@ -125,6 +144,4 @@ def remove_rank1(
             "features must be a CNN feature map (B, C, H, W) or ViT tokens (B, N, C), got shape "
             f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}"
         )
-    matrices = features.flatten(2)
-    left, right = _top_pair(matrices, method, iters, tol, seed)
-    return torch.addcmul(matrices, left, right, value=-1).view_as(features)  # one fused pass
+    return _per_chunk(features.flatten(2), _difference, method, iters, tol, seed).view_as(features)
