@@ -98,13 +98,17 @@ class DemoConfig:
         n_ood: images per OOD set (the LFW faces stop at 100).
         ood_sets: names from :data:`samnorm.data.offline.OOD_SETS`.
         scorers: display names from ``SCORER_NAMES``.
+        image_size: side of the images fed to the model; ``None``: 28 (MNIST's own) for the ResNetV2,
+            42 for the T2T-ViT, whose tokens-to-token module downsamples by 16 (a 3x3 token grid).
         widths, depths, stem_width, groups: the ResNetV2's stage widths and blocks per stage, stem
-            width and GroupNorm groups (T2T-ViT: ``widths[-1]`` is the embedding width, ``len(depths)``
-            ... see :func:`build_backbone`).
+            width and GroupNorm groups; the T2T-ViT derives its size from them (see
+            :func:`build_backbone`).
         pretrain_epochs, pretrain_lr, batch_size: pretraining (SGD, Nesterov momentum 0.9,
             one-cycle schedule, random 2-pixel shifts).
         epochs, lr, momentum, weight_decay: fine-tuning (SGD base optimizer, cosine schedule).
         ood_loss, ood_weight: the pseudo-OOD term of :class:`samnorm.losses.SFTLoss` and its weight.
+        m_in, m_out: energy-margin loss margins (``ood_loss="energy"`` only); the pretrained demo
+            model's ID energies sit around -10 and its OOD energies around -4.
         transforms: pseudo-OOD transforms of :class:`samnorm.data.pseudo_ood.PseudoOOD`.
         rho_sam_on, rho_sam: SAM radius of the SAM-ON and full-SAM arms.
         data_seed: seed of the ID split, the OOD patches and pretraining.
@@ -124,6 +128,7 @@ class DemoConfig:
     n_ood: int = 500
     ood_sets: tuple[str, ...] = ("textures", "photos", "faces", "noise")
     scorers: tuple[str, ...] = SCORER_NAMES
+    image_size: int | None = None
     widths: tuple[int, ...] = (32, 64, 128, 256)
     depths: tuple[int, ...] = (1, 1, 1, 1)
     stem_width: int = 16
@@ -132,14 +137,16 @@ class DemoConfig:
     pretrain_lr: float = 0.1
     batch_size: int = 64
     epochs: int = 1
-    lr: float = 0.03
+    lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    ood_loss: str = "uniform"
-    ood_weight: float = 0.5
+    ood_loss: str = "energy"
+    ood_weight: float = 0.1
+    m_in: float = -10.0
+    m_out: float = -4.0
     transforms: tuple[str, ...] = ("jigsaw", "patch_mix", "rotate", "blur", "noise", "fourier")
-    rho_sam_on: float = 0.2
-    rho_sam: float = 0.2
+    rho_sam_on: float = 0.05
+    rho_sam: float = 0.05
     data_seed: int = 0
     progress: bool = True
     plots: bool = True
@@ -161,6 +168,8 @@ class DemoConfig:
             raise ValueError(f"plot_scorers must be among the scorers {list(self.scorers)}, got {list(self.plot_scorers)}")
         if not self.ood_sets:
             raise ValueError("ood_sets is empty: name at least one of textures, photos, faces, noise")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 16):
+            raise ValueError(f"image_size must be None (the backbone's default) or an int >= 16, got {self.image_size!r}")
         for name in ("pretrain_epochs", "batch_size", "epochs", "n_ood", "stem_width", "groups"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -178,11 +187,17 @@ class DemoConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
+    @property
+    def size(self) -> int:
+        """The image side the model sees (``image_size`` or the backbone's default)."""
+        return self.image_size or (42 if self.backbone == "t2t_vit" else 28)
+
     def pretrain_key(self) -> dict[str, Any]:
         """What determines the pretrained weights (hashed into the cache file name)."""
         return {
             "format": _CACHE_FORMAT,
             "backbone": self.backbone,
+            "size": self.size,
             "widths": list(self.widths),
             "depths": list(self.depths),
             "stem_width": self.stem_width,
@@ -228,14 +243,15 @@ def _load_data(config: DemoConfig, *, heldout: bool = False) -> _Data:
         x, y = pair
         return (_normalise(x[:n]), y[:n]) if n is not None else (_normalise(x), y)
 
-    seed = config.data_seed
-    train = cap(offline.mnist_digits("train", seed=seed), config.n_train)
-    val = cap(offline.mnist_digits("val", seed=seed), None)
-    test = cap(offline.mnist_digits("test", seed=seed), config.n_test)
+    seed, size = config.data_seed, config.size
+    train = cap(offline.mnist_digits("train", size=size, seed=seed), config.n_train)
+    val = cap(offline.mnist_digits("val", size=size, seed=seed), None)
+    test = cap(offline.mnist_digits("test", size=size, seed=seed), config.n_test)
     if heldout:
-        ood = {"heldout": _normalise(offline.heldout_patches(config.n_ood, seed=seed))}
+        ood = {"heldout": _normalise(offline.heldout_patches(config.n_ood, size=size, seed=seed))}
     else:
-        ood = {k: _normalise(v) for k, v in offline.load_ood_sets(config.ood_sets, n=config.n_ood, seed=seed).items()}
+        sets = offline.load_ood_sets(config.ood_sets, n=config.n_ood, size=size, seed=seed)
+        ood = {k: _normalise(v) for k, v in sets.items()}
     return _Data(train, val, test, ood)
 
 
@@ -250,8 +266,9 @@ def build_backbone(config: DemoConfig, num_classes: int = 10) -> nn.Module:
     ``"resnetv2"``: timm's ``ResNetV2`` (pre-activation bottlenecks, ``StdConv2d`` weight-standardised
     convolutions, ``GroupNormAct``; the BiT family), one input channel, ``config.widths`` channels and
     ``config.depths`` blocks per stage, output stride 8 so the last feature map is 4x4 (RankFeat needs a
-    spatial map). ``"t2t_vit"``: :class:`samnorm.models.T2TViT` with embedding width ``widths[-1] // 2``,
-    ``len(depths) + 2`` blocks, 4 heads.
+    spatial map). ``"t2t_vit"``: :class:`samnorm.models.T2TViT` (LayerNorm, performer tokens-to-token)
+    for ``config.size`` inputs, embedding width ``widths[-1] * 3 // 8`` (96 by default),
+    ``len(depths)`` blocks, 4 heads, MLP ratio 2, token width 16.
 
     Example:
         >>> model = build_backbone(DemoConfig())
@@ -262,9 +279,9 @@ def build_backbone(config: DemoConfig, num_classes: int = 10) -> nn.Module:
     if config.backbone == "t2t_vit":
         from samnorm.models import T2TViT
 
-        dim = max(32, config.widths[-1] // 2)
-        return T2TViT(img_size=28, in_chans=1, num_classes=num_classes, embed_dim=dim, depth=len(config.depths) + 2,
-                      num_heads=4, mlp_ratio=2.0, token_dim=32)
+        dim = max(4, config.widths[-1] * 3 // 32) * 4  # divisible by the 4 heads
+        return T2TViT(img_size=config.size, in_chans=1, num_classes=num_classes, embed_dim=dim,
+                      depth=len(config.depths), num_heads=4, mlp_ratio=2.0, token_dim=16)
     from functools import partial
 
     from timm.layers import GroupNormAct, StdConv2d
@@ -387,12 +404,15 @@ class _Recipe:
     momentum: float
     weight_decay: float
     ood_loss: str
+    m_in: float
+    m_out: float
 
 
 def _recipe(config: DemoConfig, arm: str, **overrides: Any) -> _Recipe:
     rho = {"sam_on": config.rho_sam_on, "sam": config.rho_sam, "sgd": 0.0}[arm]
     base = _Recipe(config.lr, config.ood_weight, tuple(config.transforms), rho, config.epochs,
-                   config.batch_size, config.momentum, config.weight_decay, config.ood_loss)
+                   config.batch_size, config.momentum, config.weight_decay, config.ood_loss,
+                   config.m_in, config.m_out)
     return dataclasses.replace(base, **overrides)
 
 
@@ -435,7 +455,8 @@ def finetune(
     x, y = train
     steps = recipe.epochs * math.ceil(len(x) / recipe.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, steps)
-    loss_fn = SFTLoss(recipe.ood_loss, recipe.ood_weight)
+    margins = {"m_in": recipe.m_in, "m_out": recipe.m_out} if recipe.ood_loss == "energy" else {}
+    loss_fn = SFTLoss(recipe.ood_loss, recipe.ood_weight, **margins)
     sampler = PseudoOOD(list(recipe.transforms), seed=seed)
     g = torch.Generator().manual_seed(seed)
     for _ in range(recipe.epochs):
@@ -808,6 +829,13 @@ def _describe(model: nn.Module, config: DemoConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------ select
+#: The grid of ``samnorm demo --select``. Learning rates stop at the pretraining peak (0.1): above
+#: it, fine-tuning is no longer a small step from the pretrained weights.
+SELECTION_GRID: dict[str, tuple[Any, ...]] = {
+    "lr": (0.03, 0.05, 0.1), "ood_weight": (0.1, 0.25, 0.5), "ood_loss": ("uniform", "energy")}
+SELECTION_RHOS: dict[str, tuple[float, ...]] = {"sam_on": (0.05, 0.1, 0.2, 0.3), "sam": (0.02, 0.05, 0.1, 0.2)}
+
+
 def select_hyperparameters(
     config: DemoConfig | None = None,
     *,
@@ -837,8 +865,8 @@ def select_hyperparameters(
     from samnorm.ood import energy, fpr_at_tpr, msp
 
     config = config if config is not None else DemoConfig()
-    grid = dict(grid) if grid is not None else {"lr": (0.01, 0.03, 0.1), "ood_weight": (0.25, 0.5, 1.0)}
-    rhos = dict(rhos) if rhos is not None else {"sam_on": (0.05, 0.1, 0.2, 0.5), "sam": (0.02, 0.05, 0.1, 0.2)}
+    grid = dict(grid) if grid is not None else dict(SELECTION_GRID)
+    rhos = dict(rhos) if rhos is not None else dict(SELECTION_RHOS)
     allowed = {f.name for f in dataclasses.fields(_Recipe)} - {"rho"}
     if set(grid) - allowed:
         raise ValueError(f"grid keys must be among {sorted(allowed)}, got {sorted(set(grid) - allowed)}")
@@ -883,9 +911,10 @@ def select_hyperparameters(
     keys = list(grid)
     step1 = [trial("sgd", dict(zip(keys, values))) for values in itertools.product(*grid.values())]
     winner = best(step1)
-    chosen: dict[str, Any] = {k: winner[k] for k in keys}
+    shared = {k: winner[k] for k in keys}
+    chosen: dict[str, Any] = dict(shared)
     for arm, values in rhos.items():
-        chosen[f"rho_{arm}"] = best([trial(arm, {**chosen, "rho": r}) for r in values])["rho"]
+        chosen[f"rho_{arm}"] = best([trial(arm, {**shared, "rho": r}) for r in values])["rho"]
     out("chosen: " + show(chosen))
     return {"pretrained": base, "table": table, "chosen": chosen}
 

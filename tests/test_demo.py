@@ -256,3 +256,16 @@ def test_cli_parser_and_bad_arguments(capsys) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--seeds", "0"])
     assert list(ARMS) == ["sam_on", "sgd", "sam"]
+
+
+def test_t2t_vit_backbone_runs_end_to_end(tmp_path) -> None:
+    config = DemoConfig(
+        backbone="t2t_vit", out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), seeds=(0,),
+        arms=("sam_on",), n_train=64, n_test=40, n_ood=20, widths=(8, 16), depths=(1, 1), pretrain_epochs=1,
+        batch_size=32, plots=False, progress=False, quiet=True,
+    )
+    assert config.size == 42
+    report = demo.run_demo(config)
+    assert "T2T-ViT" in report.data["backbone"]
+    assert set(report.data["pretrained"]["metrics"]) == set(SCORER_NAMES)
+    assert all(math.isfinite(v) for v in _numbers(report.data["arms"]))
