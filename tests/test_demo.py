@@ -154,15 +154,15 @@ def test_arms_share_data_order_loss_and_sampler(tiny) -> None:
     model, _ = demo.pretrain(config)
     data = demo._load_data(config)
     train = (data.train[0][:96], data.train[1][:96])
-    sgd = demo.finetune(model, "sgd", 3, train, demo._recipe(config, "sgd"))
+    sgd = demo.finetune(model, "sgd", 3, train, demo.arm_recipe(config, "sgd"))
     for arm in ("sam_on", "sam"):
-        tuned = demo.finetune(model, arm, 3, train, demo._recipe(config, arm, rho=0.0))
+        tuned = demo.finetune(model, arm, 3, train, demo.arm_recipe(config, arm, rho=0.0))
         for a, b in zip(sgd.state_dict().values(), tuned.state_dict().values()):
             assert torch.equal(a, b)
     # With rho > 0 the arms differ, the same seed repeats exactly, another seed differs.
-    sam_on = demo.finetune(model, "sam_on", 3, train, demo._recipe(config, "sam_on", rho=0.5))
-    repeat = demo.finetune(model, "sam_on", 3, train, demo._recipe(config, "sam_on", rho=0.5))
-    other = demo.finetune(model, "sam_on", 4, train, demo._recipe(config, "sam_on", rho=0.5))
+    sam_on = demo.finetune(model, "sam_on", 3, train, demo.arm_recipe(config, "sam_on", rho=0.5))
+    repeat = demo.finetune(model, "sam_on", 3, train, demo.arm_recipe(config, "sam_on", rho=0.5))
+    other = demo.finetune(model, "sam_on", 4, train, demo.arm_recipe(config, "sam_on", rho=0.5))
     weights = [torch.cat([p.flatten() for p in m.parameters()]) for m in (sgd, sam_on, repeat, other)]
     assert not torch.equal(weights[0], weights[1])
     assert torch.equal(weights[1], weights[2])
@@ -269,3 +269,23 @@ def test_t2t_vit_backbone_runs_end_to_end(tmp_path) -> None:
     assert "T2T-ViT" in report.data["backbone"]
     assert set(report.data["pretrained"]["metrics"]) == set(SCORER_NAMES)
     assert all(math.isfinite(v) for v in _numbers(report.data["arms"]))
+
+
+def test_selection_uses_validation_data_and_picks_the_best_eligible(tiny) -> None:
+    config, _ = tiny
+    lines: list[str] = []
+    result = demo.select_hyperparameters(
+        config, grid={"lr": (0.01, 0.05)}, rhos={"sam_on": (0.05,), "sam": (0.02,)},
+        adaptive_rhos={"sam_on": (0.5,)}, seeds=(100,), out=lines.append)
+    table = result["table"]
+    assert [e["arm"] for e in table] == ["sgd", "sgd", "sam_on", "sam_on", "sam"]
+    assert len(lines) == 1 + len(table) + 1 and lines[-1].startswith("chosen")
+    sgd = [e for e in table if e["arm"] == "sgd"]
+    pool = [e for e in sgd if e["eligible"]] or sgd
+    assert result["chosen"]["lr"] == min(pool, key=lambda e: e["criterion"])["lr"]
+    assert set(result["chosen"]) == {"lr", "rho_sam_on", "adaptive_sam_on", "rho_sam", "adaptive_sam"}
+    for e in table:
+        assert e["eligible"] == (e["accuracy"] >= result["pretrained"]["accuracy"] - 0.01)
+        assert e["criterion"] == pytest.approx((e["heldout MSP"] + e["heldout Energy"]) / 2)
+    with pytest.raises(ValueError, match="grid keys"):
+        demo.select_hyperparameters(config, grid={"momentum_typo": (0.9,)})
