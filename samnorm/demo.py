@@ -77,14 +77,19 @@ _CACHE_FORMAT = 1  # bump when pretraining code changes what a cached checkpoint
 
 #: How the fine-tuning defaults were chosen (kept with the code so the report can quote it).
 SELECTION = """\
-Fine-tuning defaults were chosen with `samnorm demo --select` (samnorm.demo.select_hyperparameters):
-ID = the 500-digit validation split (never trained on), OOD = a held-out real set (patches of
-scikit-image's coins, moon, clock, page, text and cell pictures, not in any test table) and pseudo-OOD
-images made from the validation digits by a differently seeded sampler. Criterion: mean FPR95 of MSP
-and Energy on the held-out set, averaged over 2 seeds, among settings that keep validation accuracy
-within 1 point of the pretrained model's. Shared settings (learning rate, loss weight, pseudo-OOD
-transforms) were chosen on the SGD arm, so that the baseline gets its best setting; rho was then chosen
-separately for SAM-ON and for full SAM. The test OOD sets were not used."""
+Fine-tuning defaults were chosen with `samnorm demo --select` (samnorm.demo.select_hyperparameters),
+on validation data only: ID = the 500-digit validation split (never trained on); OOD = a held-out real
+set (patches of scikit-image's coins, moon, clock, page, text and cell pictures, in no test table).
+Criterion: mean FPR95 of MSP and Energy on the held-out set, averaged over seeds 100 and 101 (not the
+report's seeds), among settings that keep validation accuracy within 1 point of the pretrained model's.
+Step 1, on the SGD arm (so the baseline gets its best setting): learning rate {0.03, 0.05, 0.1} x loss
+weight {0.1, 0.25, 0.5} x pseudo-OOD loss {uniform-target CE, energy margin}; chosen lr 0.1, uniform
+CE, weight 0.25 (criterion 0.072; pretrained 0.278). Step 2, with those settings: SAM-ON rho {0.05,
+0.1, 0.2, 0.3} and ASAM-ON rho {0.1, 0.2, 0.5, 1}, chosen ASAM-ON rho 0.1 (0.059); full SAM rho
+{0.02, 0.05, 0.1, 0.2}, chosen 0.1 (0.061). Learning rates stop at the pretraining peak (0.1); the
+pseudo-OOD transforms are the sampler's six defaults (not varied). The test OOD sets were never used.
+Caveat: an earlier selection run with seeds 0 and 1 picked the energy-margin loss (weight 0.1) and
+rho 0.05 for both SAM arms: the best settings differ by less than the seed-to-seed noise."""
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -147,14 +152,14 @@ class DemoConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    ood_loss: str = "energy"
-    ood_weight: float = 0.1
+    ood_loss: str = "uniform"
+    ood_weight: float = 0.25
     m_in: float = -10.0
     m_out: float = -4.0
     transforms: tuple[str, ...] = ("jigsaw", "patch_mix", "rotate", "blur", "noise", "fourier")
-    rho_sam_on: float = 0.05
-    rho_sam: float = 0.05
-    adaptive_sam_on: bool = False
+    rho_sam_on: float = 0.1
+    rho_sam: float = 0.1
+    adaptive_sam_on: bool = True
     adaptive_sam: bool = False
     data_seed: int = 0
     progress: bool = True
@@ -678,6 +683,21 @@ def _table(report: dict[str, Any], where: str) -> list[str]:
     return lines
 
 
+def _recipe_line(report: dict[str, Any]) -> str:
+    recipes = {arm: res["recipe"] for arm, res in report["arms"].items()}
+    r = next(iter(recipes.values()))
+    loss = {"uniform": "uniform-target cross-entropy", "energy": f"energy margin (m_in {r['m_in']}, m_out {r['m_out']})",
+            "maxlogit": "max-logit gap"}[r["ood_loss"]]
+    ascent = "; ".join(
+        f"{ARMS[arm]}: {'ASAM' if rec['adaptive'] else 'SAM'} rho {rec['rho']:g}"
+        + (" on the normalization layers" if arm == "sam_on" else " on all parameters")
+        for arm, rec in recipes.items() if arm != "sgd")
+    return (f"Recipe (shared by all arms): SGD momentum {r['momentum']:g}, lr {r['lr']:g} with cosine decay, "
+            f"weight decay {r['weight_decay']:g}, batch {r['batch_size']} ID + {r['batch_size']} pseudo-OOD images "
+            f"({', '.join(r['transforms'])}), loss = cross-entropy + {r['ood_weight']:g} x {loss}"
+            + (f"; {ascent}." if ascent else "."))
+
+
 def _markdown(report: dict[str, Any], per_set: bool) -> str:
     cfg = report["config"]
     arms = list(report["arms"])
@@ -689,6 +709,8 @@ def _markdown(report: dict[str, Any], per_set: bool) -> str:
         f"Backbone: {report['backbone']}. Fine-tuning: {cfg['epochs']} epoch(s) from the same pretrained "
         f"weights, seeds {', '.join(map(str, cfg['seeds']))} (mean ± sample std over seeds). "
         f"{report['convention']}",
+        "",
+        _recipe_line(report),
         "",
         "Marks: ✓ better than pretrained (or than SGD, in the last columns) by more than the seed spread; "
         "✗ worse by more than the spread; ≈ the difference is within the spread (not significant).",
