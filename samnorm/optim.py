@@ -8,9 +8,10 @@ One step of SAM (Foret et al. 2021) with the SAM-ON selection (Mueller et al. 20
    optimizer step with the gradient taken at ``w + e``.
 
 The step never synchronises host and device: the norm, the non-finite guard and the skip counter are
-device tensors. Tensors are grouped by (device, dtype); each group is perturbed with a handful of
-kernels whatever its number of tensors (one ``cat`` into a flat buffer, one norm, one masked scale,
-one ``_foreach_add_``), which is what makes the hundred tiny tensors of SAM-ON cheap.
+device tensors. Small tensors are grouped by (device, dtype) into persistent flat buffers and
+perturbed with a fixed number of kernels whatever their count (``_foreach_copy_`` in, one norm, one
+guard, one scale, one ``_foreach_add_``), which is what makes the hundred tiny tensors of SAM-ON
+cheap; large tensors use fused per-tensor ops.
 """
 
 from __future__ import annotations
@@ -223,11 +224,18 @@ class SAM(Optimizer):
                     "torch.no_grad()) from the model's output"
                 )
             wanted = [p for p in params if p.requires_grad]
-            with torch.enable_grad():
-                grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-            pairs = [(p, g) for p, g in zip(wanted, grads) if g is not None]
+            grads: Iterable[torch.Tensor | None] = ()
+            if wanted:
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+            pairs = list(zip(wanted, grads))
         else:
-            pairs = [(p, p.grad) for p in params if p.grad is not None]
+            pairs = [(p, p.grad) for p in params]
+        if self.sync_first_pass and _distributed():
+            # every rank must issue the same collectives: a missing gradient counts as zero
+            pairs = [(p, torch.zeros_like(p) if g is None else g) for p, g in pairs if p.requires_grad]
+        else:
+            pairs = [(p, g) for p, g in pairs if g is not None]
         self._ascend(pairs)
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -237,6 +245,8 @@ class SAM(Optimizer):
         single = self.foreach is False
         by_key: dict[tuple[torch.device, torch.dtype, bool], list] = defaultdict(list)
         for p, g in pairs:
+            if p.is_complex():
+                raise TypeError("SAM does not support complex parameters; perturb real ones only")
             # Many small tensors share one flat buffer (a fixed number of kernels); a large tensor
             # amortises its own kernels and skips the gather into the buffer.
             per_tensor = single or g.is_sparse or p.numel() > _FLAT_MAX_NUMEL
@@ -246,10 +256,10 @@ class SAM(Optimizer):
         for (device, dtype, per_tensor), items in by_key.items():
             ps = [p for p, _ in items]
             gs = [g for _, g in items]
-            if self.sync_first_pass and not per_tensor:
+            if self.sync_first_pass:
                 gs = _all_reduce_mean(gs)
             if per_tensor:
-                groups.append(_TensorGroup(ps, gs, self._t_fn(), self._backups))
+                groups.append(_TensorGroup(ps, gs, self._t_fn(), self._backups, acc))
             else:
                 buffers = self._flat_buffers(device, dtype, ps, acc)
                 groups.append(_FlatGroup(ps, gs, buffers, self._t_fn()))
@@ -262,7 +272,8 @@ class SAM(Optimizer):
         finite = torch.isfinite(norm)
         self.last_grad_norm = norm
         self._record_nonfinite(finite)
-        scale = torch.where(finite, self.rho / (norm + self.eps), 0.0)  # a NaN norm gives a NaN scale
+        # 0 when the norm is not finite (a NaN norm gives a NaN scale) or is 0 (0 / 0 with eps=0)
+        scale = torch.where(finite & (norm > 0), self.rho / (norm + self.eps), 0.0)
         for g in groups:
             g.apply(scale, finite)
 
@@ -303,14 +314,14 @@ class SAM(Optimizer):
             scaler: a ``torch.amp.GradScaler``; the step then goes through ``scaler.step`` (call
                 ``scaler.update()`` after, as usual). If the first pass was not finite, the whole
                 step is skipped and the scaler backs off, exactly as for an inf in the second pass.
+                ``scaler.unscale_`` (for clipping) may be called before, on SAM or on its base
+                optimizer.
         """
         if self._perturbed is None:
             raise RuntimeError("second_step called without first_step: call first_step() first")
         self.restore()
-        if scaler is not None:
-            if self._first_nonfinite is not None:
-                _poison_if(self._first_nonfinite, self._owned())
-            scaler.step(self.base_optimizer)
+        if scaler is not None and scaler.is_enabled():
+            _scaler_step(scaler, self, self._first_nonfinite)
         else:
             self.base_optimizer.step()
         self._first_nonfinite = None
@@ -409,6 +420,17 @@ class SAM(Optimizer):
         """How many steps skipped the ascent for a non-finite gradient norm (reading it syncs)."""
         return 0 if self._nonfinite_count is None else int(self._nonfinite_count)
 
+    def __getstate__(self) -> dict[str, Any]:
+        if self._perturbed is not None:
+            raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
+        # scratch buffers are rebuilt on the next step
+        return {**self.__dict__, "_buffers": {}, "_backups": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._link()
+        self._patch_step_function()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of every parameter of the base optimizer."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -506,7 +528,7 @@ class _TensorGroup:
     backup, the norm, an in-place guard of the gradient and one fused ``p += g * scale``.
     """
 
-    def __init__(self, ps, gs, t_fn, backups: dict[int, torch.Tensor]) -> None:
+    def __init__(self, ps, gs, t_fn, backups: dict[int, torch.Tensor], acc: torch.dtype) -> None:
         self.params = ps
         self.backup = []
         for p in ps:
@@ -517,12 +539,13 @@ class _TensorGroup:
             self.backup.append(b)
         self.grads = [g.coalesce() if g.is_sparse else g for g in gs]
         # T and the direction v = T g on the gradient's support (the values of a sparse gradient)
+        # (ASAM in float32 at least: T^2 g underflows fp16)
         self.ts = [
-            None if t_fn is None else t_fn(p[tuple(g.indices())] if g.is_sparse else p)
+            None if t_fn is None else t_fn((p[tuple(g.indices())] if g.is_sparse else p).to(acc))
             for p, g in zip(ps, self.grads)
         ]
         self.vs = [
-            v if t is None else v * t
+            v if t is None else v.to(acc) * t
             for v, t in zip((g.values() if g.is_sparse else g for g in self.grads), self.ts)
         ]
 
@@ -531,8 +554,8 @@ class _TensorGroup:
 
     def apply(self, scale: torch.Tensor, finite: torch.Tensor) -> None:
         # scale is 0 when the norm is not finite, but a NaN/inf gradient times 0 is still NaN. Then
-        # and only then nan_to_num_ changes the (consumed) first-pass gradient; otherwise it is
-        # the identity, and cheaper than a select.
+        # and only then nan_to_num_ zeroes the non-finite entries of the (consumed) first-pass
+        # gradient in place; otherwise it is the identity, and cheaper than a select.
         for p, g, v, t in zip(self.params, self.grads, self.vs, self.ts):
             s = scale.to(v.device)
             v.nan_to_num_(0.0, 0.0, 0.0)
@@ -549,21 +572,37 @@ class _TensorGroup:
         torch._foreach_copy_(self.params, self.backup)
 
 
-def _poison_if(flag: torch.Tensor, params: list[torch.Tensor]) -> None:
-    """Make GradScaler see an inf when ``flag`` is set, without reading ``flag`` on the host."""
-    for p in params:
-        g = p.grad
-        if g is not None and g.numel() and not g.is_sparse:
-            elem = g[(0,) * g.dim()]  # a view, also for non-contiguous gradients
-            elem.add_(torch.where(flag.to(g.device), float("inf"), 0.0).to(g.dtype))
-            return
+def _scaler_step(scaler: Any, sam: SAM, first_nonfinite: torch.Tensor | None) -> None:
+    """``scaler.step(base)``, also skipped (and the scale backed off) when the first pass was not
+    finite. GradScaler keeps its inf flags per optimizer object; SAM joins its own flag to the base
+    optimizer's, which needs GradScaler's per-optimizer state (stable since torch 1.6)."""
+    from torch.amp.grad_scaler import OptState
+
+    states = scaler._per_optimizer_states
+    base = sam.base_optimizer
+    if states[id(sam)]["stage"] is OptState.UNSCALED and states[id(base)]["stage"] is OptState.READY:
+        states[id(base)] = states.pop(id(sam))  # the user unscaled through SAM: same gradients
+    if states[id(base)]["stage"] is OptState.READY:
+        scaler.unscale_(base)
+    if first_nonfinite is not None:
+        for found in states[id(base)]["found_inf_per_device"].values():
+            found.add_(first_nonfinite.to(found.device, found.dtype))
+    scaler.step(base)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return gs
+    if any(g.is_sparse for g in gs):
+        raise ValueError("sync_first_pass does not support sparse gradients; use sync_first_pass=False")
     flat = torch.cat([g.reshape(-1) for g in gs])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()

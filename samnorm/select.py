@@ -227,7 +227,8 @@ def _select(model: nn.Module, keep_module, keep_param=lambda name: True) -> Sele
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
             if p.requires_grad and keep_param(full):
-                entries.append(_Entry(full, p, mname, type(module).__name__))
+                # "" stands for an unknown owner (from_params), so the root module gets a name
+                entries.append(_Entry(full, p, mname or "<root>", type(module).__name__))
     return Selection(entries)
 
 

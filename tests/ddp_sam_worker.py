@@ -17,7 +17,9 @@ from samnorm import SAM
 
 def make():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4)).double()
+    # the 300 x 300 layer is above SAM's flat-buffer size: both of SAM's paths are exercised
+    return nn.Sequential(nn.Linear(6, 300), nn.LayerNorm(300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(),
+                         nn.Linear(300, 4)).double()
 
 
 def step(model, opt, x, y):
@@ -44,8 +46,9 @@ def main(out: str, sync: bool) -> None:
 
     model = DDP(make())
     model.register_comm_hook(None, counting_hook)
-    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.3,
-              sync_first_pass=sync)
+    # synchronised: plain SAM, so large tensors are averaged too; local: SAM-ON
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), None if sync else model, rho=0.3,
+              sync_first_pass=sync, model=model)
     per_pass = []
     for _ in range(3):
         before = calls["n"]
@@ -61,7 +64,7 @@ def main(out: str, sync: bool) -> None:
     result = {"params": [p.detach().clone() for p in model.module.parameters()], "per_pass": per_pass}
     if rank == 0:
         ref = make()
-        ref_opt = SAM(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), ref, rho=0.3)
+        ref_opt = SAM(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), None if sync else ref, rho=0.3)
         for _ in range(3):
             step(ref, ref_opt, x, y)
         result["reference"] = [p.detach().clone() for p in ref.parameters()]

@@ -80,6 +80,43 @@ def test_grad_scaler_inf_in_either_pass_skips_whole_step_and_backs_off(inject):
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.filterwarnings("ignore:SAM. the first-pass gradient norm was not finite")
+@pytest.mark.parametrize("unscale_on", ["base", "sam"])
+def test_grad_scaler_unscale_before_second_step_for_clipping(unscale_on):
+    x, y = _data()
+    for inject in (None, "first"):
+        a, b = _mlp(), _mlp()
+        oa = SAM(torch.optim.SGD(a.parameters(), lr=0.1), a, rho=0.3)
+        ob = SAM(torch.optim.SGD(b.parameters(), lr=0.1), b, rho=0.3)
+        sa, sb = (torch.amp.GradScaler("cpu", init_scale=2.0**12) for _ in range(2))
+        before = copy.deepcopy(b.state_dict())
+        _scaler_step(a, oa, sa, x, y, inject=inject)
+        handle = b[1].weight.register_hook(lambda g: g * float("inf")) if inject else None
+        ob.first_step(sb.scale(_ce(b, x, y)))
+        if handle:
+            handle.remove()
+        sb.scale(_ce(b, x, y)).backward()
+        sb.unscale_(ob.base_optimizer if unscale_on == "base" else ob)  # e.g. to clip
+        ob.second_step(scaler=sb, zero_grad=True)
+        sb.update()
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q)
+        if inject:
+            assert sb.get_scale() == 2.0**11
+            assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore:SAM. the first-pass gradient norm was not finite")
+def test_disabled_grad_scaler_behaves_like_no_scaler():
+    x, y = _data()
+    model = _mlp()
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    _scaler_step(model, opt, scaler, x, y, inject="first")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.nonfinite_steps == 1
+
+
 def test_fp16_autocast_step_runs_on_cpu():
     x, y = _data()
     model = _mlp()

@@ -492,3 +492,62 @@ def test_descent_inequality_eq12_on_quadratics(n, split, seed, rho, h_frac):
     sam.second_step()
     bound = float(f0.detach()) - h / 2 * gsq + 0.5 * h * lip**2 * rho**2 * (1 + lip * h)
     assert float(f().detach()) <= bound + 1e-9 * (1 + abs(bound))
+
+
+def test_zero_gradient_with_eps_zero_does_not_perturb():
+    p = nn.Parameter(torch.randn(3))
+    before = p.detach().clone()
+    sam = SAM(torch.optim.SGD([p], lr=0.1), eps=0.0)
+    p.grad = torch.zeros(3)
+    sam.first_step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_asam_per_tensor_equals_flat(dtype):
+    outs = []
+    for foreach in (None, False):
+        torch.manual_seed(0)
+        p = nn.Parameter((torch.randn(3000) * 0.01).to(dtype))
+        p.grad = (torch.randn(3000) * 1e-4).to(dtype)
+        before = p.detach().float().clone()
+        SAM(torch.optim.SGD([p], lr=0.1), rho=10.0, adaptive=True, eta=0.0, foreach=foreach).first_step()
+        outs.append(p.detach().float() - before)
+    assert (outs[0] != 0).float().mean() > 0.9
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_deepcopy_and_pickle_keep_settings_and_links():
+    import pickle
+
+    model = _mlp()
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.3, adaptive=True)
+    x, y = _batch()
+    sam.first_step(nn.functional.cross_entropy(model(x), y))
+    nn.functional.cross_entropy(model(x), y).backward()
+    sam.second_step(zero_grad=True)
+    m2, s2 = copy.deepcopy((model, sam))
+    assert s2.rho == 0.3 and s2.adaptive and s2.param_groups is s2.base_optimizer.param_groups
+    assert all(any(p is q for q in m2.parameters()) for p in s2.perturbed_parameters())
+    s2.first_step(nn.functional.cross_entropy(m2(x), y))
+    nn.functional.cross_entropy(m2(x), y).backward()
+    s2.second_step(zero_grad=True)
+    s3 = pickle.loads(pickle.dumps(sam))
+    assert s3.rho == 0.3 and s3.state is s3.base_optimizer.state
+
+
+def test_frozen_selection_with_loss_path_does_not_crash():
+    model = _mlp()
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    model[1].requires_grad_(False)
+    sam.first_step(model(torch.randn(2, 6)).sum())
+    model(torch.randn(2, 6)).sum().backward()
+    sam.second_step()
+
+
+def test_complex_parameters_are_refused():
+    p = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    sam = SAM(torch.optim.SGD([p], lr=0.1))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError, match="complex"):
+        sam.first_step()

@@ -95,6 +95,10 @@ def test_by_type_by_name_all_params():
         norm_layers([nn.Linear(1, 1)])  # type: ignore[arg-type]
 
 
+def test_root_norm_layer_counts_as_one_layer():
+    assert "Selection: 1 layers, 2 tensors, 8 elements" in norm_layers(nn.LayerNorm(4)).summary()
+
+
 def test_tied_weights_counted_once():
     lin = nn.Linear(3, 3)
     model = nn.Sequential(lin, lin)
