@@ -1,25 +1,51 @@
 """samnorm: sharpness-aware fine-tuning (SAM on normalization layers) for OOD detection.
 
+Names load on first use (PEP 562), so ``import samnorm`` and ``samnorm --help`` stay fast; nothing
+here imports timm or torchvision.
+
 Example:
     >>> import torch, samnorm
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     >>> opt = samnorm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5)
 """
 
-from . import select
-from .optim import SAM, disable_running_stats
-from .select import Selection, all_params, by_name, by_type, norm_layers, register_norm_type
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SAM",
-    "Selection",
-    "all_params",
-    "by_name",
-    "by_type",
-    "disable_running_stats",
-    "norm_layers",
-    "register_norm_type",
-    "select",
-]
+# public name -> submodule that defines it
+_EXPORTS = {
+    "SAM": "optim",
+    "disable_running_stats": "optim",
+    "Selection": "select",
+    "all_params": "select",
+    "by_name": "select",
+    "by_type": "select",
+    "norm_layers": "select",
+    "register_norm_type": "select",
+}
+_SUBMODULES = {"data", "demo", "diagnostics", "losses", "models", "ood", "optim", "plots", "recipe", "select"}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .optim import SAM, disable_running_stats
+    from .select import Selection, all_params, by_name, by_type, norm_layers, register_norm_type
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'samnorm' has no attribute {name!r}")
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
