@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ARMS",
+    "BACKBONE_DEFAULTS",
     "DemoConfig",
     "DemoReport",
     "SCORER_NAMES",
@@ -74,6 +75,12 @@ SCORER_NAMES: tuple[str, ...] = ("MSP", "MaxLogit", "Energy", "ODIN", "ReAct", "
 _MEAN, _STD = 0.5, 0.5  # BiT's input normalisation, (x - 0.5) / 0.5
 _ID_NAME = "MNIST"  # the ID set's name in tables and plots
 _CACHE_FORMAT = 1  # bump when pretraining code changes what a cached checkpoint contains
+
+#: Per-backbone defaults of the DemoConfig fields left at None (see SELECTION for the fine-tuning lr).
+BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "resnetv2": {"pretrain_optimizer": "sgd", "pretrain_lr": 0.1, "pretrain_epochs": 8, "lr": 0.1},
+    "t2t_vit": {"pretrain_optimizer": "adamw", "pretrain_lr": 2e-3, "pretrain_epochs": 15, "lr": 0.01},
+}
 
 #: How the fine-tuning defaults were chosen (kept with the code so the report can quote it).
 SELECTION = """\
@@ -113,9 +120,11 @@ class DemoConfig:
         widths, depths, stem_width, groups: the ResNetV2's stage widths and blocks per stage, stem
             width and GroupNorm groups; the T2T-ViT derives its size from them (see
             :func:`build_backbone`).
-        pretrain_epochs, pretrain_lr, batch_size: pretraining (SGD, Nesterov momentum 0.9,
-            one-cycle schedule, random 2-pixel shifts).
-        epochs, lr, momentum, weight_decay: fine-tuning (SGD base optimizer, cosine schedule).
+        pretrain_epochs, pretrain_lr, pretrain_optimizer, batch_size: pretraining (one-cycle
+            schedule, random 2-pixel shifts; ``"sgd"``: Nesterov momentum 0.9, ``"adamw"``: weight
+            decay 0.05). ``None`` takes the backbone's default (``BACKBONE_DEFAULTS``).
+        epochs, lr, momentum, weight_decay: fine-tuning (SGD base optimizer, cosine schedule);
+            ``lr=None`` takes the backbone's default.
         ood_loss, ood_weight: the pseudo-OOD term of :class:`samnorm.losses.SFTLoss` and its weight.
         m_in, m_out: energy-margin loss margins (``ood_loss="energy"`` only): ID energies are pushed
             below ``m_in``, pseudo-OOD energies above ``m_out``. The pretrained demo model's energies
@@ -145,11 +154,12 @@ class DemoConfig:
     depths: tuple[int, ...] = (1, 1, 1, 1)
     stem_width: int = 16
     groups: int = 8
-    pretrain_epochs: int = 8
-    pretrain_lr: float = 0.1
+    pretrain_epochs: int | None = None
+    pretrain_lr: float | None = None
+    pretrain_optimizer: str | None = None
     batch_size: int = 64
     epochs: int = 1
-    lr: float = 0.1
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
     ood_loss: str = "uniform"
@@ -168,8 +178,13 @@ class DemoConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        if self.backbone not in ("resnetv2", "t2t_vit"):
-            raise ValueError(f"backbone must be 'resnetv2' or 't2t_vit', got {self.backbone!r}")
+        if self.backbone not in BACKBONE_DEFAULTS:
+            raise ValueError(f"backbone must be one of {list(BACKBONE_DEFAULTS)}, got {self.backbone!r}")
+        for name, value in BACKBONE_DEFAULTS[self.backbone].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: fill the backbone's default once
+        if self.pretrain_optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"pretrain_optimizer must be 'sgd' or 'adamw', got {self.pretrain_optimizer!r}")
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms or len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms must be distinct names from {list(ARMS)}, got {list(self.arms)}")
@@ -218,6 +233,7 @@ class DemoConfig:
             "groups": self.groups,
             "epochs": self.pretrain_epochs,
             "lr": self.pretrain_lr,
+            "optimizer": self.pretrain_optimizer,
             "batch_size": self.batch_size,
             "n_train": self.n_train,
             "data_seed": self.data_seed,
@@ -364,8 +380,12 @@ def pretrain(config: DemoConfig, data: _Data | None = None) -> tuple[nn.Module, 
     x, y = data.train
     steps_per_epoch = math.ceil(len(x) / config.batch_size)
     total = config.pretrain_epochs * steps_per_epoch
-    opt = torch.optim.SGD(model.parameters(), lr=config.pretrain_lr, momentum=0.9, nesterov=True,
-                          weight_decay=config.weight_decay)
+    opt: torch.optim.Optimizer
+    if config.pretrain_optimizer == "adamw":  # what ViTs train with; SGD leaves this one at ~75%
+        opt = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=config.pretrain_lr, momentum=0.9, nesterov=True,
+                              weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.pretrain_lr, total_steps=total, pct_start=0.15)
     g = torch.Generator().manual_seed(config.data_seed)
     model.train()
@@ -876,10 +896,12 @@ def _describe(model: nn.Module, config: DemoConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------ select
-#: The grid of ``samnorm demo --select``. Learning rates stop at the pretraining peak (0.1): above
-#: it, fine-tuning is no longer a small step from the pretrained weights.
-SELECTION_GRID: dict[str, tuple[Any, ...]] = {
-    "lr": (0.03, 0.05, 0.1), "ood_weight": (0.1, 0.25, 0.5), "ood_loss": ("uniform", "energy")}
+#: The grids of ``samnorm demo --select`` per backbone. Learning rates stop at the pretraining peak
+#: (ResNetV2: 0.1); above it fine-tuning is no longer a small step from the pretrained weights.
+SELECTION_GRID: dict[str, dict[str, tuple[Any, ...]]] = {
+    "resnetv2": {"lr": (0.03, 0.05, 0.1), "ood_weight": (0.1, 0.25, 0.5), "ood_loss": ("uniform", "energy")},
+    "t2t_vit": {"lr": (0.003, 0.01, 0.03), "ood_weight": (0.1, 0.25, 0.5)},
+}
 SELECTION_RHOS: dict[str, tuple[float, ...]] = {"sam_on": (0.05, 0.1, 0.2, 0.3), "sam": (0.02, 0.05, 0.1, 0.2)}
 #: Radii tried with the adaptive ascent (ASAM; "ASAM-ON" for SAM-ON, the default of Mueller et al.).
 SELECTION_ADAPTIVE_RHOS: dict[str, tuple[float, ...]] = {"sam_on": (0.1, 0.2, 0.5, 1.0)}
@@ -917,7 +939,7 @@ def select_hyperparameters(
     from samnorm.ood import energy, fpr_at_tpr, msp
 
     config = config if config is not None else DemoConfig()
-    grid = dict(grid) if grid is not None else dict(SELECTION_GRID)
+    grid = dict(grid) if grid is not None else dict(SELECTION_GRID[config.backbone])
     rhos = dict(rhos) if rhos is not None else dict(SELECTION_RHOS)
     adaptive_rhos = dict(adaptive_rhos) if adaptive_rhos is not None else dict(SELECTION_ADAPTIVE_RHOS)
     allowed = {f.name for f in dataclasses.fields(ArmRecipe)} - {"rho", "adaptive"}
@@ -1006,7 +1028,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--cache-dir", default=None, help=f"pretrained-weights cache (default: {default_cache_dir()})")
     p.add_argument("--seeds", type=_positive_int, default=len(d.seeds), help="number of seeds per arm, from 0")
     p.add_argument("--arms", default=",".join(d.arms), help=f"comma-separated subset of {','.join(ARMS)}")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"fine-tuning learning rate (default {d.lr})")
+    p.add_argument("--lr", type=float, default=None,
+                   help="fine-tuning learning rate (default: " + ", ".join(
+                       f"{k} {v['lr']:g}" for k, v in BACKBONE_DEFAULTS.items()) + ")")
     p.add_argument("--ood-weight", type=float, default=d.ood_weight, help=f"pseudo-OOD loss weight (default {d.ood_weight})")
     p.add_argument("--rho-sam-on", type=float, default=d.rho_sam_on, help=f"SAM-ON radius (default {d.rho_sam_on})")
     p.add_argument("--rho-sam", type=float, default=d.rho_sam, help=f"full-SAM radius (default {d.rho_sam})")

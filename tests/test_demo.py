@@ -240,9 +240,19 @@ def test_config_rejects_bad_values() -> None:
         ({"n_train": 5}, "n_train"),
         ({"widths": (8, 16), "depths": (1,)}, "widths"),
         ({"plot_scorers": ("ViM",)}, "plot_scorers"),
+        ({"pretrain_optimizer": "lbfgs"}, "pretrain_optimizer"),
+        ({"image_size": 8}, "image_size"),
     ):
         with pytest.raises(ValueError, match=match):
             DemoConfig(**kwargs)
+
+
+def test_backbone_defaults_fill_only_unset_fields() -> None:
+    for backbone, defaults in demo.BACKBONE_DEFAULTS.items():
+        config = DemoConfig(backbone=backbone)
+        assert all(getattr(config, k) == v for k, v in defaults.items())
+    assert DemoConfig(backbone="t2t_vit", lr=0.5).lr == 0.5
+    assert DemoConfig(backbone="t2t_vit").pretrain_key() != DemoConfig().pretrain_key()
 
 
 def test_cli_parser_and_bad_arguments(capsys) -> None:
