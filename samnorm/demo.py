@@ -605,38 +605,44 @@ def _verdict(delta: float, spread: float, lower_is_better: bool) -> str:
 _MARK = {"better": "✓", "worse": "✗", "within spread": "≈"}
 
 
-def _compare(report: dict[str, Any]) -> dict[str, Any]:
-    """Each arm vs pretrained and vs SGD, per scorer and metric (averages over OOD sets), and ID accuracy.
+def _difference(report: dict[str, Any], arm: str, other: str, path: tuple[str, ...], lower_is_better: bool) -> dict[str, Any]:
+    """``arm`` minus ``other`` (``"pretrained"`` or an arm) for the figure at ``path``, with its spread.
 
     An arm's spread is its sample standard deviation over seeds. Against the pretrained model (one
     deterministic value) a difference counts when it exceeds the arm's spread; between two arms
     when it exceeds ``sqrt(spread_a^2 + spread_b^2)``, the spread of a difference of two runs.
     """
-    pre = report["pretrained"]
+
+    def get(tree: Mapping[str, Any]) -> float:
+        for key in path:
+            tree = tree[key]
+        return float(tree)  # type: ignore[arg-type]
+
+    res = report["arms"][arm]
+    if other == "pretrained":
+        ref, ref_std = get(report["pretrained"]), 0.0
+    else:
+        ref, ref_std = get(report["arms"][other]["mean"]), get(report["arms"][other]["std"])
+    delta = get(res["mean"]) - ref
+    spread = math.hypot(get(res["std"]), ref_std)
+    return {"delta": delta, "spread": spread, "verdict": _verdict(delta, spread, lower_is_better)}
+
+
+def _compare(report: dict[str, Any]) -> dict[str, Any]:
+    """Each arm vs pretrained and vs SGD: every scorer's average FPR95 and AUROC, and ID accuracy."""
     out: dict[str, Any] = {}
-    for arm, res in report["arms"].items():
-        entry: dict[str, Any] = {}
+    for arm in report["arms"]:
+        out[arm] = {}
         for other in ("pretrained", "sgd"):
             if other == arm or (other != "pretrained" and other not in report["arms"]):
                 continue
-            ref_mean = pre if other == "pretrained" else report["arms"][other]["mean"]
-            ref_std = None if other == "pretrained" else report["arms"][other]["std"]
-            cmp: dict[str, Any] = {}
-            for scorer in res["mean"]["metrics"]:
-                for metric in ("FPR95", "AUROC"):
-                    a = res["mean"]["metrics"][scorer]["average"][metric]
-                    b = ref_mean["metrics"][scorer]["average"][metric]
-                    sa = res["std"]["metrics"][scorer]["average"][metric]
-                    sb = ref_std["metrics"][scorer]["average"][metric] if ref_std else 0.0
-                    spread = math.hypot(sa, sb)
-                    cmp.setdefault(scorer, {})[metric] = {
-                        "delta": a - b, "spread": spread, "verdict": _verdict(a - b, spread, metric == "FPR95")}
-            a = res["mean"]["id_accuracy"]
-            b = ref_mean["id_accuracy"]
-            spread = math.hypot(res["std"]["id_accuracy"], ref_std["id_accuracy"] if ref_std else 0.0)
-            cmp["id_accuracy"] = {"delta": a - b, "spread": spread, "verdict": _verdict(a - b, spread, False)}
-            entry[f"vs_{other}"] = cmp
-        out[arm] = entry
+            cmp: dict[str, Any] = {
+                scorer: {metric: _difference(report, arm, other, ("metrics", scorer, "average", metric), metric == "FPR95")
+                         for metric in ("FPR95", "AUROC")}
+                for scorer in report["pretrained"]["metrics"]
+            }
+            cmp["id_accuracy"] = _difference(report, arm, other, ("id_accuracy",), False)
+            out[arm][f"vs_{other}"] = cmp
     return out
 
 
@@ -680,24 +686,17 @@ def _table(report: dict[str, Any], where: str) -> list[str]:
                   "|---|" + "---:|" * (len(head) - 1)]
         for scorer in report["pretrained"]["metrics"]:
             row = [scorer, _pct(report["pretrained"]["metrics"][scorer][where][metric])]
+            path = ("metrics", scorer, where, metric)
             for arm in arms:
-                res = report["arms"][arm]
-                mean = res["mean"]["metrics"][scorer][where][metric]
-                std = res["std"]["metrics"][scorer][where][metric]
-                pre = report["pretrained"]["metrics"][scorer][where][metric]
-                mark = _MARK[_verdict(mean - pre, std, metric == "FPR95")]
-                row.append(f"{_cell(mean, std, n)} {mark}")
-            if "sgd" in arms:
-                sgd = report["arms"]["sgd"]
-                for arm in arms:
-                    if arm == "sgd":
-                        continue
-                    res = report["arms"][arm]
-                    delta = res["mean"]["metrics"][scorer][where][metric] - sgd["mean"]["metrics"][scorer][where][metric]
-                    spread = math.hypot(res["std"]["metrics"][scorer][where][metric],
-                                        sgd["std"]["metrics"][scorer][where][metric])
-                    sign = "+" if delta > 0 else "−" if delta < 0 else "±"
-                    row.append(f"{sign}{_pct(abs(delta))} {_MARK[_verdict(delta, spread, metric == 'FPR95')]}")
+                res = report["arms"][arm]["mean"]["metrics"][scorer][where][metric]
+                std = report["arms"][arm]["std"]["metrics"][scorer][where][metric]
+                mark = _MARK[_difference(report, arm, "pretrained", path, metric == "FPR95")["verdict"]]
+                row.append(f"{_cell(res, std, n)} {mark}")
+            for arm in arms if "sgd" in arms else []:
+                if arm != "sgd":
+                    diff = _difference(report, arm, "sgd", path, metric == "FPR95")
+                    sign = "+" if diff["delta"] > 0 else "−" if diff["delta"] < 0 else "±"
+                    row.append(f"{sign}{_pct(abs(diff['delta']))} {_MARK[diff['verdict']]}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return lines
