@@ -183,6 +183,12 @@ class DemoConfig:
         for name, value in BACKBONE_DEFAULTS[self.backbone].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)  # frozen: fill the backbone's default once
+        if self.ood_loss not in ("uniform", "energy", "maxlogit"):
+            raise ValueError(f"ood_loss must be 'uniform', 'energy' or 'maxlogit', got {self.ood_loss!r}")
+        from samnorm.data.pseudo_ood import TRANSFORMS
+
+        if not self.transforms or any(t not in TRANSFORMS for t in self.transforms):
+            raise ValueError(f"transforms must be names from {sorted(TRANSFORMS)}, got {list(self.transforms)}")
         if self.pretrain_optimizer not in ("sgd", "adamw"):
             raise ValueError(f"pretrain_optimizer must be 'sgd' or 'adamw', got {self.pretrain_optimizer!r}")
         unknown = [a for a in self.arms if a not in ARMS]
@@ -1033,6 +1039,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--ood-weight", type=float, default=d.ood_weight, help=f"pseudo-OOD loss weight (default {d.ood_weight})")
     p.add_argument("--rho-sam-on", type=float, default=d.rho_sam_on, help=f"SAM-ON radius (default {d.rho_sam_on})")
     p.add_argument("--rho-sam", type=float, default=d.rho_sam, help=f"full-SAM radius (default {d.rho_sam})")
+    p.add_argument("--adaptive-sam-on", action=argparse.BooleanOptionalAction, default=d.adaptive_sam_on,
+                   help=f"adaptive ascent (ASAM) in the SAM-ON arm (default {d.adaptive_sam_on})")
+    p.add_argument("--adaptive-sam", action=argparse.BooleanOptionalAction, default=d.adaptive_sam,
+                   help=f"adaptive ascent (ASAM) in the full-SAM arm (default {d.adaptive_sam})")
+    p.add_argument("--ood-loss", choices=("uniform", "energy", "maxlogit"), default=d.ood_loss,
+                   help=f"pseudo-OOD loss term of samnorm.losses.SFTLoss (default {d.ood_loss})")
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help="fine-tuning epochs (default 1)")
     p.add_argument("--transforms", default=",".join(d.transforms), help="comma-separated pseudo-OOD transforms")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -1048,6 +1060,7 @@ def _main(args: argparse.Namespace) -> int:
             backbone=args.backbone, out_dir=args.out, cache_dir=args.cache_dir, seeds=tuple(range(args.seeds)),
             arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()), lr=args.lr,
             ood_weight=args.ood_weight, rho_sam_on=args.rho_sam_on, rho_sam=args.rho_sam, epochs=args.epochs,
+            adaptive_sam_on=args.adaptive_sam_on, adaptive_sam=args.adaptive_sam, ood_loss=args.ood_loss,
             transforms=tuple(t.strip() for t in args.transforms.split(",") if t.strip()),
             plots=not args.no_plots, progress=not args.no_progress)
     except ValueError as exc:

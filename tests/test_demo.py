@@ -242,6 +242,8 @@ def test_config_rejects_bad_values() -> None:
         ({"plot_scorers": ("ViM",)}, "plot_scorers"),
         ({"pretrain_optimizer": "lbfgs"}, "pretrain_optimizer"),
         ({"image_size": 8}, "image_size"),
+        ({"ood_loss": "hinge"}, "ood_loss"),
+        ({"transforms": ("jigsaw", "cutout")}, "transforms"),
     ):
         with pytest.raises(ValueError, match=match):
             DemoConfig(**kwargs)
@@ -260,6 +262,8 @@ def test_cli_parser_and_bad_arguments(capsys) -> None:
     demo.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["demo"])
     assert args.func is demo._main and args.seeds == 3 and args.backbone == "resnetv2"
+    args = parser.parse_args(["demo", "--no-adaptive-sam-on", "--ood-loss", "energy"])
+    assert not args.adaptive_sam_on and args.ood_loss == "energy" and args.lr is None
     args = parser.parse_args(["demo", "--arms", "sam_on,bogus", "--no-progress"])
     assert args.func(args) == 2
     assert "arms" in capsys.readouterr().err
