@@ -78,8 +78,12 @@ _CACHE_FORMAT = 1  # bump when pretraining code changes what a cached checkpoint
 
 #: Per-backbone defaults of the DemoConfig fields left at None (see SELECTION for the fine-tuning lr).
 BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "resnetv2": {"pretrain_optimizer": "sgd", "pretrain_lr": 0.1, "pretrain_epochs": 8, "lr": 0.1},
-    "t2t_vit": {"pretrain_optimizer": "adamw", "pretrain_lr": 2e-3, "pretrain_epochs": 15, "lr": 0.01},
+    "resnetv2": {"pretrain_optimizer": "sgd", "pretrain_lr": 0.1, "pretrain_epochs": 8, "lr": 0.1,
+                 "ood_loss": "uniform", "ood_weight": 0.25, "rho_sam_on": 0.1, "adaptive_sam_on": True,
+                 "rho_sam": 0.1, "adaptive_sam": False},
+    "t2t_vit": {"pretrain_optimizer": "adamw", "pretrain_lr": 2e-3, "pretrain_epochs": 15, "lr": 0.03,
+                "ood_loss": "uniform", "ood_weight": 0.5, "rho_sam_on": 0.1, "adaptive_sam_on": True,
+                "rho_sam": 0.1, "adaptive_sam": False},
 }
 
 #: How the fine-tuning defaults were chosen (kept with the code so the report can quote it).
@@ -123,8 +127,7 @@ class DemoConfig:
         pretrain_epochs, pretrain_lr, pretrain_optimizer, batch_size: pretraining (one-cycle
             schedule, random 2-pixel shifts; ``"sgd"``: Nesterov momentum 0.9, ``"adamw"``: weight
             decay 0.05). ``None`` takes the backbone's default (``BACKBONE_DEFAULTS``).
-        epochs, lr, momentum, weight_decay: fine-tuning (SGD base optimizer, cosine schedule);
-            ``lr=None`` takes the backbone's default.
+        epochs, lr, momentum, weight_decay: fine-tuning (SGD base optimizer, cosine schedule).
         ood_loss, ood_weight: the pseudo-OOD term of :class:`samnorm.losses.SFTLoss` and its weight.
         m_in, m_out: energy-margin loss margins (``ood_loss="energy"`` only): ID energies are pushed
             below ``m_in``, pseudo-OOD energies above ``m_out``. The pretrained demo model's energies
@@ -132,6 +135,8 @@ class DemoConfig:
         transforms: pseudo-OOD transforms of :class:`samnorm.data.pseudo_ood.PseudoOOD`.
         rho_sam_on, rho_sam: SAM radius of the SAM-ON and full-SAM arms.
         adaptive_sam_on, adaptive_sam: use the adaptive ascent (ASAM, ``eta=0.01``) in that arm.
+        Fields left at ``None`` take the backbone's value in ``BACKBONE_DEFAULTS``: the fine-tuning
+        ones were chosen by :func:`select_hyperparameters` (see ``SELECTION``).
         data_seed: seed of the ID split, the OOD patches and pretraining.
         progress: tqdm progress bars (to stderr).
         plots: write the PNG figures (needs matplotlib).
@@ -162,15 +167,15 @@ class DemoConfig:
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    ood_loss: str = "uniform"
-    ood_weight: float = 0.25
+    ood_loss: str | None = None
+    ood_weight: float | None = None
     m_in: float = -10.0
     m_out: float = -4.0
     transforms: tuple[str, ...] = ("jigsaw", "patch_mix", "rotate", "blur", "noise", "fourier")
-    rho_sam_on: float = 0.1
-    rho_sam: float = 0.1
-    adaptive_sam_on: bool = True
-    adaptive_sam: bool = False
+    rho_sam_on: float | None = None
+    rho_sam: float | None = None
+    adaptive_sam_on: bool | None = None
+    adaptive_sam: bool | None = None
     data_seed: int = 0
     progress: bool = True
     plots: bool = True
@@ -1010,6 +1015,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _defaults(field_name: str) -> str:
+    return " (default: " + ", ".join(f"{k} {v[field_name]}" for k, v in BACKBONE_DEFAULTS.items()) + ")"
+
+
 def add_parser(subparsers: Any) -> None:
     """Register ``samnorm demo`` on an ``argparse`` sub-parser collection (CONTRACTS section 3).
 
@@ -1033,18 +1042,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--cache-dir", default=None, help=f"pretrained-weights cache (default: {default_cache_dir()})")
     p.add_argument("--seeds", type=_positive_int, default=len(d.seeds), help="number of seeds per arm, from 0")
     p.add_argument("--arms", default=",".join(d.arms), help=f"comma-separated subset of {','.join(ARMS)}")
-    p.add_argument("--lr", type=float, default=None,
-                   help="fine-tuning learning rate (default: " + ", ".join(
-                       f"{k} {v['lr']:g}" for k, v in BACKBONE_DEFAULTS.items()) + ")")
-    p.add_argument("--ood-weight", type=float, default=d.ood_weight, help=f"pseudo-OOD loss weight (default {d.ood_weight})")
-    p.add_argument("--rho-sam-on", type=float, default=d.rho_sam_on, help=f"SAM-ON radius (default {d.rho_sam_on})")
-    p.add_argument("--rho-sam", type=float, default=d.rho_sam, help=f"full-SAM radius (default {d.rho_sam})")
-    p.add_argument("--adaptive-sam-on", action=argparse.BooleanOptionalAction, default=d.adaptive_sam_on,
-                   help=f"adaptive ascent (ASAM) in the SAM-ON arm (default {d.adaptive_sam_on})")
-    p.add_argument("--adaptive-sam", action=argparse.BooleanOptionalAction, default=d.adaptive_sam,
-                   help=f"adaptive ascent (ASAM) in the full-SAM arm (default {d.adaptive_sam})")
-    p.add_argument("--ood-loss", choices=("uniform", "energy", "maxlogit"), default=d.ood_loss,
-                   help=f"pseudo-OOD loss term of samnorm.losses.SFTLoss (default {d.ood_loss})")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate" + _defaults("lr"))
+    p.add_argument("--ood-weight", type=float, default=None, help="pseudo-OOD loss weight" + _defaults("ood_weight"))
+    p.add_argument("--rho-sam-on", type=float, default=None, help="SAM-ON radius" + _defaults("rho_sam_on"))
+    p.add_argument("--rho-sam", type=float, default=None, help="full-SAM radius" + _defaults("rho_sam"))
+    p.add_argument("--adaptive-sam-on", action=argparse.BooleanOptionalAction, default=None,
+                   help="adaptive ascent (ASAM) in the SAM-ON arm" + _defaults("adaptive_sam_on"))
+    p.add_argument("--adaptive-sam", action=argparse.BooleanOptionalAction, default=None,
+                   help="adaptive ascent (ASAM) in the full-SAM arm" + _defaults("adaptive_sam"))
+    p.add_argument("--ood-loss", choices=("uniform", "energy", "maxlogit"), default=None,
+                   help="pseudo-OOD loss term of samnorm.losses.SFTLoss" + _defaults("ood_loss"))
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help="fine-tuning epochs (default 1)")
     p.add_argument("--transforms", default=",".join(d.transforms), help="comma-separated pseudo-OOD transforms")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
