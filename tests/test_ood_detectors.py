@@ -470,3 +470,78 @@ def test_make_scorer_names_and_errors(resnet):
         ood.Mahalanobis(resnet).fit(5)
     with pytest.raises(ValueError, match="D=3"):
         ood.KNN(resnet).fit_features(torch.ones(4, 3))
+
+
+# ---------------------------------------------------------------------------- review regressions
+@pytest.mark.parametrize("name", ["nf_resnet26", "gernet_s", "fastvit_t8", "convnext_atto"])
+def test_stem_stage_families_with_a_tail_after_the_stages_score_their_own_logits(name):
+    # NFNet (final_conv, final_act), ByobNet and FastViT (final_conv) have layers between the last
+    # stage and the head: skipping them gave wrong scores or bare shape errors
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5).eval()
+    x = images(2, 64)
+    with torch.no_grad():
+        want = ood.energy(model(x))
+    adapter = ood.ModelAdapter.from_model(model)
+    torch.testing.assert_close(ood.Energy(adapter).score(x), want, rtol=1e-5, atol=1e-5)
+    assert adapter.verified  # checked on the first batch
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "eva02_tiny_patch14_224"])
+def test_unknown_classes_are_refused_by_name(name):
+    # DeiT-distilled has a second head (head_dist); Eva's blocks need rotary embeddings: a ViT
+    # look-alike split ignores the one and crashes on the other
+    model = timm.create_model(name, num_classes=5, img_size=32, patch_size=8, depth=1).eval()
+    with pytest.raises(TypeError, match=rf"{type(model).__name__}.*Build ModelAdapter\(model"):
+        ood.ModelAdapter.from_model(model)
+
+    class MyResNetV2(type(tiny_resnetv2())):  # a subclass may override forward: not trusted
+        pass
+
+    subclassed = tiny_resnetv2()
+    subclassed.__class__ = MyResNetV2
+    with pytest.raises(TypeError, match="MyResNetV2"):
+        ood.ModelAdapter.from_model(subclassed)
+
+
+class _LookAlikeResNet(nn.Module):
+    """torchvision ResNet attributes, but a forward that adds a bias the split cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu, self.maxpool = nn.ReLU(), nn.MaxPool2d(2)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (nn.Conv2d(4, 4, 1) for _ in range(4))
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
+        return self.fc(torch.flatten(self.avgpool(h), 1)) + 1.0
+
+
+def test_a_wrong_split_is_caught_on_the_first_batch_once():
+    model = _LookAlikeResNet().eval()
+    for scorer in (ood.Energy(model), ood.RankFeat(model), ood.ReAct(model)):
+        with pytest.raises(ValueError, match="does not reproduce .*_LookAlikeResNet"):
+            scorer.fit(images(4, 8)) if scorer.needs_fit else scorer.score(images(4, 8))
+    with pytest.raises(ValueError, match="does not reproduce"):
+        ood.evaluate(model, [images(4, 8)], {"x": [images(4, 8)]}, ["msp"])
+    # a split that breaks the head's shapes: a clear ValueError, not a bare RuntimeError
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    broken = ood.ModelAdapter(net, embed=nn.Flatten(), blocks=[net[1:3]], pool=lambda h: h[:, :5], fc=net[3])
+    with pytest.raises(ValueError, match="fails on .*Sequential"):
+        ood.MSP(broken).score(torch.rand(3, 3, 2, 2))
+    # a right split is checked once: later batches cost one pass
+    good = ood.ModelAdapter(net, embed=nn.Flatten(), blocks=[net[1:3]], pool=lambda h: h, fc=net[3])
+    calls = []
+    net.register_forward_hook(lambda *args: calls.append(1))
+    scorer = ood.Energy(good)
+    scorer.score(torch.rand(5, 3, 2, 2))
+    assert good.verified and len(calls) == 1  # model(x[:2]) once; the split does not call net itself
+    scorer.score(torch.rand(5, 3, 2, 2))
+    assert len(calls) == 1
+    # opting out skips the check (for a forward that does not return the logits)
+    silent = ood.ModelAdapter(net, embed=nn.Flatten(), blocks=[net[1]], pool=lambda h: h, fc=net[3],
+                              auto_verify=False)
+    assert ood.Energy(silent).score(torch.rand(2, 3, 2, 2)).shape == (2,)

@@ -47,7 +47,8 @@ def test_scores_metrics_and_shared_forward(setup):
     assert model.training  # mode restored
     model.eval()
     n_batches = 2 + 2 + 2  # ID 16, far 12, near 10 at batch size 8
-    assert len(calls) == n_batches  # one trunk pass per batch for all six scorers
+    check = 2  # the adapter's one-time check of its split: model(x[:2]) and the split's own pass
+    assert len(calls) == check + n_batches  # one trunk pass per batch for all six scorers
     assert res.images_per_second > 0
     for name in scorers:
         scorer = scorers[name] if isinstance(scorers[name], ood.Scorer) else ood.make_scorer(scorers[name], model)
@@ -69,8 +70,8 @@ def test_own_pass_scorers_and_fitting_on_fit_data(setup):
                            ["energy", "rankfeat", "mahalanobis"], fit_data=train)
     finally:
         handle.remove()
-    fit_batches = 1
-    assert len(calls) == fit_batches + 2 * (2 + 2)  # shared pass + RankFeat's pass per batch
+    fit_batches, check = 1, 2  # the scorers named by string share evaluate's adapter: one check
+    assert len(calls) == check + fit_batches + 2 * (2 + 2)  # shared pass + RankFeat's pass per batch
     np.testing.assert_allclose(res.scores["RankFeat"]["far"],
                                ood.RankFeat(model).score(ood_x["far"]).double().numpy(), rtol=1e-5)
     with pytest.raises(ood.NotFittedError, match="fit_data"):
@@ -119,3 +120,4 @@ def test_bad_arguments_raise_clear_errors(setup):
         ood.evaluate(model, ids, far, ["entropy"])
     with pytest.raises(TypeError, match="name or a Scorer"):
         ood.evaluate(model, ids, far, [3])
+

@@ -34,14 +34,62 @@ def _check_fc(fc: nn.Module) -> None:
     )
 
 
+def _qualified(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__name__}"
+
+
+#: timm classes laid out ``stem -> stages -> tail -> forward_head`` whose ``forward_features`` is
+#: exactly that (checked against timm's source), with the modules of the tail in order. Only these
+#: exact classes are split this way: a look-alike may hide another tail (NFNet's final_conv) or a
+#: second head (distillation), which would corrupt every score silently.
+_STEM_STAGES: dict[str, tuple[str, ...]] = {
+    "timm.models.resnetv2.ResNetV2": ("norm",),
+    "timm.models.convnext.ConvNeXt": ("norm_pre",),
+    "timm.models.nfnet.NormFreeNet": ("final_conv", "final_act"),
+    "timm.models.byobnet.ByobNet": ("final_conv",),
+    "timm.models.fastvit.FastVit": ("final_conv",),
+    "timm.models.maxxvit.MaxxVit": ("norm",),
+    "timm.models.cspnet.CspNet": (),
+    "timm.models.davit.DaVit": ("norm_pre",),
+    "timm.models.edgenext.EdgeNeXt": ("norm_pre",),
+    "timm.models.metaformer.MetaFormer": (),
+    "timm.models.mambaout.MambaOut": (),
+    "timm.models.gcvit.GlobalContextVit": (),
+    "timm.models.vovnet.VovNet": (),
+    "timm.models.hgnet.HighPerfGpuNet": (),
+    "timm.models.nextvit.NextViT": ("norm",),
+    "timm.models.sequencer.Sequencer2d": ("norm",),
+    "timm.models.cspnext.CspNext": (),
+}
+_VIT = "timm.models.vision_transformer.VisionTransformer"
+_T2T = "samnorm.models.t2t_vit.T2TViT"
+_RESNETS = ("timm.models.resnet.ResNet", "torchvision.models.resnet.ResNet")
+
+
+def _unsupported(model: nn.Module, why: str) -> TypeError:
+    return TypeError(
+        f"ModelAdapter.from_model cannot split {_qualified(model)} into features and head: {why}. "
+        "Supported: timm VisionTransformer, samnorm T2TViT, torchvision/timm ResNet, and the timm "
+        f"stem/stages families {sorted(n.rsplit('.', 1)[1] for n in _STEM_STAGES)}. Build "
+        "ModelAdapter(model, embed=..., blocks=..., pool=..., fc=...) explicitly (see its docstring)"
+    )
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of :meth:`ModelAdapter.verify` for logits of ``dtype``: both sides run the
+    same operations, so only a few rounding steps (more in half precision) separate them."""
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
+
+
 class ModelAdapter:
     """Splits ``model`` into ``embed``, ``blocks``, ``pool`` and ``fc`` (see the module docstring).
 
-    Build it with :meth:`from_model` for timm ResNetV2 / ResNet-like models (``stem``,
-    ``stages``, ``head.fc``), timm VisionTransformer, samnorm's T2TViT, and torchvision/timm
-    ResNet (``conv1`` ... ``layer4``, ``fc``); or explicitly for any other classifier, then check
-    it with :meth:`verify`. The adapter does not change the model's mode: scorers put it in eval
-    mode while they score.
+    Build it with :meth:`from_model` for the architectures it knows, or explicitly for any other
+    classifier. A wrong split would silently corrupt every score, so the adapter checks itself
+    once, on the first batch it sees (:meth:`prepare`, :meth:`features`, :meth:`logits`): the
+    logits of the split must reproduce ``model(x)`` on up to two samples, else ``ValueError``.
+    Pass ``auto_verify=False`` only for a model whose ``forward`` does not return the logits. The
+    adapter does not change the model's mode: scorers put it in eval mode while they score.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
@@ -64,6 +112,7 @@ class ModelAdapter:
         pool: Callable[[Tensor], Tensor],
         fc: nn.Module,
         name: str = "custom",
+        auto_verify: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -77,14 +126,22 @@ class ModelAdapter:
         self.pool = pool
         self.fc = fc
         self.name = name
+        #: False until the split has been checked against ``model(x)`` (never checked when False)
+        self.verified = not auto_verify
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model(cls, model: nn.Module | "ModelAdapter") -> "ModelAdapter":
-        """Recognise a supported architecture by its attributes (duck typing).
+        """The split of a supported architecture, recognised by its exact class.
 
-        Raises ``TypeError`` naming the attributes it looked for when the model is not one of
-        them; build the adapter explicitly then.
+        Supported: timm ``VisionTransformer`` (not DeiT's distilled variant: two heads), samnorm's
+        ``T2TViT``, torchvision/timm ``ResNet`` and the timm stem/stages families listed in the
+        error message (ResNetV2/BiT, ConvNeXt, NFNet, ByobNet/GENet, FastViT, ...). Any other
+        class, including subclasses that may override ``forward``, raises ``TypeError`` naming it:
+        build the adapter explicitly then. One exception: a model with exactly the torchvision
+        ResNet attributes (``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1``-``layer4``,
+        ``avgpool``, ``fc``) is split like one, and the first-batch check catches a mismatch.
+        DistributedDataParallel, DataParallel and ``torch.compile`` wrappers are looked through.
 
         Example:
             >>> import timm  # doctest: +SKIP
@@ -93,24 +150,21 @@ class ModelAdapter:
         """
         if isinstance(model, ModelAdapter):
             return model
-        # look through DistributedDataParallel / DataParallel and torch.compile wrappers
         while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(
             model, "_orig_mod"
         ):
             model = model.module if hasattr(model, "module") else model._orig_mod
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or a ModelAdapter, got {type(model).__name__}")
+        kind = _qualified(model)
 
-        def has(*names: str) -> bool:
-            return all(hasattr(model, n) for n in names)
+        def pre_logits_after(*tail: nn.Module) -> Callable[[Tensor], Tensor]:
+            return lambda h: model.forward_head(nn.Sequential(*tail)(h), pre_logits=True)
 
-        def pre_logits_after(norm: nn.Module) -> Callable[[Tensor], Tensor]:
-            return lambda h: model.forward_head(norm(h), pre_logits=True)
-
-        if has("prepare_tokens", "blocks", "norm", "head", "forward_head"):  # samnorm T2TViT
+        if kind == _T2T:
             return cls(model, embed=model.prepare_tokens, blocks=list(model.blocks),
                        pool=pre_logits_after(model.norm), fc=model.head, name="t2t_vit")
-        if has("patch_embed", "_pos_embed", "blocks", "norm", "head", "forward_head"):  # timm ViT
+        if kind == _VIT:
 
             def embed(x: Tensor) -> Tensor:
                 x = model._pos_embed(model.patch_embed(x))
@@ -118,28 +172,29 @@ class ModelAdapter:
 
             return cls(model, embed=embed, blocks=list(model.blocks),
                        pool=pre_logits_after(model.norm), fc=model.head, name="vit")
-        if has("stem", "stages", "head", "forward_head") and hasattr(model.head, "fc"):
-            # timm ResNetV2 (final pre-activation `norm`), ConvNeXt-like (`norm_pre`)
-            norm = next((getattr(model, n) for n in ("norm", "norm_pre") if hasattr(model, n)), nn.Identity())
-            name = "resnetv2" if type(model).__name__ == "ResNetV2" else "stem_stages"
-            return cls(model, embed=model.stem, blocks=list(model.stages),
-                       pool=pre_logits_after(norm), fc=model.head.fc, name=name)
-        if has("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4", "fc"):
+        if kind in _STEM_STAGES:
+            if getattr(model, "fork_feat", False):
+                raise _unsupported(model, "it is built as a feature pyramid (fork_feat=True)")
+            fc = getattr(getattr(model, "head", None), "fc", None)
+            if not isinstance(fc, nn.Module):
+                raise _unsupported(model, "its head has no final layer head.fc")
+            tail = [getattr(model, n) for n in _STEM_STAGES[kind]]
+            name = "resnetv2" if type(model).__name__ == "ResNetV2" else type(model).__name__.lower()
+            return cls(model, embed=model.stem, blocks=list(model.stages), pool=pre_logits_after(*tail),
+                       fc=fc, name=name)
+        resnet_layout = ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4", "fc")
+        if kind in _RESNETS or (
+            all(hasattr(model, n) for n in (*resnet_layout, "relu", "avgpool")) and not hasattr(model, "forward_head")
+        ):
             act = model.relu if hasattr(model, "relu") else model.act1  # torchvision / timm
             if hasattr(model, "forward_head"):
-                pool = pre_logits_after(nn.Identity())
+                pool = pre_logits_after()
             else:
                 pool = lambda h: torch.flatten(model.avgpool(h), 1)  # noqa: E731
             return cls(model, embed=nn.Sequential(model.conv1, model.bn1, act, model.maxpool),
                        blocks=[model.layer1, model.layer2, model.layer3, model.layer4],
                        pool=pool, fc=model.fc, name="resnet")
-        raise TypeError(
-            f"cannot split {type(model).__name__} into features and head: expected a timm "
-            "ResNetV2-like model (stem, stages, head.fc), a timm VisionTransformer (patch_embed, "
-            "blocks, norm, head), samnorm's T2TViT (prepare_tokens, blocks, norm, head) or a "
-            "ResNet (conv1 ... layer4, fc); build ModelAdapter(model, embed=..., blocks=..., "
-            "pool=..., fc=...) yourself"
-        )
+        raise _unsupported(model, "its class is not one whose forward pass is known")
 
     # ------------------------------------------------------------------ head
     @property
@@ -162,11 +217,43 @@ class ModelAdapter:
         """K, the number of logits."""
         return int(self.fc.weight.shape[0])
 
-    def head(self, features: Tensor) -> Tensor:
-        """Logits ``(B, K)`` from penultimate features ``(B, D)``."""
+    def head(self, features: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Logits ``(B, K)`` from penultimate features ``(B, D)``; computed in ``dtype`` (the
+        features and the layer's parameters cast to it) when given, else as the layer runs."""
+        if dtype is not None:
+            bias = self.fc_bias
+            return F.linear(features.to(dtype), self.fc_weight.to(dtype), None if bias is None else bias.to(dtype))
         if isinstance(self.fc, nn.Linear):
             return self.fc(features)
         return F.linear(features, self.fc_weight, self.fc_bias)
+
+    # ------------------------------------------------------------------ inputs
+    def placement(self) -> tuple[torch.device, Optional[torch.dtype]]:
+        """The model's device and the dtype of its first floating-point parameter (None without one)."""
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        return device, dtype
+
+    def prepare(self, inputs: Tensor) -> Tensor:
+        """``inputs`` on the model's device, floating-point ones in its parameter dtype (a float32
+        batch for a bfloat16 model), after the one-time check of the split (see the class).
+
+        Every scorer and :func:`samnorm.ood.evaluate` pass their batches through here.
+        """
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"inputs must be a tensor batch, got {type(inputs).__name__}")
+        device, dtype = self.placement()
+        if inputs.is_floating_point() and dtype is not None:
+            inputs = inputs.to(device, dtype)
+        else:
+            inputs = inputs.to(device)
+        self._check_once(inputs)
+        return inputs
+
+    def _check_once(self, x: Tensor) -> None:
+        if not self.verified and x.shape[0] > 0:
+            self.verify(x[:2])  # two samples: cheap, and enough to expose a wrong split
 
     # ------------------------------------------------------------------ trunk
     def block_index(self, index: int) -> int:
@@ -182,37 +269,68 @@ class ModelAdapter:
             hidden = block(hidden)
         return hidden
 
+    def _features(self, x: Tensor) -> Tensor:
+        return self.pool(self.run_blocks(self.embed(x)))
+
     def features(self, x: Tensor) -> Tensor:
         """Penultimate (pre-logits) features ``(B, D)``."""
-        return self.pool(self.run_blocks(self.embed(x)))
+        self._check_once(x)
+        return self._features(x)
 
     def logits(self, x: Tensor) -> Tensor:
         """Logits ``(B, K)``; equal to ``model(x)`` (see :meth:`verify`)."""
-        return self.head(self.features(x))
+        self._check_once(x)
+        return self.head(self._features(x))
 
     def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(features, logits)`` from one forward pass."""
-        feats = self.features(x)
+        self._check_once(x)
+        feats = self._features(x)
         return feats, self.head(feats)
 
-    def verify(self, x: Tensor, *, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    def verify(self, x: Tensor, *, rtol: Optional[float] = None, atol: Optional[float] = None) -> None:
         """Raise ``ValueError`` unless :meth:`logits` reproduces ``model(x)`` (in eval mode).
 
-        Use it once on a custom adapter: a wrong split silently corrupts every score.
+        The default tolerances follow the logits' dtype (``rtol`` 1e-4 in float32, a few
+        rounding steps in half precision; ``atol`` = ``rtol`` times the largest logit, at least
+        ``rtol``). Runs by itself on the first batch; marks the adapter as verified when it passes.
         """
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                want, got = self.model(x), self.logits(x)
+                want = self.model(x)
+                try:
+                    got = self.head(self._features(x))
+                except RuntimeError as err:  # e.g. a head fed features of the wrong width
+                    raise ValueError(
+                        f"adapter {self.name!r} fails on {_qualified(self.model)} ({err}); its split into "
+                        "embed/blocks/pool/fc is wrong: build ModelAdapter(model, embed=..., blocks=..., "
+                        "pool=..., fc=...) for this model"
+                    ) from err
         finally:
             self.model.train(was_training)
-        if want.shape != got.shape or not torch.allclose(got, want, rtol=rtol, atol=atol):
-            diff = (got - want).abs().max().item() if want.shape == got.shape else float("nan")
+        if not isinstance(want, Tensor):
             raise ValueError(
-                f"adapter {self.name!r} does not reproduce the model: logits shape {tuple(got.shape)} "
-                f"vs {tuple(want.shape)}, max |difference| {diff:.3g}; check embed/blocks/pool/fc"
+                f"model(x) returned a {type(want).__name__}, not the logits, so adapter {self.name!r} "
+                "cannot be checked; build it with auto_verify=False if the split is right"
             )
+        diff = float("nan")
+        if want.shape == got.shape:
+            tol = _tolerance(want.dtype) if rtol is None else rtol
+            want, got = want.detach().double(), got.detach().double()
+            scale = float(want.abs().max()) if want.numel() else 0.0
+            slack = tol * max(1.0, scale) if atol is None else atol
+            if torch.allclose(got, want, rtol=tol, atol=slack, equal_nan=True):
+                self.verified = True
+                return
+            diff = float((got - want).abs().max())
+        raise ValueError(
+            f"adapter {self.name!r} does not reproduce {_qualified(self.model)}: logits shape "
+            f"{tuple(got.shape)} vs {tuple(want.shape)}, max |difference| {diff:.3g}; its split into "
+            "embed/blocks/pool/fc is wrong: build ModelAdapter(model, embed=..., blocks=..., pool=..., "
+            "fc=...) for this model"
+        )
 
     def __repr__(self) -> str:
         return (

@@ -169,12 +169,13 @@ class Scorer:
                 f"{self.name} reads its fit data {self.fit_passes} times; pass a DataLoader, a list "
                 "of batches or an (images, labels) pair, not a one-shot iterator"
             )
-        adapter, device = self.adapter, _device(self.model)
+        adapter = self.adapter
 
         def passes() -> Iterator[Outputs]:
             for x, y in _iter_batches(data, batch_size):
-                feats, logits = adapter.features_and_logits(x.to(device))
-                yield feats, logits, None if y is None else y.to(device)
+                x = adapter.prepare(x)
+                feats, logits = adapter.features_and_logits(x)
+                yield feats, logits, None if y is None else y.to(x.device)
 
         with _eval_mode(self.model), torch.no_grad():
             self._fit(passes)
@@ -213,12 +214,11 @@ class Scorer:
 
     # ------------------------------------------------------------ scoring
     def score(self, inputs: Tensor) -> Tensor:
-        """Scores ``(B,)`` of one batch of inputs (moved to the model's device)."""
+        """Scores ``(B,)`` of one batch (the inputs go to the model's device and parameter dtype,
+        see :meth:`ModelAdapter.prepare`)."""
         self._check_fitted()
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"inputs must be a tensor batch, got {type(inputs).__name__}")
-        x = inputs.to(_device(self.model))
         with _eval_mode(self.model):
+            x = self.adapter.prepare(inputs)
             if not self.uses_outputs:
                 return self._score_inputs(x)
             with torch.no_grad():

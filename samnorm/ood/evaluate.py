@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from samnorm.ood.adapter import ModelAdapter
-from samnorm.ood.detectors import NotFittedError, Scorer, _device, _eval_mode, _split_batch, make_scorer
+from samnorm.ood.detectors import NotFittedError, Scorer, _eval_mode, _split_batch, make_scorer
 from samnorm.ood.metrics import Convention, OODMetrics, _convention, ood_metrics
 
 __all__ = ["OODResults", "evaluate"]
@@ -160,7 +160,8 @@ def evaluate(
     *training* data). Each batch goes through the network once for all scorers that score from
     the plain features and logits (MSP, MaxLogit, Energy, ODIN without perturbation, ReAct,
     GradNorm, Mahalanobis, KNN, ViM); RankFeat, RankWeight and perturbed ODIN run their own
-    passes. Loaders yield ``(images, labels)`` or images; inputs go to the model's device. The
+    passes. Loaders yield ``(images, labels)`` or images; inputs go to the model's device and
+    parameter dtype (:meth:`ModelAdapter.prepare`, which also checks the model's split once). The
     model is in eval mode during the evaluation and restored afterwards.
 
     Example:
@@ -183,7 +184,6 @@ def evaluate(
             scorer.fit(fit_data)
     shared = {n: s for n, s in built.items() if s.uses_outputs}
     own = {n: s for n, s in built.items() if not s.uses_outputs}
-    device = _device(adapter.model)
     parts: dict[str, dict[str, list[torch.Tensor]]] = {n: {} for n in built}
     n_images, start = 0, time.perf_counter()
     with _eval_mode(adapter.model):
@@ -191,7 +191,7 @@ def evaluate(
             for name in built:
                 parts[name][set_name] = []
             for batch in loader:
-                x = _split_batch(batch)[0].to(device)
+                x = adapter.prepare(_split_batch(batch)[0])
                 n_images += x.shape[0]
                 if shared:
                     with torch.no_grad():
