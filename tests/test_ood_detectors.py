@@ -545,3 +545,23 @@ def test_a_wrong_split_is_caught_on_the_first_batch_once():
     silent = ood.ModelAdapter(net, embed=nn.Flatten(), blocks=[net[1]], pool=lambda h: h, fc=net[3],
                               auto_verify=False)
     assert ood.Energy(silent).score(torch.rand(2, 3, 2, 2)).shape == (2,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["svd", "power"])
+def test_rank1_removal_of_half_precision_features_runs_in_float32(dtype, method):
+    x = images(3, 6).to(dtype)  # (3, 3, 6, 6): a dominant direction, as block outputs have
+    got = ood.remove_rank1(x, method)
+    assert got.dtype == dtype and got.shape == x.shape
+    want = ood.remove_rank1(x.double(), "svd")
+    # one rounding of the float32 result to the half type (entries ~ x's spread, ~0.1)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=4 * torch.finfo(dtype).eps * 0.2)
+
+
+def test_rank1_power_iteration_ignores_autocast():
+    x = images(4, 8)
+    want = ood.remove_rank1(x.double(), "svd").float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # would run the products in bfloat16
+        got = ood.remove_rank1(x, "power")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -51,11 +51,6 @@ def _pairs(
     """``(rows, left (b, M, 1), right (b, 1, N))`` per chunk of the batch, ``left @ right`` being
     the rank-1 component of ``matrices[rows]``. With "power", a chunk's matrices are still in
     cache when the caller uses them right after the pair is yielded."""
-    if not isinstance(matrices, Tensor) or matrices.dim() != 3 or not matrices.is_floating_point():
-        raise ValueError(
-            "matrices must be a floating-point (B, M, N) tensor, got "
-            f"{tuple(matrices.shape) if isinstance(matrices, Tensor) else type(matrices).__name__}"
-        )
     check_method(method, iters, tol)
     if method == "svd":
         u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
@@ -85,7 +80,23 @@ def _pairs(
 def _per_chunk(
     matrices: Tensor, combine: Callable[..., Tensor], method: str, iters: int, tol: float, seed: int
 ) -> Tensor:
-    """``combine(part, left, right[, out=])`` over the chunks of :func:`_pairs`, one result."""
+    """``combine(part, left, right[, out=])`` over the chunks of :func:`_pairs`, one result.
+
+    Half-precision input is computed in float32 and the result cast back: ``linalg.svd`` has no
+    float16/bfloat16 kernels, power iteration loses the top direction in them, and the removal
+    cancels most of each entry. Autocast is switched off for the same reason (it would run the
+    power iteration's products in half precision).
+    """
+    if not isinstance(matrices, Tensor) or matrices.dim() != 3 or not matrices.is_floating_point():
+        raise ValueError(
+            "matrices must be a floating-point (B, M, N) tensor, got "
+            f"{tuple(matrices.shape) if isinstance(matrices, Tensor) else type(matrices).__name__}"
+        )
+    wide, device_type = torch.promote_types(matrices.dtype, torch.float32), matrices.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if wide != matrices.dtype or autocast:
+        with torch.autocast(device_type, enabled=False):
+            return _per_chunk(matrices.to(wide), combine, method, iters, tol, seed).to(matrices.dtype)
     pairs = _pairs(matrices, method, iters, tol, seed)
     if torch.is_grad_enabled() and matrices.requires_grad:  # out= does not record gradients
         return torch.cat([combine(matrices[rows], left, right) for rows, left, right in pairs])
@@ -129,7 +140,8 @@ def remove_rank1(
     """RankFeat's edit: ``features`` minus the rank-1 component of each sample's feature matrix.
 
     ``features`` is a CNN feature map ``(B, C, H, W)`` (matrices ``C x HW``) or ViT tokens
-    ``(B, N, C)``; the result has the same shape. ``method``, ``iters``, ``tol``, ``seed``: as
+    ``(B, N, C)``; the result has the same shape and dtype (float16/bfloat16 features are
+    processed in float32, also under autocast). ``method``, ``iters``, ``tol``, ``seed``: as
     :func:`rank1`.
 
     Example:
