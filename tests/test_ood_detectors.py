@@ -547,6 +547,48 @@ def test_a_wrong_split_is_caught_on_the_first_batch_once():
     assert ood.Energy(silent).score(torch.rand(2, 3, 2, 2)).shape == (2,)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_low_precision_models_take_float32_inputs_and_give_float32_scores(resnet, dtype):
+    model = copy.deepcopy(resnet).to(dtype)
+    x, y = images(6, 64), torch.arange(6) % 3  # float32 batches, as a loader yields them
+    want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        logits = model(x.to(dtype))
+    adapter = ood.ModelAdapter.from_model(model)
+    with torch.no_grad():
+        feats = adapter.features(x.to(dtype))
+    wide = feats.to(want_dtype)
+    references = {
+        "msp": ood.msp(logits.to(want_dtype)),
+        "maxlogit": logits.to(want_dtype).amax(1),
+        "energy": torch.logsumexp(logits.to(want_dtype), 1),
+        "gradnorm": (torch.softmax(logits.to(want_dtype), 1) - 0.1).abs().sum(1) * wide.abs().sum(1),
+    }
+    for name in ("msp", "maxlogit", "energy", "odin", "gradnorm", "rankfeat", "react", "knn"):
+        scorer = ood.make_scorer(name, model, **({"k": 2} if name == "knn" else {}))
+        scorer.fit((x, y))
+        got = scorer.score(x)
+        assert got.dtype in (want_dtype, torch.float64) and torch.isfinite(got).all(), name
+        if name in references:
+            torch.testing.assert_close(got, references[name].to(want_dtype), rtol=1e-5, atol=1e-5)
+    # ReAct: threshold from the float64 percentile of the model's own activations; logits of the
+    # clipped features computed in float32 (a bf16 head would round them to 3 digits)
+    react = ood.ReAct(model, percentile=80).fit((x, y))
+    assert react.threshold == pytest.approx(float(np.percentile(feats.double().numpy(), 80)))
+    w, b = adapter.fc_weight.to(want_dtype), adapter.fc_bias.to(want_dtype)
+    clipped = torch.nn.functional.linear(wide.clamp(max=react.threshold), w, b)
+    torch.testing.assert_close(react.score(x), torch.logsumexp(clipped, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_msp_is_not_rounded_into_ties():
+    logits = torch.tensor([[8.0, 0.0], [8.01, 0.0], [8.02, 0.0]], dtype=torch.float16)
+    got = ood.msp(logits)
+    assert got.dtype == torch.float32 and got.unique().numel() == 3  # fp16 MSPs were all 0.9995
+    torch.testing.assert_close(got, ood.msp(logits.double()).float())
+    assert ood.energy(logits).dtype == ood.max_logit(logits.bfloat16()).dtype == torch.float32
+    assert ood.energy(logits.double()).dtype == torch.float64
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method", ["svd", "power"])
 def test_rank1_removal_of_half_precision_features_runs_in_float32(dtype, method):
@@ -565,3 +607,10 @@ def test_rank1_power_iteration_ignores_autocast():
         got = ood.remove_rank1(x, "power")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_rankfeat_scores_a_bfloat16_model_like_its_float32_copy(resnet):
+    x = images(4, 64)
+    low = ood.RankFeat(copy.deepcopy(resnet).bfloat16()).score(x)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ood.RankFeat(resnet).score(x), rtol=0.05, atol=0.05)

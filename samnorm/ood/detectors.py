@@ -97,11 +97,6 @@ def _iter_batches(data: Any, batch_size: int) -> Iterator[Batch]:
         yield _split_batch(batch)
 
 
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
@@ -197,12 +192,14 @@ class Scorer:
             )
         if labels is not None and labels.shape != (features.shape[0],):
             raise ValueError(f"labels must have shape ({features.shape[0]},), got {tuple(labels.shape)}")
-        adapter, device = self.adapter, _device(self.model)
+        adapter, device = self.adapter, self.adapter.placement()[0]
+        dtype = S.widen(torch.promote_types(features.dtype, adapter.fc_weight.dtype))
 
         def passes() -> Iterator[Outputs]:
             for i in range(0, features.shape[0], batch_size):
                 f = features[i : i + batch_size].to(device)
-                yield f, adapter.head(f), None if labels is None else labels[i : i + batch_size].to(device)
+                logits = adapter.head(f, dtype)  # the features' own precision, at least float32
+                yield f, logits, None if labels is None else labels[i : i + batch_size].to(device)
 
         with torch.no_grad():
             self._fit(passes)
@@ -214,8 +211,8 @@ class Scorer:
 
     # ------------------------------------------------------------ scoring
     def score(self, inputs: Tensor) -> Tensor:
-        """Scores ``(B,)`` of one batch (the inputs go to the model's device and parameter dtype,
-        see :meth:`ModelAdapter.prepare`)."""
+        """Scores ``(B,)`` of one batch, in at least float32 (the inputs go to the model's device
+        and parameter dtype, see :meth:`ModelAdapter.prepare`)."""
         self._check_fitted()
         with _eval_mode(self.model):
             x = self.adapter.prepare(inputs)
@@ -420,10 +417,12 @@ class ReAct(Scorer):
         values = reservoir.sample()
         if values.numel() == 0:
             raise ValueError("ReAct.fit got no samples")
-        self.threshold = float(np.percentile(values.numpy(), self.percentile))
+        # float64 for numpy, which has no bfloat16
+        self.threshold = float(np.percentile(values.double().numpy(), self.percentile))
 
     def _from_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
-        return S.energy(self.adapter.head(features.clamp(max=self.threshold)), self.temperature)
+        clipped = features.clamp(max=self.threshold)
+        return S.energy(self.adapter.head(clipped, S.widen(features.dtype)), self.temperature)
 
     def _params(self) -> dict[str, Any]:
         return {"percentile": self.percentile, "threshold": self.threshold}
@@ -448,8 +447,9 @@ class GradNorm(_Tempered):
 
     def _from_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
         t = self.temperature
-        probs = torch.softmax(logits / t, dim=1)
-        return (probs - 1.0 / probs.shape[1]).abs().sum(dim=1) * features.abs().sum(dim=1) / t
+        probs = torch.softmax(logits.to(S.widen(logits.dtype)) / t, dim=1)
+        h_norm = features.to(S.widen(features.dtype)).abs().sum(dim=1)  # a half-precision sum may overflow
+        return (probs - 1.0 / probs.shape[1]).abs().sum(dim=1) * h_norm / t
 
 # ---------------------------------------------------------------------------- RankFeat / RankWeight
 class RankFeat(Scorer):
@@ -499,7 +499,8 @@ class RankFeat(Scorer):
                 hidden = a.run_blocks(hidden, done, index + 1)
                 done = index + 1
                 edited = remove_rank1(hidden, self.method, iters=self.iters, tol=self.tol, seed=self.seed)
-                total = total + a.head(a.pool(a.run_blocks(edited, done)))
+                feats = a.pool(a.run_blocks(edited, done))
+                total = total + a.head(feats, S.widen(feats.dtype))
             return S.energy(total / len(self.blocks), self.temperature)
 
     def _params(self) -> dict[str, Any]:

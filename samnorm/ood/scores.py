@@ -4,6 +4,9 @@
 (Liu et al., NeurIPS 2020) and ``odin`` (Liang et al., ICLR 2018; temperature scaling plus an
 optional gradient-sign input perturbation). pytorch-ood's ``MaxSoftmax``, ``MaxLogit`` and
 ``EnergyBased`` return the negatives of these.
+
+Scores are computed in at least float32 (float64 stays float64): half-precision logits would
+round nearby MSPs to the same value and create ties that are not in the model.
 """
 
 from __future__ import annotations
@@ -28,7 +31,17 @@ def _check_logits(logits: Tensor) -> Tensor:
         )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    return logits
+    return logits.to(widen(logits.dtype))
+
+
+def widen(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` promoted to at least float32 (float16/bfloat16 -> float32; float64 kept).
+
+    Example:
+        >>> widen(torch.bfloat16), widen(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
 
 
 def check_temperature(temperature: float) -> float:
