@@ -121,3 +121,16 @@ def test_bad_arguments_raise_clear_errors(setup):
     with pytest.raises(TypeError, match="name or a Scorer"):
         ood.evaluate(model, ids, far, [3])
 
+
+@pytest.mark.parametrize("bad", [{"tpr": 95.0}, {"tpr": float("nan")}, {"convention": "openood_v2"}])
+def test_tpr_and_convention_are_checked_before_any_forward_pass(setup, bad):
+    # a percent instead of a fraction used to fail only after fitting and scoring every set
+    model, id_x, ood_x, train = setup
+    calls, handle = _count_trunk_passes(model)
+    try:
+        with pytest.raises(ValueError, match="tpr must be a fraction|unknown convention"):
+            ood.evaluate(model, _loader(id_x), {"far": _loader(ood_x["far"])}, ["msp", "react"],
+                         fit_data=train, **bad)
+    finally:
+        handle.remove()
+    assert calls == []

@@ -14,7 +14,7 @@ from torch import nn
 
 from samnorm.ood.adapter import ModelAdapter
 from samnorm.ood.detectors import NotFittedError, Scorer, _eval_mode, _split_batch, make_scorer
-from samnorm.ood.metrics import Convention, OODMetrics, _convention, ood_metrics
+from samnorm.ood.metrics import Convention, OODMetrics, _check_tpr, _convention, ood_metrics
 
 __all__ = ["OODResults", "evaluate"]
 
@@ -161,8 +161,9 @@ def evaluate(
     the plain features and logits (MSP, MaxLogit, Energy, ODIN without perturbation, ReAct,
     GradNorm, Mahalanobis, KNN, ViM); RankFeat, RankWeight and perturbed ODIN run their own
     passes. Loaders yield ``(images, labels)`` or images; inputs go to the model's device and
-    parameter dtype (:meth:`ModelAdapter.prepare`, which also checks the model's split once). The
-    model is in eval mode during the evaluation and restored afterwards.
+    parameter dtype (:meth:`ModelAdapter.prepare`, which also checks the model's split once).
+    ``tpr`` and ``convention`` are checked before anything runs. The model is in eval mode
+    during the evaluation and restored afterwards.
 
     Example:
         >>> res = evaluate(model, id_test, {"textures": tex, "noise": noise},
@@ -170,12 +171,13 @@ def evaluate(
         >>> res.average("Energy")["AUROC"]                                 # doctest: +SKIP
         0.87
     """
+    # every argument is checked before the first forward pass: a typo must not cost a full scoring
+    conv, tpr = _convention(convention), _check_tpr(tpr)
     adapter = ModelAdapter.from_model(model)
     if not isinstance(ood_loaders, Mapping) or not ood_loaders:
         raise ValueError("ood_loaders must be a non-empty dict {name: loader}")
     if id_name in ood_loaders:
         raise ValueError(f"an OOD set is named {id_name!r} like the ID set; rename it or pass id_name=")
-    conv = _convention(convention)
     built = _build_scorers(scorers, adapter)
     for name, scorer in built.items():
         if not scorer.is_fitted:
