@@ -112,7 +112,8 @@ def test_ood_metrics_matches_single_functions(id_scores, ood_scores, name):
     got = M.ood_metrics(id_scores, ood_scores, convention=name, tpr=0.9)
     assert got.convention is conv and got.fpr_name == "FPR90"
     assert (got.n_id, got.n_ood) == (len(id_scores), len(ood_scores))
-    assert got.fpr == M.fpr_at_tpr(id_scores, ood_scores, 0.9, positive=conv.positive, point=conv.point)
+    assert got.fpr == M.fpr_at_tpr(id_scores, ood_scores, 0.9, positive=conv.positive, point=conv.point,
+                                   drop_intermediate=conv.drop_intermediate)
     assert got.auroc == M.auroc(id_scores, ood_scores)
     assert got.aupr_in == M.aupr_in(id_scores, ood_scores, method=conv.aupr)
     assert got.aupr_out == M.aupr_out(id_scores, ood_scores, method=conv.aupr)
@@ -181,9 +182,43 @@ def test_bad_options_raise_clear_errors():
         M.ood_metrics([1.0], [0.0], convention="openood_v2")
     with pytest.raises(ValueError, match="aupr"):
         M.Convention("x", aupr="roc")
+    with pytest.raises(ValueError, match="point='first'"):
+        M.Convention("x", point="closest", drop_intermediate=True)
+    with pytest.raises(TypeError, match="True or False"):
+        M.fpr_at_tpr([1.0], [0.0], drop_intermediate="yes")
 
 
 def test_conventions_name_themselves():
     text = M.CONVENTIONS["rankfeat"].describe()
     assert "rankfeat" in text and "closest" in text and "average precision" in text
     assert "OOD positive" in M.CONVENTIONS["openood"].describe()
+
+
+def _openood_fpr(y_true, scores, tpr):
+    """OpenOOD's FPR: ``roc_curve`` with its defaults (drop_intermediate=True), first TPR >= tpr."""
+    fpr, tpr_curve, _ = skm.roc_curve(y_true, scores)
+    return fpr[np.argmax(tpr_curve >= tpr)]
+
+
+@SETTINGS
+@given(score_lists, score_lists, tprs)
+def test_openood_conventions_read_the_fpr_on_roc_curves_default_curve(id_scores, ood_scores, tpr):
+    # under ties, roc_curve's default drops collinear points and the first point reaching tpr
+    # may be one of them: OpenOOD then reads a later point (see the tied example below)
+    scores, is_id = _labelled(id_scores, ood_scores)
+    v15 = M.ood_metrics(id_scores, ood_scores, tpr=tpr, convention="openood_v1.5")
+    main = M.ood_metrics(id_scores, ood_scores, tpr=tpr, convention="openood")
+    assert v15.fpr == pytest.approx(_openood_fpr(is_id, scores, tpr), abs=1e-12)  # v1.5 tag: ID positive
+    assert main.fpr == pytest.approx(_openood_fpr(1 - is_id, -scores, tpr), abs=1e-12)  # main: OOD positive
+    assert main.auroc == pytest.approx(skm.roc_auc_score(is_id, scores), abs=1e-9)
+
+
+def test_dropping_intermediate_points_changes_the_fpr_only_under_ties():
+    tied_id, tied_ood = [2.0, 1.0, 0.0], [2.0, 1.0, 2.0, 0.0]
+    assert M.fpr_at_tpr(tied_id, tied_ood, 0.5) == 0.75
+    assert M.ood_metrics(tied_id, tied_ood, tpr=0.5, convention="openood_v1.5").fpr == 1.0
+    rng = np.random.default_rng(1)
+    id_scores, ood_scores = rng.normal(1.0, 1.0, 300), rng.normal(0.0, 1.0, 200)
+    for tpr in (0.5, 0.9, 0.95):
+        assert M.fpr_at_tpr(id_scores, ood_scores, tpr, drop_intermediate=True) == M.fpr_at_tpr(
+            id_scores, ood_scores, tpr)

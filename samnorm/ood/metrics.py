@@ -8,7 +8,8 @@ ties are handled exactly (equal scores enter the curves together, and count half
 The field reports these numbers under different conventions (see :class:`Convention`); the
 defaults agree with scikit-learn to rounding: ``auroc`` with ``roc_auc_score``, ``fpr_at_tpr``
 with the first point of ``roc_curve(drop_intermediate=False)`` whose TPR reaches ``tpr`` (ID
-positive), ``aupr_in`` / ``aupr_out`` with ``average_precision_score``.
+positive), ``aupr_in`` / ``aupr_out`` with ``average_precision_score``. The OpenOOD conventions
+read the FPR on ``roc_curve``'s default curve (``drop_intermediate=True``), as OpenOOD does.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _check_drop(point: str, drop_intermediate: Any) -> None:
+    if not isinstance(drop_intermediate, bool):
+        raise TypeError(f"drop_intermediate must be True or False, got {drop_intermediate!r}")
+    if drop_intermediate and point != "first":
+        raise ValueError("drop_intermediate=True goes with point='first' (roc_curve's first point)")
+
+
 @dataclass(frozen=True)
 class Convention:
     """How a table's FPR and AUPR are defined (the AUROC is the same under all of them).
@@ -54,6 +62,12 @@ class Convention:
     - ``aupr``: ``"average_precision"`` (step-wise, scikit-learn's ``average_precision_score``,
       RankFeat code) or ``"trapezoid"`` (``sklearn.metrics.auc(recall, precision)`` over
       ``precision_recall_curve``, as OpenOOD and pytorch-ood).
+    - ``drop_intermediate`` (with ``point="first"``): search the first point among those
+      ``sklearn.metrics.roc_curve`` keeps by default (``drop_intermediate=True`` drops points in
+      the middle of a straight segment), as OpenOOD does. It only matters under ties: when a
+      run of tied scores makes the segment through the point reaching ``tpr`` straight, the
+      point is dropped and the FPR is read at the segment's end (a higher FPR). Without ties
+      every segment is vertical or horizontal and the FPR is the same.
 
     Example:
         >>> CONVENTIONS["pytorch_ood"].positive
@@ -66,17 +80,21 @@ class Convention:
     positive: Positive = "id"
     point: Point = "first"
     aupr: AuprMethod = "average_precision"
+    drop_intermediate: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("positive", self.positive, ("id", "ood"))
         _check_choice("point", self.point, ("first", "closest"))
         _check_choice("aupr", self.aupr, ("average_precision", "trapezoid"))
+        _check_drop(self.point, self.drop_intermediate)
 
     def describe(self) -> str:
         """One line naming the convention, for table captions."""
         point = "the first ROC point whose TPR reaches the target" if self.point == "first" else (
             "the ROC point closest to the target TPR"
         )
+        if self.drop_intermediate:
+            point += " (among the points roc_curve keeps by default)"
         aupr = "average precision" if self.aupr == "average_precision" else "trapezoid rule"
         return f"{self.name}: {self.positive.upper()} positive, FPR at {point}, AUPR = {aupr}"
 
@@ -86,8 +104,8 @@ CONVENTIONS: dict[str, Convention] = {
     c.name: c
     for c in (
         Convention("samnorm", "id", "first", "average_precision"),
-        Convention("openood_v1.5", "id", "first", "trapezoid"),
-        Convention("openood", "ood", "first", "trapezoid"),
+        Convention("openood_v1.5", "id", "first", "trapezoid", drop_intermediate=True),
+        Convention("openood", "ood", "first", "trapezoid", drop_intermediate=True),
         Convention("pytorch_ood", "ood", "first", "trapezoid"),
         Convention("rankfeat", "id", "closest", "average_precision"),
     )
@@ -171,6 +189,20 @@ def _fpr_first(pos: np.ndarray, neg: np.ndarray, tpr: float) -> float:
     return float(neg.size - np.searchsorted(neg, threshold, "left")) / neg.size
 
 
+def _fpr_first_kept(pos: np.ndarray, neg: np.ndarray, tpr: float) -> float:
+    # sklearn's roc_curve: one point per distinct score (descending), then, by default, every
+    # point where neither count changes its step (second difference zero) is dropped, except
+    # the ends; (0, 0) is prepended and the first point with TPR >= tpr is read
+    values = np.unique(np.concatenate([pos, neg]))[::-1]
+    tps = (pos.size - np.searchsorted(pos, values, "left")).astype(np.float64)
+    fps = (neg.size - np.searchsorted(neg, values, "left")).astype(np.float64)
+    if values.size > 2:
+        keep = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
+        tps, fps = tps[keep], fps[keep]
+    tpr_curve, fpr_curve = np.r_[0.0, tps] / pos.size, np.r_[0.0, fps] / neg.size
+    return float(fpr_curve[np.argmax(tpr_curve >= tpr)])
+
+
 def _fpr_closest(pos: np.ndarray, neg: np.ndarray, tpr: float) -> float:
     # The reference (fpr_and_fdr_at_recall) walks the distinct thresholds down to the first with
     # full recall and takes the last one at minimal |recall - tpr|. Among thresholds sharing a
@@ -218,10 +250,12 @@ def _check_tpr(tpr: float) -> float:
     return tpr
 
 
-def _fpr(data: _Sorted, tpr: float, positive: Positive, point: Point) -> float:
+def _fpr(data: _Sorted, tpr: float, positive: Positive, point: Point, drop_intermediate: bool = False) -> float:
     _check_choice("point", point, ("first", "closest"))
+    _check_drop(point, drop_intermediate)
     pos, neg = data.oriented(positive)
-    return (_fpr_first if point == "first" else _fpr_closest)(pos, neg, _check_tpr(tpr))
+    fpr = _fpr_closest if point == "closest" else _fpr_first_kept if drop_intermediate else _fpr_first
+    return fpr(pos, neg, _check_tpr(tpr))
 
 
 def auroc(id_scores: Scores, ood_scores: Scores) -> float:
@@ -244,6 +278,7 @@ def fpr_at_tpr(
     *,
     positive: Positive = "id",
     point: Point = "first",
+    drop_intermediate: bool = False,
 ) -> float:
     """False positive rate where the true positive rate reaches ``tpr`` (FPR95 by default).
 
@@ -252,14 +287,19 @@ def fpr_at_tpr(
     scikit-learn with ``drop_intermediate=False``). ``positive="ood"`` swaps the roles (the
     fraction of ID samples rejected when ``tpr`` of the OOD samples are caught: OpenOOD main,
     pytorch-ood); ``point="closest"`` takes the ROC point closest to ``tpr`` (RankFeat code).
+    ``drop_intermediate=True`` searches only the points ``roc_curve`` keeps by default, as
+    OpenOOD (see :class:`Convention`; it differs only under ties).
 
     Example:
         >>> fpr_at_tpr([5.0, 4.0, 3.0, 2.0], [4.5, 1.0], tpr=1.0)
         0.5
         >>> fpr_at_tpr([5.0, 4.0, 3.0, 2.0], [4.5, 1.0], tpr=1.0, positive="ood")
         0.75
+        >>> ties = [2.0, 1.0, 0.0], [2.0, 1.0, 2.0, 0.0]
+        >>> fpr_at_tpr(*ties, tpr=0.5), fpr_at_tpr(*ties, tpr=0.5, drop_intermediate=True)
+        (0.75, 1.0)
     """
-    return _fpr(_Sorted(id_scores, ood_scores), tpr, positive, point)
+    return _fpr(_Sorted(id_scores, ood_scores), tpr, positive, point, drop_intermediate)
 
 
 def aupr_in(
@@ -356,7 +396,7 @@ def ood_metrics(
     conv = _convention(convention)
     data = _Sorted(id_scores, ood_scores)
     return OODMetrics(
-        fpr=_fpr(data, tpr, conv.positive, conv.point),
+        fpr=_fpr(data, tpr, conv.positive, conv.point, conv.drop_intermediate),
         auroc=_auroc(data.id, data.ood),
         aupr_in=_aupr(*data.oriented("id"), conv.aupr),
         aupr_out=_aupr(*data.oriented("ood"), conv.aupr),
