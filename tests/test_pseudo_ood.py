@@ -19,6 +19,7 @@ from samnorm.data.pseudo_ood import (
     PseudoOOD,
     Rotate,
     default_transforms,
+    partner_images,
     pick_partners,
     save_example_grid,
 )
@@ -179,6 +180,29 @@ def test_partners_are_of_another_class_when_possible():
     same = pick_partners(torch.zeros(4, dtype=torch.long), 4, gen(), torch.device("cpu"))
     assert (same != torch.arange(4)).all()
     assert pick_partners(None, 1, gen(), torch.device("cpu")).tolist() == [0]
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 3), st.integers(3, 20), st.integers(2, 20), st.integers(0, 2**31 - 1))
+def test_mixing_transforms_change_an_image_without_another_to_mix_with(copies, h, w, seed):
+    # a batch of one image (or copies of one image) used to be its own partner: PatchMix and
+    # FourierMix handed back the ID image unchanged, labelled OOD. (A 2x2 image has a real
+    # spectrum: no phase blend can change it, whatever the partner.)
+    x = torch.rand(1, 3, h, w, generator=gen(seed)).repeat(copies, 1, 1, 1)
+    for name in ("patch_mix", "fourier"):
+        out = PseudoOOD([name], seed=seed)(x, torch.zeros(copies, dtype=torch.long))
+        assert all(not torch.allclose(o, x[0], atol=1e-6) for o in out), name
+
+
+def test_an_image_without_a_partner_is_paired_with_its_180_degree_rotation():
+    x = torch.rand(1, 2, 5, 7, generator=gen())
+    torch.testing.assert_close(partner_images(x, None, gen()), torch.rot90(x, 2, dims=(2, 3)))
+    batch = torch.cat([x, x, torch.rand(1, 2, 5, 7, generator=gen(1))])  # two copies and another image
+    partners = partner_images(batch, None, gen(3))
+    for i in range(3):
+        assert not torch.equal(partners[i], batch[i])
+    y = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(partner_images(batch[[0, 2]], y[:2], gen()), batch[[2, 0]])  # others kept
 
 
 def test_weights_choose_the_transforms():

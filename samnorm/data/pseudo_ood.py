@@ -20,7 +20,9 @@ them from ID data by colour or texture alone, while removing the evidence of any
 
 Every transform receives ``(images, partners, generator)`` where ``partners[i]`` is an image of a
 different class (when labels say so) and returns images of the same shape; any callable with that
-signature plugs in. Outputs are clamped to each channel's value range in the input batch, so images
+signature plugs in. An image with no other image to pair with (a batch of one, or copies of one
+image) is paired with itself rotated by 180 degrees (:func:`partner_images`), so PatchMix and
+FourierMix never hand back the ID image unchanged. Outputs are clamped to each channel's value range in the input batch, so images
 stay in ``[0, 1]`` (or in whatever normalised range they came in).
 
 Example:
@@ -53,6 +55,7 @@ __all__ = [
     "TRANSFORMS",
     "default_transforms",
     "pick_partners",
+    "partner_images",
     "PseudoOOD",
     "save_example_grid",
 ]
@@ -342,6 +345,25 @@ def pick_partners(labels: Tensor | None, n: int, g: torch.Generator, device: tor
     return torch.where(others, scores, torch.full_like(scores, -1.0)).argmax(dim=1)
 
 
+def partner_images(images: Tensor, labels: Tensor | None, g: torch.Generator) -> Tensor:
+    """The partner image of each image: :func:`pick_partners`, except that an image equal to its
+    partner (the only image of its batch, or one of several copies) gets itself rotated by 180
+    degrees instead, so that mixing with the partner changes it (unless the image is symmetric
+    under that rotation, like a constant image, which nothing within its value range can change).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.arange(4.0).reshape(1, 1, 2, 2)
+        >>> partner_images(x, None, g).flatten().tolist()
+        [3.0, 2.0, 1.0, 0.0]
+    """
+    partners = images[pick_partners(labels, images.shape[0], g, images.device)]
+    own = (partners == images).flatten(1).all(dim=1)
+    if bool(own.any()):
+        partners[own] = images[own].flip(-2, -1)
+    return partners
+
+
 def _channel_range(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.amin(dim=(0, 2, 3), keepdim=True), x.amax(dim=(0, 2, 3), keepdim=True)
 
@@ -415,7 +437,7 @@ class PseudoOOD:
         g = self.generator(images.device)
         weights = torch.tensor(self.weights, device=images.device)
         kinds = torch.multinomial(weights, n, replacement=True, generator=g) if n else weights.new_zeros(0).long()
-        partners = images[pick_partners(labels, n, g, images.device)] if n else images
+        partners = partner_images(images, labels, g) if n else images
         out = torch.empty_like(images)
         with torch.no_grad():
             for k, transform in enumerate(self.transforms):
@@ -482,7 +504,7 @@ def save_example_grid(
     x = images[:max_images]
     y = None if labels is None else labels[: x.shape[0]]
     g = torch.Generator(device=x.device).manual_seed(seed)
-    partners = x[pick_partners(y, x.shape[0], g, x.device)]
+    partners = partner_images(x, y, g)
     lo, hi = _channel_range(x)
     rows = [("ID", x)]
     with torch.no_grad():
