@@ -34,10 +34,7 @@ def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a Python name as KEY, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+    return key, _literal(value)
 
 
 def _named_dir(text: str) -> tuple[str, str]:
@@ -52,6 +49,29 @@ def _named_dir(text: str) -> tuple[str, str]:
 
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _literal(value: str) -> Any:
+    """A Python literal when ``value`` is one (``3``, ``0.1``, ``-2,-1`` -> ``(-2, -1)``), else the text."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+# counts that must be positive / non-negative, by argparse destination (checked only when given)
+_POSITIVE = ("batch_size", "img_size", "n", "size", "steps", "checkpoint_every", "log_every")
+_NON_NEGATIVE = ("workers", "warmup_steps")
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """One clear line for a zero or negative count (``--batch-size 0`` used to end in a traceback)."""
+    for names, least in ((_POSITIVE, 1), (_NON_NEGATIVE, 0)):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and value < least:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be an integer >= {least}, got {value}")
 
 
 # ------------------------------------------------------------------ shared set-up
@@ -144,6 +164,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from samnorm.data.folders import ImageFolder
     from samnorm.recipe import FinetuneConfig, finetune
 
+    _check_counts(args)
     train = ImageFolder(args.train, flat=False)  # checks the folder before any model is built
     rank, world, device = _setup(args.device)
     raw = _read_recorded(args.checkpoint, args.trust_checkpoint)
@@ -179,13 +200,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from samnorm.data.folders import ImageFolder
     from samnorm.ood import SCORERS
+    from samnorm.ood.metrics import _check_tpr, _convention
     from samnorm.recipe import evaluate_datasets
 
+    # everything the user typed is checked before a model is built or an image is read
+    _check_counts(args)
     scorers = _names(args.scorers)
     known = {k: c.name for k, c in SCORERS.items()}
     unknown = [s for s in scorers if s.lower().replace("_", "").replace("-", "") not in known]
     if unknown or not scorers:
         raise ValueError(f"unknown scorer(s) {unknown or scorers}: choose from {', '.join(sorted(known.values()))}")
+    try:
+        _check_tpr(args.tpr)
+    except ValueError as err:
+        raise ValueError(f"--tpr: {err}") from err
+    _convention(args.convention)
     names = [n for n, _ in args.ood]
     if len(set(names)) != len(names):
         raise ValueError(f"two --ood sets share a name ({names}): name them NAME=DIR")
@@ -239,8 +268,7 @@ def _cmd_pseudo_ood(args: argparse.Namespace) -> int:
     from samnorm.data.folders import ImageFolder, ImageTransform
     from samnorm.data.pseudo_ood import PseudoOOD, save_example_grid
 
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+    _check_counts(args)
     c = args.channels
     ds = ImageFolder(args.images, ImageTransform(size=args.size, mean=(0.0,) * c, std=(1.0,) * c))
     # Spread the examples over the folder so that several classes show up.

@@ -536,7 +536,8 @@ def evaluate_datasets(
     or repeated (``DistributedSampler`` would pad with repeats). Images that an
     :class:`~samnorm.data.folders.ImageFolder` could not decode (on any rank) are left out of the
     scores and metrics and listed in ``skipped``. Scorers that need ID statistics are fitted on
-    ``fit_data`` by every rank (the same, deterministic fit).
+    ``fit_data`` by every rank (the same, deterministic fit). Every argument (``batch_size``,
+    ``tpr``, ``convention``) is checked before any forward pass.
 
     Example:
         >>> from samnorm.models import T2TViT
@@ -547,10 +548,19 @@ def evaluate_datasets(
         >>> res.scores["MSP"]["noise"].shape, skipped
         ((6,), {'ID': [], 'noise': []})
     """
-    from samnorm.ood import OODResults, evaluate, make_scorer
+    from samnorm.ood import ModelAdapter, OODResults, evaluate, make_scorer
+    from samnorm.ood.metrics import _check_tpr, _convention
 
+    for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    tpr, conv = _check_tpr(tpr), _convention(convention)
+    names = list(scorers)
+    if not names:
+        raise ValueError("scorers is empty: name at least one, e.g. ['msp', 'energy']")
     rank, world = _dist()
-    built = [make_scorer(name, model) for name in scorers]
+    adapter = ModelAdapter.from_model(model)  # one split, checked once, shared by every scorer
+    built = [make_scorer(name, adapter) for name in names]
     if any(not s.is_fitted for s in built):
         if fit_data is None:
             need = [s.name for s in built if not s.is_fitted]
@@ -565,8 +575,8 @@ def evaluate_datasets(
         name: DataLoader(ds, batch_size=batch_size, sampler=_IndexSampler(shards[name][0]), num_workers=num_workers)
         for name, ds in sets.items()
     }
-    local = evaluate(model, loaders[id_name], {n: loaders[n] for n in ood_data}, built, tpr=tpr,
-                     convention=convention, id_name=id_name)
+    local = evaluate(adapter, loaders[id_name], {n: loaders[n] for n in ood_data}, built, tpr=tpr,
+                     convention=conv, id_name=id_name)
     scores, speed = local.scores, local.images_per_second
     if world > 1:
         mine = {name: (idx, real, {s: scores[s][name] for s in scores}) for name, (idx, real) in shards.items()}

@@ -109,6 +109,14 @@ def test_evaluate_tables_and_raw_scores(folders, trained, tmp_path, capsys):
           "--scorers", "react"], "need ID training statistics"),
         (["finetune", "--train", "{root}/train", "--output", "{tmp}", "--model", "no_such_net"], "unknown model name"),
         (["finetune", "--train", "{root}/val/class0", "--output", "{tmp}"], "no class sub-folders"),
+        # checked before a model is built (no_such_net would fail later) or an image is read
+        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
+          "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
+          "--tpr", "95"], "--tpr: tpr must be a fraction"),
+        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
+          "--convention", "openood_v2"], "unknown convention"),
+        (["finetune", "--train", "{root}/train", "--output", "{tmp}", "--batch-size", "0"], "--batch-size must be"),
     ],
 )
 def test_bad_input_gets_one_clear_line(folders, trained, tmp_path, capsys, args, message):
@@ -137,6 +145,9 @@ def test_pseudo_ood_grid(folders, tmp_path, capsys):
                         "--n", "5", "--size", "24", "--channels", "1", "--transforms", "jigsaw,blur"], capsys)
     assert code == 0 and "5 images x 2 transforms" in out
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = run(["pseudo-ood", "--images", str(folders / "train"), "--output", str(tmp_path / "h.png"),
+                        "--size", "0"], capsys)
+    assert code == 2 and err.strip() == "samnorm pseudo-ood: error: --size must be an integer >= 1, got 0"
 
 
 def test_parser_and_fast_help():

@@ -251,3 +251,31 @@ def test_finetune_on_a_folder_with_a_corrupt_image(tmp_path):
     with pytest.warns(RuntimeWarning, match="unreadable"):
         result = finetune(tiny_t2t(), ds, epochs=1, batch_size=4, progress=False, log=lambda _: None)
     assert result.steps == 4 and result.skipped_images == 1
+
+
+def _counted_t2t():
+    model = tiny_t2t().eval()
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *args: calls.append(1))
+    return model, calls
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),  # was a ZeroDivisionError in the sharding
+        ({"batch_size": 2.5}, "batch_size must be an integer"),
+        ({"num_workers": -1}, "num_workers must be an integer >= 0"),
+        ({"tpr": 95.0}, "tpr must be a fraction"),
+        ({"convention": "openood_v2"}, "unknown convention"),
+    ],
+)
+def test_evaluate_datasets_checks_its_arguments_before_any_forward_pass(bad, match):
+    from samnorm.recipe import evaluate_datasets
+
+    model, calls = _counted_t2t()
+    data = toy_data(8)
+    with pytest.raises(ValueError, match=match):
+        evaluate_datasets(model, data, {"noise": data}, ["msp", "energy"], **{"fit_data": data, **bad})
+    assert calls == []
+
