@@ -59,6 +59,25 @@ def _literal(value: str) -> Any:
         return value
 
 
+def _scorer_options(texts: Sequence[str] | None, scorers: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``SCORER.KEY=VALUE`` items as ``{scorer: {key: value}}``; every scorer must be evaluated and
+    every key one of its options."""
+    from samnorm.ood import check_scorer_options, scorer_class
+
+    chosen = {scorer_class(s) for s in scorers}
+    out: dict[str, dict[str, Any]] = {}
+    for text in texts or []:
+        target, sep, value = text.partition("=")
+        scorer, dot, key = target.partition(".")
+        if not sep or not dot or not scorer or not key.isidentifier():
+            raise ValueError(f"--scorer-opt takes SCORER.KEY=VALUE (e.g. rankfeat.blocks=-2,-1), got {text!r}")
+        if scorer_class(scorer) not in chosen:
+            raise ValueError(f"--scorer-opt {text!r}: scorer {scorer!r} is not in --scorers ({', '.join(scorers)})")
+        check_scorer_options(scorer, {key: None})
+        out.setdefault(scorer_class(scorer).name, {})[key] = _literal(value)
+    return out
+
+
 # counts that must be positive / non-negative, by argparse destination (checked only when given)
 _POSITIVE = ("batch_size", "img_size", "n", "size", "steps", "checkpoint_every", "log_every")
 _NON_NEGATIVE = ("workers", "warmup_steps")
@@ -210,6 +229,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     unknown = [s for s in scorers if s.lower().replace("_", "").replace("-", "") not in known]
     if unknown or not scorers:
         raise ValueError(f"unknown scorer(s) {unknown or scorers}: choose from {', '.join(sorted(known.values()))}")
+    options = _scorer_options(args.scorer_opt, scorers)
     try:
         _check_tpr(args.tpr)
     except ValueError as err:
@@ -233,7 +253,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model.to(device).eval()
     res, skipped = evaluate_datasets(
         model, id_set, ood_sets, scorers, fit_data=fit_set, batch_size=args.batch_size, num_workers=args.workers,
-        tpr=args.tpr, convention=args.convention, id_name=args.id_name,
+        tpr=args.tpr, convention=args.convention, id_name=args.id_name, scorer_options=options,
     )
     if rank == 0:
         os.makedirs(args.output, exist_ok=True)
@@ -245,6 +265,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         gone = {n: set(idx) for n, idx in skipped.items()}
         payload = {
             "model": name, "checkpoint": args.checkpoint, "id_name": args.id_name, "ood_names": names,
+            "scorer_options": options,
             "tpr": res.tpr, "convention": res.convention.name, "higher_is_in_distribution": True,
             "metrics": res.table,
             "files": {n: [p for i, (p, _) in enumerate(ds.samples) if i not in gone[n]]
@@ -341,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OOD folder, repeatable; images anywhere below DIR")
     e.add_argument("--fit", help="ID training folder, for scorers that need statistics (ReAct, Mahalanobis, KNN, ViM)")
     e.add_argument("--scorers", default=_DEFAULT_SCORERS, help=f"comma-separated (default {_DEFAULT_SCORERS})")
+    e.add_argument("--scorer-opt", action="append", metavar="SCORER.KEY=VALUE",
+                   help="an option of one of the --scorers, repeatable; VALUE is read as a Python literal when "
+                        "it is one, e.g. rankfeat.blocks=-2,-1  rankfeat.method=power  react.percentile=95  "
+                        "odin.temperature=1000 (the keywords of samnorm.ood's scorer classes)")
     e.add_argument("--output", required=True, help="output directory")
     e.add_argument("--tpr", type=float, default=0.95, help="TPR of the FPR column (default 0.95)")
     e.add_argument("--convention", default="samnorm", help="metric convention (samnorm.ood.CONVENTIONS)")

@@ -527,6 +527,7 @@ def evaluate_datasets(
     tpr: float = 0.95,
     convention: str = "samnorm",
     id_name: str = "ID",
+    scorer_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Evaluation:
     """:func:`samnorm.ood.evaluate` on datasets, sharded across ``torch.distributed`` ranks.
 
@@ -536,8 +537,9 @@ def evaluate_datasets(
     or repeated (``DistributedSampler`` would pad with repeats). Images that an
     :class:`~samnorm.data.folders.ImageFolder` could not decode (on any rank) are left out of the
     scores and metrics and listed in ``skipped``. Scorers that need ID statistics are fitted on
-    ``fit_data`` by every rank (the same, deterministic fit). Every argument (``batch_size``,
-    ``tpr``, ``convention``) is checked before any forward pass.
+    ``fit_data`` by every rank (the same, deterministic fit). ``scorer_options`` maps a scorer
+    name to its keyword options, e.g. ``{"rankfeat": {"blocks": (-2, -1)}}``. Every argument
+    (``batch_size``, ``tpr``, ``convention``, the options) is checked before any forward pass.
 
     Example:
         >>> from samnorm.models import T2TViT
@@ -548,7 +550,7 @@ def evaluate_datasets(
         >>> res.scores["MSP"]["noise"].shape, skipped
         ((6,), {'ID': [], 'noise': []})
     """
-    from samnorm.ood import ModelAdapter, OODResults, evaluate, make_scorer
+    from samnorm.ood import ModelAdapter, OODResults, evaluate, make_scorer, scorer_class
     from samnorm.ood.metrics import _check_tpr, _convention
 
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
@@ -558,9 +560,15 @@ def evaluate_datasets(
     names = list(scorers)
     if not names:
         raise ValueError("scorers is empty: name at least one, e.g. ['msp', 'energy']")
+    options = {scorer_class(k): dict(v) for k, v in (scorer_options or {}).items()}
+    if len(options) != len(scorer_options or {}):
+        raise ValueError(f"scorer_options names one scorer twice: {sorted(scorer_options or {})}")
+    unused = [c.name for c in options if c not in {scorer_class(n) for n in names}]
+    if unused:
+        raise ValueError(f"scorer_options name scorers that are not evaluated: {unused}; add them to scorers")
     rank, world = _dist()
     adapter = ModelAdapter.from_model(model)  # one split, checked once, shared by every scorer
-    built = [make_scorer(name, adapter) for name in names]
+    built = [make_scorer(name, adapter, **options.get(scorer_class(name), {})) for name in names]
     if any(not s.is_fitted for s in built):
         if fit_data is None:
             need = [s.name for s in built if not s.is_fitted]

@@ -116,6 +116,12 @@ def test_evaluate_tables_and_raw_scores(folders, trained, tmp_path, capsys):
           "--tpr", "95"], "--tpr: tpr must be a fraction"),
         (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
           "--convention", "openood_v2"], "unknown convention"),
+        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
+          "--scorer-opt", "rankfeat.blocks=-1"], "scorer 'rankfeat' is not in --scorers"),
+        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
+          "--scorer-opt", "msp.temprature=2"], "has no option 'temprature'; its options: temperature"),
+        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
+          "--scorer-opt", "temperature=2"], "SCORER.KEY=VALUE"),
         (["finetune", "--train", "{root}/train", "--output", "{tmp}", "--batch-size", "0"], "--batch-size must be"),
     ],
 )
@@ -125,6 +131,24 @@ def test_bad_input_gets_one_clear_line(folders, trained, tmp_path, capsys, args,
     code, out, err = run([a.format(**fill) for a in args] + ["--workers", "0"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("samnorm ") and message in lines[0], err
+
+
+def test_scorer_options_reach_the_scorers(folders, trained, tmp_path, capsys):
+    common = ["evaluate", "--checkpoint", str(trained / "checkpoint.pt"), "--id", str(folders / "val"),
+              "--ood", f"noise={folders / 'ood'}", "--scorers", "msp,rankfeat", "--workers", "0"]
+    code, _, err = run(common + ["--output", str(tmp_path / "plain")], capsys)
+    assert code == 0, err
+    code, _, err = run(common + ["--output", str(tmp_path / "hot"), "--scorer-opt", "msp.temperature=1e9",
+                                 "--scorer-opt", "rankfeat.method=power", "--scorer-opt", "rankfeat.blocks=-1,"],
+                       capsys)
+    assert code == 0, err
+    plain, hot = (json.load(open(tmp_path / d / "scores.json")) for d in ("plain", "hot"))
+    assert hot["scorer_options"] == {"MSP": {"temperature": 1e9}, "RankFeat": {"method": "power", "blocks": [-1]}}
+    # at T = 1e9 the softmax is uniform over the 3 classes; at T = 1 it is not
+    assert np.allclose(hot["scores"]["MSP"]["ID"], 1 / 3) and not np.allclose(plain["scores"]["MSP"]["ID"], 1 / 3)
+    # power iteration approximates the SVD: close, not equal
+    np.testing.assert_allclose(hot["scores"]["RankFeat"]["ID"], plain["scores"]["RankFeat"]["ID"], rtol=1e-3)
+    assert "rankfeat.blocks=-2,-1" in build_parser()._subparsers._group_actions[0].choices["evaluate"].format_help()
 
 
 def test_other_class_count_needs_new_head(folders, trained, tmp_path, capsys):

@@ -470,6 +470,10 @@ def test_make_scorer_names_and_errors(resnet):
         ood.Mahalanobis(resnet).fit(5)
     with pytest.raises(ValueError, match="D=3"):
         ood.KNN(resnet).fit_features(torch.ones(4, 3))
+    # a misspelt option names the valid ones (it was a bare "unexpected keyword argument")
+    with pytest.raises(ValueError, match="RankFeat has no option 'block'; its options: blocks, method"):
+        ood.make_scorer("rankfeat", resnet, block=-1)
+    assert ood.scorer_class("Rank_Feat") is ood.RankFeat
 
 
 # ---------------------------------------------------------------------------- review regressions

@@ -268,6 +268,9 @@ def _counted_t2t():
         ({"num_workers": -1}, "num_workers must be an integer >= 0"),
         ({"tpr": 95.0}, "tpr must be a fraction"),
         ({"convention": "openood_v2"}, "unknown convention"),
+        ({"scorer_options": {"react": {"percentile": 95}}}, "not evaluated"),
+        ({"scorer_options": {"msp": {"temprature": 2.0}}}, "has no option 'temprature'"),
+        ({"scorer_options": {"msp": {}, "MSP": {}}}, "twice"),
     ],
 )
 def test_evaluate_datasets_checks_its_arguments_before_any_forward_pass(bad, match):
@@ -279,3 +282,14 @@ def test_evaluate_datasets_checks_its_arguments_before_any_forward_pass(bad, mat
         evaluate_datasets(model, data, {"noise": data}, ["msp", "energy"], **{"fit_data": data, **bad})
     assert calls == []
 
+
+def test_evaluate_datasets_passes_scorer_options():
+    from samnorm.ood import MSP
+    from samnorm.recipe import evaluate_datasets
+
+    model, data = tiny_t2t().eval(), toy_data(8)
+    res, _ = evaluate_datasets(model, data, {"noise": data}, ["msp", "energy"], batch_size=3,
+                               scorer_options={"MSP": {"temperature": 7.0}})
+    want = MSP(model, temperature=7.0).score(data.tensors[0]).double().numpy()
+    assert res.scores["MSP"]["noise"] == pytest.approx(want, rel=1e-6)
+    assert not res.scores["MSP"]["noise"] == pytest.approx(MSP(model).score(data.tensors[0]).double().numpy())

@@ -33,7 +33,9 @@ from samnorm.ood.detectors import (
     ReAct,
     Scorer,
     ViM,
+    check_scorer_options,
     make_scorer,
+    scorer_class,
 )
 from samnorm.ood.evaluate import OODResults, evaluate
 from samnorm.ood.metrics import (
@@ -72,6 +74,7 @@ __all__ = [
     "aupr_in",
     "aupr_out",
     "auroc",
+    "check_scorer_options",
     "energy",
     "evaluate",
     "fpr_at_tpr",
@@ -83,5 +86,6 @@ __all__ = [
     "ood_metrics",
     "rank1",
     "remove_rank1",
+    "scorer_class",
     "scores",
 ]

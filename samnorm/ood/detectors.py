@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Sequence, Union
+import inspect
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -46,7 +47,9 @@ __all__ = [
     "ReAct",
     "Scorer",
     "ViM",
+    "check_scorer_options",
     "make_scorer",
+    "scorer_class",
 ]
 
 Batch = tuple[Tensor, Optional[Tensor]]
@@ -808,14 +811,43 @@ SCORERS: dict[str, type[Scorer]] = {
 }
 
 
+def scorer_class(name: str) -> type[Scorer]:
+    """The scorer class of a name (case, ``-`` and ``_`` ignored); ``ValueError`` if unknown.
+
+    Example:
+        >>> scorer_class("Max-Logit").__name__
+        'MaxLogit'
+    """
+    key = name.lower().replace("_", "").replace("-", "") if isinstance(name, str) else name
+    if key not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; choose from {sorted(c.name for c in SCORERS.values())}")
+    return SCORERS[key]
+
+
+def check_scorer_options(name: str, options: Mapping[str, Any]) -> None:
+    """``ValueError`` unless every key of ``options`` is a keyword of the named scorer.
+
+    Example:
+        >>> check_scorer_options("rankfeat", {"blocks": (-2, -1), "method": "power"})
+        >>> check_scorer_options("msp", {"temprature": 2.0})
+        Traceback (most recent call last):
+        ...
+        ValueError: scorer MSP has no option 'temprature'; its options: temperature
+    """
+    cls = scorer_class(name)
+    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model")]
+    for key in options:
+        if key not in known:
+            raise ValueError(f"scorer {cls.name} has no option {key!r}; its options: {', '.join(known) or 'none'}")
+
+
 def make_scorer(name: str, model: Union[nn.Module, ModelAdapter], **kwargs: Any) -> Scorer:
-    """Build a scorer by name (case, ``-`` and ``_`` ignored), e.g. ``"max_logit"``, ``"ReAct"``.
+    """Build a scorer by name (case, ``-`` and ``_`` ignored), e.g. ``"max_logit"``, ``"ReAct"``;
+    ``kwargs`` are its options (``ValueError`` naming the valid ones for a misspelt one).
 
     Example:
         >>> make_scorer("energy", model, temperature=1.0)  # doctest: +SKIP
         Energy(temperature=1.0)
     """
-    key = name.lower().replace("_", "").replace("-", "")
-    if key not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; choose from {sorted(c.name for c in SCORERS.values())}")
-    return SCORERS[key](model, **kwargs)
+    check_scorer_options(name, kwargs)
+    return scorer_class(name)(model, **kwargs)
