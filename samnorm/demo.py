@@ -83,7 +83,7 @@ BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
                  "rho_sam": 0.1, "adaptive_sam": False},
     "t2t_vit": {"pretrain_optimizer": "adamw", "pretrain_lr": 2e-3, "pretrain_epochs": 15, "lr": 0.03,
                 "ood_loss": "uniform", "ood_weight": 0.5, "rho_sam_on": 0.1, "adaptive_sam_on": True,
-                "rho_sam": 0.1, "adaptive_sam": False},
+                "rho_sam": 0.02, "adaptive_sam": False},
 }
 
 #: How the fine-tuning defaults were chosen (kept with the code so the report can quote it).
