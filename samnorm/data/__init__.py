@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
             "TRANSFORMS",
             "default_transforms",
             "pick_partners",
+            "partner_images",
             "save_example_grid",
         )
     },
