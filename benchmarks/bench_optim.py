@@ -101,4 +101,4 @@ def test_training_step(benchmark, device, step):
         [(pair.format(s), "baseline") for s in ("sam_on_loss", "sam_on_full_backward")]
         if step == "sgd" else [(pair.format(step), "candidate")]
     )
-    benchmark.pedantic(fn, rounds=5 if device == "cpu" else 20, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(fn, rounds=12 if device == "cpu" else 20, warmup_rounds=2, iterations=1)
