@@ -29,7 +29,17 @@ _EXPORTS = {
 }
 _SUBMODULES = {"data", "demo", "diagnostics", "losses", "models", "ood", "optim", "plots", "recipe", "select"}
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "SAM",
+    "Selection",
+    "__version__",
+    "all_params",
+    "by_name",
+    "by_type",
+    "disable_running_stats",
+    "norm_layers",
+    "register_norm_type",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .optim import SAM, disable_running_stats

@@ -25,7 +25,6 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Optiona
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samnorm.ood import scores as S
