@@ -93,6 +93,11 @@ def test_evaluate_tables_and_raw_scores(folders, trained, tmp_path, capsys):
     assert "Model: t2t_vit_7" in open(tmp_path / "results.md").read()
 
 
+# an evaluate command whose model would only fail later: the options are checked first
+_EVAL_NO_MODEL = ["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood",
+                  "--output", "{tmp}"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -110,18 +115,12 @@ def test_evaluate_tables_and_raw_scores(folders, trained, tmp_path, capsys):
         (["finetune", "--train", "{root}/train", "--output", "{tmp}", "--model", "no_such_net"], "unknown model name"),
         (["finetune", "--train", "{root}/val/class0", "--output", "{tmp}"], "no class sub-folders"),
         # checked before a model is built (no_such_net would fail later) or an image is read
-        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
-          "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
-        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
-          "--tpr", "95"], "--tpr: tpr must be a fraction"),
-        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
-          "--convention", "openood_v2"], "unknown convention"),
-        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
-          "--scorer-opt", "rankfeat.blocks=-1"], "scorer 'rankfeat' is not in --scorers"),
-        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
-          "--scorer-opt", "msp.temprature=2"], "has no option 'temprature'; its options: temperature"),
-        (["evaluate", "--model", "no_such_net", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
-          "--scorer-opt", "temperature=2"], "SCORER.KEY=VALUE"),
+        ([*_EVAL_NO_MODEL, "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        ([*_EVAL_NO_MODEL, "--tpr", "95"], "--tpr: tpr must be a fraction"),
+        ([*_EVAL_NO_MODEL, "--convention", "openood_v2"], "unknown convention"),
+        ([*_EVAL_NO_MODEL, "--scorer-opt", "rankfeat.blocks=-1"], "scorer 'rankfeat' is not in --scorers"),
+        ([*_EVAL_NO_MODEL, "--scorer-opt", "msp.temprature=2"], "has no option 'temprature'; its options: temperature"),
+        ([*_EVAL_NO_MODEL, "--scorer-opt", "temperature=2"], "SCORER.KEY=VALUE"),
         (["finetune", "--train", "{root}/train", "--output", "{tmp}", "--batch-size", "0"], "--batch-size must be"),
     ],
 )

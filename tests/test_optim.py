@@ -132,6 +132,29 @@ def _batch(dtype=torch.float32):
     return torch.randn(16, 6, generator=g, dtype=dtype), torch.randint(0, 4, (16,), generator=g)
 
 
+def _ce(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _two_step(sam, model, x, y):
+    """One SAM step with the two-step API and the norm-only first pass."""
+    sam.first_step(_ce(model, x, y))
+    _ce(model, x, y).backward()
+    sam.second_step(zero_grad=True)
+
+
+def _closure(sam, model, x, y):
+    """The LBFGS-style closure that SAM.step runs twice."""
+
+    def closure():
+        sam.zero_grad()
+        loss = _ce(model, x, y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 @given(seed=st.integers(0, 1000), rho=st.floats(1e-3, 5.0), which=st.sampled_from(["all", "norm"]),
        foreach=st.sampled_from([None, False]))
 def test_perturbation_norm_is_rho_and_unselected_never_move(seed, rho, which, foreach):
@@ -221,9 +244,7 @@ def test_foreach_equals_single_tensor(seed, adaptive, which):
                   None if which == "all" else model, rho=0.5, adaptive=adaptive, foreach=foreach)
         x, y = _batch()
         for _ in range(3):
-            sam.first_step(nn.functional.cross_entropy(model(x), y))
-            nn.functional.cross_entropy(model(x), y).backward()
-            sam.second_step(zero_grad=True)
+            _two_step(sam, model, x, y)
         outs.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*outs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
@@ -322,17 +343,8 @@ def test_no_host_sync_in_the_step(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__bool__", forbidden)
     monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
     for _ in range(2):
-        sam.first_step(nn.functional.cross_entropy(model(x), y))
-        nn.functional.cross_entropy(model(x), y).backward()
-        sam.second_step(zero_grad=True)
-
-        def closure():
-            sam.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        sam.step(closure)
+        _two_step(sam, model, x, y)
+        sam.step(_closure(sam, model, x, y))
 
 
 def test_state_dict_carries_base_state_and_resume_is_bit_identical():
@@ -382,16 +394,9 @@ def test_lr_scheduler_attaches_without_warning(attach, api):
         warnings.simplefilter("error")
         for _ in range(3):
             if api == "two_step":
-                sam.first_step(nn.functional.cross_entropy(model(x), y))
-                nn.functional.cross_entropy(model(x), y).backward()
-                sam.second_step(zero_grad=True)
+                _two_step(sam, model, x, y)
             else:
-                def closure():
-                    sam.zero_grad()
-                    loss = nn.functional.cross_entropy(model(x), y)
-                    loss.backward()
-                    return loss
-                sam.step(closure)
+                sam.step(_closure(sam, model, x, y))
             sched.step()
     assert sam.param_groups[0]["lr"] == sam.base_optimizer.param_groups[0]["lr"] == 0.125
 
@@ -523,15 +528,11 @@ def test_deepcopy_and_pickle_keep_settings_and_links():
     model = _mlp()
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.3, adaptive=True)
     x, y = _batch()
-    sam.first_step(nn.functional.cross_entropy(model(x), y))
-    nn.functional.cross_entropy(model(x), y).backward()
-    sam.second_step(zero_grad=True)
+    _two_step(sam, model, x, y)
     m2, s2 = copy.deepcopy((model, sam))
     assert s2.rho == 0.3 and s2.adaptive and s2.param_groups is s2.base_optimizer.param_groups
     assert all(any(p is q for q in m2.parameters()) for p in s2.perturbed_parameters())
-    s2.first_step(nn.functional.cross_entropy(m2(x), y))
-    nn.functional.cross_entropy(m2(x), y).backward()
-    s2.second_step(zero_grad=True)
+    _two_step(s2, m2, x, y)
     s3 = pickle.loads(pickle.dumps(sam))
     assert s3.rho == 0.3 and s3.state is s3.base_optimizer.state
 
