@@ -251,7 +251,7 @@ class SAM(Optimizer):
             # amortises its own kernels and skips the gather into the buffer.
             per_tensor = single or g.is_sparse or p.numel() > _FLAT_MAX_NUMEL
             by_key[(p.device, p.dtype, per_tensor)].append((p, g))
-        acc = torch.float64 if any(p.dtype == torch.float64 for p, _ in pairs) else torch.float32
+        acc = torch.float64 if any(dtype == torch.float64 for _, dtype, _ in by_key) else torch.float32
         groups: list[_FlatGroup | _TensorGroup] = []
         for (device, dtype, per_tensor), items in by_key.items():
             ps = [p for p, _ in items]
