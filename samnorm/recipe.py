@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from samnorm.data.pseudo_ood import PseudoOOD
+from samnorm.io import atomic_save, atomic_write
 from samnorm.losses import OOD_LOSSES, SFTLoss
 from samnorm.optim import SAM
 
@@ -153,8 +154,7 @@ class FinetuneResult:
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> str:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a crash
-    leaves either the old file or the new one, never half of one.
+    """``torch.save`` atomically (see :func:`samnorm.io.atomic_save`, which this forwards to).
 
     Example:
         >>> import tempfile
@@ -162,18 +162,7 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> str:
         >>> torch.load(p)["a"]
         1
     """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_save(obj, path)
 
 
 class _IndexSampler(Sampler[int]):
@@ -268,10 +257,7 @@ def _check_resume(saved: Mapping[str, Any], cfg: FinetuneConfig, world: int, pat
 
 
 def _write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def finetune(
