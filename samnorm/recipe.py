@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from samnorm.data.pseudo_ood import PseudoOOD
-from samnorm.io import atomic_save, atomic_write
+from samnorm.io import atomic_save, atomic_write, remove_stale_temps
 from samnorm.losses import OOD_LOSSES, SFTLoss
 from samnorm.optim import SAM
 
@@ -63,6 +63,7 @@ __all__ = [
     "OPTIMIZERS",
     "CHECKPOINT_NAME",
     "save_atomic",
+    "DivergedError",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -78,6 +79,17 @@ OPTIMIZERS: dict[str, tuple[bool, bool, float] | None] = {
 }
 # Settings that do not change the trajectory, so a resumed run may change them.
 _FREE_ON_RESUME = {"checkpoint_every", "log_every", "num_workers"}
+# Files of a run in its output folder (a fresh run would replace them).
+_RUN_FILES = (CHECKPOINT_NAME, "log.jsonl", "config.json")
+
+
+class DivergedError(ArithmeticError):
+    """Training produced a non-finite loss or parameter; the last good checkpoint is kept.
+
+    Example:
+        >>> issubclass(DivergedError, ArithmeticError)
+        True
+    """
 
 
 @dataclass
@@ -123,10 +135,17 @@ class FinetuneConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         positive = {"lr": self.lr, "batch_size": self.batch_size, "checkpoint_every": self.checkpoint_every,
-                    "log_every": self.log_every, "epochs": self.epochs}
+                    "log_every": self.log_every, "epochs": self.epochs, "grad_clip": self.grad_clip}
         for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+            # grad_clip <= 0 would zero the gradient or flip its sign (clip_grad_norm_ scales by it)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        for names, least in ((("rho", "eta", "momentum", "weight_decay"), 0.0), (("m_in", "m_out", "ood_weight"), None)):
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not (math.isfinite(value) and (least is None or value >= least)):
+                    bound = "" if least is None else f" >= {least:g}"
+                    raise ValueError(f"{name} must be a finite number{bound}, got {value}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not 0 <= self.ood_ratio <= 1:
@@ -256,6 +275,65 @@ def _check_resume(saved: Mapping[str, Any], cfg: FinetuneConfig, world: int, pat
         )
 
 
+def _load_resume(path: str) -> Mapping[str, Any]:
+    """The checkpoint to resume from, or one readable line on what is wrong with it."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - empty, truncated, garbage: the same advice
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"cannot resume from {path!r}: not a readable checkpoint ({type(err).__name__}: {first}); "
+            "move it away to start over, or start a new run elsewhere"
+        ) from err
+    if not isinstance(saved, Mapping) or saved.get("format") != FORMAT:
+        found = saved.get("format") if isinstance(saved, Mapping) else type(saved).__name__
+        raise ValueError(f"cannot resume from {path!r}: not a samnorm fine-tuning checkpoint (format {found!r})")
+    return saved
+
+
+def _data_record(dataset: Dataset) -> dict[str, Any]:
+    """What a resume checks the data against: the size and, for datasets that give one (ImageFolder),
+    a fingerprint of the file list."""
+    fingerprint = getattr(dataset, "fingerprint", None)
+    return {"images": len(dataset), "fingerprint": fingerprint() if callable(fingerprint) else None}
+
+
+def _check_data(saved: Mapping[str, Any], now: Mapping[str, Any], path: str) -> None:
+    before = saved.get("data")
+    if before is None:  # checkpoints written before the data were recorded
+        return
+    if before["images"] != now["images"] or before["fingerprint"] != now["fingerprint"]:
+        what = (f"{before['images']} -> {now['images']} images" if before["images"] != now["images"]
+                else "the same number of images, but other files, labels or sizes")
+        raise ValueError(
+            f"cannot resume from {path!r}: the training data changed since it was written ({what}); resume "
+            "with the data the run started with, or start a new run in another output folder"
+        )
+
+
+def _check_finite_model(model: nn.Module) -> None:
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"the starting weights hold NaN/inf values ({len(bad)} tensor(s), e.g. {bad[0]!r}): fine-tuning "
+            "cannot start from them; check the checkpoint"
+        )
+
+
+def _check_output(out_dir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace a run's files unless asked (``resume`` continues it, ``overwrite`` replaces it)."""
+    if overwrite or resume or not os.path.isdir(out_dir):
+        return
+    # a run's progress lives in its checkpoint and log; a config.json alone has nothing to lose
+    found = [n for n in (CHECKPOINT_NAME, "log.jsonl") if os.path.isfile(os.path.join(out_dir, n))
+             and os.path.getsize(os.path.join(out_dir, n)) > 0]
+    if found:
+        raise ValueError(
+            f"{out_dir!r} already holds a run ({', '.join(found)}): resume it (resume=True, CLI --resume), "
+            "replace it (overwrite=True, CLI --overwrite) or choose another output folder"
+        )
+
+
 def _write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
 
@@ -267,6 +345,7 @@ def finetune(
     *,
     output_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
     model_name: str | None = None,
@@ -286,7 +365,9 @@ def finetune(
         output_dir: where ``checkpoint.pt``, ``log.jsonl`` and ``config.json`` go (rank 0 writes);
             ``None`` keeps everything in memory.
         resume: continue from ``output_dir/checkpoint.pt`` when it exists (otherwise start afresh);
-            the settings must be those of the interrupted run.
+            the settings and the data must be those of the interrupted run.
+        overwrite: start afresh even though ``output_dir`` holds a run; without it (or ``resume``)
+            a folder with a run's files is a ``ValueError``, so a finished run is never replaced by mistake.
         device: where to train (default: where the model is).
         progress: show a tqdm progress bar (rank 0 only).
         model_name, model_kwargs: recorded in the checkpoint so ``create_model(None, checkpoint=...)``
@@ -300,6 +381,10 @@ def finetune(
     shard of every epoch (``DistributedSampler``) and ``batch_size`` images per step, and only rank 0
     writes files and logs.
 
+    A non-finite loss or parameter stops training with :class:`DivergedError` (checked, without an
+    extra device synchronisation, at every log line and before every checkpoint), so the last
+    checkpoint written is always a finite one.
+
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.GroupNorm(2, 8), nn.Linear(8, 2))
         >>> data = (torch.rand(32, 1, 4, 4), torch.arange(32) % 2)
@@ -311,6 +396,7 @@ def finetune(
     rank, world = _dist()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     out_dir = None if output_dir is None else os.fspath(output_dir)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if rank != 0:
@@ -324,6 +410,11 @@ def finetune(
             f"({world} process(es)); lower batch_size or add images"
         )
     total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    ckpt_path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT_NAME)
+    if out_dir is not None:
+        _check_output(out_dir, resume, overwrite)
+    _check_finite_model(model)
+    data_record = _data_record(dataset)
 
     opt = _build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
@@ -332,11 +423,12 @@ def finetune(
     pseudo = sampler or PseudoOOD(cfg.transforms, seed=cfg.seed * 1000 + 7919 + rank)
     torch.manual_seed(cfg.seed + rank)  # dropout, stochastic depth
 
-    ckpt_path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT_NAME)
+    window = torch.zeros(5, dtype=torch.float64, device=device)  # since the last log: loss, ce, ood, correct, count
     start, history = 0, []
     if resume and ckpt_path is not None and os.path.isfile(ckpt_path):
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = _load_resume(ckpt_path)
         _check_resume(saved, cfg, world, ckpt_path)
+        _check_data(saved, data_record, ckpt_path)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
@@ -345,6 +437,8 @@ def finetune(
         torch.set_rng_state(rng["cpu"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        if "window" in saved:  # the steps since the last log line, so the next line is the uninterrupted one
+            window.copy_(saved["window"][rank])
         start, history = int(saved["step"]), list(saved["history"])
         say(f"resuming from {ckpt_path} at step {start}/{total}")
     elif resume:
@@ -352,9 +446,11 @@ def finetune(
 
     if out_dir is not None and rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "total_steps": total, "world_size": world,
-                       "model_name": model_name, "model_kwargs": dict(model_kwargs or {})}, f, indent=2)
+        for name in _RUN_FILES:  # temporary files of writers killed mid-save
+            remove_stale_temps(os.path.join(out_dir, name))
+        atomic_write(os.path.join(out_dir, "config.json"), json.dumps(
+            {**dataclasses.asdict(cfg), "total_steps": total, "world_size": world,
+             "model_name": model_name, "model_kwargs": dict(model_kwargs or {})}, indent=2))
         _write_jsonl(os.path.join(out_dir, "log.jsonl"), history)
 
     net: nn.Module = model
@@ -374,7 +470,7 @@ def finetune(
 
     def save(step: int) -> None:
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-        states = _gather({"rng": rng, "sampler": pseudo.state_dict()}, world)
+        states = _gather({"rng": rng, "sampler": pseudo.state_dict(), "window": window.cpu()}, world)
         if rank == 0 and ckpt_path is not None:
             save_atomic({
                 "format": FORMAT, "step": step, "total_steps": total, "world_size": world,
@@ -383,7 +479,7 @@ def finetune(
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "sampler": [s["sampler"] for s in states], "rng": [s["rng"] for s in states],
-                "history": history,
+                "history": history, "window": [s["window"] for s in states], "data": data_record,
             }, ckpt_path)
             _write_jsonl(os.path.join(out_dir, "log.jsonl"), history)
 
@@ -393,15 +489,31 @@ def finetune(
         b = y.shape[0]
         return loss_fn(logits[:b], y, logits[b:] if inputs.shape[0] > b else None), logits[:b]
 
+    checked, saved_step = start, start if start else None
+
+    def stop_if_diverged(done: int, loss_finite: bool) -> None:
+        """Raise DivergedError when a loss since step ``checked`` or a parameter is not finite."""
+        nonlocal checked
+        # one device tensor, one synchronisation (not one per parameter)
+        ok = torch.stack([torch.isfinite(p).all() for p in trainable]).all().int() * int(loss_finite)
+        if world > 1:  # every rank stops together, or none does
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            kept = (f"the last good checkpoint (step {saved_step}) is kept in {ckpt_path}" if saved_step
+                    else "no checkpoint was written")
+            raise DivergedError(
+                f"training diverged: non-finite loss or weights between steps {checked + 1} and {done}; {kept}. "
+                "Lower the learning rate, check the loss margins, or clip gradients (grad_clip)"
+            )
+        checked = done
+
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start, desc=f"finetune ({cfg.optimizer})", dynamic_ncols=True)
     model.train()
-    window = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, ood, correct, count
     loader: Iterator[Any] | None = None
-    trainable = [p for p in model.parameters() if p.requires_grad]
     for step in range(start, total):
         epoch, position = divmod(step, steps_per_epoch)
         if loader is None or position == 0:
@@ -440,6 +552,8 @@ def finetune(
             record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": sched.get_last_lr()[0],
                       "loss": window[0].item() / n, "ce": window[1].item() / n, "ood": window[2].item() / n,
                       "acc": window[3].item() / n}
+            # the window sums every loss since the last line: a NaN/inf in any of them shows here
+            stop_if_diverged(done, all(math.isfinite(record[k]) for k in ("loss", "ce", "ood")))
             history.append(record)
             window.zero_()
             if bar is not None:
@@ -449,7 +563,10 @@ def finetune(
         if bar is not None:
             bar.update(1)
         if done % cfg.checkpoint_every == 0 or done == total:
+            if checked != done:
+                stop_if_diverged(done, math.isfinite(window[0].item()))
             save(done)
+            saved_step = done
     if bar is not None:
         bar.close()
     skipped = _skipped(dataset, world, device)
@@ -537,12 +654,12 @@ def evaluate_datasets(
         ((6,), {'ID': [], 'noise': []})
     """
     from samnorm.ood import ModelAdapter, OODResults, evaluate, make_scorer, scorer_class
-    from samnorm.ood.metrics import _check_tpr, _convention
+    from samnorm.ood.metrics import check_tpr, resolve_convention
 
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    tpr, conv = _check_tpr(tpr), _convention(convention)
+    tpr, conv = check_tpr(tpr), resolve_convention(convention)
     names = list(scorers)
     if not names:
         raise ValueError("scorers is empty: name at least one, e.g. ['msp', 'energy']")

@@ -4,7 +4,15 @@
 with images directly inside (``flat=True``) is one unlabelled set, the usual layout of OOD test sets.
 An image that cannot be decoded is *skipped*: the next readable image of the folder takes its place,
 so a batch keeps its size and an epoch never stops half-way; :attr:`ImageFolder.skipped` counts the
-distinct unreadable files seen so far, across DataLoader worker processes.
+distinct unreadable files seen so far, across DataLoader worker processes. An image over PIL's
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) counts as unreadable.
+
+What is read (so that no image is counted twice or under another class's label): regular files
+with an image extension, or symbolic links to such files; never pipes, sockets or devices (a pipe
+named ``x.png`` would block the reader). Class folders (the root's sub-folders) may be symbolic
+links, to build a dataset from some classes of another; two of them may not lead to the same
+directory, or to one inside another, or to the root. *Below* a class folder (and below a flat root)
+directory links are not followed: no cycle, no escape from the tree.
 
 Example:
     >>> import os, tempfile
@@ -21,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import warnings
@@ -140,6 +149,24 @@ def transform_for_model(model: Any, size: int | None = None, in_chans: int | Non
     )
 
 
+def _check_class_dirs(root: str, subdirs: Sequence[str]) -> None:
+    """Class folders must be distinct directory trees, none holding the root or another class."""
+    real_root = os.path.realpath(root)
+    reals = {c: os.path.realpath(os.path.join(root, c)) for c in subdirs}
+
+    def inside(a: str, b: str) -> bool:  # a is b or below it
+        return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+    for c, real in reals.items():
+        if inside(real_root, real):
+            raise ValueError(f"class folder {os.path.join(root, c)!r} leads to {real!r}, which holds the image "
+                             "folder itself: its images would be counted twice; remove the link")
+        for other, real_other in reals.items():
+            if other != c and inside(real, real_other):
+                raise ValueError(f"class folders {c!r} and {other!r} of {root!r} lead to the same images "
+                                 f"({real!r} is inside {real_other!r}): one label per image; remove the link")
+
+
 class ImageFolder(Dataset):
     """Images in ``root/<class>/...`` (or directly in ``root`` with ``flat=True``) as ``(image, label)``.
 
@@ -150,6 +177,8 @@ class ImageFolder(Dataset):
             sub-folder outside it is an error.
         flat: ``None`` (default) accepts either layout; ``True`` takes every image under ``root``
             (recursively) as class 0; ``False`` requires class sub-folders.
+
+    The module docstring says which files and links are read.
 
     Example:
         >>> import os, tempfile
@@ -180,7 +209,8 @@ class ImageFolder(Dataset):
             self.samples = [(p, 0) for p in self._images(root)]
         else:
             if not subdirs:
-                raise ValueError(f"{root!r} has no class sub-folders; pass flat=True for a folder of images")
+                raise ValueError(f"{root!r} has no class sub-folders: expected {os.path.join(root, '<class>', '<image>')}")
+            _check_class_dirs(root, subdirs)
             found = subdirs
             self.samples = []
         self.classes = list(classes) if classes is not None else found
@@ -202,11 +232,41 @@ class ImageFolder(Dataset):
 
     @staticmethod
     def _images(folder: str) -> list[str]:
-        out = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            out += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        """Image files under ``folder``, sorted, recursively; directory links are not followed."""
+        out, dirs = [], []
+        with os.scandir(folder) as entries:
+            for e in sorted(entries, key=lambda e: e.name):
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    dirs.append(e.path)
+                elif _is_image(e.name) and e.is_file():  # follows a file link; False for a pipe or socket
+                    out.append(e.path)
+        for d in dirs:
+            out += ImageFolder._images(d)
         return out
+
+    def fingerprint(self) -> str:
+        """A hash of the file list, the labels and the file sizes: what a resumed run checks that
+        its data did not change (cheap: one ``stat`` per file, no image read; modification times
+        are left out, so a copy of the folder elsewhere keeps its fingerprint).
+
+        Example:
+            >>> import tempfile
+            >>> from PIL import Image
+            >>> root = tempfile.mkdtemp()
+            >>> Image.new("L", (4, 4)).save(os.path.join(root, "a.png"))
+            >>> len(ImageFolder(root).fingerprint())
+            64
+        """
+        h = hashlib.sha256()
+        for path, label in self.samples:
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = -1
+            h.update(f"{os.path.relpath(path, self.root)}\0{label}\0{size}\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -219,7 +279,7 @@ class ImageFolder(Dataset):
             with Image.open(path) as image:
                 image.load()
                 return self.transform(image)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             if not self._bad[index]:
                 warnings.warn(f"skipping unreadable image {path}: {err}", RuntimeWarning, stacklevel=3)
             self._bad[index] = 1

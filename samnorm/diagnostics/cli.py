@@ -21,6 +21,8 @@ the same files from values they computed themselves.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import re
@@ -29,13 +31,35 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from samnorm.cli_common import (
+    UsageError,
+    add_model_args,
+    build_model,
+    fit_folder,
+    image_transform,
+    named_dir,
+    names,
+    output_dir,
+    read_recorded,
+)
+
 __all__ = ["add_parser", "write_report", "run"]
 
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")  # file names from user-given set and scorer names
 
 
 def _slug(name: str) -> str:
-    return _SLUG.sub("_", name).strip("._") or "set"
+    """A file-name-safe form of ``name``, one per name: a name that had to be changed gets a short hash
+    of the original, so ``a/b`` and ``a_b`` never share a file.
+
+    Example:
+        >>> _slug("a_b"), _slug("a/b") != _slug("a_b")
+        ('a_b', True)
+    """
+    slug = _SLUG.sub("_", name).strip("._") or "set"
+    if slug == name:
+        return slug
+    return f"{slug}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -51,8 +75,6 @@ def add_parser(subparsers: Any) -> None:
         >>> args.ood, args.func.__name__
         ([('t', 'dtd')], 'run')
     """
-    from samnorm.cli import _add_model_args, _named_dir
-
     p = subparsers.add_parser(
         "diagnose",
         help="plots and a JSON summary of score, gradient-norm and max-logit distributions (ID vs OOD)",
@@ -66,7 +88,7 @@ def add_parser(subparsers: Any) -> None:
                    help="weights of the model before fine-tuning (same model options), for before/after figures")
     p.add_argument("--id", required=True, dest="id_dir", help="ID test folder (class sub-folders or flat)")
     p.add_argument("--id-name", default="ID", help="name of the ID set in figures and JSON (default: ID)")
-    p.add_argument("--ood", action="append", type=_named_dir, required=True, metavar="NAME=DIR",
+    p.add_argument("--ood", action="append", type=named_dir, required=True, metavar="NAME=DIR",
                    help="OOD folder, repeatable; images anywhere below DIR")
     p.add_argument("--scorers", default="msp,energy",
                    help="comma-separated samnorm.ood scorers (msp, energy, odin, react, gradnorm, rankfeat, "
@@ -89,7 +111,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--theory-iters", type=int, default=20, help="power iterations for L (with --theory)")
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG figures (default 100)")
     p.add_argument("--output", required=True, help="output directory")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=run)
 
 
@@ -110,18 +132,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.checkpoint is None:
-        raise ValueError("--checkpoint is required: the weights of the model to diagnose")
-    names = [name for name, _ in args.ood]
-    if len(set(names)) != len(names) or args.id_name in names:
-        raise ValueError(f"OOD set names must be distinct and differ from --id-name {args.id_name!r}: {names}")
+        raise UsageError("--checkpoint is required: the weights of the model to diagnose")
+    ood_names = [name for name, _ in args.ood]
+    if len(set(ood_names)) != len(ood_names) or args.id_name in ood_names:
+        raise UsageError(f"OOD set names must be distinct and differ from --id-name {args.id_name!r}: {ood_names}")
     for what, value in (("--batch-size", args.batch_size), ("--max-images", args.max_images or 1)):
         if value < 1:
-            raise ValueError(f"{what} must be a positive integer, got {value}")
+            raise UsageError(f"{what} must be a positive integer, got {value}")
     if args.theory < 0 or args.workers < 0:
-        raise ValueError("--theory and --workers must be >= 0")
+        raise UsageError("--theory and --workers must be >= 0")
     for path in [args.id_dir, *(d for _, d in args.ood), *([args.fit_dir] if args.fit_dir else [])]:
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"image folder {path!r} does not exist (or is not a directory)")
+            raise UsageError(f"image folder {path!r} does not exist (or is not a directory)")
+    output_dir(args.output)  # a file in its place fails now, not after the work
 
 
 def _loader(dataset: Any, args: argparse.Namespace) -> Any:
@@ -142,18 +165,15 @@ def _skipped(loader: Any) -> int:
 
 def _model(args: argparse.Namespace, checkpoint: str) -> tuple[Any, dict[str, Any]]:
     """A model built like ``samnorm evaluate`` does, and the metadata its checkpoint records."""
-    from samnorm.cli import _build_model, _read_recorded
-
     stage_args = argparse.Namespace(**{**vars(args), "checkpoint": checkpoint})
-    raw = _read_recorded(checkpoint, args.trust_checkpoint)
-    model, _, kwargs = _build_model(stage_args, raw)
+    raw = read_recorded(checkpoint, args.trust_checkpoint)
+    model, _, kwargs = build_model(stage_args, raw)
     return model, {"kwargs": kwargs, **(raw or {}).get("metadata", {})}
 
 
 def _diagnose(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from samnorm.cli import _names, _transform
     from samnorm.data.folders import ImageFolder
     from samnorm.diagnostics.quantities import collect_sets
     from samnorm.ood.detectors import make_scorer
@@ -166,16 +186,17 @@ def _diagnose(args: argparse.Namespace) -> dict[str, Any]:
     if args.baseline is not None:
         models["before"] = _model(args, args.baseline)[0]
     # the fine-tuning checkpoint's recorded transform and class order, as `samnorm evaluate` uses them
-    transform = _transform(args, model, meta["kwargs"], meta.get("transform"))
+    transform = image_transform(args, model, meta["kwargs"], meta.get("transform"))
     classes = meta.get("classes")
     id_loader = _loader(ImageFolder(args.id_dir, transform, classes=classes), args)
     ood_loaders = {name: _loader(ImageFolder(path, transform, flat=True), args) for name, path in args.ood}
-    fit_loader = _loader(ImageFolder(args.fit_dir, transform, classes=classes), args) if args.fit_dir else None
+    scorer_names = names(args.scorers)
+    fit_loader = _loader(fit_folder(args.fit_dir, transform, classes, scorer_names), args) if args.fit_dir else None
     results, theory = {}, {}
     for stage, model in models.items():
         model.to(device).eval()
         scorers = {}
-        for name in _names(args.scorers):
+        for name in scorer_names:
             scorer = make_scorer(name, model)
             if scorer.name == "MaxLogit":  # the same values as the built-in max_logit quantity
                 continue
@@ -258,9 +279,12 @@ def write_report(
 
     from samnorm import plots
     from samnorm.diagnostics.quantities import summarize
+    from samnorm.io import atomic_write, remove_stale_temps
 
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)
+    for name in ("summary.json", "values.npz"):  # temporary files of writers killed mid-save
+        remove_stale_temps(os.path.join(out, name))
     stages = {"after": results, **({"before": before} if before is not None else {})}
     quantities = list(results[id_name]) if id_name in results else []
     summary: dict[str, Any] = {
@@ -292,12 +316,13 @@ def write_report(
         f"{stage}/{s}/{q}": np.asarray(v, dtype=np.float64)
         for stage, res in stages.items() for s, values in res.items() for q, v in values.items()
     }
-    np.savez_compressed(path("values.npz"), **arrays)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write(path("values.npz"), buffer.getvalue())
     if theory is not None:
         summary["theory"] = dict(theory)
     if meta is not None:
         summary["meta"] = dict(meta)
     summary["files"] = [*files, "summary.json"]
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=2)
+    atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     return summary

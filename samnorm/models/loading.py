@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,8 @@ __all__ = [
     "load_state_dict",
     "load_checkpoint",
     "create_model",
+    "recorded_model_kwargs",
+    "RECORDED_MODEL_KWARGS",
 ]
 
 DEFAULT_MODEL = "resnetv2_101x1_bit.goog_in21k_ft_in1k"
@@ -285,6 +288,43 @@ def load_checkpoint(
     return load_state_dict(model, state_dict, new_head=new_head, what=f"checkpoint {path!r}")
 
 
+#: Model arguments a checkpoint may carry to ``timm.create_model``: the architecture's shape and
+#: regularisation, never file paths, hub options or callables (a recorded ``checkpoint_path`` or
+#: ``pretrained_cfg_overlay`` would make timm open or download other files).
+RECORDED_MODEL_KWARGS = frozenset({
+    "img_size", "in_chans", "patch_size", "embed_dim", "depth", "depths", "num_heads", "mlp_ratio",
+    "qkv_bias", "class_token", "global_pool", "drop_rate", "drop_path_rate", "attn_drop_rate",
+    "proj_drop_rate", "pos_drop_rate", "init_values", "token_dim", "tokens_type", "layers", "channels",
+    "dims", "widths", "width_factor", "stem_type", "output_stride", "num_features",
+})
+_LITERALS = (bool, int, float, str, type(None))
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(isinstance(v, _LITERALS) for v in value)
+    return isinstance(value, _LITERALS)
+
+
+def recorded_model_kwargs(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model_kwargs`` a samnorm checkpoint records, filtered to :data:`RECORDED_MODEL_KWARGS`
+    with plain values (numbers, strings, tuples of them); anything else is dropped with a warning.
+
+    Example:
+        >>> recorded_model_kwargs({"model_kwargs": {"img_size": 32, "checkpoint_path": "/etc/x"}})
+        {'img_size': 32}
+    """
+    recorded = raw.get("model_kwargs") or {}
+    if not isinstance(recorded, Mapping):
+        raise ValueError(f"the checkpoint's model_kwargs must be a mapping, got {type(recorded).__name__}")
+    kept = {k: v for k, v in recorded.items() if k in RECORDED_MODEL_KWARGS and _plain(v)}
+    dropped = sorted(str(k) for k in recorded if k not in kept)
+    if dropped:
+        warnings.warn(f"ignoring model argument(s) {dropped} recorded in the checkpoint (not architecture "
+                      "settings samnorm passes on); give them explicitly if you need them", stacklevel=2)
+    return kept
+
+
 def create_model(
     name: str | None = DEFAULT_MODEL,
     checkpoint: str | os.PathLike[str] | Mapping[str, Any] | None = None,
@@ -329,7 +369,7 @@ def create_model(
         if not isinstance(raw, Mapping) or "model_name" not in raw:
             where = "" if path is None else f" ({path!r} records none)"
             raise ValueError(f"give a model name, or a samnorm checkpoint that records one{where}")
-        name, kwargs = raw["model_name"], {**raw.get("model_kwargs", {}), **kwargs}
+        name, kwargs = raw["model_name"], {**recorded_model_kwargs(raw), **kwargs}
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:8]
         hint = f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"

@@ -10,6 +10,9 @@ defaults agree with scikit-learn to rounding: ``auroc`` with ``roc_auc_score``, 
 with the first point of ``roc_curve(drop_intermediate=False)`` whose TPR reaches ``tpr`` (ID
 positive), ``aupr_in`` / ``aupr_out`` with ``average_precision_score``. The OpenOOD conventions
 read the FPR on ``roc_curve``'s default curve (``drop_intermediate=True``), as OpenOOD does.
+
+NaN scores are always rejected; ``+-inf`` scores too (a ``ValueError``, as scikit-learn does),
+unless ``allow_inf=True``: then they rank above / below every finite score.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ __all__ = [
     "aupr_in",
     "aupr_out",
     "auroc",
+    "check_tpr",
     "fpr_at_tpr",
     "ood_metrics",
+    "resolve_convention",
 ]
 
 Scores = Union[np.ndarray, torch.Tensor, Sequence[float]]
@@ -112,7 +117,7 @@ CONVENTIONS: dict[str, Convention] = {
 }
 
 
-def _as_scores(scores: Scores, name: str) -> np.ndarray:
+def _as_scores(scores: Scores, name: str, allow_inf: bool = False) -> np.ndarray:
     """Validated float64 copy (or view) of a 1-D score vector."""
     if isinstance(scores, torch.Tensor):
         if scores.is_complex():
@@ -136,15 +141,23 @@ def _as_scores(scores: Scores, name: str) -> np.ndarray:
             f"{name} contains {int(nan.sum())} NaN scores (first at index {int(nan.argmax())}); "
             "fix the scorer or drop those samples"
         )
+    if not allow_inf:
+        inf = np.isinf(arr)
+        if inf.any():
+            raise ValueError(
+                f"{name} contains {int(inf.sum())} infinite scores (first at index {int(inf.argmax())}): a scorer "
+                "overflowed (e.g. a tiny temperature); fix it, or pass allow_inf=True if +-inf scores are "
+                "meant (they rank above / below every finite score, ties among equal infinities)"
+            )
     return arr
 
 
 class _Sorted:
     """ID and OOD scores sorted ascending, once, for all metrics of one comparison."""
 
-    def __init__(self, id_scores: Scores, ood_scores: Scores) -> None:
-        self.id = np.sort(_as_scores(id_scores, "id_scores"))
-        self.ood = np.sort(_as_scores(ood_scores, "ood_scores"))
+    def __init__(self, id_scores: Scores, ood_scores: Scores, allow_inf: bool = False) -> None:
+        self.id = np.sort(_as_scores(id_scores, "id_scores", allow_inf))
+        self.ood = np.sort(_as_scores(ood_scores, "ood_scores", allow_inf))
 
     def oriented(self, positive: Positive) -> tuple[np.ndarray, np.ndarray]:
         """(positives, negatives), ascending, with higher = more positive."""
@@ -243,11 +256,20 @@ def _aupr(pos: np.ndarray, neg: np.ndarray, method: AuprMethod) -> float:
     return float(np.dot(sizes, precision + precision_above) / (2.0 * pos.size))
 
 
-def _check_tpr(tpr: float) -> float:
+def check_tpr(tpr: float) -> float:
+    """``tpr`` as a float; ``ValueError`` unless a fraction in [0, 1].
+
+    Example:
+        >>> check_tpr(0.95)
+        0.95
+    """
     tpr = float(tpr)
     if not 0.0 <= tpr <= 1.0:
         raise ValueError(f"tpr must be a fraction in [0, 1] (0.95 for FPR95), got {tpr}")
     return tpr
+
+
+_check_tpr = check_tpr  # the name samnorm.ood.evaluate imports
 
 
 def _fpr(data: _Sorted, tpr: float, positive: Positive, point: Point, drop_intermediate: bool = False) -> float:
@@ -255,10 +277,10 @@ def _fpr(data: _Sorted, tpr: float, positive: Positive, point: Point, drop_inter
     _check_drop(point, drop_intermediate)
     pos, neg = data.oriented(positive)
     fpr = _fpr_closest if point == "closest" else _fpr_first_kept if drop_intermediate else _fpr_first
-    return fpr(pos, neg, _check_tpr(tpr))
+    return fpr(pos, neg, check_tpr(tpr))
 
 
-def auroc(id_scores: Scores, ood_scores: Scores) -> float:
+def auroc(id_scores: Scores, ood_scores: Scores, *, allow_inf: bool = False) -> float:
     """Area under the ROC curve: P(ID score > OOD score), ties counting half.
 
     The same under every convention (and equal to ``roc_auc_score`` with ID as class 1).
@@ -267,7 +289,7 @@ def auroc(id_scores: Scores, ood_scores: Scores) -> float:
         >>> auroc([3.0, 2.0, 1.0], [1.0, 0.0])
         0.9166666666666666
     """
-    data = _Sorted(id_scores, ood_scores)
+    data = _Sorted(id_scores, ood_scores, allow_inf)
     return _auroc(data.id, data.ood)
 
 
@@ -279,6 +301,7 @@ def fpr_at_tpr(
     positive: Positive = "id",
     point: Point = "first",
     drop_intermediate: bool = False,
+    allow_inf: bool = False,
 ) -> float:
     """False positive rate where the true positive rate reaches ``tpr`` (FPR95 by default).
 
@@ -299,11 +322,11 @@ def fpr_at_tpr(
         >>> fpr_at_tpr(*ties, tpr=0.5), fpr_at_tpr(*ties, tpr=0.5, drop_intermediate=True)
         (0.75, 1.0)
     """
-    return _fpr(_Sorted(id_scores, ood_scores), tpr, positive, point, drop_intermediate)
+    return _fpr(_Sorted(id_scores, ood_scores, allow_inf), tpr, positive, point, drop_intermediate)
 
 
 def aupr_in(
-    id_scores: Scores, ood_scores: Scores, *, method: AuprMethod = "average_precision"
+    id_scores: Scores, ood_scores: Scores, *, method: AuprMethod = "average_precision", allow_inf: bool = False
 ) -> float:
     """Area under the precision-recall curve with ID as the positive class (AUPR-In).
 
@@ -315,12 +338,12 @@ def aupr_in(
         >>> aupr_in([3.0, 1.0], [2.0, 0.0])
         0.8333333333333333
     """
-    data = _Sorted(id_scores, ood_scores)
+    data = _Sorted(id_scores, ood_scores, allow_inf)
     return _aupr(*data.oriented("id"), method)
 
 
 def aupr_out(
-    id_scores: Scores, ood_scores: Scores, *, method: AuprMethod = "average_precision"
+    id_scores: Scores, ood_scores: Scores, *, method: AuprMethod = "average_precision", allow_inf: bool = False
 ) -> float:
     """Area under the precision-recall curve with OOD as the positive class, scored by ``-score``.
 
@@ -328,7 +351,7 @@ def aupr_out(
         >>> aupr_out([3.0, 1.0], [2.0, 0.0])
         0.8333333333333333
     """
-    data = _Sorted(id_scores, ood_scores)
+    data = _Sorted(id_scores, ood_scores, allow_inf)
     return _aupr(*data.oriented("ood"), method)
 
 
@@ -366,7 +389,13 @@ class OODMetrics:
         }
 
 
-def _convention(convention: str | Convention) -> Convention:
+def resolve_convention(convention: str | Convention) -> Convention:
+    """A :class:`Convention` by name (or as given); ``ValueError`` naming the choices otherwise.
+
+    Example:
+        >>> resolve_convention("rankfeat").point
+        'closest'
+    """
     if isinstance(convention, Convention):
         return convention
     if convention not in CONVENTIONS:
@@ -376,12 +405,16 @@ def _convention(convention: str | Convention) -> Convention:
     return CONVENTIONS[convention]
 
 
+_convention = resolve_convention  # the name samnorm.ood.evaluate imports
+
+
 def ood_metrics(
     id_scores: Scores,
     ood_scores: Scores,
     *,
     tpr: float = 0.95,
     convention: str | Convention = "samnorm",
+    allow_inf: bool = False,
 ) -> OODMetrics:
     """FPR at ``tpr``, AUROC, AUPR-In and AUPR-Out in one pass (the scores are sorted once).
 
@@ -393,8 +426,8 @@ def ood_metrics(
         >>> round(m.fpr, 3), m.fpr_name
         (0.333, 'FPR95')
     """
-    conv = _convention(convention)
-    data = _Sorted(id_scores, ood_scores)
+    conv = resolve_convention(convention)
+    data = _Sorted(id_scores, ood_scores, allow_inf)
     return OODMetrics(
         fpr=_fpr(data, tpr, conv.positive, conv.point, conv.drop_intermediate),
         auroc=_auroc(data.id, data.ood),

@@ -12,6 +12,7 @@ round nearby MSPs to the same value and create ties that are not in the model.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -52,6 +53,23 @@ def check_temperature(temperature: float) -> float:
     return temperature
 
 
+def _warn_if_overflowed(scores: Tensor, logits: Tensor, temperature: float) -> Tensor:
+    """Warn when finite logits gave non-finite scores: the temperature overflowed ``logits / T``.
+
+    Checked only for ``T != 1`` (at ``T = 1`` the formulas cannot overflow finite logits), so the
+    usual call adds no device synchronisation.
+    """
+    if temperature != 1.0 and not bool(torch.isfinite(scores).all()) and bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        warnings.warn(
+            f"temperature {temperature:g} makes {bad} of {scores.numel()} scores non-finite (logits / T overflows "
+            f"{logits.dtype}); use a larger temperature",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return scores
+
+
 def msp(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Maximum softmax probability ``max_k softmax(logits / T)_k``, shape ``(B,)``.
 
@@ -63,8 +81,9 @@ def msp(logits: Tensor, temperature: float = 1.0) -> Tensor:
         >>> msp(torch.tensor([[0.0, 0.0], [10.0, 0.0]]))
         tensor([0.5000, 1.0000])
     """
-    z = _check_logits(logits) / check_temperature(temperature)
-    return torch.exp(z - z.amax(dim=1, keepdim=True)).sum(dim=1).reciprocal()
+    t = check_temperature(temperature)
+    z = _check_logits(logits) / t
+    return _warn_if_overflowed(torch.exp(z - z.amax(dim=1, keepdim=True)).sum(dim=1).reciprocal(), logits, t)
 
 
 def max_logit(logits: Tensor) -> Tensor:
@@ -85,7 +104,7 @@ def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
         tensor([0.6931])
     """
     t = check_temperature(temperature)
-    return t * torch.logsumexp(_check_logits(logits) / t, dim=1)
+    return _warn_if_overflowed(t * torch.logsumexp(_check_logits(logits) / t, dim=1), logits, t)
 
 
 def odin(
