@@ -7,33 +7,28 @@
 - ``samnorm diagnose`` (:mod:`samnorm.diagnostics.cli`): plots and a JSON summary in one command;
   :func:`write_report` writes the same files from result dicts computed in a script.
 
+Names load on first use (PEP 562): ``samnorm diagnose --help`` imports ``samnorm.diagnostics.cli``,
+which must not pull in torch through this package.
+
 Example:
     >>> from samnorm.diagnostics import collect_sets, summarize                  # doctest: +SKIP
     >>> results = collect_sets(model, id_loader, {"textures": textures_loader})  # doctest: +SKIP
     >>> summarize(results)["max_logit"]["sets"]["textures"]["auroc"]           # doctest: +SKIP
 """
 
-from samnorm.diagnostics.cli import write_report
-from samnorm.diagnostics.quantities import (
-    collect,
-    collect_sets,
-    fc_grad_norm,
-    histograms,
-    max_logit,
-    overlap_coefficient,
-    per_sample_quantities,
-    summarize,
-)
-from samnorm.diagnostics.theory import (
-    Eq12Bound,
-    PowerIteration,
-    StepReport,
-    estimate_M,
-    estimate_smoothness,
-    hessian_spectral_norm,
-    per_sample_grad_sq_norms,
-    sam_on_bound_check,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    **{name: "quantities" for name in ("collect", "collect_sets", "fc_grad_norm", "histograms", "max_logit",
+                                       "overlap_coefficient", "per_sample_quantities", "summarize")},
+    **{name: "theory" for name in ("Eq12Bound", "PowerIteration", "StepReport", "estimate_M", "estimate_smoothness",
+                                   "hessian_spectral_norm", "per_sample_grad_sq_norms", "sam_on_bound_check")},
+    "write_report": "cli",
+}
 
 __all__ = [
     "collect",
@@ -54,3 +49,38 @@ __all__ = [
     "sam_on_bound_check",
     "write_report",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from samnorm.diagnostics.cli import write_report
+    from samnorm.diagnostics.quantities import (
+        collect,
+        collect_sets,
+        fc_grad_norm,
+        histograms,
+        max_logit,
+        overlap_coefficient,
+        per_sample_quantities,
+        summarize,
+    )
+    from samnorm.diagnostics.theory import (
+        Eq12Bound,
+        PowerIteration,
+        StepReport,
+        estimate_M,
+        estimate_smoothness,
+        hessian_spectral_norm,
+        per_sample_grad_sq_norms,
+        sam_on_bound_check,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
