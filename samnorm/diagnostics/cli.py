@@ -48,18 +48,21 @@ __all__ = ["add_parser", "write_report", "run"]
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")  # file names from user-given set and scorer names
 
 
-def _slug(name: str) -> str:
-    """A file-name-safe form of ``name``, one per name: a name that had to be changed gets a short hash
-    of the original, so ``a/b`` and ``a_b`` never share a file.
+def _slugs(names: list[str]) -> dict[str, str]:
+    """File-name-safe forms of ``names``, distinct: where two names would share one (``a/b`` and
+    ``a_b``), each name that had to be changed gets a short hash of the original.
 
     Example:
-        >>> _slug("a_b"), _slug("a/b") != _slug("a_b")
-        ('a_b', True)
+        >>> s = _slugs(["a_b", "a/b", "flat grey"])
+        >>> s["a_b"], s["flat grey"], s["a/b"].startswith("a_b-")
+        ('a_b', 'flat_grey', True)
     """
-    slug = _SLUG.sub("_", name).strip("._") or "set"
-    if slug == name:
-        return slug
-    return f"{slug}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    plain = {n: _SLUG.sub("_", n).strip("._") or "set" for n in names}
+    taken = list(plain.values())
+    return {
+        n: s if s == n or taken.count(s) == 1 else f"{s}-{hashlib.sha256(n.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+        for n, s in plain.items()
+    }
 
 
 def add_parser(subparsers: Any) -> None:
@@ -299,9 +302,10 @@ def write_report(
         files.append(name)
         return os.path.join(out, name)
 
+    slugs, ood_slugs = _slugs(quantities), _slugs(summary["ood_names"])
     for quantity in quantities:
         pick = {stage: {s: v[quantity] for s, v in res.items()} for stage, res in stages.items()}
-        target = path(f"{_slug(quantity)}.png")
+        target = path(f"{slugs[quantity]}.png")
         if before is not None:
             plots.plot_before_after(pick["before"], pick["after"], id_name=id_name, quantity=quantity, dpi=dpi,
                                     path=target)
@@ -310,7 +314,7 @@ def write_report(
     if {"grad_norm", "max_logit"} <= set(quantities):
         for ood in summary["ood_names"]:
             plots.plot_grad_norm_max_logit(results, id_name=id_name, before=before, ood_names=[ood], dpi=dpi,
-                                           path=path(f"grad_norm_max_logit_{_slug(ood)}.png"))
+                                           path=path(f"grad_norm_max_logit_{ood_slugs[ood]}.png"))
     plots.plot_summary(results, id_name=id_name, before=before, dpi=dpi, path=path("summary.png"))
     arrays = {
         f"{stage}/{s}/{q}": np.asarray(v, dtype=np.float64)

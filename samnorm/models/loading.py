@@ -292,7 +292,7 @@ def load_checkpoint(
 #: regularisation, never file paths, hub options or callables (a recorded ``checkpoint_path`` or
 #: ``pretrained_cfg_overlay`` would make timm open or download other files).
 RECORDED_MODEL_KWARGS = frozenset({
-    "img_size", "in_chans", "patch_size", "embed_dim", "depth", "depths", "num_heads", "mlp_ratio",
+    "num_classes", "img_size", "in_chans", "patch_size", "embed_dim", "depth", "depths", "num_heads", "mlp_ratio",
     "qkv_bias", "class_token", "global_pool", "drop_rate", "drop_path_rate", "attn_drop_rate",
     "proj_drop_rate", "pos_drop_rate", "init_values", "token_dim", "tokens_type", "layers", "channels",
     "dims", "widths", "width_factor", "stem_type", "output_stride", "num_features",
