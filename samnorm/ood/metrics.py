@@ -146,8 +146,8 @@ def _as_scores(scores: Scores, name: str, allow_inf: bool = False) -> np.ndarray
         if inf.any():
             raise ValueError(
                 f"{name} contains {int(inf.sum())} infinite scores (first at index {int(inf.argmax())}): a scorer "
-                "overflowed (e.g. a tiny temperature); fix it, or pass allow_inf=True if +-inf scores are "
-                "meant (they rank above / below every finite score, ties among equal infinities)"
+                "overflowed (e.g. a tiny temperature); fix the scorer, or, calling the metrics from Python, pass "
+                "allow_inf=True if +-inf scores are meant (they rank above / below every finite score)"
             )
     return arr
 
