@@ -85,6 +85,18 @@ def test_resumed_run_is_bit_identical(tmp_path, optimizer):
     assert [r["step"] for r in logged] == list(range(1, 8))
 
 
+def test_the_log_after_a_resume_is_the_uninterrupted_one(tmp_path):
+    # issue 11, finding 5: checkpoints that fall between log lines lost the steps since the last line
+    kw = dict(steps=6, checkpoint_every=2, log_every=3, **FAST)
+    straight = finetune(tiny_t2t(), toy_data(), output_dir=tmp_path / "a", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_t2t(), CrashAfter(toy_data(), 4 * 8 + 1), output_dir=tmp_path / "b", **kw)  # dies in step 5
+    assert torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)["step"] == 4
+    resumed = finetune(tiny_t2t(), toy_data(), output_dir=tmp_path / "b", resume=True, **kw)
+    assert resumed.history == straight.history and [r["step"] for r in resumed.history] == [3, 6]
+    assert (tmp_path / "a" / "log.jsonl").read_text() == (tmp_path / "b" / "log.jsonl").read_text()
+
+
 def test_resume_across_an_epoch_boundary(tmp_path):
     kw = dict(steps=11, checkpoint_every=9, **FAST)  # 8 steps per epoch: resume inside epoch 2
     straight = finetune(tiny_t2t(), toy_data(), **kw)

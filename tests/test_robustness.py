@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("timm")
 from samnorm.cli import main  # noqa: E402
@@ -257,29 +257,7 @@ def test_5_the_recorded_image_size_is_honoured_or_the_conflict_named(data, tmp_p
     one_line(code, err, "image size 32 conflicts with the 24 px recorded")
 
 
-class CrashAfter(Dataset):
-    def __init__(self, data: Dataset, limit: int) -> None:
-        self.data, self.limit, self.calls = data, limit, 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls > self.limit:
-            raise KeyboardInterrupt("preempted")
-        return self.data[i]
-
-
-def test_5_the_log_after_a_resume_equals_the_uninterrupted_one(tmp_path):
-    kw = dict(steps=6, checkpoint_every=2, log_every=3, **FAST)  # checkpoints fall between log lines
-    straight = finetune(tiny_t2t(), toy(), output_dir=tmp_path / "a", **kw)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(tiny_t2t(), CrashAfter(toy(), 4 * 4 + 1), output_dir=tmp_path / "b", **kw)  # dies in step 5
-    assert torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)["step"] == 4
-    resumed = finetune(tiny_t2t(), toy(), output_dir=tmp_path / "b", resume=True, **kw)
-    assert resumed.history == straight.history
-    assert (tmp_path / "a" / "log.jsonl").read_text() == (tmp_path / "b" / "log.jsonl").read_text()
+# 5: "the log after a resume equals the uninterrupted one" is test_recipe.py::test_the_log_after_a_resume_...
 
 
 # ---------------------------------------------------------------- 6. checkpoint-borne arguments
