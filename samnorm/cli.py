@@ -91,6 +91,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         field, _, rest = str(err).partition(" ")  # "lr must be ..." -> "--lr must be ..."
         raise UsageError(f"--{field.replace('_', '-')} {rest}" if field in fields else str(err)) from err
     train = ImageFolder(args.train, flat=False)  # checks the folder before any model is built
+    output_dir(args.output)
     rank, world, device = setup(args.device)
     raw = read_recorded(args.checkpoint, args.trust_checkpoint)
     torch.manual_seed(cfg.seed)  # the new head's (or a fresh model's) initial weights follow --seed

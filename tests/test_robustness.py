@@ -185,11 +185,13 @@ def test_3_an_all_corrupt_folder_read_by_workers_names_the_real_problem(tmp_path
     one_line(code, err, "samnorm finetune: error: no readable image left")
 
 
-def test_3_evaluate_checks_its_output_before_the_work(data, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["evaluate", "finetune"])
+def test_3_a_file_as_output_fails_before_the_work(data, tmp_path, capsys, command):
     (tmp_path / "file").write_text("x")
     # --model no_such_net would only fail once the model is built: the output is checked first
-    code, _, err = cli(["evaluate", "--model", "no_such_net", "--id", data, "--ood", f"o={data}",
-                        "--output", tmp_path / "file", "--workers", "0"], capsys)
+    args = {"evaluate": ["--id", data, "--ood", f"o={data}"], "finetune": ["--train", data]}[command]
+    code, _, err = cli([command, "--model", "no_such_net", *args, "--output", tmp_path / "file", "--workers", "0"],
+                       capsys)
     one_line(code, err, "is a file, not a folder")
 
 
