@@ -27,9 +27,30 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import _compat
 from .select import Selection, norm_layers
 
 __all__ = ["SAM", "disable_running_stats"]
+
+_INTEGRATIONS = (
+    "samnorm.integrations.transformers.SAMTrainer, samnorm.integrations.lightning (manual "
+    "optimization), samnorm.integrations.timm, samnorm.integrations.accelerate"
+)
+_STEP_WITHOUT_FIRST_STEP = (
+    "SAM.step() without a closure finishes a step begun by first_step(), and none is begun. SAM "
+    "needs two forward/backward passes per step: (1) step(closure), the closure zeroing the "
+    "gradients, computing the loss, calling backward and returning the loss (it runs twice); or "
+    "(2) first_step(loss), then the second forward/backward, then step() (or second_step()). A "
+    "framework that runs one backward per step needs samnorm's integration for it: " + _INTEGRATIONS
+)
+_ACCUMULATION_IN_CLOSURE = (
+    "SAM.step(closure): the closure added its gradients to gradients already present (gradient "
+    "accumulation, e.g. Lightning's accumulate_grad_batches > 1), so the ascent would use every "
+    "micro-batch and the second pass only the last one. Accumulate with the two-pass form: "
+    "backward over the micro-batches, first_step(), backward over the same micro-batches, "
+    "step(); in a framework use samnorm's integration (" + _INTEGRATIONS + "). If your closure "
+    "zeroes the gradients itself, zero them with sam.zero_grad()."
+)
 
 # Tensors up to this size are perturbed through the grouped flat buffer (norm layers, biases).
 _FLAT_MAX_NUMEL = 1 << 16
@@ -101,6 +122,10 @@ class SAM(Optimizer):
         >>> opt.second_step(zero_grad=True)               # restore w, then SGD's step
     """
 
+    # GradScaler.step(sam) hands SAM the scale and the inf flag instead of unscaling and skipping
+    # itself (torch's hook for optimizers that handle scaling): SAM also needs the first pass's flag.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         base_optimizer: Optimizer,
@@ -145,6 +170,7 @@ class SAM(Optimizer):
         self._nonfinite_count: torch.Tensor | None = None
         self._nonfinite_seen: torch.Tensor | None = None  # host copy, read without syncing
         self._warned = False
+        self._zeroed = False
         self.last_grad_norm: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -307,37 +333,46 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        """Descent: restore the saved values, then run the base optimizer's step.
+        """Descent: restore the saved values, then run the base optimizer's step (as :meth:`step`
+        without a closure does after :meth:`first_step`).
 
         Args:
             zero_grad: zero all gradients (set to ``None``) after the step.
-            scaler: a ``torch.amp.GradScaler``; the step then goes through ``scaler.step`` (call
-                ``scaler.update()`` after, as usual). If the first pass was not finite, the whole
-                step is skipped and the scaler backs off, exactly as for an inf in the second pass.
-                ``scaler.unscale_`` (for clipping) may be called before, on SAM or on its base
-                optimizer.
+            scaler: a ``torch.amp.GradScaler``; the step then goes through ``scaler.step(sam)``
+                (call ``scaler.update()`` after, as usual). An inf/NaN in either pass skips the
+                whole step and the scaler backs off. ``scaler.unscale_`` (for clipping) may be
+                called before, on SAM or on its base optimizer.
         """
         if self._perturbed is None:
             raise RuntimeError("second_step called without first_step: call first_step() first")
-        self.restore()
         if scaler is not None and scaler.is_enabled():
-            _scaler_step(scaler, self, self._first_nonfinite)
+            # one fused unscale-and-check pass, as GradScaler.unscale_ does for any optimizer
+            if not _compat.adopt_unscaled_state(scaler, self.base_optimizer, self):
+                scaler.unscale_(self)
+            scaler.step(self)
         else:
-            self.base_optimizer.step()
-        self._first_nonfinite = None
-        self._opt_called = True  # what an LR scheduler attached to SAM checks: the step did run
+            self.step()
         if zero_grad:
             self.zero_grad(set_to_none=True)
         self._poll_nonfinite(stacklevel=4)
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Both passes, running ``closure`` (zero grads, forward, backward, return loss) twice.
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        """Finish the step begun by :meth:`first_step`, or run both passes with ``closure``.
 
-        This is the LBFGS convention, which PyTorch Lightning's automatic optimization relies on.
-        Returns the first-pass loss. Gradients are zeroed before the second pass. When SAM knows
-        the model (``perturb=model`` or ``model=``), the first pass skips DDP's all-reduce and the
-        second leaves BatchNorm statistics alone; if the second closure raises, the parameters are
-        restored.
+        - After :meth:`first_step` and the second backward, ``step()`` restores ``w`` and runs the
+          base optimizer's step (what :meth:`second_step` does), so loops and frameworks that call
+          ``loss.backward(); optimizer.step()`` work with a two-pass training step.
+        - ``step(closure)`` runs ``closure`` (zero grads, forward, backward, return loss) twice,
+          the LBFGS convention that PyTorch Lightning's automatic optimization relies on, and
+          returns the first-pass loss. Gradients are zeroed before the second pass. When SAM
+          knows the model (``perturb=model`` or ``model=``), the first pass skips DDP's
+          all-reduce and the second leaves BatchNorm statistics alone; if the second closure
+          raises, the parameters are restored. Gradients accumulated before the call are refused
+          (the second pass could not see those micro-batches): accumulate with the two-pass form.
+        - ``torch.amp.GradScaler.step(sam)`` (and ``scaler.step(sam, closure)``) works: SAM
+          unscales the gradients itself and skips the whole step, restoring ``w``, when either
+          pass had an inf/NaN; the scaler then backs off. Like ``GradScaler.step`` for any
+          optimizer that is not fused, that decision reads one flag from the device.
 
         Example:
             >>> model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
@@ -348,20 +383,78 @@ class SAM(Optimizer):
             ...     loss.backward()
             ...     return loss
             >>> loss = opt.step(closure)
+            >>> opt.first_step(model(torch.ones(2, 3)).pow(2).mean())   # the two-pass form
+            >>> model(torch.ones(2, 3)).pow(2).mean().backward()
+            >>> opt.step()
         """
-        if closure is None:
-            raise ValueError(
-                "SAM.step needs a closure that zeroes grads, computes the loss, calls backward and "
-                "returns the loss; or use first_step()/second_step()"
+        # GradScaler.step(sam) sets these for the call (the hook for optimizers that unscale)
+        amp = (self.__dict__.get("grad_scale"), self.__dict__["found_inf"]) if "found_inf" in self.__dict__ else None
+        try:
+            if closure is not None:
+                return self._closure_step(closure, amp)
+            if self._perturbed is None:
+                raise ValueError(_STEP_WITHOUT_FIRST_STEP)
+            self._descend(amp, closure_mode=False)
+            return None
+        except BaseException:
+            # GradScaler removes them only after a step that returned
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _closure_step(self, closure: Callable[[], torch.Tensor], amp: tuple | None) -> torch.Tensor:
+        if self._perturbed is not None:
+            raise RuntimeError(
+                "step(closure) called between first_step and the end of the step: finish it with "
+                "step() (no closure) or second_step(), or abandon it with restore()"
             )
         model = self.model if self.model is not None else nn.Module()
+        present = {id(p): p.grad for p in self._owned() if p.grad is not None}
+        self._zeroed = False
         with torch.enable_grad(), self.first_pass(model):
             loss = closure()
+        if present and not self._zeroed and any(p.grad is present.get(id(p)) for p in self._owned()):
+            raise ValueError(_ACCUMULATION_IN_CLOSURE)
         self.first_step(zero_grad=True)
         with torch.enable_grad(), self.second_pass(model):
             closure()
-        self.second_step()
+        self._descend(amp, closure_mode=True)
         return loss
+
+    @torch.no_grad()
+    def _descend(self, amp: tuple | None, closure_mode: bool) -> None:
+        """Restore ``w``, then the base optimizer's step (through the AMP skip when scaled)."""
+        self.restore()
+        if amp is None:
+            self.base_optimizer.step()
+        else:
+            self._amp_step(*amp, trust_found_inf=not closure_mode)
+        self._first_nonfinite = None
+        _compat.mark_stepped(self)  # what an LR scheduler attached to SAM checks
+
+    def _amp_step(self, grad_scale: torch.Tensor | None, found_inf: Any, trust_found_inf: bool) -> None:
+        """The base step under ``GradScaler.step(sam)``: unscale (unless ``scaler.unscale_`` did),
+        join the inf flags of both passes, skip the base step if any is set and report the result
+        to the scaler so that ``update()`` backs off."""
+        params = self._owned()
+        if isinstance(grad_scale, torch.Tensor):
+            device = grad_scale.device
+        elif isinstance(found_inf, torch.Tensor):
+            device = found_inf.device
+        else:
+            device = next((p.device for p in params), torch.device("cpu"))
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        if grad_scale is not None:
+            unscale = torch.as_tensor(grad_scale, device=device).double().reciprocal().float()
+            _compat.unscale_and_check_(params, unscale, found)
+        if trust_found_inf and isinstance(found_inf, torch.Tensor):
+            found += found_inf.to(device)  # GradScaler's own check (or unscale_) of these gradients
+        if self._first_nonfinite is not None:
+            found += self._first_nonfinite.to(device, torch.float32)
+        scaler = _compat.calling_grad_scaler(self)
+        if scaler is not None:
+            _compat.record_found_inf(scaler, self, found)
+        _compat.step_unless_found_inf(self.base_optimizer, found)
 
     # ------------------------------------------------------------------ passes
     @contextlib.contextmanager
@@ -429,10 +522,11 @@ class SAM(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._link()
-        self._patch_step_function()
+        _compat.repatch_step(self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of every parameter of the base optimizer."""
+        self._zeroed = True  # step(closure) tells a zeroing closure from an accumulating one
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -570,24 +664,6 @@ class _TensorGroup:
 
     def restore(self) -> None:
         torch._foreach_copy_(self.params, self.backup)
-
-
-def _scaler_step(scaler: Any, sam: SAM, first_nonfinite: torch.Tensor | None) -> None:
-    """``scaler.step(base)``, also skipped (and the scale backed off) when the first pass was not
-    finite. GradScaler keeps its inf flags per optimizer object; SAM joins its own flag to the base
-    optimizer's, which needs GradScaler's per-optimizer state (stable since torch 1.6)."""
-    from torch.amp.grad_scaler import OptState
-
-    states = scaler._per_optimizer_states
-    base = sam.base_optimizer
-    if states[id(sam)]["stage"] is OptState.UNSCALED and states[id(base)]["stage"] is OptState.READY:
-        states[id(base)] = states.pop(id(sam))  # the user unscaled through SAM: same gradients
-    if states[id(base)]["stage"] is OptState.READY:
-        scaler.unscale_(base)
-    if first_nonfinite is not None:
-        for found in states[id(base)]["found_inf_per_device"].values():
-            found.add_(first_nonfinite.to(found.device, found.dtype))
-    scaler.step(base)
 
 
 def _distributed() -> bool:
