@@ -101,7 +101,12 @@ class SAM(Optimizer):
         rho: radius of the ascent step (``||e|| = rho``; for ASAM ``||e / T|| = rho``).
         adaptive: ASAM, with ``T = |w| + eta`` elementwise.
         eta: ASAM's offset, so parameters at 0 are still perturbed (official ASAM uses 0.01).
+            ``rho``, ``adaptive`` and ``eta`` are defaults for the base optimizer's parameter
+            groups: a group may set its own, and a scheduler may change ``group["rho"]``.
         eps: added to the gradient norm before dividing.
+        normalize_bias: ASAM only. ``True``: every perturbed tensor is scaled by ``T``. ``False``:
+            tensors named ``*bias`` keep ``T = 1``, as the official ASAM code and SAM-ON's
+            ``ASAM_BN`` do (names come from ``perturb``/``model``).
         foreach: ``None``/``True``: the grouped multi-tensor path (sparse gradients always take the
             per-tensor path); ``False``: a per-tensor loop (same results).
         sync_first_pass: under ``torch.distributed``, average the first-pass gradients of the
@@ -135,6 +140,7 @@ class SAM(Optimizer):
         adaptive: bool = False,
         eta: float = 0.01,
         eps: float = 1e-12,
+        normalize_bias: bool = True,
         foreach: bool | None = None,
         sync_first_pass: bool = False,
         model: nn.Module | None = None,
@@ -147,22 +153,23 @@ class SAM(Optimizer):
         if isinstance(base_optimizer, SAM):
             raise TypeError("SAM cannot wrap another SAM; wrap its base_optimizer instead")
         for name, value in (("rho", rho), ("eta", eta), ("eps", eps)):
-            if not (isinstance(value, (int, float)) and 0.0 <= float(value) < float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _check_nonnegative(name, value)
         # Optimizer.__init__ sets up hooks and profiling for whatever torch version runs; its empty
         # group is replaced at once by the base optimizer's own list (shared, never copied).
         self.base_optimizer: Optimizer | None = None
         super().__init__([{"params": []}], {})
         self.base_optimizer = base_optimizer
+        # SAM's defaults join the base optimizer's, so a group added later (through SAM or the
+        # base) gets them too; groups that set their own (SGD([{"params": ..., "rho": 0.1}])) keep them
+        base_optimizer.defaults.update(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
         self._link()
-        self.rho = float(rho)
-        self.adaptive = bool(adaptive)
-        self.eta = float(eta)
         self.eps = float(eps)
+        self.normalize_bias = bool(normalize_bias)
         self.foreach = foreach
         self.sync_first_pass = bool(sync_first_pass)
         self._selection = self._resolve(perturb)
         self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
+        self._bias_ids = self._find_biases(perturb)
         self._perturbed: list[_FlatGroup | _TensorGroup] | None = None
         self._buffers: dict[tuple[torch.device, torch.dtype], _FlatBuffers] = {}
         self._backups: dict[int, torch.Tensor] = {}  # per-tensor path, keyed by id(param)
@@ -179,6 +186,9 @@ class SAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults = self.base_optimizer.defaults
+        for g in self.param_groups:  # e.g. a state dict saved before per-group settings
+            for key in ("rho", "adaptive", "eta"):
+                g.setdefault(key, self.defaults[key])
 
     def _owned(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -269,26 +279,35 @@ class SAM(Optimizer):
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # under no_grad
         self._poll_nonfinite(stacklevel=5)
         single = self.foreach is False
-        by_key: dict[tuple[torch.device, torch.dtype, bool], list] = defaultdict(list)
+        settings = [_group_settings(g) for g in self.param_groups]
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        by_key: dict[tuple, list] = defaultdict(list)
         for p, g in pairs:
             if p.is_complex():
                 raise TypeError("SAM does not support complex parameters; perturb real ones only")
             # Many small tensors share one flat buffer (a fixed number of kernels); a large tensor
             # amortises its own kernels and skips the gather into the buffer.
             per_tensor = single or g.is_sparse or p.numel() > _FLAT_MAX_NUMEL
-            by_key[(p.device, p.dtype, per_tensor)].append((p, g))
-        acc = torch.float64 if any(dtype == torch.float64 for _, dtype, _ in by_key) else torch.float32
+            rho, adaptive, eta = settings[group_of[id(p)]]
+            t_eta = eta if adaptive and (self.normalize_bias or id(p) not in self._bias_ids) else None
+            by_key[(p.device, p.dtype, per_tensor, rho, t_eta)].append((p, g))
+        acc = torch.float64 if any(key[1] == torch.float64 for key in by_key) else torch.float32
         groups: list[_FlatGroup | _TensorGroup] = []
-        for (device, dtype, per_tensor), items in by_key.items():
+        rhos: list[float] = []
+        ordinal: dict[tuple[torch.device, torch.dtype], int] = defaultdict(int)
+        for (device, dtype, per_tensor, rho, t_eta), items in by_key.items():
             ps = [p for p, _ in items]
             gs = [g for _, g in items]
             if self.sync_first_pass:
                 gs = _all_reduce_mean(gs)
+            t_fn = None if t_eta is None else _asam_t(t_eta)
             if per_tensor:
-                groups.append(_TensorGroup(ps, gs, self._t_fn(), self._backups, acc))
+                groups.append(_TensorGroup(ps, gs, t_fn, self._backups, acc))
             else:
-                buffers = self._flat_buffers(device, dtype, ps, acc)
-                groups.append(_FlatGroup(ps, gs, buffers, self._t_fn()))
+                buffers = self._flat_buffers((device, dtype, ordinal[(device, dtype)]), ps, acc)
+                ordinal[(device, dtype)] += 1
+                groups.append(_FlatGroup(ps, gs, buffers, t_fn))
+            rhos.append(rho)
         self._perturbed = groups
         if not groups:
             self._first_nonfinite = None
@@ -299,24 +318,60 @@ class SAM(Optimizer):
         self.last_grad_norm = norm
         self._record_nonfinite(finite)
         # 0 when the norm is not finite (a NaN norm gives a NaN scale) or is 0 (0 / 0 with eps=0)
-        scale = torch.where(finite & (norm > 0), self.rho / (norm + self.eps), 0.0)
-        for g in groups:
-            g.apply(scale, finite)
+        ok = finite & (norm > 0)
+        denom = norm + self.eps
+        scales = {rho: torch.where(ok, rho / denom, 0.0) for rho in set(rhos)}
+        for g, rho in zip(groups, rhos):
+            g.apply(scales[rho], finite)
 
-    def _t_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """ASAM's elementwise ``T = |w| + eta`` (None for SAM)."""
-        eta = self.eta
-        return (lambda w: w.abs().add_(eta)) if self.adaptive else None
-
-    def _flat_buffers(self, device, dtype, ps, acc) -> _FlatBuffers:
+    def _flat_buffers(self, key, ps, acc) -> _FlatBuffers:
         # Persistent across steps: re-allocating (and, on CPU, page-faulting) two model-sized
-        # buffers every step costs more than the arithmetic itself.
-        key = (device, dtype)
+        # buffers every step costs more than the arithmetic itself. The key is (device, dtype,
+        # n-th group of that pair), stable while a scheduler changes rho.
+        device, dtype, _ = key
         shapes = [p.shape for p in ps]
         buf = self._buffers.get(key)
         if buf is None or buf.shapes != shapes or buf.e.dtype != acc:
             buf = self._buffers[key] = _FlatBuffers(shapes, device, dtype, acc)
         return buf
+
+    def _find_biases(self, perturb: object) -> set[int]:
+        """ids of the tensors named ``*bias`` (ASAM with ``normalize_bias=False`` leaves them T = 1)."""
+        if self.normalize_bias:
+            return set()
+        named: list[tuple[str, torch.Tensor]] = []
+        if isinstance(perturb, Selection):
+            named += perturb.named_parameters()
+        if self.model is not None:
+            named += list(_unwrap_ddp(self.model).named_parameters())
+        if not named:
+            raise ValueError(
+                "normalize_bias=False recognises biases by name: pass perturb=model, a Selection "
+                "(samnorm.select) or model=..."
+            )
+        return {id(p) for n, p in named if n.rsplit(".", 1)[-1] == "bias"}
+
+    # rho, adaptive and eta live in the parameter groups; these read and set all groups at once
+    rho = property(lambda self: self._uniform("rho"), lambda self, v: self._set_all("rho", v),
+                   doc="The ascent radius of every parameter group (set: all groups).")
+    adaptive = property(lambda self: self._uniform("adaptive"), lambda self, v: self._set_all("adaptive", v),
+                        doc="Whether every parameter group uses ASAM (set: all groups).")
+    eta = property(lambda self: self._uniform("eta"), lambda self, v: self._set_all("eta", v),
+                   doc="ASAM's offset of every parameter group (set: all groups).")
+
+    def _uniform(self, key: str) -> Any:
+        values = {g[key] for g in self.param_groups} or {self.defaults[key]}
+        if len(values) > 1:
+            raise ValueError(f"{key} differs between parameter groups; read sam.param_groups[i][{key!r}]")
+        return values.pop()
+
+    def _set_all(self, key: str, value: Any) -> None:
+        if key != "adaptive":
+            _check_nonnegative(key, value)
+        value = bool(value) if key == "adaptive" else float(value)
+        self.defaults[key] = value
+        for g in self.param_groups:
+            g[key] = value
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -534,7 +589,7 @@ class SAM(Optimizer):
         if self.base_optimizer is None:  # Optimizer.__init__'s placeholder group
             super().add_param_group(param_group)
         else:
-            self.base_optimizer.add_param_group(param_group)
+            self.base_optimizer.add_param_group(param_group)  # base.defaults holds SAM's too
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus SAM's settings under the key ``"sam"``."""
@@ -544,11 +599,13 @@ class SAM(Optimizer):
                 "alongside it; call it after second_step()"
             )
         state = self.base_optimizer.state_dict()
+        # per-group rho/adaptive/eta travel in state["param_groups"]; these are the defaults
         state["sam"] = {
-            "rho": self.rho,
-            "adaptive": self.adaptive,
-            "eta": self.eta,
+            "rho": self.defaults["rho"],
+            "adaptive": self.defaults["adaptive"],
+            "eta": self.defaults["eta"],
             "eps": self.eps,
+            "normalize_bias": self.normalize_bias,
             "sync_first_pass": self.sync_first_pass,
             "nonfinite_steps": self.nonfinite_steps,
         }
@@ -558,11 +615,17 @@ class SAM(Optimizer):
         """Load a state dict saved by :meth:`state_dict` (or a plain base-optimizer state dict)."""
         state_dict = dict(state_dict)
         sam = state_dict.pop("sam", None)
+        if sam is not None and bool(sam.get("normalize_bias", True)) != self.normalize_bias:
+            raise ValueError(
+                f"the state dict was saved with normalize_bias={sam.get('normalize_bias', True)}; "
+                "build SAM with the same setting before loading it"
+            )
+        if sam is not None:  # before _link, which gives groups saved without them these defaults
+            self.defaults.update(rho=float(sam["rho"]), adaptive=bool(sam["adaptive"]), eta=float(sam["eta"]))
         self.base_optimizer.load_state_dict(state_dict)
         self._link()  # load_state_dict replaces the base's param_groups and state objects
         if sam is not None:
-            self.rho, self.adaptive = float(sam["rho"]), bool(sam["adaptive"])
-            self.eta, self.eps = float(sam["eta"]), float(sam["eps"])
+            self.eps = float(sam["eps"])
             self.sync_first_pass = bool(sam.get("sync_first_pass", False))
             count = int(sam.get("nonfinite_steps", 0))
             self._nonfinite_count = torch.tensor(count) if count else None
@@ -570,8 +633,10 @@ class SAM(Optimizer):
     def __repr__(self) -> str:
         n = len(self.perturbed_parameters())
         what = "all parameters" if self._selection is None else f"{n} selected tensors"
-        kind = "ASAM" if self.adaptive else "SAM"
-        return f"{kind}(rho={self.rho}, perturb={what}, base={self.base_optimizer!r})"
+        rhos = sorted({g["rho"] for g in self.param_groups})
+        kind = "ASAM" if all(g["adaptive"] for g in self.param_groups) else "SAM"
+        rho = rhos[0] if len(rhos) == 1 else f"per group {rhos}"
+        return f"{kind}(rho={rho}, perturb={what}, base={self.base_optimizer!r})"
 
 
 class _FlatBuffers:
@@ -664,6 +729,24 @@ class _TensorGroup:
 
     def restore(self) -> None:
         torch._foreach_copy_(self.params, self.backup)
+
+
+def _check_nonnegative(name: str, value: object) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _group_settings(group: dict[str, Any]) -> tuple[float, bool, float]:
+    """A parameter group's (rho, adaptive, eta), checked: a scheduler may have written them."""
+    rho, eta = group["rho"], group["eta"]
+    _check_nonnegative('param_group["rho"]', rho)
+    _check_nonnegative('param_group["eta"]', eta)
+    return float(rho), bool(group["adaptive"]), float(eta)
+
+
+def _asam_t(eta: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ASAM's elementwise ``T = |w| + eta``."""
+    return lambda w: w.abs().add_(eta)
 
 
 def _distributed() -> bool:
