@@ -62,4 +62,4 @@ def reference(model, x, y, *, k=K, steps=STEPS, clip=CLIP, momentum=0.9, autocas
 
 def assert_same_params(a: nn.Module, b: nn.Module, **tol) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), msg=name, **tol)
+        torch.testing.assert_close(p.detach(), q.detach(), msg=lambda m: f"{name}: {m}", **tol)

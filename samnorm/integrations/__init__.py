@@ -68,10 +68,11 @@ def find_sam(optimizer: Any) -> SAM:
     """
     seen = optimizer
     for _ in range(8):  # wrappers nest a few levels at most; a cycle must not hang
-        if isinstance(seen, SAM):
-            return seen
         inner = next((getattr(seen, a) for a in _WRAPPED if getattr(seen, a, None) is not None), None)
         if inner is None:
+            # unwrap first: a LightningOptimizer is an instance of its optimizer's class too
+            if isinstance(seen, SAM):
+                return seen
             break
         seen = inner
     raise TypeError(
