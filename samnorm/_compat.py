@@ -6,6 +6,7 @@ against the installed torch so that a torch upgrade that moves one fails there, 
 - the frame of ``GradScaler.step``: the documented hook for optimizers that handle scaling
   (``_step_supports_amp_scaling``) hands them ``grad_scale``/``found_inf`` but not the scaler;
 - ``torch._amp_foreach_non_finite_check_and_unscale_``, the kernel ``GradScaler.unscale_`` uses;
+- accelerate's ``AcceleratedOptimizer`` frame and its ``gradient_state.num_steps``;
 - ``Optimizer._opt_called`` (what LR schedulers check) and ``Optimizer._patch_step_function``.
 """
 
@@ -20,6 +21,7 @@ import torch
 from torch.amp.grad_scaler import GradScaler, OptState
 
 __all__ = [
+    "accelerate_accumulation_steps",
     "adopt_unscaled_state",
     "calling_grad_scaler",
     "mark_stepped",
@@ -30,8 +32,9 @@ __all__ = [
 ]
 
 
-def calling_grad_scaler(optimizer: object, depth: int = 6) -> GradScaler | None:
-    """The ``GradScaler`` whose ``step(optimizer)`` is running, looked up in the caller frames."""
+def calling_grad_scaler(optimizer: object, depth: int = 12) -> GradScaler | None:
+    """The ``GradScaler`` whose ``step(optimizer)`` is running, looked up in the caller frames
+    (wrappers such as accelerate's patched step may sit in between)."""
     frame = sys._getframe(1)
     for _ in range(depth):
         frame = frame.f_back
@@ -41,6 +44,24 @@ def calling_grad_scaler(optimizer: object, depth: int = 6) -> GradScaler | None:
         if isinstance(scaler, GradScaler) and frame.f_locals.get("optimizer") is optimizer:
             return scaler
     return None
+
+
+def accelerate_accumulation_steps(depth: int = 12) -> int:
+    """``gradient_accumulation_steps`` of the accelerate ``AcceleratedOptimizer.step`` that is
+    calling, or 1 (also when accelerate is not imported: it is never imported here). Such a step
+    runs on the window's last micro-batch only, so a closure it passes sees that micro-batch only."""
+    module = sys.modules.get("accelerate.optimizer")
+    if module is None:
+        return 1
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            return 1
+        wrapper = frame.f_locals.get("self")
+        if isinstance(wrapper, module.AcceleratedOptimizer):
+            return int(wrapper.gradient_state.num_steps)
+    return 1
 
 
 def record_found_inf(scaler: GradScaler, optimizer: object, found_inf: torch.Tensor) -> None:

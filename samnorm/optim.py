@@ -44,11 +44,14 @@ _STEP_WITHOUT_FIRST_STEP = (
     "framework that runs one backward per step needs samnorm's integration for it: " + _INTEGRATIONS
 )
 _ACCUMULATION_IN_CLOSURE = (
-    "SAM.step(closure): the closure added its gradients to gradients already present (gradient "
-    "accumulation, e.g. Lightning's accumulate_grad_batches > 1), so the ascent would use every "
-    "micro-batch and the second pass only the last one. Accumulate with the two-pass form: "
+    "SAM.step(closure) under gradient accumulation: either the closure added its gradients to "
+    "gradients already present (e.g. Lightning's accumulate_grad_batches > 1), so the ascent would "
+    "use every micro-batch and the second pass only the last one; or accelerate's accumulate() "
+    "skipped the step, and so the closure, on all but the last micro-batch of each window. "
+    "Accumulate with the two-pass form: "
     "backward over the micro-batches, first_step(), backward over the same micro-batches, "
-    "step(); in a framework use samnorm's integration (" + _INTEGRATIONS + "). If your closure "
+    "step(); in a framework use samnorm's integration (" + _INTEGRATIONS + "; for accelerate: "
+    "samnorm.integrations.accelerate.sam_backward). If your closure "
     "zeroes the gradients itself, zero them with sam.zero_grad()."
 )
 
@@ -463,6 +466,8 @@ class SAM(Optimizer):
                 "step(closure) called between first_step and the end of the step: finish it with "
                 "step() (no closure) or second_step(), or abandon it with restore()"
             )
+        if _compat.accelerate_accumulation_steps() > 1:
+            raise ValueError(_ACCUMULATION_IN_CLOSURE)
         model = self.model if self.model is not None else nn.Module()
         present = {id(p): p.grad for p in self._owned() if p.grad is not None}
         self._zeroed = False

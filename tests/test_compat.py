@@ -90,3 +90,7 @@ def test_mark_stepped_silences_the_scheduler_and_repatch_step_restores_hooks():
     opt2.register_step_post_hook(lambda *_: calls.append(1))
     opt2.step()
     assert calls == [1]
+
+
+def test_accelerate_accumulation_steps_is_one_outside_an_accelerated_step():
+    assert _compat.accelerate_accumulation_steps() == 1  # the positive case: test_integrations.py

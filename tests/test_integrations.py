@@ -307,6 +307,35 @@ def test_closure_step_refuses_accumulated_gradients():
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_accelerate_accumulate_with_closure_is_refused():
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    x, y = _data()
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+        pmodel, opt = acc.prepare(model, SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3))
+
+        def closure():
+            opt.zero_grad()
+            loss = _ce(pmodel, x, y)
+            acc.backward(loss)
+            return loss
+
+        with pytest.raises(ValueError, match="sam_backward"):
+            for _ in range(2):  # the first micro-batch's step is skipped: the closure never runs
+                with acc.accumulate(pmodel):
+                    opt.step(closure)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_lightning_automatic_accumulation_is_refused():
     pl = pytest.importorskip("pytorch_lightning")
     x, y = _data(32)
