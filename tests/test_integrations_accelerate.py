@@ -117,3 +117,36 @@ def test_leftover_gradients_are_refused():
     nn.functional.cross_entropy(model(x), y).backward()  # and no zero_grad
     with pytest.raises(ValueError, match="zero_grad"):
         sam_backward(acc, opt, model, lambda b: nn.functional.cross_entropy(model(b[0]), b[1]), (x, y))
+
+
+def test_two_step_form_with_the_original_sam_and_the_prepared_optimizer():
+    """The prepared optimizer has no first_step (accelerate's wrapper): call it on the SAM object
+    itself (the same one, not a copy), then the prepared optimizer's step() finishes the step."""
+    x, y = data(BATCH)
+    model = mlp()
+    sam = make_sam(model)
+    acc = accelerate.Accelerator(cpu=True)
+    prepared, opt = acc.prepare(model, sam)
+    assert find_sam(opt) is sam
+    sam.first_step(nn.functional.cross_entropy(prepared(x), y))
+    acc.backward(nn.functional.cross_entropy(prepared(x), y))
+    nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    assert_same_params(model, reference(mlp(), x, y, k=1, steps=1, schedule=False), rtol=1e-6, atol=1e-7)
+
+
+def test_closure_step_under_accumulate_names_sam_backward():
+    x, y = data()
+    model = mlp()
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=K)
+    model, opt = acc.prepare(model, make_sam(model))
+    with pytest.raises(ValueError, match="sam_backward"):
+        for xb, yb in zip(x.split(BATCH), y.split(BATCH)):
+            with acc.accumulate(model):
+                def closure(xb=xb, yb=yb):
+                    opt.zero_grad()
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                    acc.backward(loss)
+                    return loss
+
+                opt.step(closure)

@@ -115,6 +115,15 @@ def test_lookahead_either_side(order):
     assert_same_params(model, _lookahead_reference(x, y, k=2, alpha=0.5), rtol=1e-6, atol=1e-7)
 
 
+def test_native_scaler_without_first_step_names_the_integration():
+    x, y = data(BATCH)
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="samnorm.integrations.timm"):
+        _native_scaler()(_ce(model, x, y), make_sam(model), clip_grad=CLIP, parameters=model.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_clip_without_parameters_is_refused():
     model = mlp()
     with pytest.raises(ValueError, match="parameters"):

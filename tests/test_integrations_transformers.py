@@ -77,3 +77,11 @@ def test_samtrainer_rejects_a_plain_optimizer_or_unknown_perturb(tmp_path):
         SAMTrainer(model, _args(tmp_path), train_dataset=ds, optimizers=(opt, None))
     with pytest.raises(ValueError, match="perturb"):
         SAMTrainer(model, _args(tmp_path), train_dataset=ds, perturb="bias")
+
+
+def test_plain_trainer_with_sam_names_samtrainer(tmp_path):
+    model = Tiny()
+    sam = make_sam(model.net)
+    trainer = transformers.Trainer(model, _args(tmp_path), train_dataset=_dataset()[2], optimizers=(sam, None))
+    with pytest.raises(ValueError, match="samnorm.integrations.transformers.SAMTrainer"):
+        trainer.train()  # Trainer's optimizer.step() after one backward: no second pass to finish
