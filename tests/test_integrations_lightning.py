@@ -91,6 +91,18 @@ def test_manual_window_closes_at_epoch_end():
     assert trainer.global_step == 4
 
 
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_automatic_optimization_matches_reference(precision):
+    x, y = data(STEPS * BATCH)
+    module = Automatic()
+    trainer = _fit(module, x, y, precision=precision)
+    assert trainer.global_step == STEPS
+    autocast = None if precision == "32" else torch.bfloat16
+    ref = reference(mlp(), x, y, k=1, clip=None, schedule=False, autocast=autocast)
+    tol = {"rtol": 1e-6, "atol": 1e-7} if autocast is None else {"rtol": 1e-3, "atol": 1e-4}
+    assert_same_params(module.net, ref, **tol)
+
+
 def test_automatic_optimization_with_accumulation_is_refused():
     x, y = data()
     with pytest.raises(ValueError, match="samnorm.integrations.lightning"):

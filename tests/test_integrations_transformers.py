@@ -85,3 +85,17 @@ def test_plain_trainer_with_sam_names_samtrainer(tmp_path):
     trainer = transformers.Trainer(model, _args(tmp_path), train_dataset=_dataset()[2], optimizers=(sam, None))
     with pytest.raises(ValueError, match="samnorm.integrations.transformers.SAMTrainer"):
         trainer.train()  # Trainer's optimizer.step() after one backward: no second pass to finish
+
+
+def test_samtrainer_with_torch_compile(tmp_path):
+    pytest.importorskip("torch._dynamo")
+    x, y, ds = _dataset()
+    model = Tiny()
+    args = _args(tmp_path, torch_compile=True, torch_compile_backend="aot_eager")  # no C++ toolchain
+    trainer = SAMTrainer(model, args, train_dataset=ds, rho=RHO)
+    torch._dynamo.utils.counters.clear()
+    trainer.train()
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert compiled > 0  # the model did run through dynamo
+    assert_same_params(model.net, reference(mlp(), x, y, momentum=0.0), rtol=1e-5, atol=1e-6)
