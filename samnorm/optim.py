@@ -2,13 +2,21 @@
 
 One step of SAM (Foret et al. 2021) with the SAM-ON selection (Mueller et al. 2023):
 
-1. ascent: ``e = rho * g / ||g||`` over the *selected* tensors only (one global L2 norm), or ASAM's
-   ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta`` (Kwon et al. 2021); ``w <- w + e``;
+1. ascent, over the *selected* tensors ``i`` only, each in a parameter group ``g(i)``::
+
+       e_i = rho_g(i) * T_i^2 * g_i / (||T g|| + eps),   ||T g||^2 = sum_i ||T_i * g_i||^2
+
+   ``g`` is the gradient of the loss alone (the base optimizer's weight decay does not enter the
+   ascent); ``T_i = 1`` for SAM, ``T_i = |w_i| + eta_g(i)`` elementwise for ASAM (Kwon et al. 2021;
+   ``T_i = 1`` for biases with ``normalize_bias=False``). The norm is one global L2 norm over every
+   selected tensor whatever its group; each group's ``rho`` scales its own ``e``. Then ``w <- w + e``;
 2. descent: restore the saved ``w`` (a copy, bit-exact, never ``(w + e) - e``) and let the wrapped
    optimizer step with the gradient taken at ``w + e``.
 
-The step never synchronises host and device: the norm, the non-finite guard and the skip counter are
-device tensors. Small tensors are grouped by (device, dtype) into persistent flat buffers and
+The step never synchronises host and device (the norm, the non-finite guard and the skip counter are
+device tensors), except under ``GradScaler`` with a base optimizer that is not fused, where the
+skip decision reads one flag as ``GradScaler.step`` itself does. Small tensors are grouped by
+(device, dtype, group settings) into persistent flat buffers and
 perturbed with a fixed number of kernels whatever their count (``_foreach_copy_`` in, one norm, one
 guard, one scale, one ``_foreach_add_``), which is what makes the hundred tiny tensors of SAM-ON
 cheap; large tensors use fused per-tensor ops.

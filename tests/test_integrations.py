@@ -336,8 +336,11 @@ def test_accelerate_accumulate_with_closure_is_refused():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_lightning_automatic_accumulation_is_refused():
+@pytest.mark.parametrize("case", ["accumulate_grad_batches=2", "16-mixed"])
+def test_lightning_automatic_accumulation_and_fp16_are_refused(case):
     pl = pytest.importorskip("pytorch_lightning")
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
     x, y = _data(32)
 
     class Module(pl.LightningModule):
@@ -354,10 +357,14 @@ def test_lightning_automatic_accumulation_is_refused():
     module = Module()
     before = copy.deepcopy(module.state_dict())
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    # on CPU "16-mixed" silently becomes bf16; the plugin forces the GradScaler path of a GPU
+    extra = ({"accumulate_grad_batches": 2} if case.startswith("acc") else
+             {"plugins": [MixedPrecision("16-mixed", "cpu")]})
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         accumulate_grad_batches=2)
-    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+                         enable_progress_bar=False, enable_model_summary=False, **extra)
+    # Lightning's 16-mixed runs the closure itself, then scaler.step(sam): one pass only
+    with pytest.raises(ValueError, match="accumulate_grad_batches" if case.startswith("acc") else
+                       "integrations.lightning"):
         trainer.fit(module, loader)
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
 
