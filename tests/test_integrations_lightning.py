@@ -10,7 +10,7 @@ from torch import nn
 pl = pytest.importorskip("pytorch_lightning")
 
 from integration_reference import (  # noqa: E402
-    BATCH, K, STEPS, assert_same_params, data, linear_schedule, make_sam, mlp, reference,
+    BATCH, CLIP, K, STEPS, assert_same_params, data, linear_schedule, make_sam, mlp, reference,
 )
 from pytorch_lightning.plugins.precision import MixedPrecision  # noqa: E402
 
@@ -24,15 +24,16 @@ def _ce(net, b):
 
 
 class Manual(pl.LightningModule):
-    def __init__(self, k=K):
+    def __init__(self, k=K, clip=None):
         super().__init__()
         self.automatic_optimization = False
         self.net = mlp()
-        self.k = k
+        self.k, self.clip = k, clip
         self.losses = []
 
     def training_step(self, batch, batch_idx):
-        loss = sam_training_step(self, batch, batch_idx, lambda b: _ce(self.net, b), accumulate_grad_batches=self.k)
+        loss = sam_training_step(self, batch, batch_idx, lambda b: _ce(self.net, b), accumulate_grad_batches=self.k,
+                                 gradient_clip_val=self.clip)
         if loss is not None:
             self.lr_schedulers().step()
             self.losses.append(loss)
@@ -67,17 +68,18 @@ def _fp16_plugin():  # Lightning's CUDA 16-mixed path on the CPU (there it has n
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))
 
 
+@pytest.mark.parametrize("clip", [None, CLIP])
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
-def test_manual_optimization_matches_reference_and_stops_at_max_steps(precision):
+def test_manual_optimization_matches_reference_and_stops_at_max_steps(precision, clip):
     x, y = data(2 * STEPS * BATCH * K)  # more data than max_steps needs
-    module = Manual()
+    module = Manual(clip=clip)
     kw = {"plugins": [_fp16_plugin()]} if precision == "16-mixed" else {"precision": precision}
     trainer = _fit(module, x, y, **kw)
     assert trainer.global_step == STEPS
     assert len(module.losses) == STEPS
     n = STEPS * BATCH * K
     autocast = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
-    ref = reference(mlp(), x[:n], y[:n], clip=None, autocast=autocast)
+    ref = reference(mlp(), x[:n], y[:n], clip=clip, autocast=autocast)
     tol = {"rtol": 1e-6, "atol": 1e-7} if autocast is None else {"rtol": 1e-3, "atol": 1e-4}
     assert_same_params(module.net, ref, **tol)
 

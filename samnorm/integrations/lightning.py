@@ -54,6 +54,7 @@ def sam_training_step(
     loss_fn: Callable[[B], torch.Tensor],
     *,
     accumulate_grad_batches: int = 1,
+    gradient_clip_val: float | None = None,
     optimizer: Any = None,
 ) -> torch.Tensor | None:
     """Call from ``training_step`` under manual optimization: one SAM step per window of batches.
@@ -64,6 +65,8 @@ def sam_training_step(
         loss_fn: ``batch -> loss`` computed with the module (called twice per micro-batch).
         accumulate_grad_batches: micro-batches per step; the last batch of an epoch closes a
             shorter window, as Lightning's own accumulation does.
+        gradient_clip_val: clip the descent gradient to this total norm (unscaled first under
+            16-mixed); Lightning's own ``gradient_clip_val`` is for automatic optimization only.
         optimizer: the ``LightningOptimizer`` around the SAM; default ``module.optimizers()``.
 
     Returns the mean first-pass loss of the window when this call stepped, ``None`` otherwise.
@@ -85,23 +88,29 @@ def sam_training_step(
         return None
     del _WINDOWS[sam]
 
-    def run(context) -> torch.Tensor:  # one pass over the window, accumulating into .grad
+    scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+
+    def run(second: bool) -> torch.Tensor:  # one pass over the window, accumulating into .grad
         sam.zero_grad()
         losses = []
-        with context:
+        with sam.second_pass(module) if second else sam.first_pass(module):
             for b in window:
                 loss = loss_fn(b) / len(window)
                 module.manual_backward(loss)
                 losses.append(loss.detach())
+        if second and gradient_clip_val is not None:
+            if scaler is not None:
+                scaler.unscale_(sam)
+            torch.nn.utils.clip_grad_norm_(module.parameters(), gradient_clip_val)
         return torch.stack(losses).sum()
 
-    if getattr(module.trainer.precision_plugin, "scaler", None) is not None:
+    if scaler is not None:
         # 16-mixed: the plugin calls the closure itself, then GradScaler.step(sam) without one,
         # which finishes a step begun by first_step (and skips it on an inf in either pass)
-        loss = run(sam.first_pass(module))
+        loss = run(second=False)
         sam.first_step(zero_grad=True)
-        opt.step(closure=lambda: run(sam.second_pass(module)))
+        opt.step(closure=lambda: run(second=True))
         return loss
     # fp32/bf16: the plugin hands the closure to SAM.step, which runs it once per pass
-    passes = iter((sam.first_pass(module), sam.second_pass(module)))
+    passes = iter((False, True))
     return opt.step(closure=lambda: run(next(passes)))
