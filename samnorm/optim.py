@@ -189,6 +189,7 @@ class SAM(Optimizer):
         self._nonfinite_seen: torch.Tensor | None = None  # host copy, read without syncing
         self._warned = False
         self._zeroed = False
+        self._group_of: tuple[tuple, dict[int, int]] = ((), {})
         self.last_grad_norm: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -291,7 +292,7 @@ class SAM(Optimizer):
         self._poll_nonfinite(stacklevel=5)
         single = self.foreach is False
         settings = [_group_settings(g) for g in self.param_groups]
-        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        group_of = self._group_index()
         by_key: dict[tuple, list] = defaultdict(list)
         for p, g in pairs:
             if p.is_complex():
@@ -334,6 +335,14 @@ class SAM(Optimizer):
         scales = {rho: torch.where(ok, rho / denom, 0.0) for rho in set(rhos)}
         for g, rho in zip(groups, rhos):
             g.apply(scales[rho], finite)
+
+    def _group_index(self) -> dict[int, int]:
+        """id(param) -> index of its parameter group, rebuilt only when the groups change."""
+        signature = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
+        if self._group_of[0] != signature:
+            index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+            self._group_of = (signature, index)
+        return self._group_of[1]
 
     def _flat_buffers(self, key, ps, acc) -> _FlatBuffers:
         # Persistent across steps: re-allocating (and, on CPU, page-faulting) two model-sized
@@ -585,7 +594,7 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
         # scratch buffers are rebuilt on the next step
-        return {**self.__dict__, "_buffers": {}, "_backups": {}}
+        return {**self.__dict__, "_buffers": {}, "_backups": {}, "_group_of": ((), {})}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
