@@ -580,7 +580,7 @@ class SAM(Optimizer):
             warnings.warn(
                 "SAM: the first-pass gradient norm was not finite, so the ascent was skipped for "
                 "that step (counted in SAM.nonfinite_steps; warned once). With fp16 use a "
-                "GradScaler: second_step(scaler=...) then skips the whole step.",
+                "GradScaler (scaler.step(sam) or second_step(scaler=...)): it then skips the whole step.",
                 RuntimeWarning,
                 stacklevel=stacklevel,
             )
