@@ -336,19 +336,20 @@ def test_accelerate_accumulate_with_closure_is_refused():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("case", ["accumulate_grad_batches=2", "16-mixed"])
-def test_lightning_automatic_accumulation_and_fp16_are_refused(case):
+def _lightning(norm=nn.LayerNorm, max_steps=2, **trainer_kwargs):
+    """A tiny LightningModule whose configure_optimizers returns SAM, and a Trainer for it.
+    Returns (module, its state before training, the training_step call count, fit)."""
     pl = pytest.importorskip("pytorch_lightning")
-    from pytorch_lightning.plugins.precision import MixedPrecision
-
     x, y = _data(32)
+    calls = {"training_step": 0}
 
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = _mlp()
+            self.net = _mlp(norm)
 
         def training_step(self, batch, _):
+            calls["training_step"] += 1
             return _ce(self.net, *batch)
 
         def configure_optimizers(self):
@@ -357,15 +358,24 @@ def test_lightning_automatic_accumulation_and_fp16_are_refused(case):
     module = Module()
     before = copy.deepcopy(module.state_dict())
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    return module, before, calls, lambda: trainer.fit(module, loader)
+
+
+@pytest.mark.parametrize("case", ["accumulate_grad_batches=2", "16-mixed"])
+def test_lightning_automatic_accumulation_and_fp16_are_refused(case):
+    pytest.importorskip("pytorch_lightning")
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
     # on CPU "16-mixed" silently becomes bf16; the plugin forces the GradScaler path of a GPU
     extra = ({"accumulate_grad_batches": 2} if case.startswith("acc") else
              {"plugins": [MixedPrecision("16-mixed", "cpu")]})
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, **extra)
+    module, before, _, fit = _lightning(**extra)
     # Lightning's 16-mixed runs the closure itself, then scaler.step(sam): one pass only
     with pytest.raises(ValueError, match="accumulate_grad_batches" if case.startswith("acc") else
                        "integrations.lightning"):
-        trainer.fit(module, loader)
+        fit()
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
 
 
@@ -487,28 +497,8 @@ def test_compiled_model_trains_like_eager():
 
 
 def test_lightning_automatic_optimization():
-    pl = pytest.importorskip("pytorch_lightning")
-    x, y = _data(32)
-    calls = {"training_step": 0}
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _mlp(nn.BatchNorm1d)
-
-        def training_step(self, batch, _):
-            calls["training_step"] += 1
-            return _ce(self.net, *batch)
-
-        def configure_optimizers(self):
-            return SAM(torch.optim.SGD(self.parameters(), lr=0.1), self.net, rho=0.3)
-
-    module = Module()
-    before = copy.deepcopy(module.state_dict())
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, loader)
+    module, before, calls, fit = _lightning(nn.BatchNorm1d, max_steps=3)
+    fit()
     assert calls["training_step"] == 6  # step(closure) ran the closure twice per optimizer step
     assert int(module.net[1].num_batches_tracked) == 3  # the perturbed pass left BN alone
     assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
