@@ -597,7 +597,12 @@ class SAM(Optimizer):
         return {**self.__dict__, "_buffers": {}, "_backups": {}, "_group_of": ((), {})}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        # a SAM pickled before per-group settings kept rho/adaptive/eta as attributes
+        legacy = {k: state.pop(k) for k in ("rho", "adaptive", "eta") if k in state}
+        defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {})}
+        self.__dict__.update({**defaults, **state})
+        for key, value in legacy.items():
+            self.base_optimizer.defaults.setdefault(key, value)
         self._link()
         _compat.repatch_step(self)
 

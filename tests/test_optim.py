@@ -537,6 +537,23 @@ def test_deepcopy_and_pickle_keep_settings_and_links():
     assert s3.rho == 0.3 and s3.state is s3.base_optimizer.state
 
 
+def test_sam_pickled_before_per_group_settings_still_loads():
+    model = _mlp()
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3, adaptive=True)
+    state = sam.__getstate__()  # made to look like the pickle of the previous release
+    for key in ("normalize_bias", "_bias_ids", "_zeroed", "_group_of"):
+        del state[key]
+    state.update(rho=0.3, adaptive=True, eta=0.01)
+    for key in ("rho", "adaptive", "eta"):
+        del sam.base_optimizer.defaults[key]
+        for g in sam.base_optimizer.param_groups:
+            del g[key]
+    old = SAM.__new__(SAM)
+    old.__setstate__(state)
+    assert (old.rho, old.adaptive, old.eta, old.normalize_bias) == (0.3, True, 0.01, True)
+    _two_step(old, model, *_batch())
+
+
 def test_frozen_selection_with_loss_path_does_not_crash():
     model = _mlp()
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model)
