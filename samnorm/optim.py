@@ -436,7 +436,9 @@ class SAM(Optimizer):
 
         - After :meth:`first_step` and the second backward, ``step()`` restores ``w`` and runs the
           base optimizer's step (what :meth:`second_step` does), so loops and frameworks that call
-          ``loss.backward(); optimizer.step()`` work with a two-pass training step.
+          ``loss.backward(); optimizer.step()`` work with a two-pass training step. A closure given
+          then runs once, as the second pass (Lightning's manual ``optimizer.step()`` passes one
+          that does nothing), and its loss is returned.
         - ``step(closure)`` runs ``closure`` (zero grads, forward, backward, return loss) twice,
           the LBFGS convention that PyTorch Lightning's automatic optimization relies on, and
           returns the first-pass loss. Gradients are zeroed before the second pass. When SAM
@@ -465,27 +467,29 @@ class SAM(Optimizer):
         # GradScaler.step(sam) sets these for the call (the hook for optimizers that unscale)
         amp = (self.__dict__.get("grad_scale"), self.__dict__["found_inf"]) if "found_inf" in self.__dict__ else None
         try:
-            if closure is not None:
-                return self._closure_step(closure, amp)
             if self._perturbed is None:
-                raise ValueError(_STEP_WITHOUT_FIRST_STEP)
-            self._descend(amp, closure_mode=False)
-            return None
+                if closure is None:
+                    raise ValueError(_STEP_WITHOUT_FIRST_STEP)
+                return self._closure_step(closure, amp)
+            loss = None
+            if closure is not None:  # after first_step the closure is the second pass
+                with torch.enable_grad(), self.second_pass(self._model()):
+                    loss = closure()
+            self._descend(amp, closure_mode=closure is not None)
+            return loss
         except BaseException:
             # GradScaler removes them only after a step that returned
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
             raise
 
+    def _model(self) -> nn.Module:
+        return self.model if self.model is not None else nn.Module()
+
     def _closure_step(self, closure: Callable[[], torch.Tensor], amp: tuple | None) -> torch.Tensor:
-        if self._perturbed is not None:
-            raise RuntimeError(
-                "step(closure) called between first_step and the end of the step: finish it with "
-                "step() (no closure) or second_step(), or abandon it with restore()"
-            )
         if _compat.accelerate_accumulation_steps() > 1:
             raise ValueError(_ACCUMULATION_IN_CLOSURE)
-        model = self.model if self.model is not None else nn.Module()
+        model = self._model()
         present = {id(p): p.grad for p in self._owned() if p.grad is not None}
         self._zeroed = False
         with torch.enable_grad(), self.first_pass(model):

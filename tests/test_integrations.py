@@ -237,6 +237,57 @@ def test_step_after_first_step_finishes_the_sam_step():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
+def test_closure_after_first_step_is_the_second_pass():
+    x, y = _data(dtype=torch.float64)
+    model, ref = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
+    for _ in range(2):
+        opt.first_step(_ce(model, x, y))
+
+        def second_pass():
+            opt.zero_grad()
+            loss = _ce(model, x, y)
+            loss.backward()
+            return loss
+
+        assert opt.step(second_pass) is not None
+    _manual_sam_sgd(ref, x, y, 0.3, 0.1, 2)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_lightning_manual_optimization_two_pass_idiom_advances_global_step():
+    pl = pytest.importorskip("pytorch_lightning")
+    x, y = _data(32, dtype=torch.float64)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.net = _mlp(dtype=torch.float64)
+
+        def training_step(self, batch, _):
+            opt = self.optimizers()
+            self.manual_backward(_ce(self.net, *batch))
+            opt.optimizer.first_step(zero_grad=True)
+            self.manual_backward(_ce(self.net, *batch))
+            opt.step()  # Lightning passes SAM a closure that does nothing: it finishes the step
+            opt.zero_grad()
+
+        def configure_optimizers(self):
+            return SAM(torch.optim.SGD(self.parameters(), lr=0.1), self.net, rho=0.3)
+
+    module, ref = Module(), _mlp(dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    assert trainer.global_step == 2  # so max_steps stops training
+    _manual_sam_sgd(ref, x, y, 0.3, 0.1, 2)
+    for p, q in zip(module.net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
 def test_step_without_closure_or_first_step_names_the_supported_paths():
     model = _mlp()
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model)
