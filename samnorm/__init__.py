@@ -27,7 +27,9 @@ _EXPORTS = {
     "norm_layers": "select",
     "register_norm_type": "select",
 }
-_SUBMODULES = {"data", "demo", "diagnostics", "losses", "models", "ood", "optim", "plots", "recipe", "select"}
+_SUBMODULES = {
+    "data", "demo", "diagnostics", "integrations", "io", "losses", "models", "ood", "optim", "plots", "recipe", "select",
+}
 
 __all__ = [
     "SAM",
