@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from samnorm import ood
-from samnorm.ood.detectors import _Reservoir
+from samnorm.ood.detectors.react import _Reservoir
 
 timm = pytest.importorskip("timm")
 pood = pytest.importorskip("pytorch_ood.detector")

@@ -27,7 +27,9 @@ __all__ = [
     "aupr_in",
     "aupr_out",
     "auroc",
+    "check_tpr",
     "fpr_at_tpr",
+    "get_convention",
     "ood_metrics",
 ]
 
@@ -243,7 +245,13 @@ def _aupr(pos: np.ndarray, neg: np.ndarray, method: AuprMethod) -> float:
     return float(np.dot(sizes, precision + precision_above) / (2.0 * pos.size))
 
 
-def _check_tpr(tpr: float) -> float:
+def check_tpr(tpr: float) -> float:
+    """``tpr`` as a float; ``ValueError`` unless it is a fraction in [0, 1].
+
+    Example:
+        >>> check_tpr(0.95)
+        0.95
+    """
     tpr = float(tpr)
     if not 0.0 <= tpr <= 1.0:
         raise ValueError(f"tpr must be a fraction in [0, 1] (0.95 for FPR95), got {tpr}")
@@ -255,7 +263,7 @@ def _fpr(data: _Sorted, tpr: float, positive: Positive, point: Point, drop_inter
     _check_drop(point, drop_intermediate)
     pos, neg = data.oriented(positive)
     fpr = _fpr_closest if point == "closest" else _fpr_first_kept if drop_intermediate else _fpr_first
-    return fpr(pos, neg, _check_tpr(tpr))
+    return fpr(pos, neg, check_tpr(tpr))
 
 
 def auroc(id_scores: Scores, ood_scores: Scores) -> float:
@@ -366,7 +374,14 @@ class OODMetrics:
         }
 
 
-def _convention(convention: str | Convention) -> Convention:
+def get_convention(convention: str | Convention) -> Convention:
+    """The :class:`Convention` of a name in :data:`CONVENTIONS` (a Convention is returned as is);
+    ``ValueError`` naming the choices otherwise.
+
+    Example:
+        >>> get_convention("samnorm").name
+        'samnorm'
+    """
     if isinstance(convention, Convention):
         return convention
     if convention not in CONVENTIONS:
@@ -393,7 +408,7 @@ def ood_metrics(
         >>> round(m.fpr, 3), m.fpr_name
         (0.333, 'FPR95')
     """
-    conv = _convention(convention)
+    conv = get_convention(convention)
     data = _Sorted(id_scores, ood_scores)
     return OODMetrics(
         fpr=_fpr(data, tpr, conv.positive, conv.point, conv.drop_intermediate),
@@ -405,3 +420,7 @@ def ood_metrics(
         n_id=int(data.id.size),
         n_ood=int(data.ood.size),
     )
+
+
+# the old private spellings, still imported by cli.py and recipe.py until they switch (issue 12)
+_check_tpr, _convention = check_tpr, get_convention
