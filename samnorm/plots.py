@@ -16,11 +16,14 @@ the ID set under ``id_name`` and every other key an OOD set. Convention: higher 
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from samnorm.io import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -38,11 +41,6 @@ __all__ = [
 #: Axis labels by quantity name (the diagnostics' built-ins; add your own). Scorer names of
 #: samnorm.ood (any case, "-" and "_" ignored) read "<Scorer> score"; other names are shown as given.
 QUANTITY_LABELS = {"grad_norm": "FC-layer gradient norm", "max_logit": "maximum logit"}
-_SCORER_NAMES = {
-    name.lower(): name
-    for name in ("MSP", "MaxLogit", "Energy", "ODIN", "ReAct", "GradNorm", "RankFeat", "RankWeight",
-                 "Mahalanobis", "KNN", "ViM")
-}
 _ID_COLOR = "#1f77b4"
 _OOD_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 
@@ -50,8 +48,12 @@ _OOD_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
 def _label(quantity: str) -> str:
     if quantity in QUANTITY_LABELS:
         return QUANTITY_LABELS[quantity]
-    scorer = _SCORER_NAMES.get(quantity.lower().replace("_", "").replace("-", ""))
-    return f"{scorer} score" if scorer else quantity
+    from samnorm.ood.detectors.registry import canonical_name
+
+    try:
+        return f"{canonical_name(quantity)} score"
+    except ValueError:  # not a scorer's name: shown as given
+        return quantity
 
 
 def _id_label(id_name: str) -> str:
@@ -77,16 +79,18 @@ def _save(fig: Figure, path: str | os.PathLike[str] | None) -> None:
     parent = os.path.dirname(os.fspath(path))
     if parent:
         os.makedirs(parent, exist_ok=True)
+    png = io.BytesIO()
     # no bbox_inches="tight": the file keeps exactly figsize * dpi pixels
-    fig.savefig(path, dpi=fig.dpi, format="png")
+    fig.savefig(png, dpi=fig.dpi, format="png")
+    atomic_write(path, png.getvalue())
 
 
 def _split_sets(values: Mapping[str, Any], id_name: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    from samnorm.diagnostics.quantities import _as_1d
+    from samnorm.distributions import finite_1d
 
     if id_name not in values:
         raise ValueError(f"id_name {id_name!r} is not among the sets {sorted(values)}; pass id_name=")
-    arrays = {name: _as_1d(v, f"values[{name!r}]") for name, v in values.items()}
+    arrays = {name: finite_1d(v, f"values[{name!r}]") for name, v in values.items()}
     id_values = arrays.pop(id_name)
     if not arrays:
         raise ValueError("need at least one OOD set besides the ID set")
@@ -103,9 +107,10 @@ def _edges(arrays: Sequence[np.ndarray], bins: int, clip: float) -> np.ndarray:
 
 
 def _metrics(id_values: np.ndarray, ood_values: np.ndarray) -> tuple[float, float]:
-    from samnorm.diagnostics.quantities import _auroc, overlap_coefficient
+    from samnorm.distributions import overlap_coefficient
+    from samnorm.ood.metrics import auroc
 
-    return _auroc(id_values, ood_values), overlap_coefficient(id_values, ood_values)
+    return float(auroc(id_values, ood_values)), overlap_coefficient(id_values, ood_values)
 
 
 def _draw(
