@@ -472,8 +472,10 @@ def _entrypoint(variant: str) -> Callable[..., T2TViT]:
         f"    ``pretrained=True`` downloads the official ImageNet weights (needs a network); for a local\n"
         f"    file use :func:`samnorm.models.create_model` with ``checkpoint=``.\n\n"
         f"    Example:\n"
-        f"        >>> {variant}(img_size=32, in_chans=1, num_classes=2)(torch.rand(1, 1, 32, 32)).shape\n"
-        f"        torch.Size([1, 2])\n"
+        f"        >>> with torch.device('meta'):  # the architecture only: no memory for the weights\n"
+        f"        ...     model = {variant}(num_classes=10)\n"
+        f"        >>> len(model.blocks), model.embed_dim, model.head.out_features\n"
+        f"        ({depth}, {embed_dim}, 10)\n"
     )
     return register_model(create)
 
