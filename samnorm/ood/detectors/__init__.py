@@ -1,19 +1,7 @@
-"""Model-level OOD scorers with one shape: ``fit`` on ID data (when needed), then ``score``.
+"""Model-level OOD scorers with one shape: ``fit`` on ID data (when needed), then ``score``
+(higher = more in-distribution); the interface is :class:`~samnorm.ood.detectors.base.Scorer`'s.
 
-Every scorer is built on a model (anything :meth:`ModelAdapter.from_model` understands, or a
-:class:`ModelAdapter`), returns a 1-D tensor with **higher = more in-distribution**, and has
-
-- ``fit(data)``: ID training data as a DataLoader (or any re-iterable of ``(images, labels)``
-  batches), an ``(images, labels)`` pair of tensors, or an image tensor; a no-op for scorers
-  without statistics. ``fit_features(features, labels)`` fits from precomputed penultimate
-  features instead. Fitting streams batch by batch: statistics are accumulated, never the
-  feature bank, except KNN whose bank *is* the model (subsample it with ``fraction``).
-- ``score(inputs)``: one batch; ``score_loader(loader)``: a whole loader, on the CPU.
-- ``score_outputs(features, logits)`` for scorers that only need the plain forward pass
-  (``uses_outputs``), so :func:`samnorm.ood.evaluate` runs the network once per batch for all
-  of them.
-
-The model is put in eval mode while a scorer runs and restored afterwards. One module per family:
+One module per family:
 
 - :mod:`~samnorm.ood.detectors.base`: the abstract :class:`Scorer` and :class:`OutputScorer`;
 - :mod:`~samnorm.ood.detectors.logits`: MSP, MaxLogit, Energy, ODIN;
