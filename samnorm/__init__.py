@@ -28,7 +28,8 @@ _EXPORTS = {
     "register_norm_type": "select",
 }
 _SUBMODULES = {
-    "data", "demo", "diagnostics", "integrations", "io", "losses", "models", "ood", "optim", "plots", "recipe", "select",
+    "data", "demo", "diagnostics", "distributions", "figures", "integrations", "io", "losses", "models",
+    "nn_utils", "ood", "optim", "plots", "recipe", "select",
 }
 
 __all__ = [

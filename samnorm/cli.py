@@ -125,17 +125,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from samnorm.data.folders import ImageFolder
     from samnorm.io import atomic_write, remove_stale_temps
-    from samnorm.ood import SCORERS
+    from samnorm.ood import SCORERS, canonical_name
     from samnorm.ood.metrics import check_tpr, resolve_convention
     from samnorm.recipe import evaluate_datasets
 
     # everything the user typed is checked before a model is built or an image is read
     check_counts(args)
     scorers = names(args.scorers)
-    known = {k: c.name for k, c in SCORERS.items()}
-    unknown = [s for s in scorers if s.lower().replace("_", "").replace("-", "") not in known]
+    unknown = []
+    for s in scorers:
+        try:
+            canonical_name(s)
+        except ValueError:
+            unknown.append(s)
     if unknown or not scorers:
-        raise UsageError(f"unknown scorer(s) {unknown or scorers}: choose from {', '.join(sorted(known.values()))}")
+        choices = ", ".join(sorted(c.name for c in SCORERS.values()))
+        raise UsageError(f"unknown scorer(s) {unknown or scorers}: choose from {choices}")
     options = _scorer_options(args.scorer_opt, scorers)
     try:
         check_tpr(args.tpr)

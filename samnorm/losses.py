@@ -8,7 +8,8 @@ classes (means are over the batch):
   distribution, ``mean_x [ logsumexp_k f_k(x) - (1/K) sum_k f_k(x) ]``. Its minimum, ``log K``, is reached
   exactly at flat logits, so it needs no margin to tune, which makes it the safe default;
   ``lambda = 0.5`` as in Outlier Exposure.
-* ``"energy"`` (energy-margin, Liu et al. 2020): with the energy ``E(x) = -T logsumexp(f(x) / T)``,
+* ``"energy"`` (energy-margin, Liu et al. 2020): with the free energy ``E(x) = -T logsumexp(f(x) / T)``
+  (:func:`free_energy`),
   ``mean_id relu(E(x_id) - m_in)^2 + mean_ood relu(m_out - E(x_ood))^2``; ``lambda = 0.1``,
   ``m_in = -25``, ``m_out = -7`` as published for CIFAR-10. The margins depend on the model and the
   number of classes: read them off your pretrained model's ID energies before relying on them.
@@ -26,15 +27,17 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["uniform_ce", "energy", "energy_margin", "max_logit_gap", "LossTerms", "SFTLoss", "OOD_LOSSES"]
+__all__ = ["uniform_ce", "free_energy", "energy", "energy_margin", "max_logit_gap", "LossTerms", "SFTLoss", "OOD_LOSSES"]
 
-# Default weights lambda per OOD term, with their sources (see the module docstring).
+#: The OOD terms by name, with their default weights lambda and sources (see the module docstring):
+#: the one list of loss names (``SFTLoss``, the recipe and the CLI choices read it).
 OOD_LOSSES: dict[str, float] = {"uniform": 0.5, "energy": 0.1, "maxlogit": 0.5}
 
 
@@ -55,17 +58,39 @@ def uniform_ce(logits: Tensor) -> Tensor:
     return (torch.logsumexp(logits, dim=1) - logits.mean(dim=1)).mean()
 
 
-def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Per-sample energy ``E(x) = -T logsumexp(f(x) / T)`` (low for ID, high for OOD).
+def free_energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-sample free energy ``E(x) = -T logsumexp(f(x) / T)`` (low for ID, high for OOD): the
+    quantity the energy-margin loss bounds. The OOD *score* :func:`samnorm.ood.energy` is its
+    negative, ``+T logsumexp`` (higher = more ID).
 
     Example:
-        >>> energy(torch.zeros(1, 4)).item() == -torch.log(torch.tensor(4.0)).item()
+        >>> free_energy(torch.zeros(1, 4)).item() == -torch.log(torch.tensor(4.0)).item()
         True
     """
     _check_logits(logits, "logits")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return -temperature * torch.logsumexp(logits / temperature, dim=1)
+
+
+def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Deprecated alias of :func:`free_energy` (``-T logsumexp``), renamed because
+    :func:`samnorm.ood.energy` is the opposite sign.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True):
+        ...     warnings.simplefilter("always")
+        ...     bool(energy(torch.zeros(1, 4)) == free_energy(torch.zeros(1, 4)))
+        True
+    """
+    warnings.warn(
+        "samnorm.losses.energy is renamed samnorm.losses.free_energy (it returns -T logsumexp, "
+        "the opposite sign of the OOD score samnorm.ood.energy)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return free_energy(logits, temperature)
 
 
 def energy_margin(
@@ -79,7 +104,7 @@ def energy_margin(
     """
     if m_in >= m_out:
         raise ValueError(f"m_in ({m_in}) must be below m_out ({m_out}): ID energies are the low ones")
-    e_in, e_out = energy(logits_id, temperature), energy(logits_ood, temperature)
+    e_in, e_out = free_energy(logits_id, temperature), free_energy(logits_ood, temperature)
     return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
 
 

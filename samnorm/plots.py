@@ -10,7 +10,8 @@ the ID set under ``id_name`` and every other key an OOD set. Convention: higher 
 - :func:`plot_distributions`: one quantity, ID vs each OOD set (appendix figures 3-7, one panel).
 - :func:`plot_before_after`: the same, before vs after fine-tuning, side by side (figures 3-7).
 - :func:`plot_grad_norm_max_logit`: FC gradient norm and max logit, ID vs OOD (figures 8-14).
-- :func:`plot_image_grid`: a grid of images, e.g. pseudo-OOD examples (figures 1-2).
+- :func:`plot_image_grid`: a grid of images, e.g. pseudo-OOD examples (figures 1-2); from
+  :mod:`samnorm.figures`.
 - :func:`plot_summary`: one page with every quantity and an AUROC table.
 """
 
@@ -21,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from samnorm.figures import new_figure, plot_image_grid, save_png  # plot_image_grid re-exported
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -38,11 +41,6 @@ __all__ = [
 #: Axis labels by quantity name (the diagnostics' built-ins; add your own). Scorer names of
 #: samnorm.ood (any case, "-" and "_" ignored) read "<Scorer> score"; other names are shown as given.
 QUANTITY_LABELS = {"grad_norm": "FC-layer gradient norm", "max_logit": "maximum logit"}
-_SCORER_NAMES = {
-    name.lower(): name
-    for name in ("MSP", "MaxLogit", "Energy", "ODIN", "ReAct", "GradNorm", "RankFeat", "RankWeight",
-                 "Mahalanobis", "KNN", "ViM")
-}
 _ID_COLOR = "#1f77b4"
 _OOD_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 
@@ -50,43 +48,24 @@ _OOD_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
 def _label(quantity: str) -> str:
     if quantity in QUANTITY_LABELS:
         return QUANTITY_LABELS[quantity]
-    scorer = _SCORER_NAMES.get(quantity.lower().replace("_", "").replace("-", ""))
-    return f"{scorer} score" if scorer else quantity
+    from samnorm.ood.detectors.registry import canonical_name
+
+    try:
+        return f"{canonical_name(quantity)} score"
+    except ValueError:  # not a scorer's name: shown as given
+        return quantity
 
 
 def _id_label(id_name: str) -> str:
     return id_name if id_name == "ID" else f"{id_name} (ID)"
 
 
-def _new_figure(figsize: tuple[float, float], dpi: int) -> Figure:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:  # optional dependency
-        raise ImportError("plots need matplotlib: pip install 'samnorm[plots]'") from err
-    if len(figsize) != 2 or min(figsize) <= 0 or dpi <= 0:
-        raise ValueError(f"figsize must be two positive inches and dpi positive, got {figsize}, {dpi}")
-    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: str | os.PathLike[str] | None) -> None:
-    if path is None:
-        return
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    # no bbox_inches="tight": the file keeps exactly figsize * dpi pixels
-    fig.savefig(path, dpi=fig.dpi, format="png")
-
-
 def _split_sets(values: Mapping[str, Any], id_name: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    from samnorm.diagnostics.quantities import _as_1d
+    from samnorm.distributions import finite_1d
 
     if id_name not in values:
         raise ValueError(f"id_name {id_name!r} is not among the sets {sorted(values)}; pass id_name=")
-    arrays = {name: _as_1d(v, f"values[{name!r}]") for name, v in values.items()}
+    arrays = {name: finite_1d(v, f"values[{name!r}]") for name, v in values.items()}
     id_values = arrays.pop(id_name)
     if not arrays:
         raise ValueError("need at least one OOD set besides the ID set")
@@ -103,9 +82,10 @@ def _edges(arrays: Sequence[np.ndarray], bins: int, clip: float) -> np.ndarray:
 
 
 def _metrics(id_values: np.ndarray, ood_values: np.ndarray) -> tuple[float, float]:
-    from samnorm.diagnostics.quantities import _auroc, overlap_coefficient
+    from samnorm.distributions import overlap_coefficient
+    from samnorm.ood.metrics import auroc
 
-    return _auroc(id_values, ood_values), overlap_coefficient(id_values, ood_values)
+    return float(auroc(id_values, ood_values)), overlap_coefficient(id_values, ood_values)
 
 
 def _draw(
@@ -167,12 +147,12 @@ def plot_distributions(
         >>> fig = plot_distributions({"ID": id_msp, "SUN": sun_msp}, quantity="msp", path="msp.png")  # doctest: +SKIP
     """
     id_values, ood = _split_sets(values, id_name)
-    fig = _new_figure(figsize, dpi)
+    fig = new_figure(figsize, dpi)
     ax = fig.add_subplot()
     edges = _edges([id_values, *ood.values()], bins, clip)
     metrics = _draw(ax, id_values, ood, id_name=id_name, quantity=quantity, edges=edges)
     ax.set_title(title if title is not None else _title(_label(quantity), metrics))
-    _save(fig, path)
+    save_png(fig, path)
     return fig
 
 
@@ -203,7 +183,7 @@ def plot_before_after(
     id1, ood1 = _split_sets(after, id_name)
     if set(ood0) != set(ood1):
         raise ValueError(f"before and after must hold the same OOD sets, got {sorted(ood0)} and {sorted(ood1)}")
-    fig = _new_figure(figsize, dpi)
+    fig = new_figure(figsize, dpi)
     axes = fig.subplots(1, 2, sharex=True)
     edges = _edges([id0, *ood0.values(), id1, *ood1.values()], bins, clip)
     for ax, stage, id_values, ood in zip(axes, stage_names, (id0, id1), (ood0, ood1)):
@@ -211,7 +191,7 @@ def plot_before_after(
         ax.set_title(_title(f"{_label(quantity)}, {stage}", metrics), fontsize="medium")
     if title is not None:
         fig.suptitle(title)
-    _save(fig, path)
+    save_png(fig, path)
     return fig
 
 
@@ -239,7 +219,7 @@ def plot_grad_norm_max_logit(
         >>> plot_grad_norm_max_logit(after, before=before, ood_names=["SUN"], path="sun.png")  # doctest: +SKIP
     """
     stages = ([(stage_names[0], before)] if before is not None else []) + [(stage_names[1], results)]
-    fig = _new_figure((12.0, 4.5 * len(stages)), dpi)
+    fig = new_figure((12.0, 4.5 * len(stages)), dpi)
     axes = np.atleast_2d(fig.subplots(len(stages), 2, squeeze=False))
     for col, quantity in enumerate(("grad_norm", "max_logit")):
         per_stage = []
@@ -254,7 +234,7 @@ def plot_grad_norm_max_logit(
             ax.set_title(_title(label, metrics), fontsize="medium")
     if title is not None:
         fig.suptitle(title)
-    _save(fig, path)
+    save_png(fig, path)
     return fig
 
 
@@ -271,52 +251,6 @@ def _select(
             raise ValueError(f"set {name!r} has no {quantity!r} (has {sorted(results[name])})")
         out[name] = results[name][quantity]
     return out
-
-
-def plot_image_grid(
-    images: Any,
-    *,
-    titles: Sequence[str] | None = None,
-    ncols: int = 8,
-    title: str | None = None,
-    cell_inches: float = 1.5,
-    dpi: int = 100,
-    path: str | os.PathLike[str] | None = None,
-) -> Figure:
-    """A grid of images, e.g. ID images and their pseudo-OOD versions (appendix figures 1-2).
-
-    ``images`` is a ``(B, C, H, W)`` tensor or array with C = 1 or 3 and values in [0, 1] (clipped).
-    ``titles`` labels each cell. The figure is ``ncols * cell_inches`` wide.
-
-    Example:
-        >>> plot_image_grid(torch.rand(16, 3, 32, 32), ncols=8, path="grid.png")  # doctest: +SKIP
-    """
-    array = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images, dtype=np.float64)
-    if array.ndim != 4 or array.shape[1] not in (1, 3) or array.shape[0] == 0:
-        raise ValueError(f"images must be (B, C, H, W) with C in (1, 3) and B >= 1, got shape {array.shape}")
-    if titles is not None and len(titles) != array.shape[0]:
-        raise ValueError(f"titles has {len(titles)} entries for {array.shape[0]} images")
-    if ncols < 1:
-        raise ValueError(f"ncols must be >= 1, got {ncols}")
-    count = array.shape[0]
-    ncols = min(ncols, count)
-    nrows = -(-count // ncols)
-    height = nrows * cell_inches * (1.15 if titles is not None else 1.0) + (0.4 if title else 0.0)
-    fig = _new_figure((ncols * cell_inches, height), dpi)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    cells = np.clip(array.transpose(0, 2, 3, 1), 0.0, 1.0)
-    for i, ax in enumerate(axes):
-        ax.set_axis_off()
-        if i >= count:
-            continue
-        cell = cells[i]
-        ax.imshow(cell[..., 0] if cell.shape[-1] == 1 else cell, cmap="gray", vmin=0.0, vmax=1.0)
-        if titles is not None:
-            ax.set_title(titles[i], fontsize="small")
-    if title is not None:
-        fig.suptitle(title)
-    _save(fig, path)
-    return fig
 
 
 def plot_summary(
@@ -346,7 +280,7 @@ def plot_summary(
     stages = ([(stage_names[0], before)] if before is not None else []) + [(stage_names[1], results)]
     ood_names = [n for n in results if n != id_name]
     table_inches = 0.6 + 0.25 * len(names) * len(stages)
-    fig = _new_figure((8.5 * len(stages), 2.6 * len(names) + table_inches), dpi)
+    fig = new_figure((8.5 * len(stages), 2.6 * len(names) + table_inches), dpi)
     grid = fig.add_gridspec(len(names) + 1, len(stages), height_ratios=[2.6] * len(names) + [table_inches])
     rows = []
     for r, quantity in enumerate(names):
@@ -368,5 +302,5 @@ def plot_summary(
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     fig.suptitle(f"{title}: ID = {id_name}, higher value = more in-distribution", fontsize="large")
-    _save(fig, path)
+    save_png(fig, path)
     return fig

@@ -1,8 +1,9 @@
 """Worker for tests/test_ddp.py, started by torchrun (torch.distributed.run) with 2 CPU processes.
 
-Each rank trains the same model on its own half of a batch with SAM under DDP and writes its final
-parameters, the number of all-reduces per pass, and (rank 0) a single-process reference on the
-concatenated batch.
+For each mode ("local": SAM-ON with a local first pass; "sync": plain SAM with a synchronised first
+pass), each rank trains the same model on its own half of a batch with SAM under DDP and writes its
+final parameters, the number of all-reduces per pass, and (rank 0) a single-process reference on the
+concatenated batch. Both modes run in one launch: starting torchrun costs more than the training.
 """
 
 import sys
@@ -31,9 +32,7 @@ def step(model, opt, x, y):
     opt.second_step(zero_grad=True)
 
 
-def main(out: str, sync: bool) -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+def run(out: str, sync: bool, rank: int, world: int) -> None:
     g = torch.Generator().manual_seed(123)
     x = torch.randn(8 * world, 6, generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (8 * world,), generator=g)
@@ -69,8 +68,15 @@ def main(out: str, sync: bool) -> None:
             step(ref, ref_opt, x, y)
         result["reference"] = [p.detach().clone() for p in ref.parameters()]
     torch.save(result, f"{out}.rank{rank}")
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for mode in ("local", "sync"):
+        run(f"{out}.{mode}", mode == "sync", rank, world)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "sync")
+    main(sys.argv[1])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _free_port() -> int:
@@ -20,29 +20,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path: Path, mode: str) -> list[dict]:
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, list[dict]]:
+    """One torchrun launch for every case: ``{mode: [rank 0 result, rank 1 result]}``."""
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    out = tmp_path / mode
+    out = tmp_path_factory.mktemp("ddp") / "run"
     worker = Path(__file__).with_name("ddp_sam_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), str(out), mode]
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(f"{out}.rank{r}") for r in range(2)]
+    return {mode: [torch.load(f"{out}.{mode}.rank{r}") for r in range(2)] for mode in ("local", "sync")}
 
 
-def test_ddp_default_first_pass_is_local_and_ranks_stay_identical(tmp_path):
-    r0, r1 = _run(tmp_path, "local")
+def test_ddp_default_first_pass_is_local_and_ranks_stay_identical(results):
+    r0, r1 = results["local"]
     for p, q in zip(r0["params"], r1["params"]):
         assert torch.equal(p, q)
     # no all-reduce in the first pass, DDP's all-reduce in the second
     assert all(first == 0 and second >= 1 for first, second in r0["per_pass"])
 
 
-def test_ddp_synchronised_first_pass_equals_one_process_on_the_whole_batch(tmp_path):
-    r0, r1 = _run(tmp_path, "sync")
+def test_ddp_synchronised_first_pass_equals_one_process_on_the_whole_batch(results):
+    r0, r1 = results["sync"]
     for p, q, ref in zip(r0["params"], r1["params"], r0["reference"]):
         assert torch.equal(p, q)
         torch.testing.assert_close(p, ref, rtol=1e-10, atol=1e-12)

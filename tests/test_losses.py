@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from samnorm.losses import SFTLoss, energy, energy_margin, max_logit_gap, uniform_ce
+from samnorm import losses
+from samnorm.losses import SFTLoss, energy_margin, free_energy, max_logit_gap, uniform_ce
+from samnorm.ood import energy as energy_score
 
 logit_arrays = st.integers(1, 6).flatmap(
     lambda b: st.integers(1, 7).flatmap(
@@ -59,7 +61,7 @@ def test_energy_margin_against_formula(a, b, m_in, gap, t):
     m_out = m_in + gap
     got = energy_margin(torch.from_numpy(a), torch.from_numpy(b), m_in, m_out, t).item()
     assert got == pytest.approx(ref_margin(a.tolist(), b.tolist(), m_in, m_out, t), rel=1e-9, abs=1e-9)
-    for row, e in zip(a.tolist(), energy(torch.from_numpy(a), t).tolist()):
+    for row, e in zip(a.tolist(), free_energy(torch.from_numpy(a), t).tolist()):
         assert e == pytest.approx(ref_energy(row, t), rel=1e-12, abs=1e-12)
 
 
@@ -111,4 +113,12 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"\(batch, classes\)"):
         uniform_ce(torch.randn(3))
     with pytest.raises(ValueError, match="temperature"):
-        energy(torch.randn(2, 3), temperature=0.0)
+        free_energy(torch.randn(2, 3), temperature=0.0)
+
+
+def test_free_energy_is_minus_the_energy_score_and_the_old_name_warns():
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(free_energy(logits, 2.0), -energy_score(logits, 2.0))
+    with pytest.warns(DeprecationWarning, match="free_energy"):
+        old = losses.energy(logits, 2.0)
+    assert torch.equal(old, free_energy(logits, 2.0))

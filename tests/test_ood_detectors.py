@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from samnorm import ood
-from samnorm.ood.detectors import _Reservoir
+from samnorm.ood.detectors.react import _Reservoir
 
 timm = pytest.importorskip("timm")
 pood = pytest.importorskip("pytorch_ood.detector")
@@ -618,3 +618,35 @@ def test_rankfeat_scores_a_bfloat16_model_like_its_float32_copy(resnet):
     low = ood.RankFeat(copy.deepcopy(resnet).bfloat16()).score(x)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, ood.RankFeat(resnet).score(x), rtol=0.05, atol=0.05)
+
+
+# ---------------------------------------------------------------------------- base and registry
+def test_scorer_base_is_abstract_and_needs_fit_requires_a_fit():
+    with pytest.raises(TypeError, match="abstract"):
+        ood.Scorer(nn.Linear(2, 2))  # no _score_inputs
+    with pytest.raises(TypeError, match="_fit"):
+
+        class Fitted(ood.OutputScorer):  # noqa: F841 - the class statement itself must fail
+            needs_fit = True
+
+            def _from_outputs(self, features, logits):
+                return logits.sum(1)
+
+
+def test_every_registered_name_is_canonical_and_found_in_any_spelling():
+    for key, cls in ood.SCORERS.items():
+        assert ood.canonical_name(cls.name) == cls.name
+        for spelling in (cls.name.upper(), cls.name.lower(), "_".join(cls.name), "-".join(cls.name)):
+            assert ood.scorer_class(spelling) is cls
+    with pytest.raises(ValueError, match="choose from"):
+        ood.canonical_name("energyy")
+    with pytest.raises(TypeError, match="string"):
+        ood.scorer_class(None)
+
+
+def test_rankweight_is_a_scorer_of_its_edited_copy(resnet):
+    model, x = resnet, images(4, 32)
+    scorer = ood.RankWeight(model)
+    assert isinstance(scorer, ood.Scorer) and scorer.model is scorer.inner.model is not model
+    assert scorer.is_fitted and repr(scorer).startswith("RankWeight(layer=")
+    torch.testing.assert_close(scorer.score(x), scorer.inner.score(x))

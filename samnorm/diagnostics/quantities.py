@@ -11,7 +11,7 @@ Results are plain nested dicts, ``results[set_name][quantity] -> 1-D numpy array
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Union
 
@@ -20,7 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samnorm.ood.scores import max_logit  # re-exported: one max-logit for the library
+from samnorm.distributions import finite_1d, histograms, overlap_coefficient  # re-exported
+from samnorm.nn_utils import batches, eval_mode
+from samnorm.ood.adapter import ModelAdapter  # the OOD toolkit owns the feature/head split
+from samnorm.ood.metrics import auroc  # one AUROC for the whole library (ties count half)
+from samnorm.ood.scores import check_temperature, head_grad_norm, max_logit  # max_logit re-exported
 
 __all__ = [
     "Target",
@@ -95,10 +99,6 @@ def _target_distribution(logits: Tensor, target: Target | Tensor, labels: Tensor
     raise ValueError(f"target must be one of {_TARGETS} or a tensor, got {target!r}")
 
 
-def _vector_norm(x: Tensor, p: float) -> Tensor:
-    return torch.linalg.vector_norm(x, ord=p, dim=1)
-
-
 def fc_grad_norm(
     features: Tensor,
     fc: nn.Module,
@@ -114,7 +114,8 @@ def fc_grad_norm(
     For sample ``i`` with features ``h_i``, logits ``z_i = W h_i + b``, ``q_i = softmax(z_i / T)`` and
     target distribution ``t_i``, the gradient of ``CE(z_i / T, t_i)`` is ``dW = (q_i - t_i) h_i^T / T``
     and ``db = (q_i - t_i) / T``: a rank-one matrix, so its entry-wise ``p``-norm is
-    ``||q_i - t_i||_p * (||h_i||_p^p + 1)^(1/p) / T`` (the ``+ 1`` is the bias column). No backward pass.
+    ``||q_i - t_i||_p * (||h_i||_p^p + 1)^(1/p) / T`` (the ``+ 1`` is the bias column). No backward pass:
+    :func:`samnorm.ood.scores.head_grad_norm`, the formula of the GradNorm scorer too.
 
     Targets: ``"label"`` (CE with ``labels``), ``"pred"`` (CE with the predicted class, the loss of the
     appendix's eq. 13), ``"uniform"`` (KL(uniform || softmax), the loss of GradNorm), or a tensor of
@@ -135,37 +136,22 @@ def fc_grad_norm(
     weight, bias = _linear_weight_bias(fc)
     if features.shape[1] != weight.shape[1]:
         raise ValueError(f"features have D={features.shape[1]} but fc expects {weight.shape[1]} inputs")
+    check_temperature(temperature)  # before the target: a bad argument is named first
     if not (p >= 1):
         raise ValueError(f"p must be >= 1 (a norm), got {p}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     with torch.no_grad():
         dtype = torch.promote_types(weight.dtype, torch.float32)  # no fp16/bf16 softmax differences
-        h, weight = features.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        logits = F.linear(h, weight, bias)
+        h = features.to(dtype)
+        logits = F.linear(h, weight.to(dtype), None if bias is None else bias.to(dtype))
         t = _target_distribution(logits, target, labels)
-        delta = torch.softmax(logits / temperature, dim=1) - t
-        delta_norm = _vector_norm(delta, p) / temperature
-        with_bias = include_bias and bias is not None
-        if math.isinf(p):
-            h_norm = _vector_norm(h, p)
-            if with_bias:
-                h_norm = h_norm.clamp(min=1.0)
-        else:
-            h_norm = h.abs().pow(p).sum(dim=1)
-            if with_bias:
-                h_norm = h_norm + 1.0
-            h_norm = h_norm.pow(1.0 / p)
-        return delta_norm * h_norm
+        return head_grad_norm(h, logits, t, p=p, include_bias=include_bias and bias is not None,
+                              temperature=temperature)
 
 
 def _adapter(model: Any) -> Any:
     """A feature/head split of ``model``: a ModelAdapter as is, else ``ModelAdapter.from_model``."""
     if all(hasattr(model, name) for name in ("features_and_logits", "fc")):
         return model
-    from samnorm.ood.adapter import ModelAdapter  # the OOD toolkit owns the feature/head split
-
     return ModelAdapter.from_model(model)
 
 
@@ -223,14 +209,6 @@ def per_sample_quantities(
     return {name: value.detach().float().cpu() for name, value in out.items()}
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0], batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-    raise TypeError(f"a loader must yield image tensors or (images, labels) pairs, got {type(batch).__name__}")
-
-
 def collect(
     model: Any,
     loader: Iterable[Any],
@@ -257,14 +235,10 @@ def collect(
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
     adapter = _adapter(model)
     module = model if isinstance(model, nn.Module) else getattr(adapter, "model", None)
-    was_training = module.training if isinstance(module, nn.Module) else None
-    if isinstance(module, nn.Module):
-        module.eval()
     parts: dict[str, list[Tensor]] = {}
     seen = 0
-    try:
-        for batch in loader:
-            inputs, labels = _split_batch(batch)
+    with eval_mode(module) if isinstance(module, nn.Module) else contextlib.nullcontext():
+        for inputs, labels in batches(loader):
             if max_samples is not None:
                 inputs = inputs[: max_samples - seen]
                 labels = None if labels is None else labels[: max_samples - seen]
@@ -280,9 +254,6 @@ def collect(
             seen += inputs.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break
-    finally:
-        if was_training:
-            module.train()
     if not seen:
         raise ValueError("the loader yielded no samples; check the folder / dataset")
     return {name: torch.cat(chunks).numpy() for name, chunks in parts.items()}
@@ -319,75 +290,6 @@ def collect_sets(
     return results
 
 
-def _as_1d(values: Any, what: str) -> np.ndarray:
-    array = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"{what} must be a non-empty 1-D array, got shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{what} contains {int((~np.isfinite(array)).sum())} NaN/inf values; drop them first")
-    return array
-
-
-def _shared_edges(arrays: Iterable[np.ndarray], bins: int) -> np.ndarray:
-    if not isinstance(bins, (int, np.integer)) or bins < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins!r}")
-    arrays = list(arrays)
-    low = min(float(a.min()) for a in arrays)
-    high = max(float(a.max()) for a in arrays)
-    if high == low:  # all values equal: one bin around them
-        low, high = low - 0.5, high + 0.5
-    return np.linspace(low, high, int(bins) + 1)
-
-
-def _rice_bins(n: int) -> int:
-    """Rice's rule ``ceil(2 n^(1/3))``, within [5, 200]: enough bins for the sample, not more."""
-    return int(min(200, max(5, math.ceil(2 * n ** (1 / 3)))))
-
-
-def overlap_coefficient(a: Any, b: Any, *, bins: int | None = None) -> float:
-    """Overlap of two empirical distributions, ``sum_bins min(P_a(bin), P_b(bin))``, in [0, 1].
-
-    Both samples are binned on the same equal-width bins spanning their union; 1 means the
-    histograms coincide, 0 that they share no bin. It estimates ``integral min(f_a, f_b)``. The estimate
-    depends on the bins (too many bins for the sample size drive it towards 0): ``bins=None`` takes
-    Rice's rule ``ceil(2 n^(1/3))`` on the smaller sample (5 to 200 bins), so two comparisons with the
-    same sample sizes use the same bins; pass ``bins`` to fix them.
-
-    Example:
-        >>> overlap_coefficient([0.0, 1.0], [0.0, 1.0])
-        1.0
-    """
-    a, b = _as_1d(a, "a"), _as_1d(b, "b")
-    edges = _shared_edges((a, b), _rice_bins(min(a.size, b.size)) if bins is None else bins)
-    fa = np.histogram(a, edges)[0] / a.size
-    fb = np.histogram(b, edges)[0] / b.size
-    return float(np.minimum(fa, fb).sum())
-
-
-def histograms(values: Mapping[str, Any], *, bins: int = 50) -> dict[str, Any]:
-    """Histograms of several samples on shared edges: ``{"edges": [...], "counts": {name: [...]}}``.
-
-    Example:
-        >>> h = histograms({"ID": [0.0, 1.0], "OOD": [0.5]}, bins=2)
-        >>> h["counts"]
-        {'ID': [1, 1], 'OOD': [0, 1]}
-    """
-    arrays = {name: _as_1d(v, f"values[{name!r}]") for name, v in values.items()}
-    if not arrays:
-        raise ValueError("values is empty")
-    edges = _shared_edges(arrays.values(), bins)
-    return {
-        "edges": edges.tolist(),
-        "counts": {name: np.histogram(a, edges)[0].tolist() for name, a in arrays.items()},
-    }
-
-
-def _auroc(id_values: np.ndarray, ood_values: np.ndarray) -> float:
-    from samnorm.ood.metrics import auroc  # one AUROC for the whole library (ties count half)
-
-    return float(auroc(id_values, ood_values))
-
-
 def summarize(
     results: Results,
     *,
@@ -421,7 +323,7 @@ def summarize(
         for set_name, values in results.items():
             if quantity not in values:
                 raise ValueError(f"set {set_name!r} has no quantity {quantity!r} (has {sorted(values)})")
-            per_set[set_name] = _as_1d(values[quantity], f"results[{set_name!r}][{quantity!r}]")
+            per_set[set_name] = finite_1d(values[quantity], f"results[{set_name!r}][{quantity!r}]")
         id_values = per_set[id_name]
         sets = {id_name: _moments(id_values)}
         for set_name, ood_values in per_set.items():
@@ -429,7 +331,7 @@ def summarize(
                 continue
             sets[set_name] = {
                 **_moments(ood_values),
-                "auroc": _auroc(id_values, ood_values),
+                "auroc": float(auroc(id_values, ood_values)),
                 "overlap": overlap_coefficient(id_values, ood_values, bins=overlap_bins),
             }
         summary[quantity] = {"sets": sets, "histogram": histograms(per_set, bins=bins)}

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samnorm.diagnostics.quantities import Target
+from samnorm.nn_utils import eval_mode
+from samnorm.ood.scores import energy, max_logit
+from samnorm.optim import SAM
 
 __all__ = [
     "PowerIteration",
@@ -443,7 +446,7 @@ def _logit_stats(model: nn.Module, batches: Mapping[str, Tensor]) -> dict[str, t
             logits = model(x)
             if logits.dim() != 2:
                 return {}
-            stats[name] = (float(torch.logsumexp(logits, 1).mean()), float(logits.amax(1).mean()))
+            stats[name] = (float(energy(logits).mean()), float(max_logit(logits).mean()))
     return stats
 
 
@@ -484,8 +487,6 @@ def sam_on_bound_check(
         >>> reports = sam_on_bound_check(model, x, h=0.01, rho=0.05, steps=2)  # doctest: +SKIP
         >>> [(r.loss_change, r.bound.total, r.holds) for r in reports]          # doctest: +SKIP
     """
-    import samnorm
-
     _check_batch(inputs, labels)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -496,11 +497,9 @@ def sam_on_bound_check(
             raise ValueError("'train' names the step's own batch; rename that entry of extra_inputs")
         _check_batch(x, None)
     trainable = _trainable(model, None)
-    was_training = model.training
-    model.eval()
     eps = torch.finfo(trainable[0].dtype).eps
     reports = []
-    try:
+    with eval_mode(model):
         for step in range(steps):
             loss_of, fixed = _objective(model, inputs, labels, target, criterion)
 
@@ -529,7 +528,7 @@ def sam_on_bound_check(
             with torch.no_grad():
                 loss_before = float(loss_of(model(inputs), fixed).mean())
             perturbed = model if isinstance(perturb, str) and perturb == "norm" else perturb
-            opt = samnorm.SAM(torch.optim.SGD(trainable, lr=h), perturb=perturbed, rho=rho, model=model)
+            opt = SAM(torch.optim.SGD(trainable, lr=h), perturb=perturbed, rho=rho, model=model)
             opt.step(closure)
             opt.zero_grad()
             with torch.no_grad():
@@ -548,6 +547,4 @@ def sam_on_bound_check(
                                          + [abs(v) for pair in (*before.values(), *after.values()) for v in pair]),
                 )
             )
-    finally:
-        model.train(was_training)
     return reports

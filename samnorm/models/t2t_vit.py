@@ -25,10 +25,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import Attention as TimmAttention
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block as VitBlock
 from torch import Tensor, nn
+
+from samnorm.models.state_dicts import extract_state_dict
 
 __all__ = [
     "T2TViT",
@@ -199,8 +201,9 @@ class T2TModule(nn.Module):
         return self.project(self.soft_split2(x).transpose(1, 2))
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention; ``scale`` defaults to ``head_dim ** -0.5``.
+class Attention(TimmAttention):
+    """timm's multi-head self-attention (same weights and keys: ``qkv``, ``proj``), with the
+    T2T-ViT signature; ``scale`` defaults to ``head_dim ** -0.5``.
 
     The official ``pretrained=True`` entry points set ``qk_scale = embed_dim ** -0.5`` (a leftover of
     timm's first ViT); their released checkpoints were trained through the default path, so the
@@ -219,28 +222,24 @@ class Attention(nn.Module):
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.scale = qk_scale if qk_scale is not None else (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **kwargs)
+        if qk_scale is not None:
+            _use_scale(self, qk_scale)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+def _use_scale(attn: TimmAttention, scale: float) -> None:
+    """Scale timm's attention logits ``q k^T`` by ``scale`` instead of ``head_dim ** -0.5``."""
+    attn.scale, attn.fused_attn = scale, False  # the fused kernel has the default scale only
+
+
+class Block(VitBlock):
+    """timm's pre-norm ViT block (``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``, the official
+    T2T-ViT state-dict keys) with T2T-ViT's defaults: MLP ratio 3, no qkv bias, torch's LayerNorm
+    (eps 1e-5, as the checkpoints were trained with), ``qk_scale`` as in :class:`Attention`.
 
     Example:
         >>> Block(64, num_heads=4)(torch.randn(2, 5, 64)).shape
@@ -258,16 +257,14 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+        super().__init__(
+            dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop, attn_drop=attn_drop,
+            drop_path=drop_path, norm_layer=nn.LayerNorm,
+        )
+        if qk_scale is not None:
+            _use_scale(self.attn, qk_scale)
 
 
 class T2TViT(nn.Module):
@@ -406,8 +403,6 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: T2TViT) -> dict[str,
         >>> sorted(checkpoint_filter_fn({"state_dict": m.state_dict()}, m)) == sorted(m.state_dict())
         True
     """
-    from samnorm.models.loading import extract_state_dict
-
     state_dict = extract_state_dict(state_dict)
     pos = state_dict.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
@@ -477,8 +472,10 @@ def _entrypoint(variant: str) -> Callable[..., T2TViT]:
         f"    ``pretrained=True`` downloads the official ImageNet weights (needs a network); for a local\n"
         f"    file use :func:`samnorm.models.create_model` with ``checkpoint=``.\n\n"
         f"    Example:\n"
-        f"        >>> {variant}(img_size=32, in_chans=1, num_classes=2)(torch.rand(1, 1, 32, 32)).shape\n"
-        f"        torch.Size([1, 2])\n"
+        f"        >>> with torch.device('meta'):  # the architecture only: no memory for the weights\n"
+        f"        ...     model = {variant}(num_classes=10)\n"
+        f"        >>> len(model.blocks), model.embed_dim, model.head.out_features\n"
+        f"        ({depth}, {embed_dim}, 10)\n"
     )
     return register_model(create)
 

@@ -4,10 +4,12 @@ Convention everywhere: a higher score means more in-distribution.
 
 - :mod:`samnorm.ood.metrics`: ``auroc``, ``fpr_at_tpr``, ``aupr_in``, ``aupr_out``,
   ``ood_metrics`` under named conventions (``CONVENTIONS``).
-- :mod:`samnorm.ood.scores`: ``msp``, ``max_logit``, ``energy``, ``odin`` on logits.
+- :mod:`samnorm.ood.scores`: ``msp``, ``max_logit``, ``energy``, ``odin`` on logits,
+  ``head_grad_norm`` (GradNorm's closed form) on features and logits.
 - :class:`ModelAdapter`: how a classifier splits into features and head.
 - :mod:`samnorm.ood.detectors`: scorers with ``fit`` / ``score`` / ``score_loader``: MSP,
-  MaxLogit, Energy, ODIN, ReAct, GradNorm, RankFeat, RankWeight, Mahalanobis, KNN, ViM.
+  MaxLogit, Energy, ODIN, ReAct, GradNorm, RankFeat, RankWeight, Mahalanobis, KNN, ViM; by name
+  with :func:`make_scorer` / :func:`scorer_class` (:func:`canonical_name` is the spelling rule).
 - :func:`evaluate`: tables of FPR95 / AUROC / AUPR-In / AUPR-Out per OOD set.
 
 Example:
@@ -28,11 +30,13 @@ from samnorm.ood.detectors import (
     Mahalanobis,
     MaxLogit,
     NotFittedError,
+    OutputScorer,
     RankFeat,
     RankWeight,
     ReAct,
     Scorer,
     ViM,
+    canonical_name,
     check_scorer_options,
     make_scorer,
     scorer_class,
@@ -66,6 +70,7 @@ __all__ = [
     "NotFittedError",
     "OODMetrics",
     "OODResults",
+    "OutputScorer",
     "RankFeat",
     "RankWeight",
     "ReAct",
@@ -74,6 +79,7 @@ __all__ = [
     "aupr_in",
     "aupr_out",
     "auroc",
+    "canonical_name",
     "check_scorer_options",
     "energy",
     "evaluate",

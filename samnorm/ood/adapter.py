@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samnorm.nn_utils import eval_mode
+
 __all__ = ["ModelAdapter"]
 
 
@@ -295,21 +297,16 @@ class ModelAdapter:
         rounding steps in half precision; ``atol`` = ``rtol`` times the largest logit, at least
         ``rtol``). Runs by itself on the first batch; marks the adapter as verified when it passes.
         """
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                want = self.model(x)
-                try:
-                    got = self.head(self._features(x))
-                except RuntimeError as err:  # e.g. a head fed features of the wrong width
-                    raise ValueError(
-                        f"adapter {self.name!r} fails on {_qualified(self.model)} ({err}); its split into "
-                        "embed/blocks/pool/fc is wrong: build ModelAdapter(model, embed=..., blocks=..., "
-                        "pool=..., fc=...) for this model"
-                    ) from err
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), torch.no_grad():
+            want = self.model(x)
+            try:
+                got = self.head(self._features(x))
+            except RuntimeError as err:  # e.g. a head fed features of the wrong width
+                raise ValueError(
+                    f"adapter {self.name!r} fails on {_qualified(self.model)} ({err}); its split into "
+                    "embed/blocks/pool/fc is wrong: build ModelAdapter(model, embed=..., blocks=..., "
+                    "pool=..., fc=...) for this model"
+                ) from err
         if not isinstance(want, Tensor):
             raise ValueError(
                 f"model(x) returned a {type(want).__name__}, not the logits, so adapter {self.name!r} "

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from samnorm.ood.adapter import ModelAdapter
-from samnorm.ood.detectors import NotFittedError, Scorer, _eval_mode, _split_batch, make_scorer
-from samnorm.ood.metrics import Convention, OODMetrics, _check_tpr, _convention, ood_metrics
+from samnorm.io import atomic_write
+from samnorm.nn_utils import eval_mode, split_batch
+from samnorm.ood.detectors import NotFittedError, Scorer, make_scorer
+from samnorm.ood.metrics import Convention, OODMetrics, check_tpr, resolve_convention, ood_metrics
 
 __all__ = ["OODResults", "evaluate"]
 
@@ -41,7 +43,7 @@ class OODResults:
     id_name: str
     ood_names: list[str]
     tpr: float = 0.95
-    convention: Convention = field(default_factory=lambda: _convention("samnorm"))
+    convention: Convention = field(default_factory=lambda: resolve_convention("samnorm"))
     images_per_second: float = float("nan")
     metrics: dict[str, dict[str, OODMetrics]] = field(init=False)
 
@@ -78,7 +80,7 @@ class OODResults:
     def with_convention(self, convention: Union[str, Convention], tpr: Optional[float] = None) -> "OODResults":
         """The same scores, with the metrics recomputed under another convention (or TPR)."""
         return OODResults(self.scores, self.id_name, list(self.ood_names),
-                          self.tpr if tpr is None else tpr, _convention(convention),
+                          self.tpr if tpr is None else tpr, resolve_convention(convention),
                           self.images_per_second)
 
     def caption(self) -> str:
@@ -112,8 +114,7 @@ class OODResults:
             writer.writerow({**row, "convention": self.convention.name})
         text = buffer.getvalue()
         if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
+            atomic_write(path, text)
         return text
 
 
@@ -172,7 +173,7 @@ def evaluate(
         0.87
     """
     # every argument is checked before the first forward pass: a typo must not cost a full scoring
-    conv, tpr = _convention(convention), _check_tpr(tpr)
+    conv, tpr = resolve_convention(convention), check_tpr(tpr)
     adapter = ModelAdapter.from_model(model)
     if not isinstance(ood_loaders, Mapping) or not ood_loaders:
         raise ValueError("ood_loaders must be a non-empty dict {name: loader}")
@@ -188,12 +189,12 @@ def evaluate(
     own = {n: s for n, s in built.items() if not s.uses_outputs}
     parts: dict[str, dict[str, list[torch.Tensor]]] = {n: {} for n in built}
     n_images, start = 0, time.perf_counter()
-    with _eval_mode(adapter.model):
+    with eval_mode(adapter.model):
         for set_name, loader in [(id_name, id_loader), *ood_loaders.items()]:
             for name in built:
                 parts[name][set_name] = []
             for batch in loader:
-                x = adapter.prepare(_split_batch(batch)[0])
+                x = adapter.prepare(split_batch(batch)[0])
                 n_images += x.shape[0]
                 if shared:
                     with torch.no_grad():

@@ -269,9 +269,6 @@ def check_tpr(tpr: float) -> float:
     return tpr
 
 
-_check_tpr = check_tpr  # the name samnorm.ood.evaluate imports
-
-
 def _fpr(data: _Sorted, tpr: float, positive: Positive, point: Point, drop_intermediate: bool = False) -> float:
     _check_choice("point", point, ("first", "closest"))
     _check_drop(point, drop_intermediate)
@@ -405,9 +402,6 @@ def resolve_convention(convention: str | Convention) -> Convention:
     return CONVENTIONS[convention]
 
 
-_convention = resolve_convention  # the name samnorm.ood.evaluate imports
-
-
 def ood_metrics(
     id_scores: Scores,
     ood_scores: Scores,
@@ -438,3 +432,4 @@ def ood_metrics(
         n_id=int(data.id.size),
         n_ood=int(data.ood.size),
     )
+

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["energy", "max_logit", "msp", "odin"]
+__all__ = ["energy", "head_grad_norm", "max_logit", "msp", "odin"]
 
 
 def _check_logits(logits: Tensor) -> Tensor:
@@ -105,6 +105,52 @@ def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """
     t = check_temperature(temperature)
     return _warn_if_overflowed(t * torch.logsumexp(_check_logits(logits) / t, dim=1), logits, t)
+
+
+def head_grad_norm(
+    features: Tensor,
+    logits: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    p: float = 1.0,
+    include_bias: bool = False,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-sample entry-wise ``p``-norm of the gradient of ``CE(logits / T, target)`` w.r.t. the
+    final linear layer ``z = W h (+ b)`` that produced ``logits`` from ``features``, shape ``(B,)``.
+
+    The gradient is ``dW = (q - t) h^T / T`` (and ``db = (q - t) / T``), ``q = softmax(z / T)``:
+    a rank-one matrix, so its norm factorises as ``||q - t||_p * (||h||_p^p + [bias])^(1/p) / T``,
+    the ``+ 1`` being the bias column when ``include_bias``. No backward pass, and the same for any
+    batch size. ``target`` is a ``(B, K)`` distribution; ``None`` is the uniform one, the loss
+    ``KL(uniform || q)`` of GradNorm (Huang, Geng & Li, NeurIPS 2021), whose score is this with
+    the defaults (``p=1``, no bias). Computed in at least float32 (a half-precision sum of
+    ``|h|`` may overflow).
+
+    Example:
+        >>> h, z = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.0, 0.0, 0.0]])
+        >>> head_grad_norm(h, z)  # flat logits: q equals the uniform target
+        tensor([0.])
+        >>> head_grad_norm(h, z, torch.tensor([[1.0, 0.0, 0.0]]))  # |q - t|_1 = 4/3, |h|_1 = 3
+        tensor([4.])
+    """
+    t = check_temperature(temperature)
+    if not p >= 1:
+        raise ValueError(f"p must be >= 1 (a norm), got {p}")
+    z = _check_logits(logits)
+    if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[0] != z.shape[0]:
+        raise ValueError(f"features must be a ({z.shape[0]}, D) tensor matching the logits")
+    h = features.to(widen(features.dtype))
+    q = torch.softmax(z / t, dim=1)
+    delta = q - 1.0 / z.shape[1] if target is None else q - target.to(q.dtype)
+    delta_norm = torch.linalg.vector_norm(delta, ord=p, dim=1) / t
+    if math.isinf(p):
+        h_norm = torch.linalg.vector_norm(h, ord=p, dim=1)
+        return delta_norm * (h_norm.clamp(min=1.0) if include_bias else h_norm)
+    h_norm = h.abs().pow(p).sum(dim=1)
+    if include_bias:
+        h_norm = h_norm + 1.0
+    return delta_norm * (h_norm if p == 1 else h_norm.pow(1.0 / p))
 
 
 def odin(

@@ -1,0 +1,154 @@
+"""The import rules of samnorm, read from the source (AST), not from what a test run happens to load.
+
+- no import cycles between samnorm's modules, imports inside functions included (a lazy import
+  still couples the two modules);
+- no private name (``_x``) imported from another module: a helper used by two modules is public in
+  the lower one;
+- the core modules import neither timm nor torchvision (checked in a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import samnorm
+
+ROOT = Path(samnorm.__file__).parent
+
+# Violations that a change in progress still has to remove. An entry that no longer occurs fails the
+# test, so this list only shrinks.
+KNOWN_CYCLES: set[frozenset[str]] = set()
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()  # (importer, imported module, name)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    """Line numbers inside ``if TYPE_CHECKING:`` blocks (imports for type checkers only)."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def _imports(module: str) -> list[tuple[str, str | None]]:
+    """``(imported samnorm module, name or None)`` for every import statement of ``module``."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _type_checking_lines(tree)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[tuple[str, str | None]] = []
+    for node in ast.walk(tree):
+        if getattr(node, "lineno", None) in skip:
+            continue
+        if isinstance(node, ast.Constant) and node.value in MODULES:  # imported by name (importlib)
+            found.append((node.value, None))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names if alias.name.split(".")[0] == "samnorm"]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.split(".")[0] != "samnorm":
+                continue
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.append((sub, None) if sub in MODULES else (base, alias.name))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {m: set() for m in MODULES}
+    for module in MODULES:
+        for target, _ in _imports(module):
+            while target not in MODULES and "." in target:  # `import samnorm.x.y` names a module
+                target = target.rpartition(".")[0]
+            if target != module:
+                graph[module].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
+    """Strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: set[frozenset[str]] = set()
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.add(frozenset(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_checker_sees_cycles_and_relative_imports():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}
+    assert _cycles({"a": {"b"}, "b": set()}) == set()
+    graph = _graph()
+    assert "samnorm.ood.detectors.base" in graph["samnorm.ood.detectors.logits"]
+    assert "samnorm.nn_utils" in graph["samnorm.ood.evaluate"]
+    assert "samnorm.ood.detectors.registry" in graph["samnorm.plots"]  # an import inside a function
+    assert "samnorm.diagnostics.cli" in graph["samnorm.cli"]  # a plugin imported by its name
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_graph())
+    new = [sorted(c) for c in cycles - KNOWN_CYCLES]
+    assert not new, f"import cycles: {new}; move the shared piece into a module both can import"
+    stale = [sorted(c) for c in KNOWN_CYCLES - cycles]
+    assert not stale, f"fixed, remove from KNOWN_CYCLES: {stale}"
+
+
+def test_no_private_names_imported_across_modules():
+    found = {
+        (module, target, name)
+        for module in MODULES
+        for target, name in _imports(module)
+        if name is not None and name.startswith("_") and not name.startswith("__") and target != module
+    }
+    new = sorted(found - KNOWN_PRIVATE_IMPORTS)
+    assert not new, f"private names imported from another module: {new}; make them public there"
+    stale = sorted(KNOWN_PRIVATE_IMPORTS - found)
+    assert not stale, f"fixed, remove from KNOWN_PRIVATE_IMPORTS: {stale}"
+
+
+def test_core_modules_import_without_timm_or_torchvision():
+    core = ["samnorm", "samnorm.optim", "samnorm.select", "samnorm.nn_utils", "samnorm.losses",
+            "samnorm.distributions", "samnorm.ood", "samnorm.ood.detectors", "samnorm.diagnostics.quantities"]
+    code = f"import sys; import {', '.join(core)}; print([m for m in ('timm', 'torchvision') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
