@@ -47,7 +47,52 @@ __all__ = ["IntervalSAM", "LookSAM", "OnePassSAM", "VARIANTS", "make"]
 _VARIANT_KEY = "sam_variant"  # state_dict key next to SAM's own "sam"
 
 
-class IntervalSAM(SAM):
+class _Variant(SAM):
+    """What the variants share: a step counter, named flat vectors over the perturbed tensors, and
+    their extra state under ``"sam_variant"`` in the state dict."""
+
+    _SLOTS: tuple[str, ...] = ()  # names of the flat vectors a variant keeps
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps = 0  # completed steps (second_step calls)
+        self._vec: _Vectors | None = None
+
+    def _vectors(self) -> _Vectors:
+        params = self.perturbed_parameters()
+        if self._vec is None or not self._vec.fits(params):
+            self._vec = _Vectors(params, self._SLOTS)
+        return self._vec
+
+    def _variant_state(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def _load_variant_state(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`SAM.state_dict` plus the variant's settings, step count and kept vectors under
+        ``"sam_variant"``."""
+        state = super().state_dict()
+        state[_VARIANT_KEY] = self._variant_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        variant = state_dict.pop(_VARIANT_KEY, None)
+        super().load_state_dict(state_dict)
+        if variant is not None:
+            self._load_variant_state(variant)
+
+    def _saved(self, name: str) -> list[torch.Tensor] | None:
+        return None if self._vec is None else [v.clone() for v in self._vec.views(name)]
+
+    def _restore_saved(self, name: str, tensors: list[torch.Tensor] | None) -> None:
+        if tensors is not None:
+            self._vectors().set(name, tensors)
+
+
+class IntervalSAM(_Variant):
     """SAM every ``k`` steps, plain base-optimizer steps in between.
 
     Steps ``0, k, 2k, ...`` (counted by :meth:`second_step`) are SAM steps exactly as in
@@ -93,7 +138,6 @@ class IntervalSAM(SAM):
             raise ValueError(f"k must be an int >= 1 (a SAM step every k steps), got {k!r}")
         super().__init__(base_optimizer, perturb, **kwargs)
         self.k = k
-        self.steps = 0  # completed steps (second_step calls)
         self._plain = False  # first_step of a plain step done
 
     @property
@@ -144,25 +188,16 @@ class IntervalSAM(SAM):
             yield
 
     def _variant_state(self) -> dict[str, Any]:
-        return {"name": "interval", "k": self.k, "steps": self.steps}
+        return {**super()._variant_state(), "name": "interval", "k": self.k}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
-        self.k, self.steps = int(state["k"]), int(state["steps"])
+        super()._load_variant_state(state)
+        self.k = int(state["k"])
 
     def state_dict(self) -> dict[str, Any]:
-        """:meth:`SAM.state_dict` plus the schedule (and stored vectors) under ``"sam_variant"``."""
         if self._plain:
             raise RuntimeError("state_dict() between first_step and second_step: call it after second_step()")
-        state = super().state_dict()
-        state[_VARIANT_KEY] = self._variant_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        variant = state_dict.pop(_VARIANT_KEY, None)
-        super().load_state_dict(state_dict)
-        if variant is not None:
-            self._load_variant_state(variant)
+        return super().state_dict()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(k={self.k}, {super().__repr__()})"
@@ -198,6 +233,8 @@ class LookSAM(IntervalSAM):
         ...     loss = opt.step(closure)               # two passes on steps 0 and 2, one on step 1
     """
 
+    _SLOTS = ("g", "gv", "tmp")  # first-pass gradient, stored g_v, scratch
+
     def __init__(
         self,
         base_optimizer: Optimizer,
@@ -211,14 +248,7 @@ class LookSAM(IntervalSAM):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         super().__init__(base_optimizer, perturb, k=k, **kwargs)
         self.alpha = float(alpha)
-        self._vec: _Vectors | None = None  # slots "g" (first pass), "gv" (stored), "tmp"
         self._has_g = False
-
-    def _vectors(self) -> _Vectors:
-        params = self.perturbed_parameters()
-        if self._vec is None or not self._vec.fits(params):
-            self._vec = _Vectors(params, ("g", "gv", "tmp"))
-        return self._vec
 
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         # the first-pass gradient g, kept for g_v (before the ascent consumes it)
@@ -258,17 +288,15 @@ class LookSAM(IntervalSAM):
         torch._foreach_add_([vec.params[i].grad for i in have], [vec.view("tmp", i) for i in have])
 
     def _variant_state(self) -> dict[str, Any]:
-        gv = None if self._vec is None else [v.clone() for v in self._vec.views("gv")]
-        return {**super()._variant_state(), "name": "looksam", "alpha": self.alpha, "gv": gv}
+        return {**super()._variant_state(), "name": "looksam", "alpha": self.alpha, "gv": self._saved("gv")}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         super()._load_variant_state(state)
         self.alpha = float(state["alpha"])
-        if state.get("gv") is not None:
-            self._vectors().set("gv", state["gv"])
+        self._restore_saved("gv", state.get("gv"))
 
 
-class OnePassSAM(SAM):
+class OnePassSAM(_Variant):
     """One-pass ascent (MSAM, Becker et al. 2024): the direction needs no extra backward.
 
     Step ``t``, over the perturbed tensors (the norm layers under SAM-ON), with ``d`` a whole vector:
@@ -298,6 +326,8 @@ class OnePassSAM(SAM):
         ...     opt.second_step(zero_grad=True)             # restore w, SGD's step
     """
 
+    _SLOTS = ("d", "tmp")  # direction="grad": the kept gradient, scratch
+
     def __init__(
         self,
         base_optimizer: Optimizer,
@@ -310,19 +340,11 @@ class OnePassSAM(SAM):
             raise ValueError(f"direction must be 'momentum' or 'grad', got {direction!r}")
         super().__init__(base_optimizer, perturb, **kwargs)
         self.direction = direction
-        self.steps = 0
-        self._vec: _Vectors | None = None  # direction="grad": slots "d" (kept) and "tmp"
 
     @property
     def is_sam_step(self) -> bool:
         """Always True: every step perturbs (with one pass)."""
         return True
-
-    def _vectors(self) -> _Vectors:
-        params = self.perturbed_parameters()
-        if self._vec is None or not self._vec.fits(params):
-            self._vec = _Vectors(params, ("d", "tmp"))
-        return self._vec
 
     def _directions(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
         if self.steps == 0:
@@ -390,21 +412,13 @@ class OnePassSAM(SAM):
             self.restore()
             raise
 
-    def state_dict(self) -> dict[str, Any]:
-        """:meth:`SAM.state_dict` plus the step count (and the kept gradient) under ``"sam_variant"``."""
-        state = super().state_dict()
-        d = None if self._vec is None else [v.clone() for v in self._vec.views("d")]
-        state[_VARIANT_KEY] = {"name": "onepass", "direction": self.direction, "steps": self.steps, "d": d}
-        return state
+    def _variant_state(self) -> dict[str, Any]:
+        return {**super()._variant_state(), "name": "onepass", "direction": self.direction, "d": self._saved("d")}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        variant = state_dict.pop(_VARIANT_KEY, None)
-        super().load_state_dict(state_dict)
-        if variant is not None:
-            self.direction, self.steps = str(variant["direction"]), int(variant["steps"])
-            if variant.get("d") is not None:
-                self._vectors().set("d", variant["d"])
+    def _load_variant_state(self, state: dict[str, Any]) -> None:
+        super()._load_variant_state(state)
+        self.direction = str(state["direction"])
+        self._restore_saved("d", state.get("d"))
 
     def __repr__(self) -> str:
         return f"OnePassSAM(direction={self.direction!r}, {super().__repr__()})"
