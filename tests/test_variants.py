@@ -401,3 +401,28 @@ def test_clear_errors():
         iv.first_step()
     with pytest.raises(RuntimeError, match="after second_step"):
         iv.state_dict()
+
+
+def test_step_cost_benchmark_runs_every_candidate_interleaved():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_step_cost.py"
+    spec = importlib.util.spec_from_file_location("bench_step_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 5))
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    steps = bench.build_steps(model, x, y, list(bench.CANDIDATES))
+    out = bench.interleaved(steps, rounds=2, block=4, warmup=0)
+    assert set(out) == set(bench.CANDIDATES)
+    assert out["sgd"]["paired_ratio_median"] == 1.0 and len(out["looksam4"]["step_ms"]) == 2
+    assert all(math.isfinite(c["ratio_of_medians"]) and c["median_ms"] > 0 for c in out.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "| `onepass_grad` |" in bench.table({"candidates": out})
+    with pytest.raises(ValueError, match="must include 'sgd'"):
+        bench.build_steps(model, x, y, ["sam_on_loss"])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        bench.interleaved(steps, rounds=1, block=3)
