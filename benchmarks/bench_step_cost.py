@@ -1,12 +1,14 @@
 """Training-step cost of SAM(-ON) and its cheaper variants relative to SGD, in one interleaved run.
 
 Every candidate trains the same model (shared weights, its own optimizer state) on the same batch.
-The candidates take turns round-robin (the order rotates each round), each timing a block of
-``--block`` consecutive steps (a multiple of every interval ``k``, so each block holds the same
-share of SAM steps); the first round is warm-up. Reported per candidate: the median time of a step
-and its interquartile range, the ratio of medians to SGD, and the median and IQR of the per-round
-ratio (block time / SGD's block time in the same round), which cancels slow drifts of a shared
-machine. SGD's own spread says how far to trust any ratio.
+The candidates take turns one step at a time, round-robin (the order rotates every turn); a
+round is ``--block`` steps of each (a multiple of every interval ``k``, so each round holds the
+same share of SAM steps), and the first round is warm-up. Each step is timed by the wall clock and
+by the process's CPU time; with one intra-op thread the CPU time counts this process's work only,
+so it moves far less than the wall clock when other jobs share the machine. Reported per candidate
+and clock: the median time of a step and its interquartile range over rounds, the ratio of medians
+to SGD, and the median and IQR of the per-round ratio (time / SGD's time in the same round), which
+cancels slow drifts of the machine. SGD's own spread says how far to trust any ratio.
 
 Run (CPU, as in benchmarks/RESULTS.md):
     python benchmarks/bench_step_cost.py --out step_cost.json
@@ -116,35 +118,47 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def interleaved(steps: dict[str, Step], rounds: int, block: int, warmup: int = 1) -> dict[str, Any]:
-    """Time ``block`` steps of each candidate per round, round-robin; per-step seconds per round."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved(steps: dict[str, Step], rounds: int, block: int, warmup: int = 1,
+                progress: bool = False) -> dict[str, Any]:
+    """Per round, ``block`` steps of every candidate, interleaved step by step (candidate order
+    rotating); the per-step wall and process-CPU seconds of each candidate in each round."""
     if rounds < 1 or block < 1 or block % 4:
         raise ValueError("rounds must be >= 1 and block a positive multiple of 4 (the interval k)")
     names = list(steps)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times = {clock: {n: [] for n in names} for clock in CLOCKS}
     for r in range(warmup + rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            for _ in range(block):
+        spent = {clock: dict.fromkeys(names, 0.0) for clock in CLOCKS}
+        for j in range(block):
+            shift = (r * block + j) % len(names)
+            for name in names[shift:] + names[:shift]:
+                before = {clock: f() for clock, f in CLOCKS.items()}
                 steps[name]()
-            if r >= warmup:
-                times[name].append((time.perf_counter() - start) / block)
-    sgd = times["sgd"]
-    out: dict[str, Any] = {}
-    for name in names:
-        q1, med, q3 = _quartiles(times[name])
-        paired = [t / s for t, s in zip(times[name], sgd)]
-        p1, pmed, p3 = _quartiles(paired)
-        out[name] = {
-            "step_ms": [round(1e3 * t, 3) for t in times[name]],
-            "median_ms": 1e3 * med,
-            "iqr_ms": [1e3 * q1, 1e3 * q3],
-            "ratio_of_medians": med / statistics.median(sgd),
-            "paired_ratio_median": pmed,
-            "paired_ratio_iqr": [p1, p3],
-        }
-    return out
+                for clock, f in CLOCKS.items():
+                    spent[clock][name] += f() - before[clock]
+        if r >= warmup:
+            for clock in CLOCKS:
+                for name in names:
+                    times[clock][name].append(spent[clock][name] / block)
+        if progress:
+            print(f"round {r + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
+    return {name: {clock: _summary(times[clock][name], times[clock]["sgd"]) for clock in CLOCKS}
+            for name in names}
+
+
+def _summary(ts: list[float], sgd: list[float]) -> dict[str, Any]:
+    q1, med, q3 = _quartiles(ts)
+    p1, pmed, p3 = _quartiles([t / s for t, s in zip(ts, sgd)])
+    return {
+        "step_ms": [round(1e3 * t, 3) for t in ts],
+        "median_ms": 1e3 * med,
+        "iqr_ms": [1e3 * q1, 1e3 * q3],
+        "ratio_of_medians": med / statistics.median(sgd),
+        "paired_ratio_median": pmed,
+        "paired_ratio_iqr": [p1, p3],
+    }
 
 
 def _load() -> list[float]:
@@ -172,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     y = torch.randint(0, model.num_classes, (args.batch,))
     steps = build_steps(model, x, y, args.candidates)
     load_before = _load()
-    results = interleaved(steps, args.rounds, args.block)
+    results = interleaved(steps, args.rounds, args.block, progress=True)
     report = {
         "command": "python benchmarks/bench_step_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model, "batch": args.batch, "size": args.size, "rounds": args.rounds,
@@ -187,13 +201,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
-    """The markdown table of RESULTS.md."""
-    rows = ["| step | median ms (IQR) | ratio of medians | per-round ratio, median (IQR) |", "|---|---|---|---|"]
+    """The markdown table of RESULTS.md: wall-clock and process-CPU time, relative to SGD."""
+    rows = ["| step | wall ms, median (IQR) | wall / SGD per round, median (IQR) | "
+            "CPU ms, median (IQR) | CPU / SGD per round, median (IQR) |", "|---|---|---|---|---|"]
     for name, c in report["candidates"].items():
-        lo, hi = c["iqr_ms"]
-        plo, phi = c["paired_ratio_iqr"]
-        rows.append(f"| `{name}` | {c['median_ms']:.0f} ({lo:.0f}-{hi:.0f}) | {c['ratio_of_medians']:.2f}x | "
-                    f"{c['paired_ratio_median']:.2f}x ({plo:.2f}-{phi:.2f}) |")
+        cells = []
+        for clock in CLOCKS:
+            s = c[clock]
+            cells.append(f"{s['median_ms']:.0f} ({s['iqr_ms'][0]:.0f}-{s['iqr_ms'][1]:.0f})")
+            cells.append(f"{s['paired_ratio_median']:.2f}x ({s['paired_ratio_iqr'][0]:.2f}-"
+                         f"{s['paired_ratio_iqr'][1]:.2f})")
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -418,8 +418,8 @@ def test_step_cost_benchmark_runs_every_candidate_interleaved():
     steps = bench.build_steps(model, x, y, list(bench.CANDIDATES))
     out = bench.interleaved(steps, rounds=2, block=4, warmup=0)
     assert set(out) == set(bench.CANDIDATES)
-    assert out["sgd"]["paired_ratio_median"] == 1.0 and len(out["looksam4"]["step_ms"]) == 2
-    assert all(math.isfinite(c["ratio_of_medians"]) and c["median_ms"] > 0 for c in out.values())
+    assert out["sgd"]["cpu"]["paired_ratio_median"] == 1.0 and len(out["looksam4"]["wall"]["step_ms"]) == 2
+    assert all(math.isfinite(s["ratio_of_medians"]) and s["median_ms"] > 0 for c in out.values() for s in c.values())
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert "| `onepass_grad` |" in bench.table({"candidates": out})
     with pytest.raises(ValueError, match="must include 'sgd'"):
