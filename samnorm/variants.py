@@ -302,17 +302,24 @@ class OnePassSAM(_Variant):
     Step ``t``, over the perturbed tensors (the norm layers under SAM-ON), with ``d`` a whole vector:
 
     1. :meth:`first_step` (before the forward, no loss): ``w <- w + e`` with ``e = rho * d / ||d||``
-       (ASAM: ``rho * T^2 d / ||T d||``), ``w`` saved; ``d`` is the base optimizer's momentum as the
-       previous step left it (SGD's ``momentum_buffer``, Adam's ``exp_avg``, whatever they fold in
-       such as SGD's weight decay) for ``direction="momentum"``, or the gradient the previous step
-       descended with for ``direction="grad"``. No ``d`` yet (step 0) or ``d = 0``: ``e = 0``;
-       a non-finite ``||d||`` skips the ascent as in :class:`~samnorm.SAM`.
+       (ASAM: ``rho * T^2 d / ||T d||``), ``w`` saved, where
+
+       - ``direction="momentum"`` (MSAM): ``d = -m``, ``m`` the base optimizer's momentum as the
+         previous step left it (SGD's ``momentum_buffer``, Adam's ``exp_avg``, with whatever they
+         fold in, such as SGD's weight decay). ``m`` accumulates gradients, so ``e`` points along
+         the *update* direction: MSAM's "negative momentum", with the sign of its official code
+         (``p.sub_(buf, alpha=rho / ||buf||)``), which the paper found to work where ``+m`` did not;
+       - ``direction="grad"``: ``d = g_{t-1}``, the gradient the previous step descended with:
+         SAM's ascent with a gradient one step old.
+
+       No ``d`` yet (step 0) or ``d = 0``: ``e = 0``; a non-finite ``||d||`` skips the ascent as in
+       :class:`~samnorm.SAM`.
     2. your one forward/backward at ``w + e``: the gradient ``g_t`` of every parameter.
     3. :meth:`second_step`: restore ``w`` (a bit-exact copy), then the base optimizer's step with
        ``g_t``; ``direction="grad"`` keeps ``g_t`` of the perturbed tensors (unless not finite).
 
-    So a step costs one forward/backward plus the ascent's few kernels over the selection. Both
-    ``d`` are identical on every DDP replica (they come from all-reduced gradients), so the single
+    So a step costs one forward/backward plus the ascent's few kernels over the selection. Either
+    ``d`` is identical on every DDP replica (they come from all-reduced gradients), so the single
     pass syncs as usual: :meth:`first_pass` adds no ``no_sync`` and :meth:`second_pass` does not
     freeze BatchNorm statistics (they are updated at ``w + e``, there being no other pass).
 
@@ -321,7 +328,7 @@ class OnePassSAM(_Variant):
         >>> opt = OnePassSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5)
         >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
         >>> for _ in range(2):
-        ...     opt.first_step()                            # w += rho * m / ||m|| (0 at step 0)
+        ...     opt.first_step()                            # w -= rho * m / ||m|| (0 at step 0)
         ...     nn.functional.cross_entropy(model(x), y).backward()
         ...     opt.second_step(zero_grad=True)             # restore w, SGD's step
     """
@@ -373,9 +380,18 @@ class OnePassSAM(_Variant):
         if self._perturbed is not None:
             raise RuntimeError("first_step called twice without second_step: call second_step() first")
         params = self.perturbed_parameters()
-        # SAM's per-tensor path may zero non-finite entries of d in place (nan_to_num_): the identity
-        # for the finite momentum of a healthy run; a non-finite d skips the ascent either way.
-        self._ascend([(p, d) for p, d in zip(params, self._directions(params)) if d is not None])
+        pairs = [(p, d) for p, d in zip(params, self._directions(params)) if d is not None]
+        # MSAM's d = -m: the momentum is negated in place around the ascent and back (a sign flip
+        # is exact), which spares a copy of it. SAM's per-tensor path may zero non-finite entries
+        # of d in place (nan_to_num_): the identity for a healthy run's finite momentum.
+        flip = [d for _, d in pairs] if self.direction == "momentum" else []
+        if flip:
+            torch._foreach_neg_(flip)
+        try:
+            self._ascend(pairs)
+        finally:
+            if flip:
+                torch._foreach_neg_(flip)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 

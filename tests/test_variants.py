@@ -57,7 +57,8 @@ def _ref_interval(model, sel, x, y, steps, base, rho, k, alpha):
 
 
 def _ref_onepass(model, sel, x, y, steps, base, rho, direction):
-    """One-pass ascent as a plain loop: d = the reference optimizer's momentum or the last gradient."""
+    """One-pass ascent as a plain loop: d = minus the reference optimizer's momentum (MSAM) or the last
+    gradient."""
     params = list(model.parameters())
     prev = None
     for t in range(steps):
@@ -66,7 +67,7 @@ def _ref_onepass(model, sel, x, y, steps, base, rho, direction):
         elif direction == "grad":
             d = prev
         else:
-            d = [base.buf[i] if isinstance(base, _RefSGD) else base.m[i] for i in range(len(params))]
+            d = [-(base.buf[i] if isinstance(base, _RefSGD) else base.m[i]) for i in range(len(params))]
         saved = [p.detach().clone() for p in params]
         if d is not None:
             norm = math.sqrt(_sq(di for di, s in zip(d, sel) if s))
@@ -426,3 +427,20 @@ def test_step_cost_benchmark_runs_every_candidate_interleaved():
         bench.build_steps(model, x, y, ["sam_on_loss"])
     with pytest.raises(ValueError, match="multiple of 4"):
         bench.interleaved(steps, rounds=1, block=3)
+
+
+def test_onepass_perturbs_against_the_momentum_and_leaves_it_bit_identical():
+    model = _mlp()
+    x, y = _batch()
+    opt = OnePassSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5)
+    _train(opt, model, x, y, 2, "two_step")
+    params = opt.perturbed_parameters()
+    m = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    w = [p.detach().clone() for p in params]
+    opt.first_step()
+    e = [p.detach() - w0 for p, w0 in zip(params, w)]
+    dot = sum(float((a * b).sum()) for a, b in zip(e, m))
+    assert math.isclose(math.sqrt(_sq(e)), 0.5, rel_tol=1e-5) and dot < 0  # e = -rho m / ||m||
+    for p, m0 in zip(params, m):
+        assert torch.equal(opt.state[p]["momentum_buffer"], m0)
+    opt.restore()
