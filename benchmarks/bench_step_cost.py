@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = _load()
     results = interleaved(steps, args.rounds, args.block, progress=True)
     report = {
-        "command": "python benchmarks/bench_step_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/bench_step_cost.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": args.model, "batch": args.batch, "size": args.size, "rounds": args.rounds,
         "block": args.block, "threads": args.threads, "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

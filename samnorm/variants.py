@@ -429,7 +429,8 @@ class OnePassSAM(_Variant):
             raise
 
     def _variant_state(self) -> dict[str, Any]:
-        return {**super()._variant_state(), "name": "onepass", "direction": self.direction, "d": self._saved("d")}
+        state = {"name": "onepass", "direction": self.direction, "d": self._saved("d")}
+        return {**super()._variant_state(), **state}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         super()._load_variant_state(state)

@@ -154,7 +154,8 @@ def test_interval_and_looksam_match_float64_reference(seed, width, rho, k, alpha
     # is then ill-conditioned by construction, so LookSAM is compared where g_s and g differ.
     assume(rho > 0 or alpha == 0)
     model, ref, x, y, base, ref_base, perturb, sel = _setup(seed, width, which)
-    opt = LookSAM(base, perturb, k=k, alpha=alpha, rho=rho) if alpha else IntervalSAM(base, perturb, k=k, rho=rho)
+    opt = (LookSAM(base, perturb, k=k, alpha=alpha, rho=rho) if alpha
+           else IntervalSAM(base, perturb, k=k, rho=rho))
     _train(opt, model, x, y, 2 * k + 1, form)
     _ref_interval(ref, sel, x, y, 2 * k + 1, ref_base, rho, k, alpha)
     _assert_same(model, ref)
@@ -420,7 +421,8 @@ def test_step_cost_benchmark_runs_every_candidate_interleaved():
     out = bench.interleaved(steps, rounds=2, block=4, warmup=0)
     assert set(out) == set(bench.CANDIDATES)
     assert out["sgd"]["cpu"]["paired_ratio_median"] == 1.0 and len(out["looksam4"]["wall"]["step_ms"]) == 2
-    assert all(math.isfinite(s["ratio_of_medians"]) and s["median_ms"] > 0 for c in out.values() for s in c.values())
+    summaries = [s for c in out.values() for s in c.values()]
+    assert all(math.isfinite(s["ratio_of_medians"]) and s["median_ms"] > 0 for s in summaries)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert "| `onepass_grad` |" in bench.table({"candidates": out})
     with pytest.raises(ValueError, match="must include 'sgd'"):
