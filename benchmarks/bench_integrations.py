@@ -1,8 +1,9 @@
 """Overhead of each training-loop integration against the plain SAM-ON step, side by side.
 
 Run: ``python -m pytest benchmarks/bench_integrations.py --benchmark-only``.
-Pairs: GradScaler step vs plain; k=2 accumulated micro-batches vs one batch; the second_pass
-context (BatchNorm shield) vs a bare second pass.
+Pairs: GradScaler step vs plain; scaler.step(sam) after unscale_ (the framework path) vs
+second_step(scaler=); k=2 accumulated micro-batches vs one batch; the second_pass context
+(BatchNorm shield) vs a bare second pass.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _ce(model, x, y):
     return nn.functional.cross_entropy(model(x), y)
 
 
-@pytest.mark.parametrize("variant", ["plain", "grad_scaler", "accumulate_2", "no_context"])
+@pytest.mark.parametrize("variant", ["plain", "grad_scaler", "scaler_step_sam", "accumulate_2", "no_context"])
 def test_integration_overhead(benchmark, variant):
     model, opt, x, y = _setup()
     scaler = torch.amp.GradScaler("cpu")
@@ -55,6 +56,15 @@ def test_integration_overhead(benchmark, variant):
         opt.second_step(scaler=scaler, zero_grad=True)
         scaler.update()
 
+    def scaler_step_sam():  # what Lightning, accelerate and timm's NativeScaler do after the passes
+        opt.first_step(scaler.scale(_ce(model, x, y)))
+        with opt.second_pass(model):
+            scaler.scale(_ce(model, x, y)).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+
     def accumulate_2():
         for xs, ys in zip(x.chunk(2), y.chunk(2)):
             (_ce(model, xs, ys) / 2).backward()
@@ -64,14 +74,16 @@ def test_integration_overhead(benchmark, variant):
                 (_ce(model, xs, ys) / 2).backward()
         opt.second_step(zero_grad=True)
 
-    fn = {"plain": plain, "grad_scaler": grad_scaler, "accumulate_2": accumulate_2,
-          "no_context": no_context}[variant]
+    fn = {"plain": plain, "grad_scaler": grad_scaler, "scaler_step_sam": scaler_step_sam,
+          "accumulate_2": accumulate_2, "no_context": no_context}[variant]
     scaler_pair = "GradScaler step vs plain SAM-ON step"
     accum_pair = "2 accumulated micro-batches (full first backward) vs plain SAM-ON step"
     context_pair = "second_pass(model) context vs bare second pass"
+    framework_pair = "scaler.step(sam) after unscale_ vs second_step(scaler=)"
     benchmark.extra_info["pairs"] = {
         "plain": [(scaler_pair, "baseline"), (accum_pair, "baseline"), (context_pair, "candidate")],
-        "grad_scaler": [(scaler_pair, "candidate")],
+        "grad_scaler": [(scaler_pair, "candidate"), (framework_pair, "baseline")],
+        "scaler_step_sam": [(framework_pair, "candidate")],
         "accumulate_2": [(accum_pair, "candidate")],
         "no_context": [(context_pair, "baseline")],
     }[variant]

@@ -2,13 +2,21 @@
 
 One step of SAM (Foret et al. 2021) with the SAM-ON selection (Mueller et al. 2023):
 
-1. ascent: ``e = rho * g / ||g||`` over the *selected* tensors only (one global L2 norm), or ASAM's
-   ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta`` (Kwon et al. 2021); ``w <- w + e``;
+1. ascent, over the *selected* tensors ``i`` only, each in a parameter group ``g(i)``::
+
+       e_i = rho_g(i) * T_i^2 * g_i / (||T g|| + eps),   ||T g||^2 = sum_i ||T_i * g_i||^2
+
+   ``g`` is the gradient of the loss alone (the base optimizer's weight decay does not enter the
+   ascent); ``T_i = 1`` for SAM, ``T_i = |w_i| + eta_g(i)`` elementwise for ASAM (Kwon et al. 2021;
+   ``T_i = 1`` for biases with ``normalize_bias=False``). The norm is one global L2 norm over every
+   selected tensor whatever its group; each group's ``rho`` scales its own ``e``. Then ``w <- w + e``;
 2. descent: restore the saved ``w`` (a copy, bit-exact, never ``(w + e) - e``) and let the wrapped
    optimizer step with the gradient taken at ``w + e``.
 
-The step never synchronises host and device: the norm, the non-finite guard and the skip counter are
-device tensors. Small tensors are grouped by (device, dtype) into persistent flat buffers and
+The step never synchronises host and device (the norm, the non-finite guard and the skip counter are
+device tensors), except under ``GradScaler`` with a base optimizer that is not fused, where the
+skip decision reads one flag as ``GradScaler.step`` itself does. Small tensors are grouped by
+(device, dtype, group settings) into persistent flat buffers and
 perturbed with a fixed number of kernels whatever their count (``_foreach_copy_`` in, one norm, one
 guard, one scale, one ``_foreach_add_``), which is what makes the hundred tiny tensors of SAM-ON
 cheap; large tensors use fused per-tensor ops.
@@ -27,9 +35,33 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import _compat
 from .select import Selection, norm_layers
 
 __all__ = ["SAM", "disable_running_stats"]
+
+_INTEGRATIONS = (
+    "samnorm.integrations.transformers.SAMTrainer, samnorm.integrations.lightning (manual "
+    "optimization), samnorm.integrations.timm, samnorm.integrations.accelerate"
+)
+_STEP_WITHOUT_FIRST_STEP = (
+    "SAM.step() without a closure finishes a step begun by first_step(), and none is begun. SAM "
+    "needs two forward/backward passes per step: (1) step(closure), the closure zeroing the "
+    "gradients, computing the loss, calling backward and returning the loss (it runs twice); or "
+    "(2) first_step(loss), then the second forward/backward, then step() (or second_step()). A "
+    "framework that runs one backward per step needs samnorm's integration for it: " + _INTEGRATIONS
+)
+_ACCUMULATION_IN_CLOSURE = (
+    "SAM.step(closure) under gradient accumulation: either the closure added its gradients to "
+    "gradients already present (e.g. Lightning's accumulate_grad_batches > 1), so the ascent would "
+    "use every micro-batch and the second pass only the last one; or accelerate's accumulate() "
+    "skipped the step, and so the closure, on all but the last micro-batch of each window. "
+    "Accumulate with the two-pass form: "
+    "backward over the micro-batches, first_step(), backward over the same micro-batches, "
+    "step(); in a framework use samnorm's integration (" + _INTEGRATIONS + "; for accelerate: "
+    "samnorm.integrations.accelerate.sam_backward). If your closure "
+    "zeroes the gradients itself, zero them with sam.zero_grad()."
+)
 
 # Tensors up to this size are perturbed through the grouped flat buffer (norm layers, biases).
 _FLAT_MAX_NUMEL = 1 << 16
@@ -80,7 +112,12 @@ class SAM(Optimizer):
         rho: radius of the ascent step (``||e|| = rho``; for ASAM ``||e / T|| = rho``).
         adaptive: ASAM, with ``T = |w| + eta`` elementwise.
         eta: ASAM's offset, so parameters at 0 are still perturbed (official ASAM uses 0.01).
+            ``rho``, ``adaptive`` and ``eta`` are defaults for the base optimizer's parameter
+            groups: a group may set its own, and a scheduler may change ``group["rho"]``.
         eps: added to the gradient norm before dividing.
+        normalize_bias: ASAM only. ``True``: every perturbed tensor is scaled by ``T``. ``False``:
+            tensors named ``*bias`` keep ``T = 1``, as the official ASAM code and SAM-ON's
+            ``ASAM_BN`` do (names come from ``perturb``/``model``).
         foreach: ``None``/``True``: the grouped multi-tensor path (sparse gradients always take the
             per-tensor path); ``False``: a per-tensor loop (same results).
         sync_first_pass: under ``torch.distributed``, average the first-pass gradients of the
@@ -101,6 +138,10 @@ class SAM(Optimizer):
         >>> opt.second_step(zero_grad=True)               # restore w, then SGD's step
     """
 
+    # GradScaler.step(sam) hands SAM the scale and the inf flag instead of unscaling and skipping
+    # itself (torch's hook for optimizers that handle scaling): SAM also needs the first pass's flag.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         base_optimizer: Optimizer,
@@ -110,6 +151,7 @@ class SAM(Optimizer):
         adaptive: bool = False,
         eta: float = 0.01,
         eps: float = 1e-12,
+        normalize_bias: bool = True,
         foreach: bool | None = None,
         sync_first_pass: bool = False,
         model: nn.Module | None = None,
@@ -122,22 +164,23 @@ class SAM(Optimizer):
         if isinstance(base_optimizer, SAM):
             raise TypeError("SAM cannot wrap another SAM; wrap its base_optimizer instead")
         for name, value in (("rho", rho), ("eta", eta), ("eps", eps)):
-            if not (isinstance(value, (int, float)) and 0.0 <= float(value) < float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _check_nonnegative(name, value)
         # Optimizer.__init__ sets up hooks and profiling for whatever torch version runs; its empty
         # group is replaced at once by the base optimizer's own list (shared, never copied).
         self.base_optimizer: Optimizer | None = None
         super().__init__([{"params": []}], {})
         self.base_optimizer = base_optimizer
+        # SAM's defaults join the base optimizer's, so a group added later (through SAM or the
+        # base) gets them too; groups that set their own (SGD([{"params": ..., "rho": 0.1}])) keep them
+        base_optimizer.defaults.update(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
         self._link()
-        self.rho = float(rho)
-        self.adaptive = bool(adaptive)
-        self.eta = float(eta)
         self.eps = float(eps)
+        self.normalize_bias = bool(normalize_bias)
         self.foreach = foreach
         self.sync_first_pass = bool(sync_first_pass)
         self._selection = self._resolve(perturb)
         self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
+        self._bias_ids = self._find_biases(perturb)
         self._perturbed: list[_FlatGroup | _TensorGroup] | None = None
         self._buffers: dict[tuple[torch.device, torch.dtype], _FlatBuffers] = {}
         self._backups: dict[int, torch.Tensor] = {}  # per-tensor path, keyed by id(param)
@@ -145,6 +188,8 @@ class SAM(Optimizer):
         self._nonfinite_count: torch.Tensor | None = None
         self._nonfinite_seen: torch.Tensor | None = None  # host copy, read without syncing
         self._warned = False
+        self._zeroed = False
+        self._group_of: tuple[tuple, dict[int, int]] = ((), {})
         self.last_grad_norm: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -153,6 +198,9 @@ class SAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults = self.base_optimizer.defaults
+        for g in self.param_groups:  # e.g. a state dict saved before per-group settings
+            for key in ("rho", "adaptive", "eta"):
+                g.setdefault(key, self.defaults[key])
 
     def _owned(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -243,26 +291,35 @@ class SAM(Optimizer):
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # under no_grad
         self._poll_nonfinite(stacklevel=5)
         single = self.foreach is False
-        by_key: dict[tuple[torch.device, torch.dtype, bool], list] = defaultdict(list)
+        settings = [_group_settings(g) for g in self.param_groups]
+        group_of = self._group_index()
+        by_key: dict[tuple, list] = defaultdict(list)
         for p, g in pairs:
             if p.is_complex():
                 raise TypeError("SAM does not support complex parameters; perturb real ones only")
             # Many small tensors share one flat buffer (a fixed number of kernels); a large tensor
             # amortises its own kernels and skips the gather into the buffer.
             per_tensor = single or g.is_sparse or p.numel() > _FLAT_MAX_NUMEL
-            by_key[(p.device, p.dtype, per_tensor)].append((p, g))
-        acc = torch.float64 if any(dtype == torch.float64 for _, dtype, _ in by_key) else torch.float32
+            rho, adaptive, eta = settings[group_of[id(p)]]
+            t_eta = eta if adaptive and (self.normalize_bias or id(p) not in self._bias_ids) else None
+            by_key[(p.device, p.dtype, per_tensor, rho, t_eta)].append((p, g))
+        acc = torch.float64 if any(key[1] == torch.float64 for key in by_key) else torch.float32
         groups: list[_FlatGroup | _TensorGroup] = []
-        for (device, dtype, per_tensor), items in by_key.items():
+        rhos: list[float] = []
+        ordinal: dict[tuple[torch.device, torch.dtype], int] = defaultdict(int)
+        for (device, dtype, per_tensor, rho, t_eta), items in by_key.items():
             ps = [p for p, _ in items]
             gs = [g for _, g in items]
             if self.sync_first_pass:
                 gs = _all_reduce_mean(gs)
+            t_fn = None if t_eta is None else _asam_t(t_eta)
             if per_tensor:
-                groups.append(_TensorGroup(ps, gs, self._t_fn(), self._backups, acc))
+                groups.append(_TensorGroup(ps, gs, t_fn, self._backups, acc))
             else:
-                buffers = self._flat_buffers(device, dtype, ps, acc)
-                groups.append(_FlatGroup(ps, gs, buffers, self._t_fn()))
+                buffers = self._flat_buffers((device, dtype, ordinal[(device, dtype)]), ps, acc)
+                ordinal[(device, dtype)] += 1
+                groups.append(_FlatGroup(ps, gs, buffers, t_fn))
+            rhos.append(rho)
         self._perturbed = groups
         if not groups:
             self._first_nonfinite = None
@@ -273,24 +330,68 @@ class SAM(Optimizer):
         self.last_grad_norm = norm
         self._record_nonfinite(finite)
         # 0 when the norm is not finite (a NaN norm gives a NaN scale) or is 0 (0 / 0 with eps=0)
-        scale = torch.where(finite & (norm > 0), self.rho / (norm + self.eps), 0.0)
-        for g in groups:
-            g.apply(scale, finite)
+        ok = finite & (norm > 0)
+        denom = norm + self.eps
+        scales = {rho: torch.where(ok, rho / denom, 0.0) for rho in set(rhos)}
+        for g, rho in zip(groups, rhos):
+            g.apply(scales[rho], finite)
 
-    def _t_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """ASAM's elementwise ``T = |w| + eta`` (None for SAM)."""
-        eta = self.eta
-        return (lambda w: w.abs().add_(eta)) if self.adaptive else None
+    def _group_index(self) -> dict[int, int]:
+        """id(param) -> index of its parameter group, rebuilt only when the groups change."""
+        signature = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
+        if self._group_of[0] != signature:
+            index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+            self._group_of = (signature, index)
+        return self._group_of[1]
 
-    def _flat_buffers(self, device, dtype, ps, acc) -> _FlatBuffers:
+    def _flat_buffers(self, key, ps, acc) -> _FlatBuffers:
         # Persistent across steps: re-allocating (and, on CPU, page-faulting) two model-sized
-        # buffers every step costs more than the arithmetic itself.
-        key = (device, dtype)
+        # buffers every step costs more than the arithmetic itself. The key is (device, dtype,
+        # n-th group of that pair), stable while a scheduler changes rho.
+        device, dtype, _ = key
         shapes = [p.shape for p in ps]
         buf = self._buffers.get(key)
         if buf is None or buf.shapes != shapes or buf.e.dtype != acc:
             buf = self._buffers[key] = _FlatBuffers(shapes, device, dtype, acc)
         return buf
+
+    def _find_biases(self, perturb: object) -> set[int]:
+        """ids of the tensors named ``*bias`` (ASAM with ``normalize_bias=False`` leaves them T = 1)."""
+        if self.normalize_bias:
+            return set()
+        named: list[tuple[str, torch.Tensor]] = []
+        if isinstance(perturb, Selection):
+            named += perturb.named_parameters()
+        if self.model is not None:
+            named += list(_unwrap_ddp(self.model).named_parameters())
+        if not named:
+            raise ValueError(
+                "normalize_bias=False recognises biases by name: pass perturb=model, a Selection "
+                "(samnorm.select) or model=..."
+            )
+        return {id(p) for n, p in named if n.rsplit(".", 1)[-1] == "bias"}
+
+    # rho, adaptive and eta live in the parameter groups; these read and set all groups at once
+    rho = property(lambda self: self._uniform("rho"), lambda self, v: self._set_all("rho", v),
+                   doc="The ascent radius of every parameter group (set: all groups).")
+    adaptive = property(lambda self: self._uniform("adaptive"), lambda self, v: self._set_all("adaptive", v),
+                        doc="Whether every parameter group uses ASAM (set: all groups).")
+    eta = property(lambda self: self._uniform("eta"), lambda self, v: self._set_all("eta", v),
+                   doc="ASAM's offset of every parameter group (set: all groups).")
+
+    def _uniform(self, key: str) -> Any:
+        values = {g[key] for g in self.param_groups} or {self.defaults[key]}
+        if len(values) > 1:
+            raise ValueError(f"{key} differs between parameter groups; read sam.param_groups[i][{key!r}]")
+        return values.pop()
+
+    def _set_all(self, key: str, value: Any) -> None:
+        if key != "adaptive":
+            _check_nonnegative(key, value)
+        value = bool(value) if key == "adaptive" else float(value)
+        self.defaults[key] = value
+        for g in self.param_groups:
+            g[key] = value
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -307,37 +408,48 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        """Descent: restore the saved values, then run the base optimizer's step.
+        """Descent: restore the saved values, then run the base optimizer's step (as :meth:`step`
+        without a closure does after :meth:`first_step`).
 
         Args:
             zero_grad: zero all gradients (set to ``None``) after the step.
-            scaler: a ``torch.amp.GradScaler``; the step then goes through ``scaler.step`` (call
-                ``scaler.update()`` after, as usual). If the first pass was not finite, the whole
-                step is skipped and the scaler backs off, exactly as for an inf in the second pass.
-                ``scaler.unscale_`` (for clipping) may be called before, on SAM or on its base
-                optimizer.
+            scaler: a ``torch.amp.GradScaler``; the step then goes through ``scaler.step(sam)``
+                (call ``scaler.update()`` after, as usual). An inf/NaN in either pass skips the
+                whole step and the scaler backs off. ``scaler.unscale_`` (for clipping) may be
+                called before, on SAM or on its base optimizer.
         """
         if self._perturbed is None:
             raise RuntimeError("second_step called without first_step: call first_step() first")
-        self.restore()
         if scaler is not None and scaler.is_enabled():
-            _scaler_step(scaler, self, self._first_nonfinite)
+            # one fused unscale-and-check pass, as GradScaler.unscale_ does for any optimizer
+            if not _compat.adopt_unscaled_state(scaler, self.base_optimizer, self):
+                scaler.unscale_(self)
+            scaler.step(self)
         else:
-            self.base_optimizer.step()
-        self._first_nonfinite = None
-        self._opt_called = True  # what an LR scheduler attached to SAM checks: the step did run
+            self.step()
         if zero_grad:
             self.zero_grad(set_to_none=True)
         self._poll_nonfinite(stacklevel=4)
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Both passes, running ``closure`` (zero grads, forward, backward, return loss) twice.
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        """Finish the step begun by :meth:`first_step`, or run both passes with ``closure``.
 
-        This is the LBFGS convention, which PyTorch Lightning's automatic optimization relies on.
-        Returns the first-pass loss. Gradients are zeroed before the second pass. When SAM knows
-        the model (``perturb=model`` or ``model=``), the first pass skips DDP's all-reduce and the
-        second leaves BatchNorm statistics alone; if the second closure raises, the parameters are
-        restored.
+        - After :meth:`first_step` and the second backward, ``step()`` restores ``w`` and runs the
+          base optimizer's step (what :meth:`second_step` does), so loops and frameworks that call
+          ``loss.backward(); optimizer.step()`` work with a two-pass training step. A closure given
+          then runs once, as the second pass (Lightning's manual ``optimizer.step()`` passes one
+          that does nothing), and its loss is returned.
+        - ``step(closure)`` runs ``closure`` (zero grads, forward, backward, return loss) twice,
+          the LBFGS convention that PyTorch Lightning's automatic optimization relies on, and
+          returns the first-pass loss. Gradients are zeroed before the second pass. When SAM
+          knows the model (``perturb=model`` or ``model=``), the first pass skips DDP's
+          all-reduce and the second leaves BatchNorm statistics alone; if the second closure
+          raises, the parameters are restored. Gradients accumulated before the call are refused
+          (the second pass could not see those micro-batches): accumulate with the two-pass form.
+        - ``torch.amp.GradScaler.step(sam)`` (and ``scaler.step(sam, closure)``) works: SAM
+          unscales the gradients itself and skips the whole step, restoring ``w``, when either
+          pass had an inf/NaN; the scaler then backs off. Like ``GradScaler.step`` for any
+          optimizer that is not fused, that decision reads one flag from the device.
 
         Example:
             >>> model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
@@ -348,20 +460,82 @@ class SAM(Optimizer):
             ...     loss.backward()
             ...     return loss
             >>> loss = opt.step(closure)
+            >>> opt.first_step(model(torch.ones(2, 3)).pow(2).mean())   # the two-pass form
+            >>> model(torch.ones(2, 3)).pow(2).mean().backward()
+            >>> opt.step()
         """
-        if closure is None:
-            raise ValueError(
-                "SAM.step needs a closure that zeroes grads, computes the loss, calls backward and "
-                "returns the loss; or use first_step()/second_step()"
-            )
-        model = self.model if self.model is not None else nn.Module()
+        # GradScaler.step(sam) sets these for the call (the hook for optimizers that unscale)
+        amp = (self.__dict__.get("grad_scale"), self.__dict__["found_inf"]) if "found_inf" in self.__dict__ else None
+        try:
+            if self._perturbed is None:
+                if closure is None:
+                    raise ValueError(_STEP_WITHOUT_FIRST_STEP)
+                return self._closure_step(closure, amp)
+            loss = None
+            if closure is not None:  # after first_step the closure is the second pass
+                with torch.enable_grad(), self.second_pass(self._model()):
+                    loss = closure()
+            self._descend(amp, closure_mode=closure is not None)
+            return loss
+        except BaseException:
+            # GradScaler removes them only after a step that returned
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _model(self) -> nn.Module:
+        return self.model if self.model is not None else nn.Module()
+
+    def _closure_step(self, closure: Callable[[], torch.Tensor], amp: tuple | None) -> torch.Tensor:
+        if _compat.accelerate_accumulation_steps() > 1:
+            raise ValueError(_ACCUMULATION_IN_CLOSURE)
+        model = self._model()
+        present = {id(p): p.grad for p in self._owned() if p.grad is not None}
+        self._zeroed = False
         with torch.enable_grad(), self.first_pass(model):
             loss = closure()
+        if present and not self._zeroed and any(p.grad is present.get(id(p)) for p in self._owned()):
+            raise ValueError(_ACCUMULATION_IN_CLOSURE)
         self.first_step(zero_grad=True)
         with torch.enable_grad(), self.second_pass(model):
             closure()
-        self.second_step()
+        self._descend(amp, closure_mode=True)
         return loss
+
+    @torch.no_grad()
+    def _descend(self, amp: tuple | None, closure_mode: bool) -> None:
+        """Restore ``w``, then the base optimizer's step (through the AMP skip when scaled)."""
+        self.restore()
+        if amp is None:
+            self.base_optimizer.step()
+        else:
+            self._amp_step(*amp, trust_found_inf=not closure_mode)
+        self._first_nonfinite = None
+        _compat.mark_stepped(self)  # what an LR scheduler attached to SAM checks
+
+    def _amp_step(self, grad_scale: torch.Tensor | None, found_inf: Any, trust_found_inf: bool) -> None:
+        """The base step under ``GradScaler.step(sam)``: unscale (unless ``scaler.unscale_`` did),
+        join the inf flags of both passes, skip the base step if any is set and report the result
+        to the scaler so that ``update()`` backs off."""
+        params = self._owned()
+        if isinstance(grad_scale, torch.Tensor):
+            device = grad_scale.device
+        elif isinstance(found_inf, torch.Tensor):
+            device = found_inf.device
+        else:
+            device = next((p.device for p in params), torch.device("cpu"))
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        if grad_scale is not None:
+            unscale = torch.as_tensor(grad_scale, device=device).double().reciprocal().float()
+            _compat.unscale_and_check_(params, unscale, found)
+        if trust_found_inf and isinstance(found_inf, torch.Tensor):
+            found += found_inf.to(device)  # GradScaler's own check (or unscale_) of these gradients
+        if self._first_nonfinite is not None:
+            found += self._first_nonfinite.to(device, torch.float32)
+        scaler = _compat.calling_grad_scaler(self)
+        if scaler is not None:
+            _compat.record_found_inf(scaler, self, found)
+        _compat.step_unless_found_inf(self.base_optimizer, found)
 
     # ------------------------------------------------------------------ passes
     @contextlib.contextmanager
@@ -410,7 +584,7 @@ class SAM(Optimizer):
             warnings.warn(
                 "SAM: the first-pass gradient norm was not finite, so the ascent was skipped for "
                 "that step (counted in SAM.nonfinite_steps; warned once). With fp16 use a "
-                "GradScaler: second_step(scaler=...) then skips the whole step.",
+                "GradScaler (scaler.step(sam) or second_step(scaler=...)): it then skips the whole step.",
                 RuntimeWarning,
                 stacklevel=stacklevel,
             )
@@ -424,15 +598,21 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
         # scratch buffers are rebuilt on the next step
-        return {**self.__dict__, "_buffers": {}, "_backups": {}}
+        return {**self.__dict__, "_buffers": {}, "_backups": {}, "_group_of": ((), {})}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        # a SAM pickled before per-group settings kept rho/adaptive/eta as attributes
+        legacy = {k: state.pop(k) for k in ("rho", "adaptive", "eta") if k in state}
+        defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {})}
+        self.__dict__.update({**defaults, **state})
+        for key, value in legacy.items():
+            self.base_optimizer.defaults.setdefault(key, value)
         self._link()
-        self._patch_step_function()
+        _compat.repatch_step(self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of every parameter of the base optimizer."""
+        self._zeroed = True  # step(closure) tells a zeroing closure from an accumulating one
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -440,7 +620,7 @@ class SAM(Optimizer):
         if self.base_optimizer is None:  # Optimizer.__init__'s placeholder group
             super().add_param_group(param_group)
         else:
-            self.base_optimizer.add_param_group(param_group)
+            self.base_optimizer.add_param_group(param_group)  # base.defaults holds SAM's too
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus SAM's settings under the key ``"sam"``."""
@@ -450,11 +630,13 @@ class SAM(Optimizer):
                 "alongside it; call it after second_step()"
             )
         state = self.base_optimizer.state_dict()
+        # per-group rho/adaptive/eta travel in state["param_groups"]; these are the defaults
         state["sam"] = {
-            "rho": self.rho,
-            "adaptive": self.adaptive,
-            "eta": self.eta,
+            "rho": self.defaults["rho"],
+            "adaptive": self.defaults["adaptive"],
+            "eta": self.defaults["eta"],
             "eps": self.eps,
+            "normalize_bias": self.normalize_bias,
             "sync_first_pass": self.sync_first_pass,
             "nonfinite_steps": self.nonfinite_steps,
         }
@@ -464,11 +646,17 @@ class SAM(Optimizer):
         """Load a state dict saved by :meth:`state_dict` (or a plain base-optimizer state dict)."""
         state_dict = dict(state_dict)
         sam = state_dict.pop("sam", None)
+        if sam is not None and bool(sam.get("normalize_bias", True)) != self.normalize_bias:
+            raise ValueError(
+                f"the state dict was saved with normalize_bias={sam.get('normalize_bias', True)}; "
+                "build SAM with the same setting before loading it"
+            )
+        if sam is not None:  # before _link, which gives groups saved without them these defaults
+            self.defaults.update(rho=float(sam["rho"]), adaptive=bool(sam["adaptive"]), eta=float(sam["eta"]))
         self.base_optimizer.load_state_dict(state_dict)
         self._link()  # load_state_dict replaces the base's param_groups and state objects
         if sam is not None:
-            self.rho, self.adaptive = float(sam["rho"]), bool(sam["adaptive"])
-            self.eta, self.eps = float(sam["eta"]), float(sam["eps"])
+            self.eps = float(sam["eps"])
             self.sync_first_pass = bool(sam.get("sync_first_pass", False))
             count = int(sam.get("nonfinite_steps", 0))
             self._nonfinite_count = torch.tensor(count) if count else None
@@ -476,8 +664,10 @@ class SAM(Optimizer):
     def __repr__(self) -> str:
         n = len(self.perturbed_parameters())
         what = "all parameters" if self._selection is None else f"{n} selected tensors"
-        kind = "ASAM" if self.adaptive else "SAM"
-        return f"{kind}(rho={self.rho}, perturb={what}, base={self.base_optimizer!r})"
+        rhos = sorted({g["rho"] for g in self.param_groups})
+        kind = "ASAM" if all(g["adaptive"] for g in self.param_groups) else "SAM"
+        rho = rhos[0] if len(rhos) == 1 else f"per group {rhos}"
+        return f"{kind}(rho={rho}, perturb={what}, base={self.base_optimizer!r})"
 
 
 class _FlatBuffers:
@@ -572,22 +762,22 @@ class _TensorGroup:
         torch._foreach_copy_(self.params, self.backup)
 
 
-def _scaler_step(scaler: Any, sam: SAM, first_nonfinite: torch.Tensor | None) -> None:
-    """``scaler.step(base)``, also skipped (and the scale backed off) when the first pass was not
-    finite. GradScaler keeps its inf flags per optimizer object; SAM joins its own flag to the base
-    optimizer's, which needs GradScaler's per-optimizer state (stable since torch 1.6)."""
-    from torch.amp.grad_scaler import OptState
+def _check_nonnegative(name: str, value: object) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
-    states = scaler._per_optimizer_states
-    base = sam.base_optimizer
-    if states[id(sam)]["stage"] is OptState.UNSCALED and states[id(base)]["stage"] is OptState.READY:
-        states[id(base)] = states.pop(id(sam))  # the user unscaled through SAM: same gradients
-    if states[id(base)]["stage"] is OptState.READY:
-        scaler.unscale_(base)
-    if first_nonfinite is not None:
-        for found in states[id(base)]["found_inf_per_device"].values():
-            found.add_(first_nonfinite.to(found.device, found.dtype))
-    scaler.step(base)
+
+def _group_settings(group: dict[str, Any]) -> tuple[float, bool, float]:
+    """A parameter group's (rho, adaptive, eta), checked: a scheduler may have written them."""
+    rho, eta = group["rho"], group["eta"]
+    _check_nonnegative('param_group["rho"]', rho)
+    _check_nonnegative('param_group["eta"]', eta)
+    return float(rho), bool(group["adaptive"]), float(eta)
+
+
+def _asam_t(eta: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ASAM's elementwise ``T = |w| + eta``."""
+    return lambda w: w.abs().add_(eta)
 
 
 def _distributed() -> bool:

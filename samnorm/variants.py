@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .optim import SAM, _all_reduce_mean, _distributed
+from .optim import SAM, _all_reduce_mean, _check_nonnegative, _distributed
 from .select import Selection
 
 __all__ = ["IntervalSAM", "LookSAM", "OnePassSAM", "VARIANTS", "make"]
@@ -55,7 +55,7 @@ class _Variant(SAM):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.steps = 0  # completed steps (second_step calls)
+        self.steps = 0  # completed steps (descents)
         self._vec: _Vectors | None = None
 
     def _vectors(self) -> _Vectors:
@@ -63,6 +63,16 @@ class _Variant(SAM):
         if self._vec is None or not self._vec.fits(params):
             self._vec = _Vectors(params, self._SLOTS)
         return self._vec
+
+    @torch.no_grad()
+    def _descend(self, amp: tuple | None, closure_mode: bool) -> None:
+        # every path ends here: second_step(), step() after first_step, step(closure), scaler.step
+        self._before_descent()
+        super()._descend(amp, closure_mode)
+        self.steps += 1
+
+    def _before_descent(self) -> None:
+        """What a variant does with the gradients just before the base optimizer's step."""
 
     def _variant_state(self) -> dict[str, Any]:
         return {"steps": self.steps}
@@ -95,7 +105,7 @@ class _Variant(SAM):
 class IntervalSAM(_Variant):
     """SAM every ``k`` steps, plain base-optimizer steps in between.
 
-    Steps ``0, k, 2k, ...`` (counted by :meth:`second_step`) are SAM steps exactly as in
+    Steps ``0, k, 2k, ...`` (counted as they finish) are SAM steps exactly as in
     :class:`~samnorm.SAM`; the others are the base optimizer's step on the gradient at ``w``,
     with one forward/backward. ``k=1`` is :class:`~samnorm.SAM`.
 
@@ -106,8 +116,9 @@ class IntervalSAM(_Variant):
 
     Two-step form: :meth:`first_step` on a plain step runs ``loss.backward()`` over every parameter
     (loss path) or keeps the ``.grad`` you computed (``zero_grad`` is then ignored: that gradient is
-    the descent's); skip the second pass when :attr:`is_sam_step` is False. ``first_pass(model)``
-    is a no-op on plain steps, so DDP all-reduces their only backward.
+    the descent's); skip the second pass when :attr:`is_sam_step` is False, then finish with
+    ``second_step()`` or ``step()`` as for SAM. ``first_pass(model)`` is a no-op on plain steps, so
+    DDP all-reduces their only backward.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -138,11 +149,10 @@ class IntervalSAM(_Variant):
             raise ValueError(f"k must be an int >= 1 (a SAM step every k steps), got {k!r}")
         super().__init__(base_optimizer, perturb, **kwargs)
         self.k = k
-        self._plain = False  # first_step of a plain step done
 
     @property
     def is_sam_step(self) -> bool:
-        """Whether the current step (not yet finished by :meth:`second_step`) is a SAM step."""
+        """Whether the current step (begun or not, not yet finished) is a SAM step."""
         return self.steps % self.k == 0
 
     @torch.no_grad()
@@ -151,34 +161,22 @@ class IntervalSAM(_Variant):
         if self.is_sam_step:
             super().first_step(loss, zero_grad)
             return
-        if self._plain:
+        if self._perturbed is not None:
             raise RuntimeError("first_step called twice without second_step: call second_step() first")
         if loss is not None:
             with torch.enable_grad():
                 loss.backward()  # every parameter: this gradient is the descent's
-        self._plain = True
+        self._perturbed = []  # a step is begun, with nothing to restore: SAM's descent is the plain step
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        """Restore and the base optimizer's step (SAM steps), or the base step alone."""
-        if self.is_sam_step:
-            super().second_step(zero_grad, scaler=scaler)
-        else:
-            if not self._plain:
-                raise RuntimeError("second_step called without first_step: call first_step() first")
-            self._plain = False
-            self._perturbed = []  # nothing to restore: SAM's second_step is the plain step
-            super().second_step(zero_grad, scaler=scaler)
-        self.steps += 1
-
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Run ``closure`` twice on SAM steps (as :meth:`SAM.step`), once on plain steps."""
-        if closure is None or self.is_sam_step:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        """As :meth:`SAM.step`; ``step(closure)`` on a plain step runs the closure once (BatchNorm
+        statistics and DDP's all-reduce as in a plain step) and returns its loss."""
+        if closure is None or self.is_sam_step or self._perturbed is not None:
             return super().step(closure)
         with torch.enable_grad():
             loss = closure()
         self.first_step()
-        self.second_step()
+        super().step()  # the base step (through GradScaler's skip under scaler.step(opt, closure))
         return loss
 
     @contextlib.contextmanager
@@ -193,11 +191,6 @@ class IntervalSAM(_Variant):
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         super()._load_variant_state(state)
         self.k = int(state["k"])
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._plain:
-            raise RuntimeError("state_dict() between first_step and second_step: call it after second_step()")
-        return super().state_dict()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(k={self.k}, {super().__repr__()})"
@@ -244,8 +237,7 @@ class LookSAM(IntervalSAM):
         alpha: float = 0.7,
         **kwargs: Any,
     ) -> None:
-        if not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) < float("inf")):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        _check_nonnegative("alpha", alpha)
         super().__init__(base_optimizer, perturb, k=k, **kwargs)
         self.alpha = float(alpha)
         self._has_g = False
@@ -260,14 +252,12 @@ class LookSAM(IntervalSAM):
         self._has_g = True
         super()._ascend(pairs)
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+    def _before_descent(self) -> None:
         if self.is_sam_step and self._has_g:
             self._store_gv()
-        elif not self.is_sam_step and self._plain and self.alpha:
+        elif not self.is_sam_step and self.alpha:
             self._add_gv()
         self._has_g = False
-        super().second_step(zero_grad, scaler=scaler)
 
     def _store_gv(self) -> None:
         vec = self._vectors()
@@ -395,24 +385,19 @@ class OnePassSAM(_Variant):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        if self._perturbed is not None and self.direction == "grad":
+    def _before_descent(self) -> None:
+        if self.direction == "grad":  # keep g_t, unless it is not finite
             vec = self._vectors()
             vec.load("tmp", [p.grad for p in vec.params])
             vec.select("d", torch.isfinite(vec.dot("tmp", "tmp")), "tmp")
-        super().second_step(zero_grad, scaler=scaler)
-        self.steps += 1
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One ascent, ``closure`` once at ``w + e`` (parameters restored if it raises), the step."""
-        if closure is None:
-            return super().step(closure)
-        self.first_step()
-        with torch.enable_grad(), self.second_pass(nn.Module()):
-            loss = closure()
-        self.second_step()
-        return loss
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        """``step(closure)``: the ascent, ``closure`` once at ``w + e`` (parameters restored if it
+        raises), the descent; returns the loss. ``step()`` after :meth:`first_step` and your
+        backward finishes the step, as for :class:`~samnorm.SAM`."""
+        if closure is not None and self._perturbed is None:
+            self.first_step()
+        return super().step(closure)  # after first_step SAM runs the closure once, in second_pass
 
     @contextlib.contextmanager
     def first_pass(self, model: nn.Module) -> Iterator[None]:

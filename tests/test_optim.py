@@ -537,6 +537,23 @@ def test_deepcopy_and_pickle_keep_settings_and_links():
     assert s3.rho == 0.3 and s3.state is s3.base_optimizer.state
 
 
+def test_sam_pickled_before_per_group_settings_still_loads():
+    model = _mlp()
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3, adaptive=True)
+    state = sam.__getstate__()  # made to look like the pickle of the previous release
+    for key in ("normalize_bias", "_bias_ids", "_zeroed", "_group_of"):
+        del state[key]
+    state.update(rho=0.3, adaptive=True, eta=0.01)
+    for key in ("rho", "adaptive", "eta"):
+        del sam.base_optimizer.defaults[key]
+        for g in sam.base_optimizer.param_groups:
+            del g[key]
+    old = SAM.__new__(SAM)
+    old.__setstate__(state)
+    assert (old.rho, old.adaptive, old.eta, old.normalize_bias) == (0.3, True, 0.01, True)
+    _two_step(old, model, *_batch())
+
+
 def test_frozen_selection_with_loss_path_does_not_crash():
     model = _mlp()
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model)
@@ -552,3 +569,101 @@ def test_complex_parameters_are_refused():
     p.grad = torch.ones_like(p)
     with pytest.raises(TypeError, match="complex"):
         sam.first_step()
+
+
+# ----------------------------------------------------------------------------- per-group settings
+
+
+def _ref_ascent(named, grads, settings, normalize_bias, eps):
+    """e for each tensor from the definitions, float64, one tensor at a time: T_i = |w_i| + eta_g
+    (1 for SAM groups, and for biases unless normalize_bias), one global norm of T g over every
+    perturbed tensor, e_i = rho_g T_i^2 g_i / (norm + eps)."""
+    ts = []
+    for (name, p), (rho, adaptive, eta) in zip(named, settings):
+        on = adaptive and (normalize_bias or not name.endswith("bias"))
+        ts.append(p.detach().abs() + eta if on else torch.ones_like(p))
+    norm = math.sqrt(sum(float(((t * g) ** 2).sum()) for t, g in zip(ts, grads)))
+    return [s[0] * t * t * g / (norm + eps) for t, g, s in zip(ts, grads, settings)]
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    rhos=st.tuples(st.floats(0.0, 2.0), st.floats(0.0, 2.0)),
+    adaptives=st.tuples(st.booleans(), st.booleans()),
+    etas=st.tuples(st.floats(0.0, 0.1), st.floats(0.0, 0.1)),
+    normalize_bias=st.booleans(),
+    which=st.sampled_from(["all", "norm"]),
+    foreach=st.sampled_from([None, False]),
+)
+def test_per_group_settings_match_float64_reference(seed, rhos, adaptives, etas, normalize_bias, which, foreach):
+    model = _net(seed, 4, nn.LayerNorm)
+    first = [*model[0].parameters(), *model[1].parameters()]  # group 0; the rest is group 1
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    base = torch.optim.SGD([{"params": first, "rho": rhos[0], "adaptive": adaptives[0], "eta": etas[0]},
+                            {"params": rest, "rho": rhos[1], "adaptive": adaptives[1], "eta": etas[1]}], lr=0.1)
+    sam = SAM(base, model if which == "norm" else None, model=model, normalize_bias=normalize_bias,
+              foreach=foreach)
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    selected = {id(p) for p in sam.perturbed_parameters()}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in selected]
+    settings = [(rhos[0], adaptives[0], etas[0]) if any(p is q for q in first) else
+                (rhos[1], adaptives[1], etas[1]) for _, p in named]
+    expected = _ref_ascent(named, [p.grad for _, p in named], settings, normalize_bias, 1e-12)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sam.first_step()
+    for (n, p), e in zip(named, expected):
+        torch.testing.assert_close(p.detach() - before[n], e, rtol=1e-9, atol=1e-12)
+    for n, p in model.named_parameters():
+        if id(p) not in selected:
+            assert torch.equal(p.detach(), before[n])
+
+
+def test_a_scheduler_drives_rho_through_param_groups():
+    model = _mlp(dtype=torch.float64)
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5)
+    x, y = _batch(torch.float64)
+    for step in range(4):
+        for group in sam.param_groups:  # what a LambdaLR-like rho schedule does
+            group["rho"] = 0.5 * 0.5**step
+        before = [p.detach().clone() for p in sam.perturbed_parameters()]
+        sam.first_step(_ce(model, x, y))
+        moved = math.sqrt(sum(float(((p.detach() - b) ** 2).sum())
+                              for p, b in zip(sam.perturbed_parameters(), before)))
+        assert math.isclose(moved, 0.5 * 0.5**step, rel_tol=1e-9)
+        _ce(model, x, y).backward()
+        sam.step()
+        sam.zero_grad()
+    assert sam.rho == 0.5 * 0.5**3
+    sam.param_groups[0]["rho"] = -1.0
+    with pytest.raises(ValueError, match="rho"):
+        sam.first_step(_ce(model, x, y))
+
+
+def test_group_settings_defaults_properties_and_state_dict():
+    a, b = nn.Linear(3, 3), nn.LayerNorm(3)
+    base = torch.optim.SGD([{"params": a.parameters(), "rho": 0.1}], lr=0.1)
+    sam = SAM(base, rho=0.3, adaptive=True, eta=0.02)
+    sam.add_param_group({"params": b.parameters()})
+    assert [(g["rho"], g["adaptive"], g["eta"]) for g in sam.param_groups] == [(0.1, True, 0.02), (0.3, True, 0.02)]
+    with pytest.raises(ValueError, match="differs between parameter groups"):
+        _ = sam.rho
+    assert "per group [0.1, 0.3]" in repr(sam)
+    state = sam.state_dict()
+    sam2 = SAM(torch.optim.SGD([{"params": a.parameters()}, {"params": b.parameters()}], lr=0.1))
+    sam2.load_state_dict(state)
+    assert [g["rho"] for g in sam2.param_groups] == [0.1, 0.3] and sam2.eta == 0.02
+    # a state dict saved before per-group settings: groups take the saved defaults
+    old = copy.deepcopy(state)
+    for g in old["param_groups"]:
+        del g["rho"], g["adaptive"], g["eta"]
+    old["sam"].pop("normalize_bias")
+    sam2.load_state_dict(old)
+    assert [(g["rho"], g["adaptive"]) for g in sam2.param_groups] == [(0.3, True), (0.3, True)]
+    sam2.rho = 0.7  # the setter writes every group
+    assert [g["rho"] for g in sam2.param_groups] == [0.7, 0.7]
+    with pytest.raises(ValueError, match="normalize_bias"):
+        SAM(torch.optim.SGD(a.parameters(), lr=0.1), adaptive=True, normalize_bias=False)
+    with pytest.raises(ValueError, match="normalize_bias"):
+        SAM(torch.optim.SGD(a.parameters(), lr=0.1), model=a, normalize_bias=False).load_state_dict(state)

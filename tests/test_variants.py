@@ -446,3 +446,38 @@ def test_onepass_perturbs_against_the_momentum_and_leaves_it_bit_identical():
     for p, m0 in zip(params, m):
         assert torch.equal(opt.state[p]["momentum_buffer"], m0)
     opt.restore()
+
+
+@pytest.mark.parametrize("name, kw", [("interval", {"k": 2}), ("looksam", {"k": 2, "alpha": 0.7}),
+                                       ("onepass", {"direction": "grad"})])
+def test_step_without_closure_and_grad_scaler_finish_the_step_like_second_step(name, kw):
+    """``step()`` after first_step (what frameworks call) and ``second_step(scaler=...)`` with a
+    GradScaler (scaled losses) train as ``second_step()`` does."""
+    x, y = _batch()
+    runs = []
+    for finish in ("second_step", "step", "scaler"):
+        torch.manual_seed(3)
+        model = _mlp()
+        opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.2, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if finish == "scaler" else None
+        scale = scaler.scale if scaler else (lambda t: t)
+        for _ in range(5):
+            if name == "onepass":
+                opt.first_step()
+            else:
+                opt.first_step(scale(_ce(model, x, y)))
+            if opt.is_sam_step:
+                with opt.second_pass(model):
+                    scale(_ce(model, x, y)).backward()
+            if finish == "step":
+                opt.step()
+            else:
+                opt.second_step(scaler=scaler)
+            opt.zero_grad()
+            if scaler:
+                scaler.update()
+        assert opt.steps == 5
+        runs.append(model)
+    _assert_same(runs[0], runs[1], exact=True)
+    for p, q in zip(runs[0].parameters(), runs[2].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
