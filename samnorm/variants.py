@@ -8,24 +8,28 @@ fewer passes:
   (Composer's ``interval``); ``k=1`` is :class:`~samnorm.SAM`.
 - :class:`LookSAM` (``k``, ``alpha``; Liu et al. 2022): as above, and the in-between steps reuse the
   sharpness component of the last SAM gradient.
-- :class:`OnePassSAM` (``direction``; MSAM, Becker et al. 2024): the ascent direction comes from the
+- :class:`OnePassSAM` (``direction``; MSAM, Becker et al. 2024): the perturbation comes from the
   optimizer's momentum (or the previous step's gradient) of the selected tensors, so every step
   costs one forward/backward.
 
 :func:`make` builds any of them (or plain SAM) by name, for ablations.
 
-Every class takes the same training loops as :class:`~samnorm.SAM`. The closure form
-``opt.step(closure)`` runs the closure as often as the step needs (twice, once). In the two-step form
-check :attr:`~IntervalSAM.is_sam_step` (a Python bool, no device sync) to decide whether to run the
-second pass.
+Every class takes the training loops of :class:`~samnorm.SAM`: ``opt.step(closure)`` runs the closure
+as often as the step needs (twice or once); in the two-step form :attr:`~IntervalSAM.is_sam_step`
+(a Python bool, no device sync) says whether to run the second pass, and ``second_step()``,
+``step()`` or ``scaler.step(opt)`` finishes the step. :class:`OnePassSAM`'s ``first_step()`` comes
+before the forward pass.
 
 Tried and dropped (not measured; reasons of design):
 
 - LookSAM with per-tensor norms (pytorch_optimizer's LookSAM normalises each tensor on its own): the
   paper's formula uses whole-vector norms, and one global norm matches the ascent's.
 - MSAM's "stay perturbed between steps" trick (parameters live at ``w + e`` and the update is
-  shifted): it saves one copy of the *selected* tensors per step (about 0.1 % of a ResNet's
-  elements under SAM-ON) but leaves perturbed weights in every evaluation and checkpoint.
+  shifted): it saves copying the *selected* tensors each step (0.2 % of a ResNet-50's elements
+  under SAM-ON) but leaves perturbed weights in every evaluation and checkpoint.
+- ``+m`` as the one-pass direction (along the accumulated gradient): MSAM's algorithm and code use
+  ``-m``, and an untested sign flip of a published method is no option to offer;
+  ``direction="grad"`` is the gradient-signed one-pass choice.
 """
 
 from __future__ import annotations
@@ -297,8 +301,8 @@ class OnePassSAM(_Variant):
        - ``direction="momentum"`` (MSAM): ``d = -m``, ``m`` the base optimizer's momentum as the
          previous step left it (SGD's ``momentum_buffer``, Adam's ``exp_avg``, with whatever they
          fold in, such as SGD's weight decay). ``m`` accumulates gradients, so ``e`` points along
-         the *update* direction: MSAM's "negative momentum", with the sign of its official code
-         (``p.sub_(buf, alpha=rho / ||buf||)``), which the paper found to work where ``+m`` did not;
+         the *update* direction: MSAM's perturbation ``w - rho v / ||v||`` (its algorithm 1 and
+         official code, ``v`` accumulating gradients as PyTorch's buffer does);
        - ``direction="grad"``: ``d = g_{t-1}``, the gradient the previous step descended with:
          SAM's ascent with a gradient one step old.
 
