@@ -481,3 +481,15 @@ def test_step_without_closure_and_grad_scaler_finish_the_step_like_second_step(n
     _assert_same(runs[0], runs[1], exact=True)
     for p, q in zip(runs[0].parameters(), runs[2].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, kw", [("looksam", {"k": 2, "alpha": 0.7}), ("onepass", {"direction": "grad"}),
+                                       ("onepass", {})])
+def test_low_precision_parameters_keep_float32_vectors(name, kw):
+    model = _mlp(dtype=torch.bfloat16)
+    x, y = _batch(torch.bfloat16)
+    opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.2, **kw)
+    _train(opt, model, x, y, 4, "closure")
+    assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in model.parameters())
+    if opt._vec is not None:
+        assert all(f.dtype == torch.float32 for flats in opt._vec.flats.values() for f in flats)
