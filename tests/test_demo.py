@@ -400,3 +400,52 @@ def test_selection_uses_validation_data_and_picks_the_best_eligible(tiny) -> Non
         demo.select_hyperparameters(config, grid={"momentum_typo": (0.9,)})
     chosen_arm = next(e for e in table if e["arm"] == "sam_on" and e["adaptive"])
     assert chosen_arm["rho"] == 0.5
+
+
+def _ablation_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+    spec = importlib.util.spec_from_file_location("samnorm_ablation_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_chooses_rho_on_validation_and_pairs_runs() -> None:
+    ab = _ablation_module()
+    args = ab.parser().parse_args(["--backbones", "0,1", "--seeds", "0,1,2", "--lrs", "0.1", "--ood", "on",
+                                   "--optimizers", "sgd,sam-on", "--rhos", "sam-on=0.1,0.5,1"])
+    rng = np.random.default_rng(0)
+
+    def figures(fpr: float, criterion: float, accuracy: float) -> dict:
+        return {"id_accuracy": accuracy, "val": {"criterion": criterion, "accuracy": accuracy},
+                "test": {s: {"FPR95": fpr, "AUROC": 1 - fpr} for s in ab.SCORERS},
+                "theory": {w: {"grad_norm": fpr, "max_logit": 1 + fpr} for w in ("id", "ood")}}
+
+    states = {b: {"pretrained": figures(0.5, 0.5, 0.95), "runs": {}} for b in (0, 1)}
+    # rho 1 has the best validation criterion but loses 5 points of validation accuracy: not eligible;
+    # rho 0.5 is the best eligible one, and its test FPR95 is the worst (the test sets must not decide).
+    quality = {0.1: (0.30, 0.20, 0.95), 0.5: (0.40, 0.10, 0.95), 1.0: (0.05, 0.05, 0.90)}
+    expected = []
+    for b in (0, 1):
+        for seed in (0, 1, 2):
+            base = float(rng.uniform(0.2, 0.3))
+            run = {"seed": seed, "ood": "on", "lr": 0.1}
+            states[b]["runs"][ab._key({**run, "optimizer": "sgd", "rho": None})] = figures(base, 0.3, 0.95)
+            for rho, (fpr, crit, acc) in quality.items():
+                if seed == 0 or rho == 0.5:  # the sweep on seed 0, the chosen rho on the others
+                    states[b]["runs"][ab._key({**run, "optimizer": "sam-on", "rho": rho})] = figures(base + fpr, crit, acc)
+            expected.append(0.40)
+    selection = ab.choose_rhos(states, args)
+    assert selection["chosen"] == {"on|0.1|sam-on": 0.5}
+    assert [run["rho"] for run in ab._grid(args, selection["chosen"]) if run["optimizer"] == "sam-on"] == [0.5, 0.5]
+    result = ab.analyse(states, args)
+    entry = result["cells"]["OOD term on, lr 0.1"]["arms"]["sam-on"]
+    assert entry["rho"] == 0.5 and entry["n"] == 6
+    assert entry["FPR95"]["MSP"]["mean"] == pytest.approx(np.mean(expected))
+    assert entry["FPR95"]["MSP"]["high"] == pytest.approx(0.40)  # identical paired differences: no spread
+    assert "| OOD term on, lr 0.1 | SAM-ON (0.5) | 6 |" in ab.markdown(result, args)
+    del states[1]["runs"][ab._key({"seed": 0, "ood": "on", "lr": 0.1, "optimizer": "sam-on", "rho": 1.0})]
+    with pytest.raises(RuntimeError, match="incomplete"):
+        ab.choose_rhos(states, args)
