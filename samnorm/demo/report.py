@@ -87,6 +87,9 @@ def _summary(report: Mapping[str, Any]) -> list[str]:
             (better if d["high"] < 0 else worse if d["low"] > 0 else []).append(scorer)
         rest = [s for s in cmp["vs_sgd"] if s != "id_accuracy" and s not in better + worse]
         acc = interval_text(cmp["vs_sgd"]["id_accuracy"])
+        if math.isnan(cmp["vs_sgd"]["id_accuracy"]["low"]):
+            lines.append(f"- {ARMS[arm]} − SGD: one seed, no interval (run --seeds 2 or more).")
+            continue
         lines.append(f"- {ARMS[arm]} − SGD, average FPR95: interval below 0 (better) for "
                      f"{', '.join(better) or 'no scorer'}; above 0 (worse) for {', '.join(worse) or 'no scorer'}; "
                      f"containing 0 for {', '.join(rest) or 'no scorer'}. ID accuracy {acc} points.")
