@@ -287,3 +287,21 @@ def test_two_gloo_processes_train_and_evaluate_like_torchrun(folders, tmp_path, 
     single = json.load(open(tmp_path / "single" / "scores.json"))
     assert sharded["scores"] == single["scores"] and sharded["files"] == single["files"]
     assert sharded["skipped"] == single["skipped"] and sharded["metrics"] == single["metrics"]
+
+
+def test_torch_free_parsers_offer_exactly_the_losses_the_library_has():
+    # The parsers cannot import samnorm.losses (it imports torch, and --help must not), so they spell
+    # the names out; this keeps those spellings equal to the one list, OOD_LOSSES.
+    import argparse
+
+    from samnorm.demo.cli import add_parser
+    from samnorm.losses import OOD_LOSSES
+
+    def choices(parser: argparse.ArgumentParser) -> list[str]:
+        action = next(a for a in parser._actions if "--ood-loss" in a.option_strings)
+        return sorted(action.choices)
+
+    finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    demo = argparse.ArgumentParser().add_subparsers()
+    add_parser(demo)
+    assert choices(finetune) == choices(demo.choices["demo"]) == sorted(OOD_LOSSES)
