@@ -128,3 +128,21 @@ def test_clip_without_parameters_is_refused():
     model = mlp()
     with pytest.raises(ValueError, match="parameters"):
         sam_step(make_sam(model), model, lambda b: _ce(model, *b), [data(BATCH)], clip_grad=1.0)
+
+
+def test_lookahead_of_sam_with_a_scaler_restores_the_weights_of_a_skipped_step():
+    x, y = data(BATCH)
+    model = mlp()
+    opt = Lookahead(SAM(torch.optim.SGD(model.parameters(), lr=LR), model, rho=RHO), alpha=0.5, k=2)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def poisoned(b):  # finite first pass, inf in the second
+        loss = _ce(model, *b)
+        return loss * float("inf") if find_sam(opt)._perturbed is not None else loss
+
+    scaler = _native_scaler()
+    sam_step(opt, model, poisoned, [(x, y)], loss_scaler=scaler)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert scaler._scaler.get_scale() < 65536.0  # backed off
+    sam_step(opt, model, lambda b: _ce(model, *b), [(x, y)], loss_scaler=scaler)  # the next step runs
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -493,3 +493,30 @@ def test_low_precision_parameters_keep_float32_vectors(name, kw):
     assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in model.parameters())
     if opt._vec is not None:
         assert all(f.dtype == torch.float32 for flats in opt._vec.flats.values() for f in flats)
+
+
+def test_plain_steps_through_the_integrations_window_take_the_plain_gradient():
+    # sam_passes (SAMTrainer, accelerate's sam_backward, timm's sam_step) must not run a second pass
+    # on a plain step of IntervalSAM: it would add to the first pass's gradient (2x the step).
+    from samnorm.integrations import sam_passes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1))
+    opt = IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=2, rho=0.1)
+    x = torch.randn(8, 3)
+
+    def forward_backward(b):
+        loss = model(b).pow(2).mean()
+        loss.backward()
+        return loss
+
+    sam_passes(opt, model, x, forward_backward)  # step 0: a SAM step
+    opt.step()
+    opt.zero_grad()
+    assert not opt.is_sam_step
+    start = [p.detach().clone() for p in model.parameters()]
+    expected = torch.autograd.grad(model(x).pow(2).mean(), list(model.parameters()))
+    sam_passes(opt, model, x, forward_backward)
+    opt.step()
+    for p, w, g in zip(model.parameters(), start, expected):
+        torch.testing.assert_close(p.detach(), w - 0.1 * g)

@@ -9,7 +9,9 @@ SAM step, also through a GradScaler::
         loss2 = loss_fn(model(x), y)
     loss_scaler(loss2, optimizer, clip_grad=1.0, parameters=model.parameters())
 
-``optimizer`` may be the SAM, ``Lookahead(SAM(...))`` or ``SAM(Lookahead(...))``. With
+``optimizer`` may be the SAM, ``Lookahead(SAM(...))`` or ``SAM(Lookahead(...))``; with a GradScaler in
+this hand-written form use ``SAM(Lookahead(...))``: GradScaler skips an inf step of ``Lookahead(SAM)``
+without reaching SAM, which leaves the weights perturbed (:func:`sam_step` restores them). With
 accumulation, :func:`sam_step` runs one step over a window of micro-batches the way ``train.py``
 does (``need_update`` on the last), with the ascent and the descent on the same micro-batches.
 """
@@ -90,6 +92,9 @@ def sam_step(
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
+        # Lookahead(SAM): GradScaler skips a step with an inf through Lookahead, which never reaches
+        # SAM, so the weights would stay at w + e; a step that ran has restored already (no-op).
+        sam.restore()
     else:
         optimizer.step()
     sam.zero_grad(set_to_none=True)
