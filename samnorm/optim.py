@@ -25,7 +25,6 @@ cheap; large tensors use fused per-tensor ops.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -62,10 +61,6 @@ _ACCUMULATION_IN_CLOSURE = (
     "samnorm.integrations.accelerate.sam_backward). If your closure "
     "zeroes the gradients itself, zero them with sam.zero_grad()."
 )
-
-# Tensors up to this size are perturbed through the grouped flat buffer (norm layers, biases).
-_FLAT_MAX_NUMEL = 1 << 16
-
 
 @contextlib.contextmanager
 def disable_running_stats(model: nn.Module) -> Iterator[None]:
@@ -181,9 +176,8 @@ class SAM(Optimizer):
         self._selection = self._resolve(perturb)
         self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
         self._bias_ids = self._find_biases(perturb)
-        self._perturbed: list[_FlatGroup | _TensorGroup] | None = None
-        self._buffers: dict[tuple[torch.device, torch.dtype], _FlatBuffers] = {}
-        self._backups: dict[int, torch.Tensor] = {}  # per-tensor path, keyed by id(param)
+        self._perturbed: list[torch.Tensor] | None = None  # the tensors first_step moved
+        self._backups: dict[int, torch.Tensor] = {}  # their saved values, keyed by id(param)
         self._first_nonfinite: torch.Tensor | None = None
         self._nonfinite_count: torch.Tensor | None = None
         self._nonfinite_seen: torch.Tensor | None = None  # host copy, read without syncing
@@ -290,51 +284,27 @@ class SAM(Optimizer):
 
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # under no_grad
         self._poll_nonfinite(stacklevel=5)
-        single = self.foreach is False
         settings = [_group_settings(g) for g in self.param_groups]
         group_of = self._group_index()
-        by_key: dict[tuple, list] = defaultdict(list)
+        params, grads, rhos, etas = [], [], [], []
         for p, g in pairs:
             if p.is_complex():
                 raise TypeError("SAM does not support complex parameters; perturb real ones only")
-            # Many small tensors share one flat buffer (a fixed number of kernels); a large tensor
-            # amortises its own kernels and skips the gather into the buffer.
-            per_tensor = single or g.is_sparse or p.numel() > _FLAT_MAX_NUMEL
             rho, adaptive, eta = settings[group_of[id(p)]]
-            t_eta = eta if adaptive and (self.normalize_bias or id(p) not in self._bias_ids) else None
-            by_key[(p.device, p.dtype, per_tensor, rho, t_eta)].append((p, g))
-        acc = torch.float64 if any(key[1] == torch.float64 for key in by_key) else torch.float32
-        groups: list[_FlatGroup | _TensorGroup] = []
-        rhos: list[float] = []
-        ordinal: dict[tuple[torch.device, torch.dtype], int] = defaultdict(int)
-        for (device, dtype, per_tensor, rho, t_eta), items in by_key.items():
-            ps = [p for p, _ in items]
-            gs = [g for _, g in items]
-            if self.sync_first_pass:
-                gs = _all_reduce_mean(gs)
-            t_fn = None if t_eta is None else _asam_t(t_eta)
-            if per_tensor:
-                groups.append(_TensorGroup(ps, gs, t_fn, self._backups, acc))
-            else:
-                buffers = self._flat_buffers((device, dtype, ordinal[(device, dtype)]), ps, acc)
-                ordinal[(device, dtype)] += 1
-                groups.append(_FlatGroup(ps, gs, buffers, t_fn))
+            params.append(p)
+            grads.append(g)
             rhos.append(rho)
-        self._perturbed = groups
-        if not groups:
+            etas.append(eta if adaptive and (self.normalize_bias or id(p) not in self._bias_ids) else None)
+        self._perturbed = params
+        if not params:
             self._first_nonfinite = None
             return
-        first = pairs[0][0].device
-        norm = torch.linalg.vector_norm(torch.stack([n.to(first) for g in groups for n in g.norms(acc)]))
-        finite = torch.isfinite(norm)
+        if self.sync_first_pass:
+            grads = _all_reduce_mean(grads)
+        norm = perturb_(params, grads, self._backup_list(params), rhos=rhos, etas=etas, eps=self.eps,
+                        foreach=self.foreach)
         self.last_grad_norm = norm
-        self._record_nonfinite(finite)
-        # 0 when the norm is not finite (a NaN norm gives a NaN scale) or is 0 (0 / 0 with eps=0)
-        ok = finite & (norm > 0)
-        denom = norm + self.eps
-        scales = {rho: torch.where(ok, rho / denom, 0.0) for rho in set(rhos)}
-        for g, rho in zip(groups, rhos):
-            g.apply(scales[rho], finite)
+        self._record_nonfinite(torch.isfinite(norm))
 
     def _group_index(self) -> dict[int, int]:
         """id(param) -> index of its parameter group, rebuilt only when the groups change."""
@@ -344,16 +314,16 @@ class SAM(Optimizer):
             self._group_of = (signature, index)
         return self._group_of[1]
 
-    def _flat_buffers(self, key, ps, acc) -> _FlatBuffers:
-        # Persistent across steps: re-allocating (and, on CPU, page-faulting) two model-sized
-        # buffers every step costs more than the arithmetic itself. The key is (device, dtype,
-        # n-th group of that pair), stable while a scheduler changes rho.
-        device, dtype, _ = key
-        shapes = [p.shape for p in ps]
-        buf = self._buffers.get(key)
-        if buf is None or buf.shapes != shapes or buf.e.dtype != acc:
-            buf = self._buffers[key] = _FlatBuffers(shapes, device, dtype, acc)
-        return buf
+    def _backup_list(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A persistent backup per parameter: re-allocating (and, on CPU, page-faulting) a
+        model-sized copy every step costs more than the arithmetic itself."""
+        out = []
+        for p in params:
+            b = self._backups.get(id(p))
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = self._backups[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(b)
+        return out
 
     def _find_biases(self, perturb: object) -> set[int]:
         """ids of the tensors named ``*bias`` (ASAM with ``normalize_bias=False`` leaves them T = 1)."""
@@ -402,8 +372,7 @@ class SAM(Optimizer):
         """
         if self._perturbed is None:
             return
-        for group in self._perturbed:
-            group.restore()
+        restore_(self._perturbed, [self._backups[id(p)] for p in self._perturbed], foreach=self.foreach)
         self._perturbed = None
 
     @torch.no_grad()
@@ -598,11 +567,12 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
         # scratch buffers are rebuilt on the next step
-        return {**self.__dict__, "_buffers": {}, "_backups": {}, "_group_of": ((), {})}
+        return {**self.__dict__, "_backups": {}, "_group_of": ((), {})}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a SAM pickled before per-group settings kept rho/adaptive/eta as attributes
         legacy = {k: state.pop(k) for k in ("rho", "adaptive", "eta") if k in state}
+        state.pop("_buffers", None)  # the flat scratch buffers of releases before issue 12
         defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {})}
         self.__dict__.update({**defaults, **state})
         for key, value in legacy.items():
@@ -670,98 +640,6 @@ class SAM(Optimizer):
         return f"{kind}(rho={rho}, perturb={what}, base={self.base_optimizer!r})"
 
 
-class _FlatBuffers:
-    """Flat scratch for one (device, dtype) group: the saved values (param dtype) and the ascent
-    vector (float32 or float64, so fp16/bf16 norms and scales never overflow or underflow), each with
-    per-parameter views for the ``_foreach`` copies and adds."""
-
-    def __init__(self, shapes, device, dtype, acc) -> None:
-        self.shapes = shapes
-        sizes = [math.prod(s) for s in shapes]
-        self.backup = torch.empty(sum(sizes), device=device, dtype=dtype)
-        self.e = torch.empty(sum(sizes), device=device, dtype=acc)
-        self.backup_views = [v.view(s) for v, s in zip(self.backup.split(sizes), shapes)]
-        self.e_views = [v.view(s) for v, s in zip(self.e.split(sizes), shapes)]
-
-
-class _FlatGroup:
-    """Dense tensors of one device and dtype: a fixed number of kernels whatever their count."""
-
-    def __init__(self, ps, gs, buf: _FlatBuffers, t_fn) -> None:
-        self.params, self.buf = ps, buf
-        torch._foreach_copy_(buf.backup_views, ps)
-        torch._foreach_copy_(buf.e_views, gs)
-        self.t = None if t_fn is None else t_fn(buf.backup)
-        if self.t is not None:
-            buf.e.mul_(self.t)  # ASAM's norm is ||T g||
-
-    def norms(self, acc: torch.dtype) -> list[torch.Tensor]:
-        return [torch.linalg.vector_norm(self.buf.e, dtype=acc)]
-
-    def apply(self, scale: torch.Tensor, finite: torch.Tensor) -> None:
-        e = self.buf.e
-        # Select, then scale: a NaN/inf gradient times 0 would still be NaN.
-        e.masked_fill_(~finite.to(e.device), 0.0)
-        e.mul_(scale.to(e.device, e.dtype))
-        if self.t is not None:  # e = rho * T (T g) / ||T g||
-            e.mul_(self.t)
-        torch._foreach_add_(self.params, self.buf.e_views)
-
-    def restore(self) -> None:
-        torch._foreach_copy_(self.params, self.buf.backup_views)
-
-
-class _TensorGroup:
-    """The per-tensor path: large tensors, sparse gradients and ``foreach=False`` (same arithmetic).
-
-    Per tensor it costs about what the usual per-parameter loop costs: a copy into a persistent
-    backup, the norm, an in-place guard of the gradient and one fused ``p += g * scale``.
-    """
-
-    def __init__(self, ps, gs, t_fn, backups: dict[int, torch.Tensor], acc: torch.dtype) -> None:
-        self.params = ps
-        self.backup = []
-        for p in ps:
-            b = backups.get(id(p))
-            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                b = backups[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
-            b.copy_(p)
-            self.backup.append(b)
-        self.grads = [g.coalesce() if g.is_sparse else g for g in gs]
-        # T and the direction v = T g on the gradient's support (the values of a sparse gradient)
-        # (ASAM in float32 at least: T^2 g underflows fp16)
-        self.ts = [
-            None if t_fn is None else t_fn((p[tuple(g.indices())] if g.is_sparse else p).to(acc))
-            for p, g in zip(ps, self.grads)
-        ]
-        self.vs = [
-            v if t is None else v.to(acc) * t
-            for v, t in zip((g.values() if g.is_sparse else g for g in self.grads), self.ts)
-        ]
-
-    def norms(self, acc: torch.dtype) -> list[torch.Tensor]:
-        return [torch.linalg.vector_norm(v, dtype=acc) for v in self.vs]
-
-    def apply(self, scale: torch.Tensor, finite: torch.Tensor) -> None:
-        # scale is 0 when the norm is not finite, but a NaN/inf gradient times 0 is still NaN. Then
-        # and only then nan_to_num_ zeroes the non-finite entries of the (consumed) first-pass
-        # gradient in place; otherwise it is the identity, and cheaper than a select.
-        for p, g, v, t in zip(self.params, self.grads, self.vs, self.ts):
-            s = scale.to(v.device)
-            v.nan_to_num_(0.0, 0.0, 0.0)
-            if t is not None:  # e = rho * T (T g) / ||T g||
-                v.mul_(t)
-            if v.dtype != s.dtype:  # fp16/bf16: scale in float32, rho/||g|| can underflow
-                v = v.to(s.dtype)
-            if g.is_sparse:
-                p.index_put_(tuple(g.indices()), (v * s).to(p.dtype), accumulate=True)
-            else:
-                p.addcmul_(v, s)
-
-    def restore(self) -> None:
-        torch._foreach_copy_(self.params, self.backup)
-
-
 def _check_nonnegative(name: str, value: object) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < float("inf")):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -775,11 +653,6 @@ def _group_settings(group: dict[str, Any]) -> tuple[float, bool, float]:
     return float(rho), bool(group["adaptive"]), float(eta)
 
 
-def _asam_t(eta: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """ASAM's elementwise ``T = |w| + eta``."""
-    return lambda w: w.abs().add_(eta)
-
-
 def _distributed() -> bool:
     import torch.distributed as dist
 
@@ -787,13 +660,190 @@ def _distributed() -> bool:
 
 
 def _all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean of each tensor across ranks (one all-reduce per device and dtype); ``gs`` itself
+    outside ``torch.distributed``."""
     import torch.distributed as dist
 
     if not _distributed():
         return gs
     if any(g.is_sparse for g in gs):
         raise ValueError("sync_first_pass does not support sparse gradients; use sync_first_pass=False")
-    flat = torch.cat([g.reshape(-1) for g in gs])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    return [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in gs]), gs)]
+    reduced: dict[int, torch.Tensor] = {}
+    for (group,) in _by_device_and_dtype(gs).values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, v in zip(group, flat.split([g.numel() for g in group])):
+            reduced[id(g)] = v.view_as(g)
+    return [reduced[id(g)] for g in gs]
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic, as functions over tensor lists (the layout of torch.optim.sgd): ``perturb_`` and
+# ``restore_`` pick the grouped (``_multi_tensor_*``: ``torch._foreach_*`` kernels per device and
+# dtype) or the per-tensor (``_single_tensor_*``) implementation; both compute the same thing, in
+# the same order, so that they agree to the last bit on one device and dtype.
+
+
+def perturb_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    backups: list[torch.Tensor],
+    *,
+    rhos: list[float],
+    etas: list[float | None],
+    eps: float,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """SAM's ascent, in place: save each parameter into its backup, then ``w_i += e_i``.
+
+    ``e_i = rhos[i] * T_i^2 g_i / (||T g|| + eps)`` with one global L2 norm over every tensor
+    (whatever its device and dtype, accumulated in float32, or float64 if a parameter is float64);
+    ``T_i = |w_i| + etas[i]`` elementwise (ASAM), or 1 where ``etas[i]`` is ``None`` (SAM). A sparse
+    gradient perturbs its support only. If the norm is not finite (or is 0), nothing moves.
+
+    Args:
+        params, grads, backups: equal-length lists; ``backups[i]`` is a tensor like ``params[i]``
+            that receives its value (for :func:`restore_`).
+        rhos, etas: per-tensor radius and ASAM offset (``None``: SAM).
+        eps: added to the norm before dividing.
+        foreach: ``None``/``True``: grouped ``torch._foreach_*`` kernels (sparse gradients go per
+            tensor); ``False``: a loop over the tensors.
+
+    Returns:
+        ``||T g||`` as a tensor on ``params[0]``'s device (never read on the host here).
+
+    Example:
+        >>> w, g = torch.ones(3), torch.tensor([3.0, 0.0, 4.0])
+        >>> norm = perturb_([w], [g], [torch.empty(3)], rhos=[0.5], etas=[None], eps=0.0)
+        >>> norm.item(), w.tolist()
+        (5.0, [1.2999999523162354, 1.0, 1.399999976158142])
+    """
+    if not params:
+        return torch.zeros(())
+    fn = _single_tensor_perturb_ if foreach is False else _multi_tensor_perturb_
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return fn(params, grads, backups, rhos, etas, eps, acc)
+
+
+def restore_(params: list[torch.Tensor], backups: list[torch.Tensor], *, foreach: bool | None = None) -> None:
+    """Copy ``backups[i]`` into ``params[i]`` (bit-exact; grouped by device and dtype unless
+    ``foreach=False``)."""
+    if foreach is False:
+        for p, b in zip(params, backups):
+            p.copy_(b)
+        return
+    for ps, bs in _by_device_and_dtype(params, backups).values():
+        torch._foreach_copy_(ps, bs)
+
+
+def _single_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc) -> torch.Tensor:
+    directions = []
+    for p, g, b, eta in zip(params, grads, backups, etas):
+        b.copy_(p)
+        directions.append(_direction(p, g, eta, acc))
+    norm = _total_norm([torch.linalg.vector_norm(v, dtype=acc) for _, v, _ in directions])
+    scales = _scales(norm, rhos, eps)
+    for p, (g, v, t), rho in zip(params, directions, rhos):
+        _add_ascent_(p, g, v, t, scales[rho].to(v.device))
+    return norm
+
+
+def _multi_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc) -> torch.Tensor:
+    sparse = [i for i, g in enumerate(grads) if g.is_sparse]
+    if sparse:  # torch._foreach_* takes dense tensors: these go per tensor
+        taken = set(sparse)
+        dense = [i for i in range(len(params)) if i not in taken]
+        for i in sparse:
+            backups[i].copy_(params[i])
+        singles = [_direction(params[i], grads[i], etas[i], acc) for i in sparse]
+    else:
+        dense, singles = list(range(len(params))), []
+    groups: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
+    for i in dense:
+        p = params[i]
+        ps, gs, bs = groups[(p.device, p.dtype, rhos[i], etas[i])]
+        ps.append(p)
+        gs.append(grads[i])
+        bs.append(backups[i])
+    norms: list[torch.Tensor] = [torch.linalg.vector_norm(v, dtype=acc) for _, v, _ in singles]
+    directions = []
+    for (_, dtype, _, eta), (ps, gs, bs) in groups.items():
+        torch._foreach_copy_(bs, ps)
+        # v = T g in the accumulation dtype; v is the gradient itself only when no copy is needed
+        ts = None
+        if eta is not None:
+            ts = torch._foreach_abs(ps if dtype == acc else [p.to(acc) for p in ps])
+            torch._foreach_add_(ts, eta)
+            vs = torch._foreach_mul(ts, gs)
+        elif dtype != acc:
+            vs = [g.to(acc) for g in gs]
+        else:
+            vs = gs
+        directions.append((vs, ts))
+        norms.extend(torch._foreach_norm(vs, 2, dtype=acc))
+    norm = _total_norm(norms)
+    scales = _scales(norm, rhos, eps)
+    for (device, _, rho, _), (ps, gs, _), (vs, ts) in zip(groups, groups.values(), directions):
+        scale = scales[rho].to(device)
+        if vs is gs:  # never scale a gradient in place
+            es = torch._foreach_mul(vs, scale)
+        else:
+            torch._foreach_mul_(vs, scale)
+            es = vs
+        if ts is not None:  # e = rho * T (T g) / ||T g||
+            torch._foreach_mul_(es, ts)
+        for e in es:  # the scale is 0 when the norm is not finite, and NaN * 0 is still NaN
+            e.nan_to_num_(0.0, 0.0, 0.0)
+        torch._foreach_add_(ps, es)
+    for i, (g, v, t) in zip(sparse, singles):
+        _add_ascent_(params[i], g, v, t, scales[rhos[i]].to(v.device))
+    return norm
+
+
+def _direction(p: torch.Tensor, g: torch.Tensor, eta: float | None, acc: torch.dtype):
+    """``(g, v, T)`` for one tensor: ``v = T g`` on the gradient's support (the values of a sparse
+    gradient, coalesced), in ``acc`` unless ``v`` is the dense gradient itself."""
+    if g.is_sparse:
+        g = g.coalesce()
+    values = g.values() if g.is_sparse else g
+    if eta is None:
+        return g, values if values.dtype == acc else values.to(acc), None
+    t = (p[tuple(g.indices())] if g.is_sparse else p).to(acc).abs().add_(eta)
+    return g, t * values, t
+
+
+def _add_ascent_(p: torch.Tensor, g: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, scale) -> None:
+    """``p += scale * T v`` (non-finite entries of the step zeroed), the grouped path's order."""
+    e = v * scale
+    if t is not None:
+        e.mul_(t)
+    e.nan_to_num_(0.0, 0.0, 0.0)
+    if g.is_sparse:
+        p.index_put_(tuple(g.indices()), e.to(p.dtype), accumulate=True)
+    else:
+        p.add_(e)
+
+
+def _total_norm(norms: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of per-tensor norms that may live on several devices (as clip_grad_norm_)."""
+    first = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]))
+
+
+def _scales(norm: torch.Tensor, rhos: list[float], eps: float) -> dict[float, torch.Tensor]:
+    """``rho / (norm + eps)`` for each radius; 0 when the norm is not finite (a NaN norm gives a
+    NaN scale) or is 0 (0 / 0 with eps=0)."""
+    ok = torch.isfinite(norm) & (norm > 0)
+    denom = norm + eps
+    return {rho: torch.where(ok, rho / denom, 0.0) for rho in set(rhos)}
+
+
+def _by_device_and_dtype(*lists: list[torch.Tensor]) -> dict[tuple, tuple[list[torch.Tensor], ...]]:
+    """Parallel lists split by the (device, dtype) of the first list's tensors, order kept."""
+    out: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
+    for items in zip(*lists):
+        group = out.setdefault((items[0].device, items[0].dtype), tuple([] for _ in lists))
+        for dst, x in zip(group, items):
+            dst.append(x)
+    return out
