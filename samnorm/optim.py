@@ -25,6 +25,7 @@ cheap; large tensors use fused per-tensor ops.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -177,7 +178,8 @@ class SAM(Optimizer):
         self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
         self._bias_ids = self._find_biases(perturb)
         self._perturbed: list[torch.Tensor] | None = None  # the tensors first_step moved
-        self._backups: dict[int, torch.Tensor] = {}  # their saved values, keyed by id(param)
+        self._backups: tuple[list, list[torch.Tensor]] = ([], [])  # their saved values, by signature
+        self._scratch: dict = {}  # perturb_'s flat buffers, kept between steps
         self._first_nonfinite: torch.Tensor | None = None
         self._nonfinite_count: torch.Tensor | None = None
         self._nonfinite_seen: torch.Tensor | None = None  # host copy, read without syncing
@@ -302,7 +304,7 @@ class SAM(Optimizer):
         if self.sync_first_pass:
             grads = _all_reduce_mean(grads)
         norm = perturb_(params, grads, self._backup_list(params), rhos=rhos, etas=etas, eps=self.eps,
-                        foreach=self.foreach)
+                        foreach=self.foreach, scratch=self._scratch)
         self.last_grad_norm = norm
         self._record_nonfinite(torch.isfinite(norm))
 
@@ -315,15 +317,20 @@ class SAM(Optimizer):
         return self._group_of[1]
 
     def _backup_list(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """A persistent backup per parameter: re-allocating (and, on CPU, page-faulting) a
-        model-sized copy every step costs more than the arithmetic itself."""
-        out = []
-        for p in params:
-            b = self._backups.get(id(p))
-            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                b = self._backups[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
-            out.append(b)
-        return out
+        """A persistent backup per parameter (re-allocating, and on CPU page-faulting, a
+        model-sized copy every step costs more than the arithmetic), checked against the
+        parameters' shape, dtype and device (``model.to(...)`` changes them in place)."""
+        signature = [(id(p), p.shape, p.dtype, p.device) for p in params]
+        if signature != self._backups[0]:
+            kept = dict(zip((s[0] for s in self._backups[0]), self._backups[1]))
+            backups = []
+            for p, sig in zip(params, signature):
+                b = kept.get(sig[0])
+                if b is None or (b.shape, b.dtype, b.device) != sig[1:]:
+                    b = torch.empty_like(p, memory_format=torch.preserve_format)
+                backups.append(b)
+            self._backups = (signature, backups)
+        return self._backups[1]
 
     def _find_biases(self, perturb: object) -> set[int]:
         """ids of the tensors named ``*bias`` (ASAM with ``normalize_bias=False`` leaves them T = 1)."""
@@ -372,7 +379,7 @@ class SAM(Optimizer):
         """
         if self._perturbed is None:
             return
-        restore_(self._perturbed, [self._backups[id(p)] for p in self._perturbed], foreach=self.foreach)
+        restore_(self._perturbed, self._backups[1], foreach=self.foreach)
         self._perturbed = None
 
     @torch.no_grad()
@@ -567,13 +574,16 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
         # scratch buffers are rebuilt on the next step
-        return {**self.__dict__, "_backups": {}, "_group_of": ((), {})}
+        return {**self.__dict__, "_backups": ([], []), "_scratch": {}, "_group_of": ((), {})}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a SAM pickled before per-group settings kept rho/adaptive/eta as attributes
         legacy = {k: state.pop(k) for k in ("rho", "adaptive", "eta") if k in state}
-        state.pop("_buffers", None)  # the flat scratch buffers of releases before issue 12
-        defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {})}
+        # scratch of releases before issue 12 (flat buffers, backups by id) is rebuilt on the next step
+        state.pop("_buffers", None)
+        state["_backups"] = ([], [])
+        defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {}),
+                    "_scratch": {}}
         self.__dict__.update({**defaults, **state})
         for key, value in legacy.items():
             self.base_optimizer.defaults.setdefault(key, value)
@@ -678,6 +688,9 @@ def _all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [reduced[id(g)] for g in gs]
 
 
+# Dense tensors up to this size go through the grouped path's flat buffer (norm layers, biases).
+_FLAT_MAX_NUMEL = 1 << 16
+
 # ---------------------------------------------------------------------------------------------
 # The arithmetic, as functions over tensor lists (the layout of torch.optim.sgd): ``perturb_`` and
 # ``restore_`` pick the grouped (``_multi_tensor_*``: ``torch._foreach_*`` kernels per device and
@@ -694,6 +707,7 @@ def perturb_(
     etas: list[float | None],
     eps: float,
     foreach: bool | None = None,
+    scratch: dict | None = None,
 ) -> torch.Tensor:
     """SAM's ascent, in place: save each parameter into its backup, then ``w_i += e_i``.
 
@@ -707,8 +721,12 @@ def perturb_(
             that receives its value (for :func:`restore_`).
         rhos, etas: per-tensor radius and ASAM offset (``None``: SAM).
         eps: added to the norm before dividing.
-        foreach: ``None``/``True``: grouped ``torch._foreach_*`` kernels (sparse gradients go per
-            tensor); ``False``: a loop over the tensors.
+        foreach: ``None``/``True``: grouped kernels, per (device, dtype, rho, eta): small dense
+            tensors are gathered into one flat buffer (a fixed number of kernels whatever their
+            count), large ones take ``torch._foreach_*`` kernels, sparse gradients go per tensor;
+            ``False``: a loop over the tensors (same results).
+        scratch: a dict kept by the caller between calls, where the grouped path keeps its flat
+            buffers (``None``: allocated per call).
 
     Returns:
         ``||T g||`` as a tensor on ``params[0]``'s device (never read on the host here).
@@ -721,9 +739,10 @@ def perturb_(
     """
     if not params:
         return torch.zeros(())
-    fn = _single_tensor_perturb_ if foreach is False else _multi_tensor_perturb_
     acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return fn(params, grads, backups, rhos, etas, eps, acc)
+    if foreach is False:
+        return _single_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc)
+    return _multi_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc, scratch)
 
 
 def restore_(params: list[torch.Tensor], backups: list[torch.Tensor], *, foreach: bool | None = None) -> None:
@@ -749,61 +768,95 @@ def _single_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc) -> tor
     return norm
 
 
-def _multi_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc) -> torch.Tensor:
-    sparse = [i for i, g in enumerate(grads) if g.is_sparse]
-    if sparse:  # torch._foreach_* takes dense tensors: these go per tensor
-        taken = set(sparse)
-        dense = [i for i in range(len(params)) if i not in taken]
-        for i in sparse:
-            backups[i].copy_(params[i])
-        singles = [_direction(params[i], grads[i], etas[i], acc) for i in sparse]
-    else:
-        dense, singles = list(range(len(params))), []
-    groups: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
-    for i in dense:
-        p = params[i]
-        ps, gs, bs = groups[(p.device, p.dtype, rhos[i], etas[i])]
-        ps.append(p)
-        gs.append(grads[i])
-        bs.append(backups[i])
-    norms: list[torch.Tensor] = [torch.linalg.vector_norm(v, dtype=acc) for _, v, _ in singles]
-    directions = []
-    for (_, dtype, _, eta), (ps, gs, bs) in groups.items():
-        torch._foreach_copy_(bs, ps)
-        # v = T g in the accumulation dtype; v is the gradient itself only when no copy is needed
-        ts = None
-        if eta is not None:
-            ts = torch._foreach_abs(ps if dtype == acc else [p.to(acc) for p in ps])
-            torch._foreach_add_(ts, eta)
-            vs = torch._foreach_mul(ts, gs)
-        elif dtype != acc:
-            vs = [g.to(acc) for g in gs]
+def _multi_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc, scratch) -> torch.Tensor:
+    # Buckets of dense tensors by (device, dtype, rho, eta, small); a sparse gradient goes per tensor
+    buckets: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
+    singles = []
+    for p, g, b, rho, eta in zip(params, grads, backups, rhos, etas):
+        if g.is_sparse:
+            b.copy_(p)
+            singles.append((p, rho, _direction(p, g, eta, acc)))
         else:
-            vs = gs
-        directions.append((vs, ts))
+            ps, gs, bs = buckets[(p.device, p.dtype, rho, eta, p.numel() <= _FLAT_MAX_NUMEL)]
+            ps.append(p)
+            gs.append(g)
+            bs.append(b)
+    norms = [torch.linalg.vector_norm(v, dtype=acc) for _, _, (_, v, _) in singles]
+    directions = []
+    ordinal: dict[torch.device, int] = defaultdict(int)
+    for (device, dtype, _, eta, small), (ps, gs, bs) in buckets.items():
+        torch._foreach_copy_(bs, ps)
+        if small:  # the key is stable while a scheduler changes rho
+            buf = _flat_scratch(scratch, (device, ordinal[device]), ps, acc)
+            ordinal[device] += 1
+            vs, ts = _flat_direction(ps, gs, eta, buf)
+        else:
+            vs, ts = _foreach_direction(ps, gs, eta, dtype, acc)
+            buf = None
+        directions.append((vs, ts, buf))
         norms.extend(torch._foreach_norm(vs, 2, dtype=acc))
     norm = _total_norm(norms)
     scales = _scales(norm, rhos, eps)
-    for (device, _, rho, _), (ps, gs, _), (vs, ts) in zip(groups, groups.values(), directions):
+    for (device, _, rho, _, _), (ps, _, _), (vs, ts, buf) in zip(buckets, buckets.values(), directions):
         scale = scales[rho].to(device)
-        if vs is gs:  # never scale a gradient in place
-            es = torch._foreach_mul(vs, scale)
-        else:
-            torch._foreach_mul_(vs, scale)
-            es = vs
+        _guard_(vs)
         if ts is not None:  # e = rho * T (T g) / ||T g||
-            torch._foreach_mul_(es, ts)
-        for e in es:  # the scale is 0 when the norm is not finite, and NaN * 0 is still NaN
-            e.nan_to_num_(0.0, 0.0, 0.0)
-        torch._foreach_add_(ps, es)
-    for i, (g, v, t) in zip(sparse, singles):
-        _add_ascent_(params[i], g, v, t, scales[rhos[i]].to(v.device))
+            torch._foreach_mul_(vs, ts)
+        if buf is not None:
+            torch._foreach_mul_(vs, scale)
+            torch._foreach_add_(ps, buf.views)
+        else:
+            torch._foreach_addcmul_(ps, vs, [scale] * len(vs))
+    for p, rho, (g, v, t) in singles:
+        _add_ascent_(p, g, v, t, scales[rho].to(v.device))
     return norm
+
+
+class _FlatScratch:
+    """One flat vector in the accumulation dtype with a view per tensor of a bucket."""
+
+    def __init__(self, shapes: list[torch.Size], device: torch.device, dtype: torch.dtype) -> None:
+        self.shapes = shapes
+        sizes = [math.prod(s) for s in shapes]
+        self.flat = torch.empty(sum(sizes), device=device, dtype=dtype)
+        self.views = [v.view(s) for v, s in zip(self.flat.split(sizes), shapes)]
+
+
+def _flat_scratch(scratch: dict | None, key: tuple, ps: list[torch.Tensor], acc: torch.dtype) -> _FlatScratch:
+    shapes = [p.shape for p in ps]
+    buf = None if scratch is None else scratch.get(key)
+    if buf is None or buf.shapes != shapes or buf.flat.dtype != acc:
+        buf = _FlatScratch(shapes, ps[0].device, acc)
+        if scratch is not None:
+            scratch[key] = buf
+    return buf
+
+
+def _flat_direction(ps, gs, eta, buf: _FlatScratch):
+    """``([v], [T] or None)`` with ``v = T g`` gathered into the flat scratch (small tensors)."""
+    t = None
+    if eta is not None:
+        torch._foreach_copy_(buf.views, ps)
+        t = buf.flat.abs().add_(eta)
+    torch._foreach_copy_(buf.views, gs)
+    if t is not None:
+        buf.flat.mul_(t)
+    return [buf.flat], None if t is None else [t]
+
+
+def _foreach_direction(ps, gs, eta, dtype, acc):
+    """``(vs, ts or None)`` with ``v = T g`` per tensor (large tensors): the gradient itself when
+    no copy is needed."""
+    if eta is None:
+        return (gs if dtype == acc else [g.to(acc) for g in gs]), None
+    ts = torch._foreach_abs(ps if dtype == acc else [p.to(acc) for p in ps])
+    torch._foreach_add_(ts, eta)
+    return torch._foreach_mul(ts, gs), ts
 
 
 def _direction(p: torch.Tensor, g: torch.Tensor, eta: float | None, acc: torch.dtype):
     """``(g, v, T)`` for one tensor: ``v = T g`` on the gradient's support (the values of a sparse
-    gradient, coalesced), in ``acc`` unless ``v`` is the dense gradient itself."""
+    gradient, coalesced), in ``acc`` (``v`` is the gradient itself when that has dtype ``acc``)."""
     if g.is_sparse:
         g = g.coalesce()
     values = g.values() if g.is_sparse else g
@@ -814,15 +867,22 @@ def _direction(p: torch.Tensor, g: torch.Tensor, eta: float | None, acc: torch.d
 
 
 def _add_ascent_(p: torch.Tensor, g: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, scale) -> None:
-    """``p += scale * T v`` (non-finite entries of the step zeroed), the grouped path's order."""
-    e = v * scale
+    """``p += scale * T v`` for one tensor, in the grouped path's order."""
+    _guard_([v])
     if t is not None:
-        e.mul_(t)
-    e.nan_to_num_(0.0, 0.0, 0.0)
+        v.mul_(t)
     if g.is_sparse:
-        p.index_put_(tuple(g.indices()), e.to(p.dtype), accumulate=True)
+        p.index_put_(tuple(g.indices()), (v * scale).to(p.dtype), accumulate=True)
     else:
-        p.add_(e)
+        p.addcmul_(v, scale)
+
+
+def _guard_(vs: list[torch.Tensor]) -> None:
+    """Zero the non-finite entries of the directions in place. The scale is 0 when the norm is not
+    finite, but NaN * 0 is still NaN; when it is finite this is the identity (and cheaper than a
+    select). A direction may be the first-pass gradient itself, which the ascent consumes."""
+    for v in vs:
+        v.nan_to_num_(0.0, 0.0, 0.0)
 
 
 def _total_norm(norms: list[torch.Tensor]) -> torch.Tensor:
@@ -840,10 +900,14 @@ def _scales(norm: torch.Tensor, rhos: list[float], eps: float) -> dict[float, to
 
 
 def _by_device_and_dtype(*lists: list[torch.Tensor]) -> dict[tuple, tuple[list[torch.Tensor], ...]]:
-    """Parallel lists split by the (device, dtype) of the first list's tensors, order kept."""
+    """Parallel lists split by the (device, dtype) of the first list's tensors, order kept (what
+    torch.optim does before its ``_foreach`` kernels, which need one device and dtype per call)."""
     out: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
     for items in zip(*lists):
-        group = out.setdefault((items[0].device, items[0].dtype), tuple([] for _ in lists))
+        key = (items[0].device, items[0].dtype)
+        group = out.get(key)
+        if group is None:
+            group = out[key] = tuple([] for _ in lists)
         for dst, x in zip(group, items):
             dst.append(x)
     return out
