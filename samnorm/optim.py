@@ -15,11 +15,16 @@ One step of SAM (Foret et al. 2021) with the SAM-ON selection (Mueller et al. 20
 
 The step never synchronises host and device (the norm, the non-finite guard and the skip counter are
 device tensors), except under ``GradScaler`` with a base optimizer that is not fused, where the
-skip decision reads one flag as ``GradScaler.step`` itself does. Small tensors are grouped by
-(device, dtype, group settings) into persistent flat buffers and
-perturbed with a fixed number of kernels whatever their count (``_foreach_copy_`` in, one norm, one
-guard, one scale, one ``_foreach_add_``), which is what makes the hundred tiny tensors of SAM-ON
-cheap; large tensors use fused per-tensor ops.
+skip decision reads one flag as ``GradScaler.step`` itself does.
+
+The layout is torch.optim's: the arithmetic lives in functions over tensor lists,
+:func:`perturb_` and :func:`restore_`, each with a grouped implementation
+(``_multi_tensor_perturb_``: tensors bucketed by device, dtype and group settings; small ones
+gathered into a persistent flat buffer so that a hundred tiny norm-layer tensors cost a fixed
+number of kernels, large ones through ``torch._foreach_*`` kernels) and a per-tensor one
+(``_single_tensor_perturb_``), chosen by ``foreach`` as ``torch.optim.SGD`` chooses. :class:`SAM`
+only orchestrates: it collects the parameters, gradients and per-group settings, keeps the
+backups and buffers between steps, and hooks into ``step``, ``GradScaler`` and ``state_dict``.
 """
 
 from __future__ import annotations
@@ -732,10 +737,12 @@ def perturb_(
         ``||T g||`` as a tensor on ``params[0]``'s device (never read on the host here).
 
     Example:
-        >>> w, g = torch.ones(3), torch.tensor([3.0, 0.0, 4.0])
-        >>> norm = perturb_([w], [g], [torch.empty(3)], rhos=[0.5], etas=[None], eps=0.0)
-        >>> norm.item(), w.tolist()
-        (5.0, [1.2999999523162354, 1.0, 1.399999976158142])
+        >>> w, g, saved = torch.ones(3), torch.tensor([3.0, 0.0, 4.0]), torch.empty(3)
+        >>> norm = perturb_([w], [g], [saved], rhos=[0.5], etas=[None], eps=0.0)
+        >>> norm.item(), [round(x, 4) for x in w.tolist()]          # w + 0.5 * g / 5
+        (5.0, [1.3, 1.0, 1.4])
+        >>> restore_([w], [saved]); w.tolist()
+        [1.0, 1.0, 1.0]
     """
     if not params:
         return torch.zeros(())
