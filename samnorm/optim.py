@@ -182,9 +182,8 @@ class SAM(Optimizer):
         self._selection = self._resolve(perturb)
         self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
         self._bias_ids = self._find_biases(perturb)
-        self._perturbed: list[torch.Tensor] | None = None  # the tensors first_step moved
-        self._backups: tuple[list, list[torch.Tensor]] = ([], [])  # their saved values, by signature
-        self._scratch: dict = {}  # perturb_'s flat buffers, kept between steps
+        self._perturbed: list | None = None  # (params, backups) lists of what first_step moved
+        self._buffers: dict = {}  # perturb_'s backups and flat buffers, kept between steps
         self._first_nonfinite: torch.Tensor | None = None
         self._nonfinite_count: torch.Tensor | None = None
         self._nonfinite_seen: torch.Tensor | None = None  # host copy, read without syncing
@@ -302,14 +301,14 @@ class SAM(Optimizer):
             grads.append(g)
             rhos.append(rho)
             etas.append(eta if adaptive and (self.normalize_bias or id(p) not in self._bias_ids) else None)
-        self._perturbed = params
         if not params:
+            self._perturbed = []  # a step is begun, with nothing to restore
             self._first_nonfinite = None
             return
         if self.sync_first_pass:
             grads = _all_reduce_mean(grads)
-        norm = perturb_(params, grads, self._backup_list(params), rhos=rhos, etas=etas, eps=self.eps,
-                        foreach=self.foreach, scratch=self._scratch)
+        norm, self._perturbed = perturb_(params, grads, rhos=rhos, etas=etas, eps=self.eps, foreach=self.foreach,
+                                         state=self._buffers)
         self.last_grad_norm = norm
         self._record_nonfinite(torch.isfinite(norm))
 
@@ -320,22 +319,6 @@ class SAM(Optimizer):
             index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
             self._group_of = (signature, index)
         return self._group_of[1]
-
-    def _backup_list(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """A persistent backup per parameter (re-allocating, and on CPU page-faulting, a
-        model-sized copy every step costs more than the arithmetic), checked against the
-        parameters' shape, dtype and device (``model.to(...)`` changes them in place)."""
-        signature = [(id(p), p.shape, p.dtype, p.device) for p in params]
-        if signature != self._backups[0]:
-            kept = dict(zip((s[0] for s in self._backups[0]), self._backups[1]))
-            backups = []
-            for p, sig in zip(params, signature):
-                b = kept.get(sig[0])
-                if b is None or (b.shape, b.dtype, b.device) != sig[1:]:
-                    b = torch.empty_like(p, memory_format=torch.preserve_format)
-                backups.append(b)
-            self._backups = (signature, backups)
-        return self._backups[1]
 
     def _find_biases(self, perturb: object) -> set[int]:
         """ids of the tensors named ``*bias`` (ASAM with ``normalize_bias=False`` leaves them T = 1)."""
@@ -384,7 +367,7 @@ class SAM(Optimizer):
         """
         if self._perturbed is None:
             return
-        restore_(self._perturbed, self._backups[1], foreach=self.foreach)
+        restore_(self._perturbed, foreach=self.foreach)
         self._perturbed = None
 
     @torch.no_grad()
@@ -579,16 +562,15 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
         # scratch buffers are rebuilt on the next step
-        return {**self.__dict__, "_backups": ([], []), "_scratch": {}, "_group_of": ((), {})}
+        return {**self.__dict__, "_buffers": {}, "_group_of": ((), {})}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a SAM pickled before per-group settings kept rho/adaptive/eta as attributes
         legacy = {k: state.pop(k) for k in ("rho", "adaptive", "eta") if k in state}
-        # scratch of releases before issue 12 (flat buffers, backups by id) is rebuilt on the next step
-        state.pop("_buffers", None)
-        state["_backups"] = ([], [])
-        defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {}),
-                    "_scratch": {}}
+        # scratch of releases before issue 12 (flat buffers, per-tensor backups): rebuilt when used
+        state.pop("_backups", None)
+        state["_buffers"] = {}
+        defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {})}
         self.__dict__.update({**defaults, **state})
         for key, value in legacy.items():
             self.base_optimizer.defaults.setdefault(key, value)
@@ -706,15 +688,14 @@ _FLAT_MAX_NUMEL = 1 << 16
 def perturb_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    backups: list[torch.Tensor],
     *,
     rhos: list[float],
     etas: list[float | None],
     eps: float,
     foreach: bool | None = None,
-    scratch: dict | None = None,
-) -> torch.Tensor:
-    """SAM's ascent, in place: save each parameter into its backup, then ``w_i += e_i``.
+    state: dict | None = None,
+) -> tuple[torch.Tensor, list[tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+    """SAM's ascent, in place: save each parameter's value, then ``w_i += e_i``.
 
     ``e_i = rhos[i] * T_i^2 g_i / (||T g|| + eps)`` with one global L2 norm over every tensor
     (whatever its device and dtype, accumulated in float32, or float64 if a parameter is float64);
@@ -722,125 +703,143 @@ def perturb_(
     gradient perturbs its support only. If the norm is not finite (or is 0), nothing moves.
 
     Args:
-        params, grads, backups: equal-length lists; ``backups[i]`` is a tensor like ``params[i]``
-            that receives its value (for :func:`restore_`).
+        params, grads: equal-length lists of parameters and their (first-pass) gradients.
         rhos, etas: per-tensor radius and ASAM offset (``None``: SAM).
         eps: added to the norm before dividing.
         foreach: ``None``/``True``: grouped kernels, per (device, dtype, rho, eta): small dense
             tensors are gathered into one flat buffer (a fixed number of kernels whatever their
             count), large ones take ``torch._foreach_*`` kernels, sparse gradients go per tensor;
             ``False``: a loop over the tensors (same results).
-        scratch: a dict kept by the caller between calls, where the grouped path keeps its flat
-            buffers (``None``: allocated per call).
+        state: a dict kept by the caller between calls, where the backups and flat buffers stay
+            allocated (``None``: allocated per call).
 
     Returns:
-        ``||T g||`` as a tensor on ``params[0]``'s device (never read on the host here).
+        ``(norm, saved)``: ``||T g||`` as a tensor on ``params[0]``'s device (never read on the
+        host here), and the ``(params, backups)`` lists, one pair per device and dtype, that
+        :func:`restore_` copies back.
 
     Example:
-        >>> w, g, saved = torch.ones(3), torch.tensor([3.0, 0.0, 4.0]), torch.empty(3)
-        >>> norm = perturb_([w], [g], [saved], rhos=[0.5], etas=[None], eps=0.0)
+        >>> w, g = torch.ones(3), torch.tensor([3.0, 0.0, 4.0])
+        >>> norm, saved = perturb_([w], [g], rhos=[0.5], etas=[None], eps=0.0)
         >>> norm.item(), [round(x, 4) for x in w.tolist()]          # w + 0.5 * g / 5
         (5.0, [1.3, 1.0, 1.4])
-        >>> restore_([w], [saved]); w.tolist()
+        >>> restore_(saved); w.tolist()
         [1.0, 1.0, 1.0]
     """
     if not params:
-        return torch.zeros(())
+        return torch.zeros(()), []
+    state = {} if state is None else state
     acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     if foreach is False:
-        return _single_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc)
-    return _multi_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc, scratch)
+        return _single_tensor_perturb_(params, grads, rhos, etas, eps, acc, state)
+    return _multi_tensor_perturb_(params, grads, rhos, etas, eps, acc, state)
 
 
-def restore_(params: list[torch.Tensor], backups: list[torch.Tensor], *, foreach: bool | None = None) -> None:
-    """Copy ``backups[i]`` into ``params[i]`` (bit-exact; grouped by device and dtype unless
-    ``foreach=False``)."""
-    if foreach is False:
-        for p, b in zip(params, backups):
-            p.copy_(b)
-        return
-    for ps, bs in _by_device_and_dtype(params, backups).values():
-        torch._foreach_copy_(ps, bs)
+def restore_(saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]], *, foreach: bool | None = None) -> None:
+    """Copy the backups of :func:`perturb_` back into their parameters, bit-exact (one
+    ``torch._foreach_copy_`` per pair of lists unless ``foreach=False``)."""
+    for params, backups in saved:
+        if foreach is False:
+            for p, b in zip(params, backups):
+                p.copy_(b)
+        else:
+            torch._foreach_copy_(params, backups)
 
 
-def _single_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc) -> torch.Tensor:
-    directions = []
-    for p, g, b, eta in zip(params, grads, backups, etas):
-        b.copy_(p)
-        directions.append(_direction(p, g, eta, acc))
+def _single_tensor_perturb_(params, grads, rhos, etas, eps, acc, state):
+    backups = [_save(state, p) for p in params]
+    directions = [_direction(p, g, eta, acc) for p, g, eta in zip(params, grads, etas)]
     norm = _total_norm([torch.linalg.vector_norm(v, dtype=acc) for _, v, _ in directions])
     scales = _scales(norm, rhos, eps)
     for p, (g, v, t), rho in zip(params, directions, rhos):
         _add_ascent_(p, g, v, t, scales[rho].to(v.device))
-    return norm
+    return norm, [(params, backups)]
 
 
-def _multi_tensor_perturb_(params, grads, backups, rhos, etas, eps, acc, scratch) -> torch.Tensor:
+def _multi_tensor_perturb_(params, grads, rhos, etas, eps, acc, state):
     # Buckets of dense tensors by (device, dtype, rho, eta, small); a sparse gradient goes per tensor
-    buckets: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
-    singles = []
-    for p, g, b, rho, eta in zip(params, grads, backups, rhos, etas):
+    buckets: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+    sparse: tuple[list, list, list] = ([], [], [])
+    for p, g, rho, eta in zip(params, grads, rhos, etas):
         if g.is_sparse:
-            b.copy_(p)
-            singles.append((p, rho, _direction(p, g, eta, acc)))
+            sparse[0].append(p)
+            sparse[1].append(_save(state, p))
+            sparse[2].append((rho, _direction(p, g, eta, acc)))
         else:
-            ps, gs, bs = buckets[(p.device, p.dtype, rho, eta, p.numel() <= _FLAT_MAX_NUMEL)]
+            ps, gs = buckets[(p.device, p.dtype, rho, eta, p.numel() <= _FLAT_MAX_NUMEL)]
             ps.append(p)
             gs.append(g)
-            bs.append(b)
-    norms = [torch.linalg.vector_norm(v, dtype=acc) for _, _, (_, v, _) in singles]
-    directions = []
-    ordinal: dict[torch.device, int] = defaultdict(int)
-    for (device, dtype, _, eta, small), (ps, gs, bs) in buckets.items():
-        torch._foreach_copy_(bs, ps)
-        if small:  # the key is stable while a scheduler changes rho
-            buf = _flat_scratch(scratch, (device, ordinal[device]), ps, acc)
-            ordinal[device] += 1
-            vs, ts = _flat_direction(ps, gs, eta, buf)
-        else:
-            vs, ts = _foreach_direction(ps, gs, eta, dtype, acc)
-            buf = None
+    norms = [torch.linalg.vector_norm(v, dtype=acc) for _, (_, v, _) in sparse[2]]
+    saved, directions = [], []
+    ordinal: dict[tuple, int] = defaultdict(int)
+    for (device, dtype, _, eta, small), (ps, gs) in buckets.items():
+        # buffers keyed by the n-th bucket of a device and dtype: stable while a scheduler changes rho
+        buf = _bucket_buffers(state, ("bucket", device, dtype, ordinal[(device, dtype)]), ps, acc if small else None)
+        ordinal[(device, dtype)] += 1
+        torch._foreach_copy_(buf.backups, ps)
+        saved.append((ps, buf.backups))
+        vs, ts = (_flat_direction if small else _foreach_direction)(ps, gs, eta, buf, acc)
         directions.append((vs, ts, buf))
         norms.extend(torch._foreach_norm(vs, 2, dtype=acc))
     norm = _total_norm(norms)
     scales = _scales(norm, rhos, eps)
-    for (device, _, rho, _, _), (ps, _, _), (vs, ts, buf) in zip(buckets, buckets.values(), directions):
+    for (device, _, rho, _, small), (ps, _), (vs, ts, buf) in zip(buckets, buckets.values(), directions):
         scale = scales[rho].to(device)
         _guard_(vs)
         if ts is not None:  # e = rho * T (T g) / ||T g||
             torch._foreach_mul_(vs, ts)
-        if buf is not None:
+        if small:
             torch._foreach_mul_(vs, scale)
             torch._foreach_add_(ps, buf.views)
         else:
             torch._foreach_addcmul_(ps, vs, [scale] * len(vs))
-    for p, rho, (g, v, t) in singles:
+    for p, (rho, (g, v, t)) in zip(sparse[0], sparse[2]):
         _add_ascent_(p, g, v, t, scales[rho].to(v.device))
-    return norm
+    if sparse[0]:
+        saved.append(sparse[:2])
+    return norm, saved
 
 
-class _FlatScratch:
-    """One flat vector in the accumulation dtype with a view per tensor of a bucket."""
+class _BucketBuffers:
+    """A bucket's buffers, kept between steps (allocating, and on CPU page-faulting, model-sized
+    buffers every step costs more than the arithmetic): the backups in the parameters' dtype and,
+    for small tensors, the flat direction vector in the accumulation dtype, each with a view per
+    tensor (small tensors share one flat backup too)."""
 
-    def __init__(self, shapes: list[torch.Size], device: torch.device, dtype: torch.dtype) -> None:
-        self.shapes = shapes
-        sizes = [math.prod(s) for s in shapes]
-        self.flat = torch.empty(sum(sizes), device=device, dtype=dtype)
-        self.views = [v.view(s) for v, s in zip(self.flat.split(sizes), shapes)]
+    def __init__(self, ps: list[torch.Tensor], acc: torch.dtype | None) -> None:
+        self.shapes, self.acc = [p.shape for p in ps], acc
+        self.flat: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []
+        if acc is None:
+            self.backups = [torch.empty_like(p, memory_format=torch.preserve_format) for p in ps]
+            return
+        sizes = [math.prod(s) for s in self.shapes]
+        backup = torch.empty(sum(sizes), device=ps[0].device, dtype=ps[0].dtype)
+        self.flat = torch.empty(sum(sizes), device=ps[0].device, dtype=acc)
+        self.backups = [v.view(s) for v, s in zip(backup.split(sizes), self.shapes)]
+        self.views = [v.view(s) for v, s in zip(self.flat.split(sizes), self.shapes)]
 
 
-def _flat_scratch(scratch: dict | None, key: tuple, ps: list[torch.Tensor], acc: torch.dtype) -> _FlatScratch:
-    shapes = [p.shape for p in ps]
-    buf = None if scratch is None else scratch.get(key)
-    if buf is None or buf.shapes != shapes or buf.flat.dtype != acc:
-        buf = _FlatScratch(shapes, ps[0].device, acc)
-        if scratch is not None:
-            scratch[key] = buf
+def _bucket_buffers(state: dict, key: tuple, ps: list[torch.Tensor], acc: torch.dtype | None) -> _BucketBuffers:
+    """The buffers of a bucket (the device and dtype are in ``key``), rebuilt if its shapes changed."""
+    buf = state.get(key)
+    if buf is None or buf.acc != acc or buf.shapes != [p.shape for p in ps]:
+        buf = state[key] = _BucketBuffers(ps, acc)
     return buf
 
 
-def _flat_direction(ps, gs, eta, buf: _FlatScratch):
-    """``([v], [T] or None)`` with ``v = T g`` gathered into the flat scratch (small tensors)."""
+def _save(state: dict, p: torch.Tensor) -> torch.Tensor:
+    """Copy ``p`` into its own persistent backup (the per-tensor path)."""
+    key = ("tensor", id(p))
+    b = state.get(key)
+    if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+        b = state[key] = torch.empty_like(p, memory_format=torch.preserve_format)
+    b.copy_(p)
+    return b
+
+
+def _flat_direction(ps, gs, eta, buf: _BucketBuffers, acc):
+    """``([v], [T] or None)`` with ``v = T g`` gathered into the bucket's flat vector."""
     t = None
     if eta is not None:
         torch._foreach_copy_(buf.views, ps)
@@ -851,9 +850,9 @@ def _flat_direction(ps, gs, eta, buf: _FlatScratch):
     return [buf.flat], None if t is None else [t]
 
 
-def _foreach_direction(ps, gs, eta, dtype, acc):
-    """``(vs, ts or None)`` with ``v = T g`` per tensor (large tensors): the gradient itself when
-    no copy is needed."""
+def _foreach_direction(ps, gs, eta, buf, acc):
+    """``(vs, ts or None)`` with ``v = T g`` per tensor: the gradient itself when no copy is needed."""
+    dtype = ps[0].dtype
     if eta is None:
         return (gs if dtype == acc else [g.to(acc) for g in gs]), None
     ts = torch._foreach_abs(ps if dtype == acc else [p.to(acc) for p in ps])

@@ -749,11 +749,9 @@ def test_perturb_functions_match_float64_reference(lists, eps, path):
 
     ws, gs, rhos, etas = lists
     params = [w.clone() for w in ws]
-    backups = [torch.empty_like(w) for w in ws]
     limit = 0 if path == "foreach" else optim._FLAT_MAX_NUMEL  # 0: every tensor takes _foreach_*
     with mock.patch.object(optim, "_FLAT_MAX_NUMEL", limit):
-        norm = optim.perturb_(params, gs, backups, rhos=rhos, etas=etas, eps=eps,
-                              foreach=path != "per-tensor", scratch={})
+        norm, saved = optim.perturb_(params, gs, rhos=rhos, etas=etas, eps=eps, foreach=path != "per-tensor")
     ref, es, ref_norm = _reference_perturb(ws, gs, rhos, etas, eps)
     # Float32 arithmetic (float64 if any tensor is float64): the norm sums n squares (relative error
     # up to about (n + 2) u), e_i takes about six more roundings, and w + e one more in w's dtype:
@@ -764,8 +762,9 @@ def test_perturb_functions_match_float64_reference(lists, eps, path):
         bound = 2 * (torch.finfo(w.dtype).eps / 2 * r.abs() + (n + 8) * u_acc * e.abs())
         assert ((p.double() - r).abs() <= bound).all(), (p, r)
     assert math.isclose(float(norm), ref_norm, rel_tol=(n + 2) * u_acc * 2, abs_tol=0)
-    assert all(torch.equal(b, w) for b, w in zip(backups, ws))  # the saved values, bit for bit
-    optim.restore_(params, backups, foreach=path != "per-tensor")
+    backup = {id(p): b for ps, bs in saved for p, b in zip(ps, bs)}
+    assert all(torch.equal(backup[id(p)], w) for p, w in zip(params, ws))  # bit for bit
+    optim.restore_(saved, foreach=path != "per-tensor")
     assert all(torch.equal(p, w) for p, w in zip(params, ws))
 
 
@@ -782,8 +781,8 @@ def test_grouped_equals_per_tensor_on_mixed_dtypes(lists, sparse):
     outs, norms = [], []
     for foreach in (None, False):
         params = [w.clone() for w in ws]
-        norms.append(optim.perturb_(params, [g.clone() for g in gs], [torch.empty_like(w) for w in ws],
-                                    rhos=rhos, etas=etas, eps=1e-12, foreach=foreach))
+        norms.append(optim.perturb_(params, [g.clone() for g in gs], rhos=rhos, etas=etas, eps=1e-12,
+                                    foreach=foreach)[0])
         outs.append(params)
     # The paths differ in how the global norm's sum is ordered (flat buffer vs per tensor) and in
     # the rounding of e: a relative difference of e of at most (n + 8) u_acc (n summed squares, a
@@ -797,22 +796,21 @@ def test_grouped_equals_per_tensor_on_mixed_dtypes(lists, sparse):
         assert ((a.double() - b.double()).abs() <= bound).all(), (a, b)
 
 
-def test_perturb_keeps_its_flat_buffers_and_skips_non_finite():
+def test_perturb_keeps_its_buffers_and_skips_non_finite():
     from samnorm import optim
 
     ws = [torch.randn(4), torch.randn(3, 2)]
     gs = [torch.randn(4), torch.randn(3, 2)]
-    scratch: dict = {}
-    backups = [torch.empty_like(w) for w in ws]
     params = [w.clone() for w in ws]
-    optim.perturb_(params, gs, backups, rhos=[0.1, 0.1], etas=[None, None], eps=0.0, scratch=scratch)
-    kept = {k: v.flat for k, v in scratch.items()}
-    optim.restore_(params, backups)
-    optim.perturb_(params, gs, backups, rhos=[0.2, 0.2], etas=[None, None], eps=0.0, scratch=scratch)
-    assert kept and all(scratch[k].flat is v for k, v in kept.items())  # a new rho, the same buffer
-    optim.restore_(params, backups)
+    state: dict = {}
+    _, saved = optim.perturb_(params, gs, rhos=[0.1, 0.1], etas=[None, None], eps=0.0, state=state)
+    kept = dict(state)
+    optim.restore_(saved)
+    _, saved = optim.perturb_(params, gs, rhos=[0.2, 0.2], etas=[None, None], eps=0.0, state=state)
+    assert kept and all(state[k] is v for k, v in kept.items())  # a new rho, the same buffers
+    optim.restore_(saved)
     gs[1][0, 0] = float("nan")
     for foreach in (None, False):
-        norm = optim.perturb_(params, gs, backups, rhos=[0.1, 0.1], etas=[None, 0.01], eps=0.0, foreach=foreach)
+        norm, _ = optim.perturb_(params, gs, rhos=[0.1, 0.1], etas=[None, 0.01], eps=0.0, foreach=foreach)
         assert not torch.isfinite(norm)
         assert all(torch.equal(p, w) for p, w in zip(params, ws))  # nothing moved
