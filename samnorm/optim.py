@@ -165,7 +165,7 @@ class SAM(Optimizer):
         if isinstance(base_optimizer, SAM):
             raise TypeError("SAM cannot wrap another SAM; wrap its base_optimizer instead")
         for name, value in (("rho", rho), ("eta", eta), ("eps", eps)):
-            _check_nonnegative(name, value)
+            check_nonnegative(name, value)
         # Optimizer.__init__ sets up hooks and profiling for whatever torch version runs; its empty
         # group is replaced at once by the base optimizer's own list (shared, never copied).
         self.base_optimizer: Optimizer | None = None
@@ -279,7 +279,7 @@ class SAM(Optimizer):
             pairs = list(zip(wanted, grads))
         else:
             pairs = [(p, p.grad) for p in params]
-        if self.sync_first_pass and _distributed():
+        if self.sync_first_pass and is_distributed():
             # every rank must issue the same collectives: a missing gradient counts as zero
             pairs = [(p, torch.zeros_like(p) if g is None else g) for p, g in pairs if p.requires_grad]
         else:
@@ -306,7 +306,7 @@ class SAM(Optimizer):
             self._first_nonfinite = None
             return
         if self.sync_first_pass:
-            grads = _all_reduce_mean(grads)
+            grads = all_reduce_mean(grads)
         norm, self._perturbed = perturb_(params, grads, rhos=rhos, etas=etas, eps=self.eps, foreach=self.foreach,
                                          state=self._buffers)
         self.last_grad_norm = norm
@@ -352,7 +352,7 @@ class SAM(Optimizer):
 
     def _set_all(self, key: str, value: Any) -> None:
         if key != "adaptive":
-            _check_nonnegative(key, value)
+            check_nonnegative(key, value)
         value = bool(value) if key == "adaptive" else float(value)
         self.defaults[key] = value
         for g in self.param_groups:
@@ -637,7 +637,16 @@ class SAM(Optimizer):
         return f"{kind}(rho={rho}, perturb={what}, base={self.base_optimizer!r})"
 
 
-def _check_nonnegative(name: str, value: object) -> None:
+def check_nonnegative(name: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number >= 0 (a hyper-
+    parameter such as rho or eta; bools are refused).
+
+    Example:
+        >>> check_nonnegative("rho", 0.05)
+        >>> check_nonnegative("rho", -1)
+        Traceback (most recent call last):
+        ValueError: rho must be a finite number >= 0, got -1
+    """
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < float("inf")):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
@@ -645,23 +654,29 @@ def _check_nonnegative(name: str, value: object) -> None:
 def _group_settings(group: dict[str, Any]) -> tuple[float, bool, float]:
     """A parameter group's (rho, adaptive, eta), checked: a scheduler may have written them."""
     rho, eta = group["rho"], group["eta"]
-    _check_nonnegative('param_group["rho"]', rho)
-    _check_nonnegative('param_group["eta"]', eta)
+    check_nonnegative('param_group["rho"]', rho)
+    check_nonnegative('param_group["eta"]', eta)
     return float(rho), bool(group["adaptive"]), float(eta)
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group with more than one rank is running."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
+def all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
     """The mean of each tensor across ranks (one all-reduce per device and dtype); ``gs`` itself
-    outside ``torch.distributed``."""
+    outside ``torch.distributed`` (see :func:`is_distributed`).
+
+    Example:
+        >>> all_reduce_mean([torch.ones(2)])[0].tolist()   # a single process: unchanged
+        [1.0, 1.0]
+    """
     import torch.distributed as dist
 
-    if not _distributed():
+    if not is_distributed():
         return gs
     if any(g.is_sparse for g in gs):
         raise ValueError("sync_first_pass does not support sparse gradients; use sync_first_pass=False")
