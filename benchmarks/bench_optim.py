@@ -1,6 +1,8 @@
 """SAM perturb/restore and full training steps against their baselines, side by side.
 
-Run: ``python -m pytest benchmarks/bench_optim.py --benchmark-only`` (add ``-k cuda`` on a GPU).
+Run: ``python -m pytest benchmarks/bench_optim.py --benchmark-only`` (add ``-k cuda`` on a GPU), and
+``python benchmarks/bench_optim.py [rounds]`` for the interleaved flat / plain-foreach / per-tensor /
+loop comparison of perturb+restore (benchmarks/RESULTS.md, section 1).
 The baseline "per-parameter loop" is the common formulation of public SAM code: per-tensor norms
 stacked into a global norm, ``e = g * scale`` per tensor, ``p.add_(e)``, and ``p.sub_(e)`` to undo.
 """
