@@ -294,8 +294,6 @@ class SAM(Optimizer):
         group_of = self._group_index()
         params, grads, rhos, etas = [], [], [], []
         for p, g in pairs:
-            if p.is_complex():
-                raise TypeError("SAM does not support complex parameters; perturb real ones only")
             rho, adaptive, eta = settings[group_of[id(p)]]
             params.append(p)
             grads.append(g)
@@ -744,10 +742,9 @@ def perturb_(
     if not params:
         return torch.zeros(()), []
     state = {} if state is None else state
-    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     if foreach is False:
-        return _single_tensor_perturb_(params, grads, rhos, etas, eps, acc, state)
-    return _multi_tensor_perturb_(params, grads, rhos, etas, eps, acc, state)
+        return _single_tensor_perturb_(params, grads, rhos, etas, eps, state)
+    return _multi_tensor_perturb_(params, grads, rhos, etas, eps, state)
 
 
 def restore_(saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]], *, foreach: bool | None = None) -> None:
@@ -761,7 +758,8 @@ def restore_(saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]], *, fore
             torch._foreach_copy_(params, backups)
 
 
-def _single_tensor_perturb_(params, grads, rhos, etas, eps, acc, state):
+def _single_tensor_perturb_(params, grads, rhos, etas, eps, state):
+    acc = _accumulation_dtype({p.dtype for p in params})
     backups = [_save(state, p) for p in params]
     directions = [_direction(p, g, eta, acc) for p, g, eta in zip(params, grads, etas)]
     norm = _total_norm([torch.linalg.vector_norm(v, dtype=acc) for _, v, _ in directions])
@@ -771,19 +769,23 @@ def _single_tensor_perturb_(params, grads, rhos, etas, eps, acc, state):
     return norm, [(params, backups)]
 
 
-def _multi_tensor_perturb_(params, grads, rhos, etas, eps, acc, state):
+def _multi_tensor_perturb_(params, grads, rhos, etas, eps, state):
     # Buckets of dense tensors by (device, dtype, rho, eta, small); a sparse gradient goes per tensor
     buckets: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
-    sparse: tuple[list, list, list] = ([], [], [])
+    sparse_items = []
     for p, g, rho, eta in zip(params, grads, rhos, etas):
         if g.is_sparse:
-            sparse[0].append(p)
-            sparse[1].append(_save(state, p))
-            sparse[2].append((rho, _direction(p, g, eta, acc)))
+            sparse_items.append((p, g, rho, eta))
         else:
             ps, gs = buckets[(p.device, p.dtype, rho, eta, p.numel() <= _FLAT_MAX_NUMEL)]
             ps.append(p)
             gs.append(g)
+    acc = _accumulation_dtype({key[1] for key in buckets} | {p.dtype for p, *_ in sparse_items})
+    sparse: tuple[list, list, list] = ([], [], [])
+    for p, g, rho, eta in sparse_items:
+        sparse[0].append(p)
+        sparse[1].append(_save(state, p))
+        sparse[2].append((rho, _direction(p, g, eta, acc)))
     norms = [torch.linalg.vector_norm(v, dtype=acc) for _, (_, v, _) in sparse[2]]
     saved, directions = [], []
     ordinal: dict[tuple, int] = defaultdict(int)
@@ -904,6 +906,14 @@ def _guard_(vs: list[torch.Tensor]) -> None:
     select). A direction may be the first-pass gradient itself, which the ascent consumes."""
     for v in vs:
         v.nan_to_num_(0.0, 0.0, 0.0)
+
+
+def _accumulation_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    """float64 if a tensor is float64, else float32 (fp16/bf16 norms and scales would overflow or
+    underflow); complex parameters are refused before anything moves."""
+    if any(d.is_complex for d in dtypes):
+        raise TypeError("SAM does not support complex parameters; perturb real ones only")
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _total_norm(norms: list[torch.Tensor]) -> torch.Tensor:
