@@ -1,0 +1,495 @@
+"""samnorm.variants (every-k SAM, LookSAM, one-pass ascent) against float64 per-parameter references."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from test_optim import _batch, _ce, _closure, _mlp, _net, _RefAdamW, _RefSGD
+from torch import nn
+
+import samnorm
+from samnorm.variants import IntervalSAM, LookSAM, OnePassSAM, make
+
+EPS = 1e-12  # SAM's default eps, in the reference too
+
+# ----------------------------------------------------------------------------- references
+
+
+def _sq(vs):
+    return sum(float((v * v).sum()) for v in vs)
+
+
+def _ref_interval(model, sel, x, y, steps, base, rho, k, alpha):
+    """Every-k SAM and LookSAM as a plain loop over parameters (float64), from the definitions."""
+    params = list(model.parameters())
+    gv = None
+    for t in range(steps):
+        g = torch.autograd.grad(_ce(model, x, y), params)
+        if t % k == 0:
+            norm = math.sqrt(_sq(gi for gi, s in zip(g, sel) if s))
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, gi, s in zip(params, g, sel):
+                    if s:
+                        p += rho * gi / (norm + EPS)
+            g_s = torch.autograd.grad(_ce(model, x, y), params)
+            with torch.no_grad():
+                for p, w in zip(params, saved):
+                    p.copy_(w)
+            pairs = [(gi, gsi) for gi, gsi, s in zip(g, g_s, sel) if s]
+            gg = sum(float((a * a).sum()) for a, _ in pairs)
+            coef = sum(float((a * b).sum()) for a, b in pairs) / gg if gg > 0 else 0.0
+            gv = [b - coef * a for a, b in pairs]
+            with torch.no_grad():
+                base.step(params, g_s)
+        else:
+            gn, vn = math.sqrt(_sq(gi for gi, s in zip(g, sel) if s)), math.sqrt(_sq(gv))
+            it = iter(gv)
+            g = [gi + alpha * gn / vn * next(it) if s and vn > 0 else gi for gi, s in zip(g, sel)]
+            with torch.no_grad():
+                base.step(params, g)
+
+
+def _ref_onepass(model, sel, x, y, steps, base, rho, direction):
+    """One-pass ascent as a plain loop: d = minus the reference optimizer's momentum (MSAM) or the last
+    gradient."""
+    params = list(model.parameters())
+    prev = None
+    for t in range(steps):
+        if t == 0:
+            d = None
+        elif direction == "grad":
+            d = prev
+        else:
+            d = [-(base.buf[i] if isinstance(base, _RefSGD) else base.m[i]) for i in range(len(params))]
+        saved = [p.detach().clone() for p in params]
+        if d is not None:
+            norm = math.sqrt(_sq(di for di, s in zip(d, sel) if s))
+            with torch.no_grad():
+                for p, di, s in zip(params, d, sel):
+                    if s and norm > 0:
+                        p += rho * di / (norm + EPS)
+        g = torch.autograd.grad(_ce(model, x, y), params)
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
+            base.step(params, g)
+        prev = [gi.clone() for gi in g]
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _train(opt, model, x, y, steps, form):
+    """``steps`` steps in one of the three forms every variant accepts."""
+    for _ in range(steps):
+        if form == "closure":
+            opt.step(_closure(opt, model, x, y))
+        elif isinstance(opt, OnePassSAM):
+            opt.first_step()
+            with opt.second_pass(model):
+                _ce(model, x, y).backward()
+            opt.second_step(zero_grad=True)
+        else:
+            if form == "loss":
+                with opt.first_pass(model):
+                    loss = _ce(model, x, y)
+                opt.first_step(loss)
+            else:
+                _ce(model, x, y).backward()
+                opt.first_step(zero_grad=True)
+            if opt.is_sam_step:
+                with opt.second_pass(model):
+                    _ce(model, x, y).backward()
+            opt.second_step(zero_grad=True)
+
+
+def _setup(seed, width, which, opt="sgd"):
+    model = _net(seed, width, nn.LayerNorm)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    if opt == "sgd":
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        ref_base = _RefSGD(0.05, 0.9, 1e-3)
+    else:
+        base = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+        ref_base = _RefAdamW(0.01, 0.05)
+    perturb = {"all": None, "norm": model, "first": list(model[0].parameters())}[which]
+    ref_sel = {"all": list(ref.parameters()), "norm": list(samnorm.norm_layers(ref)),
+               "first": list(ref[0].parameters())}[which]
+    sel = [any(p is s for s in ref_sel) for p in ref.parameters()]
+    return model, ref, x, y, base, ref_base, perturb, sel
+
+
+def _assert_same(a, b, exact=False):
+    for p, q in zip(a.parameters(), b.parameters()):
+        if exact:
+            assert torch.equal(p, q)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- against references
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    width=st.integers(2, 7),
+    rho=st.one_of(st.just(0.0), st.floats(0.05, 2.0)),
+    k=st.integers(1, 3),
+    alpha=st.sampled_from([0.0, 0.5, 1.3]),
+    which=st.sampled_from(["all", "norm", "first"]),
+    form=st.sampled_from(["loss", "grad", "closure"]),
+)
+def test_interval_and_looksam_match_float64_reference(seed, width, rho, k, alpha, which, form):
+    # For rho -> 0, g_v = g_s - coef g is rounding noise that LookSAM scales to alpha ||g||: the update
+    # is then ill-conditioned by construction, so LookSAM is compared where g_s and g differ.
+    assume(rho > 0 or alpha == 0)
+    model, ref, x, y, base, ref_base, perturb, sel = _setup(seed, width, which)
+    opt = (LookSAM(base, perturb, k=k, alpha=alpha, rho=rho) if alpha
+           else IntervalSAM(base, perturb, k=k, rho=rho))
+    _train(opt, model, x, y, 2 * k + 1, form)
+    _ref_interval(ref, sel, x, y, 2 * k + 1, ref_base, rho, k, alpha)
+    _assert_same(model, ref)
+    assert opt.steps == 2 * k + 1
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    width=st.integers(2, 7),
+    rho=st.floats(0.0, 2.0),
+    direction=st.sampled_from(["momentum", "grad"]),
+    opt=st.sampled_from(["sgd", "adamw"]),
+    which=st.sampled_from(["all", "norm", "first"]),
+    form=st.sampled_from(["two_step", "closure"]),
+)
+def test_onepass_matches_float64_reference(seed, width, rho, direction, opt, which, form):
+    model, ref, x, y, base, ref_base, perturb, sel = _setup(seed, width, which, opt)
+    sam = OnePassSAM(base, perturb, direction=direction, rho=rho)
+    _train(sam, model, x, y, 4, form)
+    _ref_onepass(ref, sel, x, y, 4, ref_base, rho, direction)
+    _assert_same(model, ref)
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@given(seed=st.integers(0, 1000), rho=st.floats(1e-3, 2.0), form=st.sampled_from(["loss", "grad", "closure"]),
+       adaptive=st.booleans())
+def test_interval_k1_is_sam_bit_exactly(seed, rho, form, adaptive):
+    torch.manual_seed(seed)
+    a = _mlp(nn.BatchNorm1d)
+    b = copy.deepcopy(a)
+    x, y = _batch()
+    sam = samnorm.SAM(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, rho=rho, adaptive=adaptive)
+    var = IntervalSAM(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), b, k=1, rho=rho, adaptive=adaptive)
+    for _ in range(3):
+        if form == "closure":
+            sam.step(_closure(sam, a, x, y))
+        else:  # SAM's own two-step form; the variant sees the same calls
+            if form == "loss":
+                sam.first_step(_ce(a, x, y))
+            else:
+                _ce(a, x, y).backward()
+                sam.first_step(zero_grad=True)
+            with sam.second_pass(a):
+                _ce(a, x, y).backward()
+            sam.second_step(zero_grad=True)
+    _train(var, b, x, y, 3, form)
+    _assert_same(a, b, exact=True)
+    assert torch.equal(a[1].running_mean, b[1].running_mean)
+
+
+@given(seed=st.integers(0, 1000), k=st.integers(2, 4), form=st.sampled_from(["loss", "grad", "closure"]))
+def test_looksam_alpha0_is_interval_and_its_plain_steps_are_the_base_step(seed, k, form):
+    torch.manual_seed(seed)
+    a = _mlp()
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    x, y = _batch()
+    ia = IntervalSAM(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, k=k, rho=0.3)
+    lb = LookSAM(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), b, k=k, alpha=0.0, rho=0.3)
+    _train(ia, a, x, y, k + 1, form)
+    _train(lb, b, x, y, k + 1, form)
+    _assert_same(a, b, exact=True)
+    # step k + 1 is a plain step: the base optimizer's step on the same state
+    assert not lb.is_sam_step
+    base_c = torch.optim.SGD(c.parameters(), lr=0.1, momentum=0.9)
+    c.load_state_dict(b.state_dict())
+    base_c.load_state_dict(copy.deepcopy(lb.base_optimizer.state_dict()))  # no shared buffers
+    _train(lb, b, x, y, 1, form)
+    _ce(c, x, y).backward()
+    base_c.step()
+    _assert_same(b, c, exact=True)
+
+
+@given(seed=st.integers(0, 1000), rho=st.floats(1e-3, 2.0), direction=st.sampled_from(["momentum", "grad"]))
+def test_onepass_with_zero_direction_is_the_base_step(seed, rho, direction):
+    torch.manual_seed(seed)
+    a = _mlp(dtype=torch.float64)
+    b = copy.deepcopy(a)
+    x, y = _batch(torch.float64)
+    opt = OnePassSAM(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, rho=rho, direction=direction)
+    base_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    for i in range(3):
+        if i == 2:  # zero the direction: the step must be the plain base step
+            for p in opt.perturbed_parameters():
+                opt.state[p]["momentum_buffer"].zero_()
+            if opt._vec is not None:
+                opt._vec.load("d", [None] * len(opt._vec.params))
+            b.load_state_dict(a.state_dict())
+            base_b.load_state_dict(copy.deepcopy(opt.base_optimizer.state_dict()))
+        _train(opt, a, x, y, 1, "two_step")
+        base_b.zero_grad()
+        _ce(b, x, y).backward()
+        base_b.step()
+        if i == 0:  # step 0 has no direction yet
+            _assert_same(a, b, exact=True)
+    _assert_same(a, b, exact=True)
+
+
+@pytest.mark.parametrize("name, kw", [("interval", {"k": 2}), ("looksam", {"k": 2, "alpha": 0.7}),
+                                       ("onepass", {"direction": "momentum"}), ("onepass", {"direction": "grad"})])
+@pytest.mark.parametrize("form", ["loss", "closure"])
+def test_state_dict_round_trip_resumes_bit_identically(name, kw, form):
+    x, y = _batch()
+
+    def build():
+        torch.manual_seed(3)
+        m = _mlp(nn.BatchNorm1d)
+        return m, make(name, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, rho=0.2, **kw)
+
+    full_m, full_o = build()
+    _train(full_o, full_m, x, y, 6, form)
+    m, o = build()
+    _train(o, m, x, y, 3, form)  # k=2: resumes in the middle of a cycle
+    buf = io.BytesIO()
+    torch.save({"model": m.state_dict(), "opt": o.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    m2, o2 = build()
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    assert o2.steps == 3
+    _train(o2, m2, x, y, 3, form)
+    for p, q in zip(full_m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name, kw", [("interval", {"k": 2}), ("looksam", {"k": 2}), ("onepass", {}),
+                                       ("onepass", {"direction": "grad"})])
+def test_no_host_sync_in_the_step(monkeypatch, name, kw):
+    model = _mlp()
+    opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.1, **kw)
+    x, y = _batch()
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("host sync in the step")
+
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    monkeypatch.setattr(torch.Tensor, "__bool__", forbidden)
+    monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+    _train(opt, model, x, y, 3, "loss")
+    _train(opt, model, x, y, 3, "closure")
+
+
+def test_closure_runs_as_often_as_the_step_needs():
+    model = _mlp()
+    x, y = _batch()
+    calls = []
+
+    def counting(opt):
+        inner = _closure(opt, model, x, y)
+        return lambda: (calls.append(1), inner())[1]
+
+    for opt, want in [(IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=3), [2, 1, 1, 2]),
+                      (OnePassSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model), [1] * 4)]:
+        got = []
+        for _ in range(4):
+            calls.clear()
+            loss = opt.step(counting(opt))
+            got.append(len(calls))
+            assert loss.ndim == 0
+        assert got == want
+
+
+def test_onepass_updates_batchnorm_statistics_and_restores_on_error():
+    model = _mlp(nn.BatchNorm1d)
+    x, y = _batch()
+    opt = OnePassSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5)
+    opt.step(_closure(opt, model, x, y))
+    assert int(model[1].num_batches_tracked) == 1  # the one pass is also the statistics' pass
+    _train(opt, model, x, y, 1, "closure")
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def failing():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(failing)
+    for p, w in zip(model.parameters(), before):
+        assert torch.equal(p, w)
+
+
+def test_interval_plain_steps_keep_ddp_sync():
+    class FakeDDP(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.no_sync_calls = module, 0
+
+        def no_sync(self):
+            self.no_sync_calls += 1
+            return torch.enable_grad()
+
+    model = FakeDDP(_mlp())
+    opt = IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=2)
+    x, y = _batch()
+    for want in (1, 1, 2):  # steps 0 (SAM), 1 (plain), 2 (SAM)
+        with opt.first_pass(model):
+            loss = _ce(model.module, x, y)
+        opt.first_step(loss)
+        if opt.is_sam_step:
+            _ce(model.module, x, y).backward()
+        opt.second_step(zero_grad=True)
+        assert model.no_sync_calls == want
+
+
+def test_looksam_keeps_previous_gv_when_the_sam_gradient_is_not_finite():
+    model = _mlp()
+    x, y = _batch()
+    opt = LookSAM(torch.optim.SGD(model.parameters(), lr=0.0), model, k=1, alpha=1.0, rho=0.1)
+    _train(opt, model, x, y, 1, "loss")
+    gv = [v.clone() for v in opt._vec.views("gv")]
+    assert _sq(gv) > 0
+    opt.first_step(_ce(model, x, y))
+    _ce(model, x, y).backward()
+    model[1].weight.grad[0] = float("inf")
+    opt.second_step(zero_grad=True)
+    for a, b in zip(gv, opt._vec.views("gv")):
+        assert torch.equal(a, b)
+
+
+def test_clear_errors():
+    model = _mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        IntervalSAM(sgd, model, k=0)
+    with pytest.raises(ValueError, match="alpha must be"):
+        LookSAM(sgd, model, alpha=-1.0)
+    with pytest.raises(ValueError, match="direction must be"):
+        OnePassSAM(sgd, model, direction="adam")
+    with pytest.raises(ValueError, match="unknown SAM variant 'msam'"):
+        make("msam", sgd, model)
+    opt = OnePassSAM(sgd, model)  # SGD without momentum
+    x, y = _batch()
+    with pytest.raises(ValueError, match="before the forward pass, without a loss"):
+        opt.first_step(_ce(model, x, y))
+    _train(opt, model, x, y, 1, "two_step")
+    with pytest.raises(ValueError, match="direction='grad'"):
+        opt.first_step()
+    iv = IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=2)
+    with pytest.raises(RuntimeError, match="without first_step"):
+        iv.second_step()
+    _train(iv, model, x, y, 1, "loss")
+    iv.first_step(_ce(model, x, y))
+    with pytest.raises(RuntimeError, match="first_step called twice"):
+        iv.first_step()
+    with pytest.raises(RuntimeError, match="after second_step"):
+        iv.state_dict()
+
+
+def test_step_cost_benchmark_runs_every_candidate_interleaved():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_step_cost.py"
+    spec = importlib.util.spec_from_file_location("bench_step_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 5))
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    steps = bench.build_steps(model, x, y, list(bench.CANDIDATES))
+    out = bench.interleaved(steps, rounds=2, block=4, warmup=0)
+    assert set(out) == set(bench.CANDIDATES)
+    assert out["sgd"]["cpu"]["paired_ratio_median"] == 1.0 and len(out["looksam4"]["wall"]["step_ms"]) == 2
+    summaries = [s for c in out.values() for s in c.values()]
+    assert all(math.isfinite(s["ratio_of_medians"]) and s["median_ms"] > 0 for s in summaries)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "| `onepass_grad` |" in bench.table({"candidates": out})
+    with pytest.raises(ValueError, match="must include 'sgd'"):
+        bench.build_steps(model, x, y, ["sam_on_loss"])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        bench.interleaved(steps, rounds=1, block=3)
+
+
+def test_onepass_perturbs_against_the_momentum_and_leaves_it_bit_identical():
+    model = _mlp()
+    x, y = _batch()
+    opt = OnePassSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5)
+    _train(opt, model, x, y, 2, "two_step")
+    params = opt.perturbed_parameters()
+    m = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    w = [p.detach().clone() for p in params]
+    opt.first_step()
+    e = [p.detach() - w0 for p, w0 in zip(params, w)]
+    dot = sum(float((a * b).sum()) for a, b in zip(e, m))
+    assert math.isclose(math.sqrt(_sq(e)), 0.5, rel_tol=1e-5) and dot < 0  # e = -rho m / ||m||
+    for p, m0 in zip(params, m):
+        assert torch.equal(opt.state[p]["momentum_buffer"], m0)
+    opt.restore()
+
+
+@pytest.mark.parametrize("name, kw", [("interval", {"k": 2}), ("looksam", {"k": 2, "alpha": 0.7}),
+                                       ("onepass", {"direction": "grad"})])
+def test_step_without_closure_and_grad_scaler_finish_the_step_like_second_step(name, kw):
+    """``step()`` after first_step (what frameworks call) and ``second_step(scaler=...)`` with a
+    GradScaler (scaled losses) train as ``second_step()`` does."""
+    x, y = _batch()
+    runs = []
+    for finish in ("second_step", "step", "scaler"):
+        torch.manual_seed(3)
+        model = _mlp()
+        opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.2, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if finish == "scaler" else None
+        scale = scaler.scale if scaler else (lambda t: t)
+        for _ in range(5):
+            if name == "onepass":
+                opt.first_step()
+            else:
+                opt.first_step(scale(_ce(model, x, y)))
+            if opt.is_sam_step:
+                with opt.second_pass(model):
+                    scale(_ce(model, x, y)).backward()
+            if finish == "step":
+                opt.step()
+            else:
+                opt.second_step(scaler=scaler)
+            opt.zero_grad()
+            if scaler:
+                scaler.update()
+        assert opt.steps == 5
+        runs.append(model)
+    _assert_same(runs[0], runs[1], exact=True)
+    for p, q in zip(runs[0].parameters(), runs[2].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, kw", [("looksam", {"k": 2, "alpha": 0.7}), ("onepass", {"direction": "grad"}),
+                                       ("onepass", {})])
+def test_low_precision_parameters_keep_float32_vectors(name, kw):
+    model = _mlp(dtype=torch.bfloat16)
+    x, y = _batch(torch.bfloat16)
+    opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.2, **kw)
+    _train(opt, model, x, y, 4, "closure")
+    assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in model.parameters())
+    if opt._vec is not None:
+        assert all(f.dtype == torch.float32 for flats in opt._vec.flats.values() for f in flats)
