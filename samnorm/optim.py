@@ -679,7 +679,7 @@ def all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
     if any(g.is_sparse for g in gs):
         raise ValueError("sync_first_pass does not support sparse gradients; use sync_first_pass=False")
     reduced: dict[int, torch.Tensor] = {}
-    for (group,) in _by_device_and_dtype(gs).values():
+    for group in _by_device_and_dtype(gs).values():
         flat = torch.cat([g.reshape(-1) for g in group])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
@@ -693,9 +693,10 @@ _FLAT_MAX_NUMEL = 1 << 16
 
 # ---------------------------------------------------------------------------------------------
 # The arithmetic, as functions over tensor lists (the layout of torch.optim.sgd): ``perturb_`` and
-# ``restore_`` pick the grouped (``_multi_tensor_*``: ``torch._foreach_*`` kernels per device and
-# dtype) or the per-tensor (``_single_tensor_*``) implementation; both compute the same thing, in
-# the same order, so that they agree to the last bit on one device and dtype.
+# ``restore_`` pick the grouped (``_multi_tensor_*``: buckets per device, dtype and settings, a flat
+# buffer for small tensors, ``torch._foreach_*`` kernels for large ones) or the per-tensor
+# (``_single_tensor_*``) implementation. Both apply the same operations in the same order; they
+# differ only in how the global norm's sum is ordered (tests/test_optim.py bounds the difference).
 
 
 def perturb_(
@@ -728,8 +729,8 @@ def perturb_(
 
     Returns:
         ``(norm, saved)``: ``||T g||`` as a tensor on ``params[0]``'s device (never read on the
-        host here), and the ``(params, backups)`` lists, one pair per device and dtype, that
-        :func:`restore_` copies back.
+        host here), and the ``(params, backups)`` lists (one pair per bucket of one device and
+        dtype on the grouped path) that :func:`restore_` copies back.
 
     Example:
         >>> w, g = torch.ones(3), torch.tensor([3.0, 0.0, 4.0])
@@ -930,15 +931,9 @@ def _scales(norm: torch.Tensor, rhos: list[float], eps: float) -> dict[float, to
     return {rho: torch.where(ok, rho / denom, 0.0) for rho in set(rhos)}
 
 
-def _by_device_and_dtype(*lists: list[torch.Tensor]) -> dict[tuple, tuple[list[torch.Tensor], ...]]:
-    """Parallel lists split by the (device, dtype) of the first list's tensors, order kept (what
-    torch.optim does before its ``_foreach`` kernels, which need one device and dtype per call)."""
-    out: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
-    for items in zip(*lists):
-        key = (items[0].device, items[0].dtype)
-        group = out.get(key)
-        if group is None:
-            group = out[key] = tuple([] for _ in lists)
-        for dst, x in zip(group, items):
-            dst.append(x)
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    """``tensors`` split by (device, dtype), order kept (a collective takes one of each)."""
+    out: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        out[(t.device, t.dtype)].append(t)
     return out
