@@ -45,7 +45,7 @@ __all__ = ["EXIT_DIVERGED", "EXIT_USAGE", "build_parser", "main"]
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
 # Modules of other parts of samnorm that add their own sub-commands with ``add_parser(subparsers)``;
 # each must be importable without torch or timm (the parser is built for every --help).
-_PLUGINS = ("samnorm.demo", "samnorm.diagnostics.cli")
+_PLUGINS = ("samnorm.demo.cli", "samnorm.diagnostics.cli")
 _DEFAULT_SCORERS = "msp,max_logit,energy"
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import subprocess
+import sys
 import math
 from pathlib import Path
 
@@ -18,6 +21,7 @@ pytest.importorskip("mlxtend")
 pytest.importorskip("skimage")
 
 from samnorm import demo  # noqa: E402
+from samnorm.demo import stats  # noqa: E402
 from samnorm.demo import ARMS, SCORER_NAMES, DemoConfig  # noqa: E402
 
 TINY = dict(
@@ -84,9 +88,15 @@ def test_markdown_tables_and_files(tiny) -> None:
     assert text == report.markdown
     for scorer in SCORER_NAMES:
         assert text.count(f"| {scorer} |") == 2 * (1 + 4)  # FPR95 and AUROC, average and 4 sets
-    for name in ("SAM-ON", "SGD", "full SAM", "SAM-ON − SGD", "ID accuracy", "Convention", "How the defaults"):
+    for name in ("SAM-ON", "SGD", "full SAM", "SAM-ON − SGD", "ID accuracy", "Convention", "How the defaults",
+                 "samnorm.recipe.finetune", "95% Student-t interval", "appendix's quantities"):
         assert name in text
-    assert "Target" in text and ("met" in text)
+    assert "Target" not in text  # conclusions are intervals, not a pass/fail target
+    # Each difference cell is "mean [low, high]" from the report's data.
+    d = report.data["differences"]["sam_on"]["vs_sgd"]["MSP"]["FPR95"]
+    from samnorm.demo.report import interval_text
+
+    assert interval_text(d) in text and "[" in interval_text(d)
     for key, path in report.files.items():
         assert Path(path).stat().st_size > 0, key
     pngs = sorted(Path(config.out_dir).glob("*.png"))
@@ -97,15 +107,17 @@ def test_markdown_tables_and_files(tiny) -> None:
 def test_metrics_match_sklearn_on_the_cached_model(tiny) -> None:
     from sklearn.metrics import roc_auc_score, roc_curve
 
+    from samnorm.demo.data import load_data, logits
+
     config, report = tiny
     model, info = demo.pretrain(config)
     assert info["cached"]
-    data = demo._load_data(config)
-    logits_id = demo._logits(model, data.test[0])
+    data = load_data(config)
+    logits_id = logits(model, data.test[0])
     assert report.data["pretrained"]["id_accuracy"] == pytest.approx(
         float((logits_id.argmax(1) == data.test[1]).double().mean()))
     for name, x in data.ood.items():
-        logits_ood = demo._logits(model, x)
+        logits_ood = logits(model, x)
         for scorer, fn in (("MSP", lambda z: z.double().softmax(1).amax(1)), ("Energy", lambda z: z.double().logsumexp(1))):
             s_id, s_ood = fn(logits_id).numpy(), fn(logits_ood).numpy()
             labels = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]
@@ -114,6 +126,22 @@ def test_metrics_match_sklearn_on_the_cached_model(tiny) -> None:
             row = report.data["pretrained"]["metrics"][scorer][name]
             assert row["AUROC"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
             assert row["FPR95"] == pytest.approx(fpr[np.searchsorted(tpr, 0.95)], abs=1e-6)
+    # The theory quantities: a plain per-sample float64 loop over autograd gradients of the FC layer.
+    fc = model.get_classifier()
+    x = data.test[0][:8]
+    expected = []
+    for i in range(len(x)):
+        model.zero_grad()
+        out = model(x[i : i + 1]).double()
+        torch.nn.functional.cross_entropy(out, out.argmax(1)).backward()
+        grads = [p.grad.double().flatten() for p in fc.parameters()]
+        expected.append(torch.cat(grads).norm().item())
+    from samnorm.demo.run import theory_quantities
+
+    small = dataclasses.replace(data, test=(x, data.test[1][:8]))
+    got = theory_quantities(model, small)
+    assert got["id"]["grad_norm"] == pytest.approx(float(np.mean(expected)), rel=1e-4)
+    assert got["id"]["max_logit"] == pytest.approx(float(logits_id[:8].amax(1).double().mean()), rel=1e-5)
 
 
 def test_cache_is_keyed_by_configuration_and_survives_corruption(tiny, tmp_path) -> None:
@@ -147,30 +175,52 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path) -> None:
     assert demo.default_cache_dir() == tmp_path / "explicit"
 
 
-def test_arms_share_data_order_loss_and_sampler(tiny) -> None:
+def test_arms_run_through_the_recipe_and_share_data_order_loss_and_sampler(tiny) -> None:
     # SAM with rho = 0 perturbs nothing, so SAM-ON and full SAM at rho 0 must reproduce the SGD arm
     # bit for bit: that holds only if all arms see the same batches, pseudo-OOD images and loss.
+    from samnorm.demo.data import load_data
+    from samnorm.demo.run import arm_config, finetune_copy
+
     config, _ = tiny
     model, _ = demo.pretrain(config)
-    data = demo._load_data(config)
+    data = load_data(config)
     train = (data.train[0][:96], data.train[1][:96])
-    sgd = demo.finetune(model, "sgd", 3, train, demo.arm_recipe(config, "sgd"))
+    sgd = finetune_copy(model, train, arm_config(config, "sgd"), 3)
     for arm in ("sam_on", "sam"):
-        tuned = demo.finetune(model, arm, 3, train, demo.arm_recipe(config, arm, rho=0.0))
+        tuned = finetune_copy(model, train, arm_config(config, arm, rho=0.0), 3)
         for a, b in zip(sgd.state_dict().values(), tuned.state_dict().values()):
             assert torch.equal(a, b)
+    # The demo's runs are samnorm.recipe.finetune's: the same call by hand gives the same weights.
+    import copy
+
+    from samnorm.recipe import finetune
+
+    by_hand = copy.deepcopy(model)
+    finetune(by_hand, train, arm_config(config, "sam_on"), seed=3, progress=False, log=lambda _: None)
+    via_demo = finetune_copy(model, train, arm_config(config, "sam_on"), 3)
+    for a, b in zip(by_hand.state_dict().values(), via_demo.state_dict().values()):
+        assert torch.equal(a, b)
     # With rho > 0 the arms differ, the same seed repeats exactly, another seed differs.
-    sam_on = demo.finetune(model, "sam_on", 3, train, demo.arm_recipe(config, "sam_on", rho=0.5))
-    repeat = demo.finetune(model, "sam_on", 3, train, demo.arm_recipe(config, "sam_on", rho=0.5))
-    other = demo.finetune(model, "sam_on", 4, train, demo.arm_recipe(config, "sam_on", rho=0.5))
-    weights = [torch.cat([p.flatten() for p in m.parameters()]) for m in (sgd, sam_on, repeat, other)]
+    sam_on = finetune_copy(model, train, arm_config(config, "sam_on", rho=0.5), 3)
+    other = finetune_copy(model, train, arm_config(config, "sam_on", rho=0.5), 4)
+    weights = [torch.cat([p.flatten() for p in m.parameters()]) for m in (sgd, sam_on, other)]
     assert not torch.equal(weights[0], weights[1])
-    assert torch.equal(weights[1], weights[2])
-    assert not torch.equal(weights[1], weights[3])
+    assert not torch.equal(weights[1], weights[2])
     # The pretrained model is never modified by fine-tuning.
     fresh, _ = demo.pretrain(config)
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_arm_config_maps_arms_onto_recipe_optimizers() -> None:
+    from samnorm.demo.run import arm_config
+
+    cfg = DemoConfig(adaptive_sam_on=False, adaptive_sam=True, rho_sam_on=0.3, rho_sam=0.02, ood_ratio=0.0)
+    assert (arm_config(cfg, "sam_on").optimizer, arm_config(cfg, "sam_on").rho) == ("sam-on", 0.3)
+    assert (arm_config(cfg, "sam").optimizer, arm_config(cfg, "sam").rho) == ("asam", 0.02)
+    assert arm_config(cfg, "sgd").optimizer == "sgd" and arm_config(cfg, "sgd").ood_ratio == 0.0
+    with pytest.raises(ValueError, match="unknown arm"):
+        arm_config(cfg, "adam")
 
 
 def test_sam_on_perturbs_only_groupnorm_parameters(tiny) -> None:
@@ -188,7 +238,7 @@ def test_sam_on_perturbs_only_groupnorm_parameters(tiny) -> None:
 @given(st.lists(st.lists(st.floats(-10, 10), min_size=3, max_size=3), min_size=1, max_size=5))
 def test_mean_std_matches_numpy(rows: list[list[float]]) -> None:
     runs = [{"a": r[0], "b": {"c": r[1], "d": r[2]}} for r in rows]
-    mean, std = demo._mean_std(runs)
+    mean, std = stats.mean_std(runs)
     values = np.array(rows)
     expected_std = values.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros(3)
     assert mean["a"] == pytest.approx(values[:, 0].mean(), abs=1e-9)
@@ -196,38 +246,56 @@ def test_mean_std_matches_numpy(rows: list[list[float]]) -> None:
     assert std["b"]["c"] == pytest.approx(expected_std[1], abs=1e-9)
 
 
-@settings(max_examples=50, deadline=None)
-@given(st.floats(-1, 1), st.floats(0, 1), st.booleans())
-def test_verdict(delta: float, spread: float, lower_is_better: bool) -> None:
-    verdict = demo._verdict(delta, spread, lower_is_better)
-    if abs(delta) <= spread:
-        assert verdict == "within spread"
-    else:
-        assert verdict == ("better" if (delta < 0) == lower_is_better else "worse")
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-1, 1), min_size=2, max_size=12), st.sampled_from([0.8, 0.9, 0.95, 0.99]))
+def test_t_interval_matches_scipy(values: list[float], level: float) -> None:
+    from scipy import stats as sps
+
+    got = stats.t_interval(values, level)
+    x = np.asarray(values)
+    assert got["mean"] == pytest.approx(x.mean(), abs=1e-12)
+    if x.std() > 1e-9:
+        ref = sps.ttest_1samp(x, 0.0).confidence_interval(level)
+        assert (got["low"], got["high"]) == (pytest.approx(ref.low, abs=1e-9), pytest.approx(ref.high, abs=1e-9))
+    assert got["low"] <= got["mean"] <= got["high"]
 
 
-def _synthetic(pre_fpr: float, sgd: list[float], sam_on: list[float], acc_on: list[float]) -> dict:
-    def block(fpr: float, acc: float) -> dict:
-        return {"id_accuracy": acc, "metrics": {s: {"average": {"FPR95": fpr, "AUROC": 1 - fpr}} for s in ("MSP", "Energy")}}
+def test_bootstrap_interval_matches_a_plain_loop_and_paired_differences() -> None:
+    x = np.array([0.3, -0.1, 0.25, 0.05, 0.4, -0.2, 0.15])
+    got = stats.bootstrap_interval(x, 0.9, n_boot=2000, seed=5)
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, len(x), size=(2000, len(x)))
+    means = sorted(sum(x[j] for j in row) / len(x) for row in idx)
+    assert got["low"] == pytest.approx(np.quantile(means, 0.05)) and got["high"] == pytest.approx(np.quantile(means, 0.95))
+    a, b = [0.5, 0.6, 0.7], [0.4, 0.4, 0.4]
+    assert stats.paired(a, b)["mean"] == pytest.approx(0.2)
+    assert stats.paired(a, b)["low"] == pytest.approx(stats.t_interval([0.1, 0.2, 0.3])["low"])
+    with pytest.raises(ValueError, match="as many"):
+        stats.paired([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="level"):
+        stats.t_interval([1.0, 2.0], 1.5)
+    assert math.isnan(stats.t_interval([1.0])["low"])
 
-    report = {"pretrained": block(pre_fpr, 0.95), "arms": {}}
-    for arm, fprs, accs in (("sgd", sgd, [0.95] * len(sgd)), ("sam_on", sam_on, acc_on)):
-        mean, std = demo._mean_std([block(f, a) for f, a in zip(fprs, accs)])
-        report["arms"][arm] = {"mean": mean, "std": std}
-    report["comparisons"] = demo._compare(report)
+
+def _synthetic(pre_fpr: float, sgd: list[float], sam_on: list[float]) -> dict:
+    def block(fpr: float) -> dict:
+        return {"id_accuracy": 0.95, "metrics": {s: {"average": {"FPR95": fpr, "AUROC": 1 - fpr}} for s in ("MSP", "Energy")}}
+
+    report = {"pretrained": block(pre_fpr), "arms": {}}
+    for arm, fprs in (("sgd", sgd), ("sam_on", sam_on)):
+        report["arms"][arm] = {"seeds": {str(i): block(f) for i, f in enumerate(fprs)}}
     return report
 
 
-def test_target_requires_gaps_beyond_the_spread() -> None:
-    met = demo._target(_synthetic(0.5, [0.30, 0.31, 0.32], [0.10, 0.11, 0.12], [0.95, 0.95, 0.95]))
-    assert met["evaluated"] and met["met"]
-    # SAM-ON's mean is lower than SGD's but the seeds overlap: not beyond the spread.
-    close = demo._target(_synthetic(0.5, [0.30, 0.35, 0.40], [0.28, 0.33, 0.38], [0.95, 0.95, 0.95]))
-    assert not close["met"] and not close["checks"]["MSP FPR95 below sgd beyond spread"]
-    assert close["checks"]["MSP FPR95 below pretrained beyond spread"]
-    # 1.5 points of ID accuracy lost.
-    lossy = demo._target(_synthetic(0.5, [0.30, 0.31, 0.32], [0.10, 0.11, 0.12], [0.935, 0.935, 0.935]))
-    assert not lossy["met"] and not lossy["checks"]["ID accuracy loss <= 1 point"]
+def test_differences_are_paired_seed_by_seed() -> None:
+    # SAM-ON is 1 point below SGD on every seed: the seeds vary a lot, the paired difference does not.
+    report = _synthetic(0.5, [0.30, 0.40, 0.20], [0.29, 0.39, 0.19])
+    d = stats.differences(report)["sam_on"]
+    assert d["vs_sgd"]["MSP"]["FPR95"]["mean"] == pytest.approx(-0.01)
+    assert d["vs_sgd"]["MSP"]["FPR95"]["high"] == pytest.approx(-0.01)  # zero spread of the differences
+    assert d["vs_pretrained"]["Energy"]["FPR95"]["mean"] == pytest.approx(0.29 - 0.5)
+    assert d["vs_pretrained"]["Energy"]["FPR95"]["low"] < d["vs_pretrained"]["Energy"]["FPR95"]["mean"]
+    assert "vs_sgd" not in stats.differences(report)["sgd"]
 
 
 def test_config_rejects_bad_values() -> None:
@@ -244,6 +312,7 @@ def test_config_rejects_bad_values() -> None:
         ({"image_size": 8}, "image_size"),
         ({"ood_loss": "hinge"}, "ood_loss"),
         ({"transforms": ("jigsaw", "cutout")}, "transforms"),
+        ({"ood_ratio": 1.5}, "ood_ratio"),
     ):
         with pytest.raises(ValueError, match=match):
             DemoConfig(**kwargs)
@@ -255,21 +324,47 @@ def test_backbone_defaults_fill_only_unset_fields() -> None:
         assert all(getattr(config, k) == v for k, v in defaults.items())
     assert DemoConfig(backbone="t2t_vit", lr=0.5).lr == 0.5
     assert DemoConfig(backbone="t2t_vit").pretrain_key() != DemoConfig().pretrain_key()
+    assert DemoConfig(pretrain_seed=1).pretrain_key() != DemoConfig().pretrain_key()
 
 
 def test_cli_parser_and_bad_arguments(capsys) -> None:
+    from samnorm.demo import cli
+
     parser = argparse.ArgumentParser(prog="samnorm")
     demo.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["demo"])
-    assert args.func is demo._main and args.seeds == 3 and args.backbone == "resnetv2"
-    args = parser.parse_args(["demo", "--no-adaptive-sam-on", "--ood-loss", "energy"])
-    assert not args.adaptive_sam_on and args.ood_loss == "energy" and args.lr is None
+    assert args.func is cli.main and args.seeds == 3 and args.backbone == "resnetv2" and args.ood_ratio == 1.0
+    args = parser.parse_args(["demo", "--no-adaptive-sam-on", "--ood-loss", "energy", "--pretrain-seed", "2"])
+    assert not args.adaptive_sam_on and args.ood_loss == "energy" and args.lr is None and args.pretrain_seed == 2
     args = parser.parse_args(["demo", "--arms", "sam_on,bogus", "--no-progress"])
     assert args.func(args) == 2
     assert "arms" in capsys.readouterr().err
+    args = parser.parse_args(["demo", "--ood-ratio", "2"])
+    assert args.func(args) == 2
+    assert "ood_ratio" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--seeds", "0"])
     assert list(ARMS) == ["sam_on", "sgd", "sam"]
+
+
+def test_cli_and_config_import_neither_torch_nor_timm() -> None:
+    code = (
+        "import argparse, sys\n"
+        "import samnorm.demo\n"
+        "from samnorm.demo.cli import add_parser\n"
+        "p = argparse.ArgumentParser(prog='samnorm'); add_parser(p.add_subparsers(dest='command'))\n"
+        "p.parse_args(['demo', '--seeds', '2']); samnorm.demo.DemoConfig(pretrain_seed=1).pretrain_key()\n"
+        "print(sorted({'torch', 'timm'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_transform_names_match_the_sampler() -> None:
+    from samnorm.data.pseudo_ood import TRANSFORMS
+    from samnorm.demo.config import PSEUDO_OOD_TRANSFORMS
+
+    assert set(PSEUDO_OOD_TRANSFORMS) == set(TRANSFORMS)
 
 
 def test_t2t_vit_backbone_runs_end_to_end(tmp_path) -> None:
@@ -303,3 +398,54 @@ def test_selection_uses_validation_data_and_picks_the_best_eligible(tiny) -> Non
         assert e["criterion"] == pytest.approx((e["heldout MSP"] + e["heldout Energy"]) / 2)
     with pytest.raises(ValueError, match="grid keys"):
         demo.select_hyperparameters(config, grid={"momentum_typo": (0.9,)})
+    chosen_arm = next(e for e in table if e["arm"] == "sam_on" and e["adaptive"])
+    assert chosen_arm["rho"] == 0.5
+
+
+def _ablation_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+    spec = importlib.util.spec_from_file_location("samnorm_ablation_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_chooses_rho_on_validation_and_pairs_runs() -> None:
+    ab = _ablation_module()
+    args = ab.parser().parse_args(["--backbones", "0,1", "--seeds", "0,1,2", "--lrs", "0.1", "--ood", "on",
+                                   "--optimizers", "sgd,sam-on", "--rhos", "sam-on=0.1,0.5,1"])
+    rng = np.random.default_rng(0)
+
+    def figures(fpr: float, criterion: float, accuracy: float) -> dict:
+        return {"id_accuracy": accuracy, "val": {"criterion": criterion, "accuracy": accuracy},
+                "test": {s: {"FPR95": fpr, "AUROC": 1 - fpr} for s in ab.SCORERS},
+                "theory": {w: {"grad_norm": fpr, "max_logit": 1 + fpr} for w in ("id", "ood")}}
+
+    states = {b: {"pretrained": figures(0.5, 0.5, 0.95), "runs": {}} for b in (0, 1)}
+    # rho 1 has the best validation criterion but loses 5 points of validation accuracy: not eligible;
+    # rho 0.5 is the best eligible one, and its test FPR95 is the worst (the test sets must not decide).
+    quality = {0.1: (0.30, 0.20, 0.95), 0.5: (0.40, 0.10, 0.95), 1.0: (0.05, 0.05, 0.90)}
+    expected = []
+    for b in (0, 1):
+        for seed in (0, 1, 2):
+            base = float(rng.uniform(0.2, 0.3))
+            run = {"seed": seed, "ood": "on", "lr": 0.1}
+            states[b]["runs"][ab._key({**run, "optimizer": "sgd", "rho": None})] = figures(base, 0.3, 0.95)
+            for rho, (fpr, crit, acc) in quality.items():
+                if seed == 0 or rho == 0.5:  # the sweep on seed 0, the chosen rho on the others
+                    states[b]["runs"][ab._key({**run, "optimizer": "sam-on", "rho": rho})] = figures(base + fpr, crit, acc)
+            expected.append(0.40)
+    selection = ab.choose_rhos(states, args)
+    assert selection["chosen"] == {"on|0.1|sam-on": 0.5}
+    assert [run["rho"] for run in ab._grid(args, selection["chosen"]) if run["optimizer"] == "sam-on"] == [0.5, 0.5]
+    result = ab.analyse(states, args)
+    entry = result["cells"]["OOD term on, lr 0.1"]["arms"]["sam-on"]
+    assert entry["rho"] == 0.5 and entry["n"] == 6
+    assert entry["FPR95"]["MSP"]["mean"] == pytest.approx(np.mean(expected))
+    assert entry["FPR95"]["MSP"]["high"] == pytest.approx(0.40)  # identical paired differences: no spread
+    assert "| OOD term on, lr 0.1 | SAM-ON (0.5) | 6 |" in ab.markdown(result, args)
+    del states[1]["runs"][ab._key({"seed": 0, "ood": "on", "lr": 0.1, "optimizer": "sam-on", "rho": 1.0})]
+    with pytest.raises(RuntimeError, match="incomplete"):
+        ab.choose_rhos(states, args)
