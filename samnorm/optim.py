@@ -15,11 +15,16 @@ One step of SAM (Foret et al. 2021) with the SAM-ON selection (Mueller et al. 20
 
 The step never synchronises host and device (the norm, the non-finite guard and the skip counter are
 device tensors), except under ``GradScaler`` with a base optimizer that is not fused, where the
-skip decision reads one flag as ``GradScaler.step`` itself does. Small tensors are grouped by
-(device, dtype, group settings) into persistent flat buffers and
-perturbed with a fixed number of kernels whatever their count (``_foreach_copy_`` in, one norm, one
-guard, one scale, one ``_foreach_add_``), which is what makes the hundred tiny tensors of SAM-ON
-cheap; large tensors use fused per-tensor ops.
+skip decision reads one flag as ``GradScaler.step`` itself does.
+
+The layout is torch.optim's: the arithmetic lives in functions over tensor lists,
+:func:`perturb_` and :func:`restore_`, each with a grouped implementation
+(``_multi_tensor_perturb_``: tensors bucketed by device, dtype and group settings; small ones
+gathered into a persistent flat buffer so that a hundred tiny norm-layer tensors cost a fixed
+number of kernels, large ones through ``torch._foreach_*`` kernels) and a per-tensor one
+(``_single_tensor_perturb_``), chosen by ``foreach`` as ``torch.optim.SGD`` chooses. :class:`SAM`
+only orchestrates: it collects the parameters, gradients and per-group settings, keeps the
+backups and buffers between steps, and hooks into ``step``, ``GradScaler`` and ``state_dict``.
 """
 
 from __future__ import annotations
@@ -62,10 +67,6 @@ _ACCUMULATION_IN_CLOSURE = (
     "samnorm.integrations.accelerate.sam_backward). If your closure "
     "zeroes the gradients itself, zero them with sam.zero_grad()."
 )
-
-# Tensors up to this size are perturbed through the grouped flat buffer (norm layers, biases).
-_FLAT_MAX_NUMEL = 1 << 16
-
 
 @contextlib.contextmanager
 def disable_running_stats(model: nn.Module) -> Iterator[None]:
@@ -164,7 +165,7 @@ class SAM(Optimizer):
         if isinstance(base_optimizer, SAM):
             raise TypeError("SAM cannot wrap another SAM; wrap its base_optimizer instead")
         for name, value in (("rho", rho), ("eta", eta), ("eps", eps)):
-            _check_nonnegative(name, value)
+            check_nonnegative(name, value)
         # Optimizer.__init__ sets up hooks and profiling for whatever torch version runs; its empty
         # group is replaced at once by the base optimizer's own list (shared, never copied).
         self.base_optimizer: Optimizer | None = None
@@ -181,9 +182,8 @@ class SAM(Optimizer):
         self._selection = self._resolve(perturb)
         self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
         self._bias_ids = self._find_biases(perturb)
-        self._perturbed: list[_FlatGroup | _TensorGroup] | None = None
-        self._buffers: dict[tuple[torch.device, torch.dtype], _FlatBuffers] = {}
-        self._backups: dict[int, torch.Tensor] = {}  # per-tensor path, keyed by id(param)
+        self._perturbed: list | None = None  # (params, backups) lists of what first_step moved
+        self._buffers: dict = {}  # perturb_'s backups and flat buffers, kept between steps
         self._first_nonfinite: torch.Tensor | None = None
         self._nonfinite_count: torch.Tensor | None = None
         self._nonfinite_seen: torch.Tensor | None = None  # host copy, read without syncing
@@ -279,7 +279,7 @@ class SAM(Optimizer):
             pairs = list(zip(wanted, grads))
         else:
             pairs = [(p, p.grad) for p in params]
-        if self.sync_first_pass and _distributed():
+        if self.sync_first_pass and is_distributed():
             # every rank must issue the same collectives: a missing gradient counts as zero
             pairs = [(p, torch.zeros_like(p) if g is None else g) for p, g in pairs if p.requires_grad]
         else:
@@ -290,51 +290,25 @@ class SAM(Optimizer):
 
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # under no_grad
         self._poll_nonfinite(stacklevel=5)
-        single = self.foreach is False
         settings = [_group_settings(g) for g in self.param_groups]
         group_of = self._group_index()
-        by_key: dict[tuple, list] = defaultdict(list)
+        params, grads, rhos, etas = [], [], [], []
         for p, g in pairs:
-            if p.is_complex():
-                raise TypeError("SAM does not support complex parameters; perturb real ones only")
-            # Many small tensors share one flat buffer (a fixed number of kernels); a large tensor
-            # amortises its own kernels and skips the gather into the buffer.
-            per_tensor = single or g.is_sparse or p.numel() > _FLAT_MAX_NUMEL
             rho, adaptive, eta = settings[group_of[id(p)]]
-            t_eta = eta if adaptive and (self.normalize_bias or id(p) not in self._bias_ids) else None
-            by_key[(p.device, p.dtype, per_tensor, rho, t_eta)].append((p, g))
-        acc = torch.float64 if any(key[1] == torch.float64 for key in by_key) else torch.float32
-        groups: list[_FlatGroup | _TensorGroup] = []
-        rhos: list[float] = []
-        ordinal: dict[tuple[torch.device, torch.dtype], int] = defaultdict(int)
-        for (device, dtype, per_tensor, rho, t_eta), items in by_key.items():
-            ps = [p for p, _ in items]
-            gs = [g for _, g in items]
-            if self.sync_first_pass:
-                gs = _all_reduce_mean(gs)
-            t_fn = None if t_eta is None else _asam_t(t_eta)
-            if per_tensor:
-                groups.append(_TensorGroup(ps, gs, t_fn, self._backups, acc))
-            else:
-                buffers = self._flat_buffers((device, dtype, ordinal[(device, dtype)]), ps, acc)
-                ordinal[(device, dtype)] += 1
-                groups.append(_FlatGroup(ps, gs, buffers, t_fn))
+            params.append(p)
+            grads.append(g)
             rhos.append(rho)
-        self._perturbed = groups
-        if not groups:
+            etas.append(eta if adaptive and (self.normalize_bias or id(p) not in self._bias_ids) else None)
+        if not params:
+            self._perturbed = []  # a step is begun, with nothing to restore
             self._first_nonfinite = None
             return
-        first = pairs[0][0].device
-        norm = torch.linalg.vector_norm(torch.stack([n.to(first) for g in groups for n in g.norms(acc)]))
-        finite = torch.isfinite(norm)
+        if self.sync_first_pass:
+            grads = all_reduce_mean(grads)
+        norm, self._perturbed = perturb_(params, grads, rhos=rhos, etas=etas, eps=self.eps, foreach=self.foreach,
+                                         state=self._buffers)
         self.last_grad_norm = norm
-        self._record_nonfinite(finite)
-        # 0 when the norm is not finite (a NaN norm gives a NaN scale) or is 0 (0 / 0 with eps=0)
-        ok = finite & (norm > 0)
-        denom = norm + self.eps
-        scales = {rho: torch.where(ok, rho / denom, 0.0) for rho in set(rhos)}
-        for g, rho in zip(groups, rhos):
-            g.apply(scales[rho], finite)
+        self._record_nonfinite(torch.isfinite(norm))
 
     def _group_index(self) -> dict[int, int]:
         """id(param) -> index of its parameter group, rebuilt only when the groups change."""
@@ -343,17 +317,6 @@ class SAM(Optimizer):
             index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
             self._group_of = (signature, index)
         return self._group_of[1]
-
-    def _flat_buffers(self, key, ps, acc) -> _FlatBuffers:
-        # Persistent across steps: re-allocating (and, on CPU, page-faulting) two model-sized
-        # buffers every step costs more than the arithmetic itself. The key is (device, dtype,
-        # n-th group of that pair), stable while a scheduler changes rho.
-        device, dtype, _ = key
-        shapes = [p.shape for p in ps]
-        buf = self._buffers.get(key)
-        if buf is None or buf.shapes != shapes or buf.e.dtype != acc:
-            buf = self._buffers[key] = _FlatBuffers(shapes, device, dtype, acc)
-        return buf
 
     def _find_biases(self, perturb: object) -> set[int]:
         """ids of the tensors named ``*bias`` (ASAM with ``normalize_bias=False`` leaves them T = 1)."""
@@ -387,7 +350,7 @@ class SAM(Optimizer):
 
     def _set_all(self, key: str, value: Any) -> None:
         if key != "adaptive":
-            _check_nonnegative(key, value)
+            check_nonnegative(key, value)
         value = bool(value) if key == "adaptive" else float(value)
         self.defaults[key] = value
         for g in self.param_groups:
@@ -402,8 +365,7 @@ class SAM(Optimizer):
         """
         if self._perturbed is None:
             return
-        for group in self._perturbed:
-            group.restore()
+        restore_(self._perturbed, foreach=self.foreach)
         self._perturbed = None
 
     @torch.no_grad()
@@ -598,11 +560,14 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
         # scratch buffers are rebuilt on the next step
-        return {**self.__dict__, "_buffers": {}, "_backups": {}, "_group_of": ((), {})}
+        return {**self.__dict__, "_buffers": {}, "_group_of": ((), {})}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a SAM pickled before per-group settings kept rho/adaptive/eta as attributes
         legacy = {k: state.pop(k) for k in ("rho", "adaptive", "eta") if k in state}
+        # scratch of releases before issue 12 (flat buffers, per-tensor backups): rebuilt when used
+        state.pop("_backups", None)
+        state["_buffers"] = {}
         defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {})}
         self.__dict__.update({**defaults, **state})
         for key, value in legacy.items():
@@ -670,99 +635,16 @@ class SAM(Optimizer):
         return f"{kind}(rho={rho}, perturb={what}, base={self.base_optimizer!r})"
 
 
-class _FlatBuffers:
-    """Flat scratch for one (device, dtype) group: the saved values (param dtype) and the ascent
-    vector (float32 or float64, so fp16/bf16 norms and scales never overflow or underflow), each with
-    per-parameter views for the ``_foreach`` copies and adds."""
+def check_nonnegative(name: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number >= 0 (a hyper-
+    parameter such as rho or eta; bools are refused).
 
-    def __init__(self, shapes, device, dtype, acc) -> None:
-        self.shapes = shapes
-        sizes = [math.prod(s) for s in shapes]
-        self.backup = torch.empty(sum(sizes), device=device, dtype=dtype)
-        self.e = torch.empty(sum(sizes), device=device, dtype=acc)
-        self.backup_views = [v.view(s) for v, s in zip(self.backup.split(sizes), shapes)]
-        self.e_views = [v.view(s) for v, s in zip(self.e.split(sizes), shapes)]
-
-
-class _FlatGroup:
-    """Dense tensors of one device and dtype: a fixed number of kernels whatever their count."""
-
-    def __init__(self, ps, gs, buf: _FlatBuffers, t_fn) -> None:
-        self.params, self.buf = ps, buf
-        torch._foreach_copy_(buf.backup_views, ps)
-        torch._foreach_copy_(buf.e_views, gs)
-        self.t = None if t_fn is None else t_fn(buf.backup)
-        if self.t is not None:
-            buf.e.mul_(self.t)  # ASAM's norm is ||T g||
-
-    def norms(self, acc: torch.dtype) -> list[torch.Tensor]:
-        return [torch.linalg.vector_norm(self.buf.e, dtype=acc)]
-
-    def apply(self, scale: torch.Tensor, finite: torch.Tensor) -> None:
-        e = self.buf.e
-        # Select, then scale: a NaN/inf gradient times 0 would still be NaN.
-        e.masked_fill_(~finite.to(e.device), 0.0)
-        e.mul_(scale.to(e.device, e.dtype))
-        if self.t is not None:  # e = rho * T (T g) / ||T g||
-            e.mul_(self.t)
-        torch._foreach_add_(self.params, self.buf.e_views)
-
-    def restore(self) -> None:
-        torch._foreach_copy_(self.params, self.buf.backup_views)
-
-
-class _TensorGroup:
-    """The per-tensor path: large tensors, sparse gradients and ``foreach=False`` (same arithmetic).
-
-    Per tensor it costs about what the usual per-parameter loop costs: a copy into a persistent
-    backup, the norm, an in-place guard of the gradient and one fused ``p += g * scale``.
+    Example:
+        >>> check_nonnegative("rho", 0.05)
+        >>> check_nonnegative("rho", -1)
+        Traceback (most recent call last):
+        ValueError: rho must be a finite number >= 0, got -1
     """
-
-    def __init__(self, ps, gs, t_fn, backups: dict[int, torch.Tensor], acc: torch.dtype) -> None:
-        self.params = ps
-        self.backup = []
-        for p in ps:
-            b = backups.get(id(p))
-            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                b = backups[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
-            b.copy_(p)
-            self.backup.append(b)
-        self.grads = [g.coalesce() if g.is_sparse else g for g in gs]
-        # T and the direction v = T g on the gradient's support (the values of a sparse gradient)
-        # (ASAM in float32 at least: T^2 g underflows fp16)
-        self.ts = [
-            None if t_fn is None else t_fn((p[tuple(g.indices())] if g.is_sparse else p).to(acc))
-            for p, g in zip(ps, self.grads)
-        ]
-        self.vs = [
-            v if t is None else v.to(acc) * t
-            for v, t in zip((g.values() if g.is_sparse else g for g in self.grads), self.ts)
-        ]
-
-    def norms(self, acc: torch.dtype) -> list[torch.Tensor]:
-        return [torch.linalg.vector_norm(v, dtype=acc) for v in self.vs]
-
-    def apply(self, scale: torch.Tensor, finite: torch.Tensor) -> None:
-        # scale is 0 when the norm is not finite, but a NaN/inf gradient times 0 is still NaN. Then
-        # and only then nan_to_num_ zeroes the non-finite entries of the (consumed) first-pass
-        # gradient in place; otherwise it is the identity, and cheaper than a select.
-        for p, g, v, t in zip(self.params, self.grads, self.vs, self.ts):
-            s = scale.to(v.device)
-            v.nan_to_num_(0.0, 0.0, 0.0)
-            if t is not None:  # e = rho * T (T g) / ||T g||
-                v.mul_(t)
-            if v.dtype != s.dtype:  # fp16/bf16: scale in float32, rho/||g|| can underflow
-                v = v.to(s.dtype)
-            if g.is_sparse:
-                p.index_put_(tuple(g.indices()), (v * s).to(p.dtype), accumulate=True)
-            else:
-                p.addcmul_(v, s)
-
-    def restore(self) -> None:
-        torch._foreach_copy_(self.params, self.backup)
-
-
-def _check_nonnegative(name: str, value: object) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < float("inf")):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
@@ -770,30 +652,288 @@ def _check_nonnegative(name: str, value: object) -> None:
 def _group_settings(group: dict[str, Any]) -> tuple[float, bool, float]:
     """A parameter group's (rho, adaptive, eta), checked: a scheduler may have written them."""
     rho, eta = group["rho"], group["eta"]
-    _check_nonnegative('param_group["rho"]', rho)
-    _check_nonnegative('param_group["eta"]', eta)
+    check_nonnegative('param_group["rho"]', rho)
+    check_nonnegative('param_group["eta"]', eta)
     return float(rho), bool(group["adaptive"]), float(eta)
 
 
-def _asam_t(eta: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """ASAM's elementwise ``T = |w| + eta``."""
-    return lambda w: w.abs().add_(eta)
-
-
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group with more than one rank is running."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
+def all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean of each tensor across ranks (one all-reduce per device and dtype); ``gs`` itself
+    outside ``torch.distributed`` (see :func:`is_distributed`).
+
+    Example:
+        >>> all_reduce_mean([torch.ones(2)])[0].tolist()   # a single process: unchanged
+        [1.0, 1.0]
+    """
     import torch.distributed as dist
 
-    if not _distributed():
+    if not is_distributed():
         return gs
     if any(g.is_sparse for g in gs):
         raise ValueError("sync_first_pass does not support sparse gradients; use sync_first_pass=False")
-    flat = torch.cat([g.reshape(-1) for g in gs])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    return [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in gs]), gs)]
+    reduced: dict[int, torch.Tensor] = {}
+    for group in _by_device_and_dtype(gs).values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, v in zip(group, flat.split([g.numel() for g in group])):
+            reduced[id(g)] = v.view_as(g)
+    return [reduced[id(g)] for g in gs]
+
+
+# Dense tensors up to this size go through the grouped path's flat buffer (norm layers, biases).
+_FLAT_MAX_NUMEL = 1 << 16
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic, as functions over tensor lists (the layout of torch.optim.sgd): ``perturb_`` and
+# ``restore_`` pick the grouped (``_multi_tensor_*``: buckets per device, dtype and settings, a flat
+# buffer for small tensors, ``torch._foreach_*`` kernels for large ones) or the per-tensor
+# (``_single_tensor_*``) implementation. Both apply the same operations in the same order; they
+# differ only in how the global norm's sum is ordered (tests/test_optim.py bounds the difference).
+
+
+def perturb_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    *,
+    rhos: list[float],
+    etas: list[float | None],
+    eps: float,
+    foreach: bool | None = None,
+    state: dict | None = None,
+) -> tuple[torch.Tensor, list[tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+    """SAM's ascent, in place: save each parameter's value, then ``w_i += e_i``.
+
+    ``e_i = rhos[i] * T_i^2 g_i / (||T g|| + eps)`` with one global L2 norm over every tensor
+    (whatever its device and dtype, accumulated in float32, or float64 if a parameter is float64);
+    ``T_i = |w_i| + etas[i]`` elementwise (ASAM), or 1 where ``etas[i]`` is ``None`` (SAM). A sparse
+    gradient perturbs its support only. If the norm is not finite (or is 0), nothing moves.
+
+    Args:
+        params, grads: equal-length lists of parameters and their (first-pass) gradients.
+        rhos, etas: per-tensor radius and ASAM offset (``None``: SAM).
+        eps: added to the norm before dividing.
+        foreach: ``None``/``True``: grouped kernels, per (device, dtype, rho, eta): small dense
+            tensors are gathered into one flat buffer (a fixed number of kernels whatever their
+            count), large ones take ``torch._foreach_*`` kernels, sparse gradients go per tensor;
+            ``False``: a loop over the tensors (same results).
+        state: a dict kept by the caller between calls, where the backups and flat buffers stay
+            allocated (``None``: allocated per call).
+
+    Returns:
+        ``(norm, saved)``: ``||T g||`` as a tensor on ``params[0]``'s device (never read on the
+        host here), and the ``(params, backups)`` lists (one pair per bucket of one device and
+        dtype on the grouped path) that :func:`restore_` copies back.
+
+    Example:
+        >>> w, g = torch.ones(3), torch.tensor([3.0, 0.0, 4.0])
+        >>> norm, saved = perturb_([w], [g], rhos=[0.5], etas=[None], eps=0.0)
+        >>> norm.item(), [round(x, 4) for x in w.tolist()]          # w + 0.5 * g / 5
+        (5.0, [1.3, 1.0, 1.4])
+        >>> restore_(saved); w.tolist()
+        [1.0, 1.0, 1.0]
+    """
+    if not params:
+        return torch.zeros(()), []
+    state = {} if state is None else state
+    if foreach is False:
+        return _single_tensor_perturb_(params, grads, rhos, etas, eps, state)
+    return _multi_tensor_perturb_(params, grads, rhos, etas, eps, state)
+
+
+def restore_(saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]], *, foreach: bool | None = None) -> None:
+    """Copy the backups of :func:`perturb_` back into their parameters, bit-exact (one
+    ``torch._foreach_copy_`` per pair of lists unless ``foreach=False``)."""
+    for params, backups in saved:
+        if foreach is False:
+            for p, b in zip(params, backups):
+                p.copy_(b)
+        else:
+            torch._foreach_copy_(params, backups)
+
+
+def _single_tensor_perturb_(params, grads, rhos, etas, eps, state):
+    acc = _accumulation_dtype({p.dtype for p in params})
+    backups = [_save(state, p) for p in params]
+    directions = [_direction(p, g, eta, acc) for p, g, eta in zip(params, grads, etas)]
+    norm = _total_norm([torch.linalg.vector_norm(v, dtype=acc) for _, v, _ in directions])
+    scales = _scales(norm, rhos, eps)
+    for p, (g, v, t), rho in zip(params, directions, rhos):
+        _add_ascent_(p, g, v, t, scales[rho].to(v.device))
+    return norm, [(params, backups)]
+
+
+def _multi_tensor_perturb_(params, grads, rhos, etas, eps, state):
+    # Buckets of dense tensors by (device, dtype, rho, eta, small); a sparse gradient goes per tensor
+    buckets: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+    sparse_items = []
+    for p, g, rho, eta in zip(params, grads, rhos, etas):
+        if g.is_sparse:
+            sparse_items.append((p, g, rho, eta))
+        else:
+            ps, gs = buckets[(p.device, p.dtype, rho, eta, p.numel() <= _FLAT_MAX_NUMEL)]
+            ps.append(p)
+            gs.append(g)
+    acc = _accumulation_dtype({key[1] for key in buckets} | {p.dtype for p, *_ in sparse_items})
+    sparse: tuple[list, list, list] = ([], [], [])
+    for p, g, rho, eta in sparse_items:
+        sparse[0].append(p)
+        sparse[1].append(_save(state, p))
+        sparse[2].append((rho, _direction(p, g, eta, acc)))
+    norms = [torch.linalg.vector_norm(v, dtype=acc) for _, (_, v, _) in sparse[2]]
+    saved, directions = [], []
+    ordinal: dict[tuple, int] = defaultdict(int)
+    for (device, dtype, _, eta, small), (ps, gs) in buckets.items():
+        # buffers keyed by the n-th bucket of a device and dtype: stable while a scheduler changes rho
+        buf = _bucket_buffers(state, ("bucket", device, dtype, ordinal[(device, dtype)]), ps, acc if small else None)
+        ordinal[(device, dtype)] += 1
+        torch._foreach_copy_(buf.backups, ps)
+        saved.append((ps, buf.backups))
+        vs, ts = (_flat_direction if small else _foreach_direction)(ps, gs, eta, buf, acc)
+        directions.append((vs, ts, buf))
+        norms.extend(torch._foreach_norm(vs, 2, dtype=acc))
+    norm = _total_norm(norms)
+    scales = _scales(norm, rhos, eps)
+    for (device, _, rho, _, small), (ps, _), (vs, ts, buf) in zip(buckets, buckets.values(), directions):
+        scale = scales[rho].to(device)
+        _guard_(vs)
+        if ts is not None:  # e = rho * T (T g) / ||T g||
+            torch._foreach_mul_(vs, ts)
+        if small:
+            torch._foreach_mul_(vs, scale)
+            torch._foreach_add_(ps, buf.views)
+        else:
+            torch._foreach_addcmul_(ps, vs, [scale] * len(vs))
+    for p, (rho, (g, v, t)) in zip(sparse[0], sparse[2]):
+        _add_ascent_(p, g, v, t, scales[rho].to(v.device))
+    if sparse[0]:
+        saved.append(sparse[:2])
+    return norm, saved
+
+
+class _BucketBuffers:
+    """A bucket's buffers, kept between steps (allocating, and on CPU page-faulting, model-sized
+    buffers every step costs more than the arithmetic): the backups in the parameters' dtype and,
+    for small tensors, the flat direction vector in the accumulation dtype, each with a view per
+    tensor (small tensors share one flat backup too)."""
+
+    def __init__(self, ps: list[torch.Tensor], acc: torch.dtype | None) -> None:
+        self.shapes, self.acc = [p.shape for p in ps], acc
+        self.flat: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []
+        if acc is None:
+            self.backups = [torch.empty_like(p, memory_format=torch.preserve_format) for p in ps]
+            return
+        sizes = [math.prod(s) for s in self.shapes]
+        backup = torch.empty(sum(sizes), device=ps[0].device, dtype=ps[0].dtype)
+        self.flat = torch.empty(sum(sizes), device=ps[0].device, dtype=acc)
+        self.backups = [v.view(s) for v, s in zip(backup.split(sizes), self.shapes)]
+        self.views = [v.view(s) for v, s in zip(self.flat.split(sizes), self.shapes)]
+
+
+def _bucket_buffers(state: dict, key: tuple, ps: list[torch.Tensor], acc: torch.dtype | None) -> _BucketBuffers:
+    """The buffers of a bucket (the device and dtype are in ``key``), rebuilt if its shapes changed."""
+    buf = state.get(key)
+    if buf is None or buf.acc != acc or buf.shapes != [p.shape for p in ps]:
+        buf = state[key] = _BucketBuffers(ps, acc)
+    return buf
+
+
+def _save(state: dict, p: torch.Tensor) -> torch.Tensor:
+    """Copy ``p`` into its own persistent backup (the per-tensor path)."""
+    key = ("tensor", id(p))
+    b = state.get(key)
+    if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+        b = state[key] = torch.empty_like(p, memory_format=torch.preserve_format)
+    b.copy_(p)
+    return b
+
+
+def _flat_direction(ps, gs, eta, buf: _BucketBuffers, acc):
+    """``([v], [T] or None)`` with ``v = T g`` gathered into the bucket's flat vector."""
+    t = None
+    if eta is not None:
+        torch._foreach_copy_(buf.views, ps)
+        t = buf.flat.abs().add_(eta)
+    torch._foreach_copy_(buf.views, gs)
+    if t is not None:
+        buf.flat.mul_(t)
+    return [buf.flat], None if t is None else [t]
+
+
+def _foreach_direction(ps, gs, eta, buf, acc):
+    """``(vs, ts or None)`` with ``v = T g`` per tensor: the gradient itself when no copy is needed."""
+    dtype = ps[0].dtype
+    if eta is None:
+        return (gs if dtype == acc else [g.to(acc) for g in gs]), None
+    ts = torch._foreach_abs(ps if dtype == acc else [p.to(acc) for p in ps])
+    torch._foreach_add_(ts, eta)
+    return torch._foreach_mul(ts, gs), ts
+
+
+def _direction(p: torch.Tensor, g: torch.Tensor, eta: float | None, acc: torch.dtype):
+    """``(g, v, T)`` for one tensor: ``v = T g`` on the gradient's support (the values of a sparse
+    gradient, coalesced), in ``acc`` (``v`` is the gradient itself when that has dtype ``acc``)."""
+    if g.is_sparse:
+        g = g.coalesce()
+    values = g.values() if g.is_sparse else g
+    if eta is None:
+        return g, values if values.dtype == acc else values.to(acc), None
+    t = (p[tuple(g.indices())] if g.is_sparse else p).to(acc).abs().add_(eta)
+    return g, t * values, t
+
+
+def _add_ascent_(p: torch.Tensor, g: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, scale) -> None:
+    """``p += scale * T v`` for one tensor, in the grouped path's order."""
+    _guard_([v])
+    if t is not None:
+        v.mul_(t)
+    if g.is_sparse:
+        p.index_put_(tuple(g.indices()), (v * scale).to(p.dtype), accumulate=True)
+    else:
+        p.addcmul_(v, scale)
+
+
+def _guard_(vs: list[torch.Tensor]) -> None:
+    """Zero the non-finite entries of the directions in place. The scale is 0 when the norm is not
+    finite, but NaN * 0 is still NaN; when it is finite this is the identity (and cheaper than a
+    select). A direction may be the first-pass gradient itself, which the ascent consumes."""
+    for v in vs:
+        v.nan_to_num_(0.0, 0.0, 0.0)
+
+
+def _accumulation_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    """float64 if a tensor is float64, else float32 (fp16/bf16 norms and scales would overflow or
+    underflow); complex parameters are refused before anything moves."""
+    if any(d.is_complex for d in dtypes):
+        raise TypeError("SAM does not support complex parameters; perturb real ones only")
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _total_norm(norms: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of per-tensor norms that may live on several devices (as clip_grad_norm_)."""
+    first = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]))
+
+
+def _scales(norm: torch.Tensor, rhos: list[float], eps: float) -> dict[float, torch.Tensor]:
+    """``rho / (norm + eps)`` for each radius; 0 when the norm is not finite (a NaN norm gives a
+    NaN scale) or is 0 (0 / 0 with eps=0)."""
+    ok = torch.isfinite(norm) & (norm > 0)
+    denom = norm + eps
+    return {rho: torch.where(ok, rho / denom, 0.0) for rho in set(rhos)}
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    """``tensors`` split by (device, dtype), order kept (a collective takes one of each)."""
+    out: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        out[(t.device, t.dtype)].append(t)
+    return out

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .optim import SAM, _all_reduce_mean, _check_nonnegative, _distributed
+from .optim import SAM, all_reduce_mean, check_nonnegative, is_distributed
 from .select import Selection
 
 __all__ = ["IntervalSAM", "LookSAM", "OnePassSAM", "VARIANTS", "make"]
@@ -243,7 +243,7 @@ class LookSAM(IntervalSAM):
         alpha: float = 0.7,
         **kwargs: Any,
     ) -> None:
-        _check_nonnegative("alpha", alpha)
+        check_nonnegative("alpha", alpha)
         super().__init__(base_optimizer, perturb, k=k, **kwargs)
         self.alpha = float(alpha)
         self._has_g = False
@@ -253,7 +253,7 @@ class LookSAM(IntervalSAM):
         vec = self._vectors()
         given = {id(p): g for p, g in pairs}
         vec.load("g", [given.get(id(p)) for p in vec.params])
-        if _distributed():
+        if is_distributed():
             vec.all_reduce_mean("g")
         self._has_g = True
         super()._ascend(pairs)
@@ -510,7 +510,7 @@ class _Vectors:
             o.copy_(torch.where(keep.to(o.device), n, o))
 
     def all_reduce_mean(self, name: str) -> None:
-        for flat, reduced in zip(self.flats[name], _all_reduce_mean(self.flats[name])):
+        for flat, reduced in zip(self.flats[name], all_reduce_mean(self.flats[name])):
             flat.copy_(reduced)
 
 

@@ -702,3 +702,115 @@ def test_group_settings_defaults_properties_and_state_dict():
         SAM(torch.optim.SGD(a.parameters(), lr=0.1), adaptive=True, normalize_bias=False)
     with pytest.raises(ValueError, match="normalize_bias"):
         SAM(torch.optim.SGD(a.parameters(), lr=0.1), model=a, normalize_bias=False).load_state_dict(state)
+
+
+# ------------------------------------------------------------- the functions over tensor lists
+# perturb_ and restore_ as torch.optim's functional layer: the grouped path (flat buffers for small
+# tensors, torch._foreach_* kernels for large ones) and the per-tensor path, each against a float64
+# per-parameter loop written from the definition.
+
+_SHAPES = st.sampled_from([(1,), (3,), (7,), (2, 3), (4, 1, 2), (16,), (5, 5)])
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+def _reference_perturb(ws, gs, rhos, etas, eps):
+    """``w + rho T^2 g / (||T g|| + eps)`` per tensor in float64 (nothing moves if the norm is 0)."""
+    ws = [w.double() for w in ws]
+    ts = [torch.ones_like(w) if eta is None else w.abs() + eta for w, eta in zip(ws, etas)]
+    norm = math.sqrt(sum(float(((t * g.double()) ** 2).sum()) for t, g in zip(ts, gs)))
+    if norm == 0:
+        return ws, [torch.zeros_like(w) for w in ws], norm
+    es = [rho * t * t * g.double() / (norm + eps) for t, g, rho in zip(ts, gs, rhos)]
+    return [w + e for w, e in zip(ws, es)], es, norm
+
+
+@st.composite
+def _tensor_lists(draw, dtypes=("float32", "float64")):
+    n = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [draw(_SHAPES) for _ in range(n)]
+    kinds = [_DTYPES[draw(st.sampled_from(dtypes))] for _ in range(n)]
+    ws = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, kinds)]
+    gs = [(torch.randn(s, generator=gen) * draw(st.sampled_from([1e-3, 1.0, 30.0]))).to(d)
+          for s, d in zip(shapes, kinds)]
+    rhos = [draw(st.sampled_from([0.0, 0.05, 0.5, 2.0])) for _ in range(n)]
+    etas = [draw(st.sampled_from([None, None, 0.0, 0.01, 0.5])) for _ in range(n)]
+    return ws, gs, rhos, etas
+
+
+@given(lists=_tensor_lists(), eps=st.sampled_from([0.0, 1e-12, 1e-3]),
+       path=st.sampled_from(["flat", "foreach", "per-tensor"]))
+def test_perturb_functions_match_float64_reference(lists, eps, path):
+    from unittest import mock
+
+    from samnorm import optim
+
+    ws, gs, rhos, etas = lists
+    params = [w.clone() for w in ws]
+    limit = 0 if path == "foreach" else optim._FLAT_MAX_NUMEL  # 0: every tensor takes _foreach_*
+    with mock.patch.object(optim, "_FLAT_MAX_NUMEL", limit):
+        norm, saved = optim.perturb_(params, gs, rhos=rhos, etas=etas, eps=eps, foreach=path != "per-tensor")
+    ref, es, ref_norm = _reference_perturb(ws, gs, rhos, etas, eps)
+    # Float32 arithmetic (float64 if any tensor is float64): the norm sums n squares (relative error
+    # up to about (n + 2) u), e_i takes about six more roundings, and w + e one more in w's dtype:
+    # |w' - ref| <= u_w |ref| + (n + 8) u_acc |e|, doubled for slack.
+    u_acc = torch.finfo(torch.float64 if torch.float64 in {w.dtype for w in ws} else torch.float32).eps / 2
+    n = sum(w.numel() for w in ws)
+    for w, p, r, e in zip(ws, params, ref, es):
+        bound = 2 * (torch.finfo(w.dtype).eps / 2 * r.abs() + (n + 8) * u_acc * e.abs())
+        assert ((p.double() - r).abs() <= bound).all(), (p, r)
+    assert math.isclose(float(norm), ref_norm, rel_tol=(n + 2) * u_acc * 2, abs_tol=0)
+    backup = {id(p): b for ps, bs in saved for p, b in zip(ps, bs)}
+    assert all(torch.equal(backup[id(p)], w) for p, w in zip(params, ws))  # bit for bit
+    optim.restore_(saved, foreach=path != "per-tensor")
+    assert all(torch.equal(p, w) for p, w in zip(params, ws))
+
+
+@given(lists=_tensor_lists(dtypes=tuple(_DTYPES)), sparse=st.booleans())
+def test_grouped_equals_per_tensor_on_mixed_dtypes(lists, sparse):
+    from samnorm import optim
+
+    ws, gs, rhos, etas = lists
+    if sparse:  # an embedding-like float32 tensor with a sparse gradient (duplicate rows summed)
+        ws = [*ws, torch.randn(6, 3)]
+        gs = [*gs, torch.sparse_coo_tensor(torch.tensor([[1, 4, 1]]), torch.randn(3, 3), (6, 3),
+                                               check_invariants=True)]
+        rhos, etas = [*rhos, 0.5], [*etas, 0.01]
+    outs, norms = [], []
+    for foreach in (None, False):
+        params = [w.clone() for w in ws]
+        norms.append(optim.perturb_(params, [g.clone() for g in gs], rhos=rhos, etas=etas, eps=1e-12,
+                                    foreach=foreach)[0])
+        outs.append(params)
+    # The paths differ in how the global norm's sum is ordered (flat buffer vs per tensor) and in
+    # the rounding of e: a relative difference of e of at most (n + 8) u_acc (n summed squares, a
+    # few products); then w + e rounds to the parameter's dtype, one unit in the last place apart.
+    u_acc = torch.finfo(torch.float64 if torch.float64 in {w.dtype for w in ws} else torch.float32).eps / 2
+    n = sum(w.numel() for w in ws)
+    torch.testing.assert_close(norms[0], norms[1], rtol=2 * n * u_acc, atol=0)
+    for w, a, b in zip(ws, *outs):
+        e = (a.double() - w.double()).abs()
+        bound = torch.finfo(a.dtype).eps * torch.maximum(a.abs(), b.abs()).double() + (n + 8) * u_acc * e
+        assert ((a.double() - b.double()).abs() <= bound).all(), (a, b)
+
+
+def test_perturb_keeps_its_buffers_and_skips_non_finite():
+    from samnorm import optim
+
+    ws = [torch.randn(4), torch.randn(3, 2)]
+    gs = [torch.randn(4), torch.randn(3, 2)]
+    params = [w.clone() for w in ws]
+    state: dict = {}
+    _, saved = optim.perturb_(params, gs, rhos=[0.1, 0.1], etas=[None, None], eps=0.0, state=state)
+    kept = dict(state)
+    optim.restore_(saved)
+    _, saved = optim.perturb_(params, gs, rhos=[0.2, 0.2], etas=[None, None], eps=0.0, state=state)
+    assert kept and all(state[k] is v for k, v in kept.items())  # a new rho, the same buffers
+    optim.restore_(saved)
+    gs[1][0, 0] = float("nan")
+    for foreach in (None, False):
+        norm, _ = optim.perturb_(params, gs, rhos=[0.1, 0.1], etas=[None, 0.01], eps=0.0, foreach=foreach)
+        assert not torch.isfinite(norm)
+        assert all(torch.equal(p, w) for p, w in zip(params, ws))  # nothing moved
