@@ -177,6 +177,7 @@ class IntervalSAM(_Variant):
         statistics and DDP's all-reduce as in a plain step) and returns its loss."""
         if closure is None or self.is_sam_step or self._perturbed is not None:
             return super().step(closure)
+        self._refuse_unscale_before_closure()
         with torch.enable_grad():
             loss = closure()
         self.first_step()
@@ -402,6 +403,7 @@ class OnePassSAM(_Variant):
         raises), the descent; returns the loss. ``step()`` after :meth:`first_step` and your
         backward finishes the step, as for :class:`~samnorm.SAM`."""
         if closure is not None and self._perturbed is None:
+            self._refuse_unscale_before_closure()
             self.first_step()
         return super().step(closure)  # after first_step SAM runs the closure once, in second_pass
 
