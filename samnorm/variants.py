@@ -309,8 +309,10 @@ class OnePassSAM(_Variant):
        - ``direction="grad"``: ``d = g_{t-1}``, the gradient the previous step descended with:
          SAM's ascent with a gradient one step old.
 
-       No ``d`` yet (step 0) or ``d = 0``: ``e = 0``; a non-finite ``||d||`` skips the ascent as in
-       :class:`~samnorm.SAM`.
+       No ``d`` yet (step 0, or every step so far skipped by ``GradScaler``, so the optimizer
+       keeps no momentum yet) or ``d = 0``: ``e = 0``, a plain step; a non-finite ``||d||`` skips
+       the ascent as in :class:`~samnorm.SAM`. An optimizer that never keeps a momentum (SGD
+       without momentum, Adagrad) is refused at construction for ``direction="momentum"``.
     2. your one forward/backward at ``w + e``: the gradient ``g_t`` of every parameter.
     3. :meth:`second_step`: restore ``w`` (a bit-exact copy), then the base optimizer's step with
        ``g_t``; ``direction="grad"`` keeps ``g_t`` of the perturbed tensors (unless not finite).
@@ -343,6 +345,8 @@ class OnePassSAM(_Variant):
         if direction not in ("momentum", "grad"):
             raise ValueError(f"direction must be 'momentum' or 'grad', got {direction!r}")
         super().__init__(base_optimizer, perturb, **kwargs)
+        if direction == "momentum":
+            _check_keeps_momentum(base_optimizer)
         self.direction = direction
 
     @property
@@ -356,15 +360,10 @@ class OnePassSAM(_Variant):
         if self.direction == "grad":
             vec = self._vectors()
             return [vec.view("d", i) for i in range(len(params))]
+        # no buffer yet (every step so far skipped by GradScaler, or a tensor without gradient
+        # so far): that tensor is not perturbed, as at step 0
         states = [self.state.get(p, {}) for p in params]
-        ds = [s.get("momentum_buffer", s.get("exp_avg")) for s in states]
-        if all(d is None for d in ds):
-            raise ValueError(
-                f"direction='momentum': {type(self.base_optimizer).__name__} keeps no momentum "
-                "buffer for the perturbed tensors (SGD needs momentum > 0; Adam-type optimizers keep "
-                "exp_avg); use OnePassSAM(..., direction='grad')"
-            )
-        return ds
+        return [s.get("momentum_buffer", s.get("exp_avg")) for s in states]
 
     @torch.no_grad()
     def first_step(self, loss: torch.Tensor | None = None, zero_grad: bool = False) -> None:
@@ -432,6 +431,21 @@ class OnePassSAM(_Variant):
 
     def __repr__(self) -> str:
         return f"OnePassSAM(direction={self.direction!r}, {super().__repr__()})"
+
+
+def _check_keeps_momentum(optimizer: Optimizer) -> None:
+    """``direction="momentum"`` reads SGD's/RMSprop's ``momentum_buffer`` or an Adam-type
+    ``exp_avg`` (optimizers with ``betas``): refuse, at construction, an optimizer that keeps none."""
+    if isinstance(optimizer, (torch.optim.SGD, torch.optim.RMSprop)):
+        ok = all(g.get("momentum", 0) > 0 for g in optimizer.param_groups)
+    else:
+        ok = "betas" in optimizer.defaults
+    if not ok:
+        raise ValueError(
+            f"direction='momentum': {type(optimizer).__name__} keeps no momentum buffer (SGD and "
+            "RMSprop need momentum > 0 in every parameter group; Adam-type optimizers keep "
+            "exp_avg); use OnePassSAM(..., direction='grad')"
+        )
 
 
 class _Vectors:
