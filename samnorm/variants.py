@@ -181,8 +181,10 @@ class IntervalSAM(_Variant):
         with torch.enable_grad():
             loss = closure()
         self.first_step()
-        super().step()  # the base step (through GradScaler's skip under scaler.step(opt, closure))
-        return loss
+        # SAM's step with a closure after first_step: the base step through GradScaler's skip,
+        # closure mode because GradScaler checked the gradients before this closure replaced them
+        # (its flag is stale). The closure has run: the one handed over only returns its loss.
+        return super().step(lambda: loss)
 
     @contextlib.contextmanager
     def first_pass(self, model: nn.Module) -> Iterator[None]:

@@ -538,3 +538,33 @@ def test_onepass_momentum_after_a_skipped_amp_step_is_a_plain_step(opt):
     assert onepass.steps == 2 and scaler.get_scale() == 2.0**9
     _ref_onepass(ref, sel, x, y, 1, ref_base, 0.5, "momentum")
     _assert_same(model, ref)
+
+
+def test_interval_plain_closure_step_under_grad_scaler_ignores_the_stale_inf_flag():
+    # scaler.step(opt, closure): GradScaler checks .grad before the closure runs. After a skipped
+    # SAM step those are the old inf gradients; the plain step's own finite ones must go through.
+    model = _mlp()
+    opt = IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=2, rho=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(torch.ones(()))  # GradScaler sets its scale lazily
+    x, y = _batch()
+    factor = [float("inf")]
+
+    def closure():
+        opt.zero_grad()
+        loss = _ce(model, x, y) * factor[0]
+        scaler.scale(loss).backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt, closure)
+    scaler.update()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+    assert not opt.is_sam_step and scaler.get_scale() == 2.0**9
+    factor[0] = 1.0
+    grads = torch.autograd.grad(_ce(model, x, y), list(model.parameters()))
+    scaler.step(opt, closure)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9  # no back-off: the step was finite
+    for p, w, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p, w - 0.1 * g)  # plain SGD on the unscaled gradient
