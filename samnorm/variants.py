@@ -70,7 +70,9 @@ class _Variant(SAM):
 
     @torch.no_grad()
     def _descend(self, amp: tuple | None, closure_mode: bool) -> None:
-        # every path ends here: second_step(), step() after first_step, step(closure), scaler.step
+        # every path ends here: second_step(), step() after first_step, step(closure), scaler.step.
+        # Restore w first: _before_descent reads only .grad, and if it raises, w must not stay at w + e
+        self.restore()
         self._before_descent()
         super()._descend(amp, closure_mode)
         self.steps += 1

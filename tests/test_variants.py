@@ -568,3 +568,26 @@ def test_interval_plain_closure_step_under_grad_scaler_ignores_the_stale_inf_fla
     assert scaler.get_scale() == 2.0**9  # no back-off: the step was finite
     for p, w, g in zip(model.parameters(), before, grads):
         torch.testing.assert_close(p, w - 0.1 * g)  # plain SGD on the unscaled gradient
+
+
+@pytest.mark.parametrize("name, kw", [("looksam", {"k": 2}), ("onepass", {"direction": "grad"})])
+def test_an_error_in_the_variant_vector_code_leaves_the_weights_restored(monkeypatch, name, kw):
+    model = _mlp()
+    opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5, **kw)
+    x, y = _batch()
+    _train(opt, model, x, y, 2, "two_step")  # LookSAM: step 2 is a SAM step; OnePassSAM: d is set
+    before = [p.detach().clone() for p in model.parameters()]
+    if isinstance(opt, OnePassSAM):
+        opt.first_step()
+    else:
+        opt.first_step(_ce(model, x, y))
+    assert any(not torch.equal(p, w) for p, w in zip(model.parameters(), before))  # at w + e
+    _ce(model, x, y).backward()
+
+    def fail(*args):
+        raise RuntimeError("vector code failed")
+
+    monkeypatch.setattr(samnorm.variants._Vectors, "load", fail)
+    with pytest.raises(RuntimeError, match="vector code failed"):
+        opt.second_step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
