@@ -56,6 +56,7 @@ class _Variant(SAM):
     their extra state under ``"sam_variant"`` in the state dict."""
 
     _SLOTS: tuple[str, ...] = ()  # names of the flat vectors a variant keeps
+    _NAME = ""  # its name in VARIANTS, saved with its state
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -81,7 +82,7 @@ class _Variant(SAM):
         """What a variant does with the gradients just before the base optimizer's step."""
 
     def _variant_state(self) -> dict[str, Any]:
-        return {"steps": self.steps}
+        return {"name": self._NAME, "steps": self.steps}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
@@ -94,8 +95,17 @@ class _Variant(SAM):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`SAM.load_state_dict` plus the variant's state. A resume: the saved step count
+        and settings (``k``, ``alpha``, ``direction``) replace the constructor's. A state dict of
+        another variant is refused (``ValueError``); a plain SAM one loads and keeps these."""
         state_dict = dict(state_dict)
         variant = state_dict.pop(_VARIANT_KEY, None)
+        if variant is not None and variant.get("name") != self._NAME:
+            raise ValueError(
+                f"the state dict was saved by the {variant.get('name')!r} SAM variant, and this is "
+                f"{type(self).__name__} ({self._NAME!r}): build the same variant "
+                "(samnorm.variants.make(name, ...)) to load it"
+            )
         super().load_state_dict(state_dict)
         if variant is not None:
             self._load_variant_state(variant)
@@ -194,8 +204,10 @@ class IntervalSAM(_Variant):
         with super().first_pass(model) if self.is_sam_step else contextlib.nullcontext():
             yield
 
+    _NAME = "interval"
+
     def _variant_state(self) -> dict[str, Any]:
-        return {**super()._variant_state(), "name": "interval", "k": self.k}
+        return {**super()._variant_state(), "k": self.k}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         super()._load_variant_state(state)
@@ -288,8 +300,10 @@ class LookSAM(IntervalSAM):
         vec.scale_into("tmp", "gv", coef)  # tmp = coef * g_v
         torch._foreach_add_([vec.params[i].grad for i in have], [vec.view("tmp", i) for i in have])
 
+    _NAME = "looksam"
+
     def _variant_state(self) -> dict[str, Any]:
-        return {**super()._variant_state(), "name": "looksam", "alpha": self.alpha, "gv": self._saved("gv")}
+        return {**super()._variant_state(), "alpha": self.alpha, "gv": self._saved("gv")}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         super()._load_variant_state(state)
@@ -424,9 +438,10 @@ class OnePassSAM(_Variant):
             self.restore()
             raise
 
+    _NAME = "onepass"
+
     def _variant_state(self) -> dict[str, Any]:
-        state = {"name": "onepass", "direction": self.direction, "d": self._saved("d")}
-        return {**super()._variant_state(), **state}
+        return {**super()._variant_state(), "direction": self.direction, "d": self._saved("d")}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         super()._load_variant_state(state)

@@ -591,3 +591,30 @@ def test_an_error_in_the_variant_vector_code_leaves_the_weights_restored(monkeyp
     with pytest.raises(RuntimeError, match="vector code failed"):
         opt.second_step()
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+
+
+def test_load_state_dict_refuses_another_variant_and_resumes_the_saved_settings():
+    model = _mlp()
+    x, y = _batch()
+
+    def build(name, **kw):
+        return make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.2, **kw)
+
+    saved = {}
+    for name, kw in (("interval", {"k": 2}), ("looksam", {"k": 2}), ("onepass", {})):
+        opt = build(name, **kw)
+        _train(opt, model, x, y, 3, "loss")
+        saved[name] = opt.state_dict()
+    for name, other in (("interval", "onepass"), ("interval", "looksam"), ("looksam", "interval"),
+                        ("onepass", "looksam")):
+        opt = build(name)
+        with pytest.raises(ValueError, match=f"saved by the {other!r} SAM variant"):
+            opt.load_state_dict(saved[other])
+        assert opt.steps == 0 and not opt.state  # nothing half-loaded
+    resumed = build("interval", k=5)
+    resumed.load_state_dict(saved["interval"])
+    assert (resumed.k, resumed.steps) == (2, 3)  # a resume: the saved k replaces the constructor's
+    plain = samnorm.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
+    fresh = build("interval", k=5)
+    fresh.load_state_dict(plain.state_dict())  # a plain SAM state: the variant keeps its own
+    assert (fresh.k, fresh.steps) == (5, 0)
