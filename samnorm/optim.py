@@ -237,6 +237,20 @@ class SAM(Optimizer):
             )
         return list(sel)
 
+    @property
+    def is_sam_step(self) -> bool:
+        """Whether the current step (begun or not, not yet finished) needs the second pass at
+        ``w + e``: always True for SAM; :class:`~samnorm.variants.IntervalSAM` and
+        :class:`~samnorm.variants.LookSAM` say False on their plain steps. A Python bool (no
+        device sync): a loop or integration running the passes itself skips the second on False.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+            >>> SAM(torch.optim.SGD(model.parameters(), lr=0.1), model).is_sam_step
+            True
+        """
+        return True
+
     def perturbed_parameters(self) -> list[torch.Tensor]:
         """The parameters the ascent perturbs (all of the base optimizer's when ``perturb=None``)."""
         return self._owned() if self._selection is None else list(self._selection)

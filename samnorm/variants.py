@@ -367,11 +367,6 @@ class OnePassSAM(_Variant):
             _check_keeps_momentum(base_optimizer)
         self.direction = direction
 
-    @property
-    def is_sam_step(self) -> bool:
-        """Always True: every step perturbs (with one pass)."""
-        return True
-
     def _directions(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
         if self.steps == 0:
             return [None] * len(params)
