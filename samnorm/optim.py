@@ -553,9 +553,14 @@ class SAM(Optimizer):
     def second_pass(self, model: nn.Module) -> Iterator[None]:
         """Context for the perturbed forward/backward: BatchNorm running statistics are frozen
         (see :func:`disable_running_stats`); if the block raises, the parameters are restored."""
+        with self._restoring_on_error(), disable_running_stats(model):
+            yield
+
+    @contextlib.contextmanager
+    def _restoring_on_error(self) -> Iterator[None]:
+        """Restore the perturbed parameters (:meth:`restore`) if the block raises, then re-raise."""
         try:
-            with disable_running_stats(model):
-                yield
+            yield
         except BaseException:
             self.restore()
             raise

@@ -427,11 +427,8 @@ class OnePassSAM(_Variant):
     @contextlib.contextmanager
     def second_pass(self, model: nn.Module) -> Iterator[None]:
         """Restore the parameters if the block raises; BatchNorm statistics are updated as usual."""
-        try:
+        with self._restoring_on_error():
             yield
-        except BaseException:
-            self.restore()
-            raise
 
     _NAME = "onepass"
 
