@@ -24,6 +24,7 @@ __all__ = [
     "accelerate_accumulation_steps",
     "adopt_unscaled_state",
     "calling_grad_scaler",
+    "is_unscaled",
     "mark_stepped",
     "record_found_inf",
     "repatch_step",
@@ -76,9 +77,22 @@ def adopt_unscaled_state(scaler: GradScaler, source: object, target: object) -> 
     two optimizers share their gradients: SAM and its base optimizer). Returns whether ``target``'s
     gradients are now unscaled."""
     states = scaler._per_optimizer_states
-    if states[id(source)]["stage"] is OptState.UNSCALED and states[id(target)]["stage"] is OptState.READY:
+    source_unscaled = states[id(source)]["stage"] is OptState.UNSCALED
+    if source_unscaled and states[id(target)]["stage"] is OptState.UNSCALED:
+        raise RuntimeError(
+            "scaler.unscale_() was called on both SAM and its base optimizer since the last "
+            "update(): they share their gradients, which are now divided by the scale twice. "
+            "Call unscale_ on one of them"
+        )
+    if source_unscaled and states[id(target)]["stage"] is OptState.READY:
         states[id(target)] = states.pop(id(source))
     return states[id(target)]["stage"] is OptState.UNSCALED
+
+
+def is_unscaled(scaler: GradScaler, *optimizers: object) -> bool:
+    """Whether ``scaler.unscale_`` ran on any of ``optimizers`` since the last ``update()``."""
+    states = scaler._per_optimizer_states
+    return any(id(o) in states and states[id(o)]["stage"] is OptState.UNSCALED for o in optimizers)
 
 
 def unscale_and_check_(params: Iterable[torch.Tensor], inv_scale: torch.Tensor, found_inf: torch.Tensor) -> None:

@@ -237,6 +237,20 @@ class SAM(Optimizer):
             )
         return list(sel)
 
+    @property
+    def is_sam_step(self) -> bool:
+        """Whether the current step (begun or not, not yet finished) needs the second pass at
+        ``w + e``: always True for SAM; :class:`~samnorm.variants.IntervalSAM` and
+        :class:`~samnorm.variants.LookSAM` say False on their plain steps. A Python bool (no
+        device sync): a loop or integration running the passes itself skips the second on False.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+            >>> SAM(torch.optim.SGD(model.parameters(), lr=0.1), model).is_sam_step
+            True
+        """
+        return True
+
     def perturbed_parameters(self) -> list[torch.Tensor]:
         """The parameters the ascent perturbs (all of the base optimizer's when ``perturb=None``)."""
         return self._owned() if self._selection is None else list(self._selection)
@@ -411,7 +425,10 @@ class SAM(Optimizer):
         - ``torch.amp.GradScaler.step(sam)`` (and ``scaler.step(sam, closure)``) works: SAM
           unscales the gradients itself and skips the whole step, restoring ``w``, when either
           pass had an inf/NaN; the scaler then backs off. Like ``GradScaler.step`` for any
-          optimizer that is not fused, that decision reads one flag from the device.
+          optimizer that is not fused, that decision reads one flag from the device. A
+          ``scaler.unscale_`` (to clip) on SAM or on its base optimizer before ``scaler.step(sam)``
+          is honoured, the gradients being divided once; before ``scaler.step(sam, closure)`` it
+          is refused (the closure computes the gradients afterwards).
 
         Example:
             >>> model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
@@ -432,6 +449,7 @@ class SAM(Optimizer):
             if self._perturbed is None:
                 if closure is None:
                     raise ValueError(_STEP_WITHOUT_FIRST_STEP)
+                self._refuse_unscale_before_closure()
                 return self._closure_step(closure, amp)
             loss = None
             if closure is not None:  # after first_step the closure is the second pass
@@ -444,6 +462,21 @@ class SAM(Optimizer):
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
             raise
+
+    def _refuse_unscale_before_closure(self) -> None:
+        """``scaler.unscale_`` before ``scaler.step(opt, closure)`` divided gradients the closure then
+        replaces, and GradScaler would hand over no scale for the new ones: they would never be
+        unscaled (and clipping them there clipped nothing)."""
+        scaler = _compat.calling_grad_scaler(self) if "found_inf" in self.__dict__ else None
+        if scaler is not None and _compat.is_unscaled(scaler, self.base_optimizer, self):
+            self.__dict__.pop("grad_scale", None)  # as step() does when it raises
+            self.__dict__.pop("found_inf", None)
+            raise ValueError(
+                "scaler.unscale_() before scaler.step(optimizer, closure): the closure computes the "
+                "gradients inside the step, so there is nothing to unscale yet. Use the two-pass "
+                "form to clip: first_step(scaler.scale(loss)), the second backward, "
+                "scaler.unscale_(optimizer), clip, then scaler.step(optimizer)"
+            )
 
     def _model(self) -> nn.Module:
         return self.model if self.model is not None else nn.Module()
@@ -479,6 +512,12 @@ class SAM(Optimizer):
         """The base step under ``GradScaler.step(sam)``: unscale (unless ``scaler.unscale_`` did),
         join the inf flags of both passes, skip the base step if any is set and report the result
         to the scaler so that ``update()`` backs off."""
+        scaler = _compat.calling_grad_scaler(self)
+        # scaler.unscale_(base) leaves SAM's own record READY, so GradScaler handed over the scale
+        # as if nothing were unscaled; the gradients are shared, so they must not be divided again.
+        # (In closure mode the closure computed fresh gradients after any unscale_: step refused that.)
+        if trust_found_inf and scaler is not None and _compat.adopt_unscaled_state(scaler, self.base_optimizer, self):
+            grad_scale = None
         params = self._owned()
         if isinstance(grad_scale, torch.Tensor):
             device = grad_scale.device
@@ -494,7 +533,6 @@ class SAM(Optimizer):
             found += found_inf.to(device)  # GradScaler's own check (or unscale_) of these gradients
         if self._first_nonfinite is not None:
             found += self._first_nonfinite.to(device, torch.float32)
-        scaler = _compat.calling_grad_scaler(self)
         if scaler is not None:
             _compat.record_found_inf(scaler, self, found)
         _compat.step_unless_found_inf(self.base_optimizer, found)
@@ -515,9 +553,14 @@ class SAM(Optimizer):
     def second_pass(self, model: nn.Module) -> Iterator[None]:
         """Context for the perturbed forward/backward: BatchNorm running statistics are frozen
         (see :func:`disable_running_stats`); if the block raises, the parameters are restored."""
+        with self._restoring_on_error(), disable_running_stats(model):
+            yield
+
+    @contextlib.contextmanager
+    def _restoring_on_error(self) -> Iterator[None]:
+        """Restore the perturbed parameters (:meth:`restore`) if the block raises, then re-raise."""
         try:
-            with disable_running_stats(model):
-                yield
+            yield
         except BaseException:
             self.restore()
             raise

@@ -56,6 +56,7 @@ class _Variant(SAM):
     their extra state under ``"sam_variant"`` in the state dict."""
 
     _SLOTS: tuple[str, ...] = ()  # names of the flat vectors a variant keeps
+    _NAME = ""  # its name in VARIANTS, saved with its state
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -70,7 +71,9 @@ class _Variant(SAM):
 
     @torch.no_grad()
     def _descend(self, amp: tuple | None, closure_mode: bool) -> None:
-        # every path ends here: second_step(), step() after first_step, step(closure), scaler.step
+        # every path ends here: second_step(), step() after first_step, step(closure), scaler.step.
+        # Restore w first: _before_descent reads only .grad, and if it raises, w must not stay at w + e
+        self.restore()
         self._before_descent()
         super()._descend(amp, closure_mode)
         self.steps += 1
@@ -79,7 +82,7 @@ class _Variant(SAM):
         """What a variant does with the gradients just before the base optimizer's step."""
 
     def _variant_state(self) -> dict[str, Any]:
-        return {"steps": self.steps}
+        return {"name": self._NAME, "steps": self.steps}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
@@ -92,8 +95,17 @@ class _Variant(SAM):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`SAM.load_state_dict` plus the variant's state. A resume: the saved step count
+        and settings (``k``, ``alpha``, ``direction``) replace the constructor's. A state dict of
+        another variant is refused (``ValueError``); a plain SAM one loads and keeps these."""
         state_dict = dict(state_dict)
         variant = state_dict.pop(_VARIANT_KEY, None)
+        if variant is not None and variant.get("name") != self._NAME:
+            raise ValueError(
+                f"the state dict was saved by the {variant.get('name')!r} SAM variant, and this is "
+                f"{type(self).__name__} ({self._NAME!r}): build the same variant "
+                "(samnorm.variants.make(name, ...)) to load it"
+            )
         super().load_state_dict(state_dict)
         if variant is not None:
             self._load_variant_state(variant)
@@ -177,11 +189,14 @@ class IntervalSAM(_Variant):
         statistics and DDP's all-reduce as in a plain step) and returns its loss."""
         if closure is None or self.is_sam_step or self._perturbed is not None:
             return super().step(closure)
+        self._refuse_unscale_before_closure()
         with torch.enable_grad():
             loss = closure()
         self.first_step()
-        super().step()  # the base step (through GradScaler's skip under scaler.step(opt, closure))
-        return loss
+        # SAM's step with a closure after first_step: the base step through GradScaler's skip,
+        # closure mode because GradScaler checked the gradients before this closure replaced them
+        # (its flag is stale). The closure has run: the one handed over only returns its loss.
+        return super().step(lambda: loss)
 
     @contextlib.contextmanager
     def first_pass(self, model: nn.Module) -> Iterator[None]:
@@ -189,8 +204,10 @@ class IntervalSAM(_Variant):
         with super().first_pass(model) if self.is_sam_step else contextlib.nullcontext():
             yield
 
+    _NAME = "interval"
+
     def _variant_state(self) -> dict[str, Any]:
-        return {**super()._variant_state(), "name": "interval", "k": self.k}
+        return {**super()._variant_state(), "k": self.k}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         super()._load_variant_state(state)
@@ -283,8 +300,10 @@ class LookSAM(IntervalSAM):
         vec.scale_into("tmp", "gv", coef)  # tmp = coef * g_v
         torch._foreach_add_([vec.params[i].grad for i in have], [vec.view("tmp", i) for i in have])
 
+    _NAME = "looksam"
+
     def _variant_state(self) -> dict[str, Any]:
-        return {**super()._variant_state(), "name": "looksam", "alpha": self.alpha, "gv": self._saved("gv")}
+        return {**super()._variant_state(), "alpha": self.alpha, "gv": self._saved("gv")}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         super()._load_variant_state(state)
@@ -308,8 +327,10 @@ class OnePassSAM(_Variant):
        - ``direction="grad"``: ``d = g_{t-1}``, the gradient the previous step descended with:
          SAM's ascent with a gradient one step old.
 
-       No ``d`` yet (step 0) or ``d = 0``: ``e = 0``; a non-finite ``||d||`` skips the ascent as in
-       :class:`~samnorm.SAM`.
+       No ``d`` yet (step 0, or every step so far skipped by ``GradScaler``, so the optimizer
+       keeps no momentum yet) or ``d = 0``: ``e = 0``, a plain step; a non-finite ``||d||`` skips
+       the ascent as in :class:`~samnorm.SAM`. An optimizer that never keeps a momentum (SGD
+       without momentum, Adagrad) is refused at construction for ``direction="momentum"``.
     2. your one forward/backward at ``w + e``: the gradient ``g_t`` of every parameter.
     3. :meth:`second_step`: restore ``w`` (a bit-exact copy), then the base optimizer's step with
        ``g_t``; ``direction="grad"`` keeps ``g_t`` of the perturbed tensors (unless not finite).
@@ -342,12 +363,9 @@ class OnePassSAM(_Variant):
         if direction not in ("momentum", "grad"):
             raise ValueError(f"direction must be 'momentum' or 'grad', got {direction!r}")
         super().__init__(base_optimizer, perturb, **kwargs)
+        if direction == "momentum":
+            _check_keeps_momentum(base_optimizer)
         self.direction = direction
-
-    @property
-    def is_sam_step(self) -> bool:
-        """Always True: every step perturbs (with one pass)."""
-        return True
 
     def _directions(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
         if self.steps == 0:
@@ -355,15 +373,10 @@ class OnePassSAM(_Variant):
         if self.direction == "grad":
             vec = self._vectors()
             return [vec.view("d", i) for i in range(len(params))]
+        # no buffer yet (every step so far skipped by GradScaler, or a tensor without gradient
+        # so far): that tensor is not perturbed, as at step 0
         states = [self.state.get(p, {}) for p in params]
-        ds = [s.get("momentum_buffer", s.get("exp_avg")) for s in states]
-        if all(d is None for d in ds):
-            raise ValueError(
-                f"direction='momentum': {type(self.base_optimizer).__name__} keeps no momentum "
-                "buffer for the perturbed tensors (SGD needs momentum > 0; Adam-type optimizers keep "
-                "exp_avg); use OnePassSAM(..., direction='grad')"
-            )
-        return ds
+        return [s.get("momentum_buffer", s.get("exp_avg")) for s in states]
 
     @torch.no_grad()
     def first_step(self, loss: torch.Tensor | None = None, zero_grad: bool = False) -> None:
@@ -402,6 +415,7 @@ class OnePassSAM(_Variant):
         raises), the descent; returns the loss. ``step()`` after :meth:`first_step` and your
         backward finishes the step, as for :class:`~samnorm.SAM`."""
         if closure is not None and self._perturbed is None:
+            self._refuse_unscale_before_closure()
             self.first_step()
         return super().step(closure)  # after first_step SAM runs the closure once, in second_pass
 
@@ -413,15 +427,13 @@ class OnePassSAM(_Variant):
     @contextlib.contextmanager
     def second_pass(self, model: nn.Module) -> Iterator[None]:
         """Restore the parameters if the block raises; BatchNorm statistics are updated as usual."""
-        try:
+        with self._restoring_on_error():
             yield
-        except BaseException:
-            self.restore()
-            raise
+
+    _NAME = "onepass"
 
     def _variant_state(self) -> dict[str, Any]:
-        state = {"name": "onepass", "direction": self.direction, "d": self._saved("d")}
-        return {**super()._variant_state(), **state}
+        return {**super()._variant_state(), "direction": self.direction, "d": self._saved("d")}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         super()._load_variant_state(state)
@@ -430,6 +442,21 @@ class OnePassSAM(_Variant):
 
     def __repr__(self) -> str:
         return f"OnePassSAM(direction={self.direction!r}, {super().__repr__()})"
+
+
+def _check_keeps_momentum(optimizer: Optimizer) -> None:
+    """``direction="momentum"`` reads SGD's/RMSprop's ``momentum_buffer`` or an Adam-type
+    ``exp_avg`` (optimizers with ``betas``): refuse, at construction, an optimizer that keeps none."""
+    if isinstance(optimizer, (torch.optim.SGD, torch.optim.RMSprop)):
+        ok = all(g.get("momentum", 0) > 0 for g in optimizer.param_groups)
+    else:
+        ok = "betas" in optimizer.defaults
+    if not ok:
+        raise ValueError(
+            f"direction='momentum': {type(optimizer).__name__} keeps no momentum buffer (SGD and "
+            "RMSprop need momentum > 0 in every parameter group; Adam-type optimizers keep "
+            "exp_avg); use OnePassSAM(..., direction='grad')"
+        )
 
 
 class _Vectors:

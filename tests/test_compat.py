@@ -40,8 +40,11 @@ def test_adopt_unscaled_state_moves_the_unscale_record():
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
     scaler.scale(p.sum()).backward()
     assert not _compat.adopt_unscaled_state(scaler, a, b)
+    assert not _compat.is_unscaled(scaler, a, b)
     scaler.unscale_(a)
+    assert _compat.is_unscaled(scaler, a, b) and not _compat.is_unscaled(scaler, b)
     assert _compat.adopt_unscaled_state(scaler, a, b)
+    assert _compat.is_unscaled(scaler, b) and not _compat.is_unscaled(scaler, a)
     assert torch.equal(p.grad, torch.ones(3))
     scaler.step(b)  # b is recorded as unscaled: no second division
     scaler.update()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from samnorm import SAM, disable_running_stats
+from samnorm.variants import make
 
 
 def _mlp(norm=nn.LayerNorm, dtype=torch.float32, seed=0):
@@ -150,8 +151,10 @@ def test_grad_scaler_with_fused_base_skips_on_the_device():
 
 
 @pytest.mark.filterwarnings("ignore:SAM. the first-pass gradient norm was not finite")
+@pytest.mark.parametrize("finish", ["second_step", "scaler.step(sam)"])
 @pytest.mark.parametrize("unscale_on", ["base", "sam"])
-def test_grad_scaler_unscale_before_second_step_for_clipping(unscale_on):
+def test_grad_scaler_unscale_before_second_step_for_clipping(unscale_on, finish):
+    # every entry point divides by the scale exactly once, whichever object unscale_ was given
     x, y = _data()
     for inject in (None, "first"):
         a, b = _mlp(), _mlp()
@@ -166,13 +169,55 @@ def test_grad_scaler_unscale_before_second_step_for_clipping(unscale_on):
             handle.remove()
         sb.scale(_ce(b, x, y)).backward()
         sb.unscale_(ob.base_optimizer if unscale_on == "base" else ob)  # e.g. to clip
-        ob.second_step(scaler=sb, zero_grad=True)
+        if finish == "second_step":
+            ob.second_step(scaler=sb, zero_grad=True)
+        else:
+            sb.step(ob)
+            ob.zero_grad()
         sb.update()
         for p, q in zip(a.parameters(), b.parameters()):
             assert torch.equal(p, q)
         if inject:
             assert sb.get_scale() == 2.0**11
             assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+
+
+def test_grad_scaler_unscale_on_both_sam_and_base_is_refused():
+    x, y = _data()
+    model = _mlp()
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt.first_step(scaler.scale(_ce(model, x, y)))
+    scaler.scale(_ce(model, x, y)).backward()
+    scaler.unscale_(opt.base_optimizer)
+    scaler.unscale_(opt)  # the shared gradients are now divided twice
+    with pytest.raises(RuntimeError, match="both SAM and its base optimizer"):
+        scaler.step(opt)
+
+
+@pytest.mark.parametrize("name", ["sam", "interval", "onepass"])
+def test_grad_scaler_unscale_before_a_closure_step_is_refused(name):
+    # the closure computes the gradients inside the step: GradScaler would hand over no scale
+    x, y = _data()
+    model = _mlp()
+    opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.3)
+    if name == "interval":
+        opt.steps = 1  # a plain step
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+
+    def closure():
+        opt.zero_grad()
+        loss = _ce(model, x, y)
+        scaler.scale(loss).backward()
+        return loss
+
+    before = copy.deepcopy(model.state_dict())
+    scaler.scale(torch.ones(()))  # GradScaler sets its scale lazily
+    scaler.unscale_(opt)
+    with pytest.raises(ValueError, match="nothing to unscale yet"):
+        scaler.step(opt, closure)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert "found_inf" not in vars(opt)
 
 
 @pytest.mark.filterwarnings("ignore:SAM. the first-pass gradient norm was not finite")

@@ -387,13 +387,13 @@ def test_clear_errors():
         OnePassSAM(sgd, model, direction="adam")
     with pytest.raises(ValueError, match="unknown SAM variant 'msam'"):
         make("msam", sgd, model)
-    opt = OnePassSAM(sgd, model)  # SGD without momentum
+    for no_momentum in (sgd, torch.optim.Adagrad(model.parameters()), torch.optim.RMSprop(model.parameters())):
+        with pytest.raises(ValueError, match="keeps no momentum buffer.*direction='grad'"):
+            OnePassSAM(no_momentum, model)
+    opt = OnePassSAM(sgd, model, direction="grad")
     x, y = _batch()
     with pytest.raises(ValueError, match="before the forward pass, without a loss"):
         opt.first_step(_ce(model, x, y))
-    _train(opt, model, x, y, 1, "two_step")
-    with pytest.raises(ValueError, match="direction='grad'"):
-        opt.first_step()
     iv = IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=2)
     with pytest.raises(RuntimeError, match="without first_step"):
         iv.second_step()
@@ -520,3 +520,101 @@ def test_plain_steps_through_the_integrations_window_take_the_plain_gradient():
     opt.step()
     for p, w, g in zip(model.parameters(), start, expected):
         torch.testing.assert_close(p.detach(), w - 0.1 * g)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_onepass_momentum_after_a_skipped_amp_step_is_a_plain_step(opt):
+    # GradScaler skipped step 0: steps counts it, but the base optimizer kept no momentum yet, so
+    # step 1 has no direction: e = 0 and it is the base optimizer's step, as step 0 of a clean run
+    model, ref, x, y, base, ref_base, perturb, sel = _setup(0, 4, "norm", opt)
+    onepass = OnePassSAM(base, perturb, rho=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for bad in (True, False):
+        onepass.first_step()
+        loss = _ce(model, x, y) * (float("inf") if bad else 1.0)
+        scaler.scale(loss).backward()
+        onepass.second_step(zero_grad=True, scaler=scaler)
+        scaler.update()
+    assert onepass.steps == 2 and scaler.get_scale() == 2.0**9
+    _ref_onepass(ref, sel, x, y, 1, ref_base, 0.5, "momentum")
+    _assert_same(model, ref)
+
+
+def test_interval_plain_closure_step_under_grad_scaler_ignores_the_stale_inf_flag():
+    # scaler.step(opt, closure): GradScaler checks .grad before the closure runs. After a skipped
+    # SAM step those are the old inf gradients; the plain step's own finite ones must go through.
+    model = _mlp()
+    opt = IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=2, rho=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(torch.ones(()))  # GradScaler sets its scale lazily
+    x, y = _batch()
+    factor = [float("inf")]
+
+    def closure():
+        opt.zero_grad()
+        loss = _ce(model, x, y) * factor[0]
+        scaler.scale(loss).backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt, closure)
+    scaler.update()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+    assert not opt.is_sam_step and scaler.get_scale() == 2.0**9
+    factor[0] = 1.0
+    grads = torch.autograd.grad(_ce(model, x, y), list(model.parameters()))
+    scaler.step(opt, closure)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9  # no back-off: the step was finite
+    for p, w, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p, w - 0.1 * g)  # plain SGD on the unscaled gradient
+
+
+@pytest.mark.parametrize("name, kw", [("looksam", {"k": 2}), ("onepass", {"direction": "grad"})])
+def test_an_error_in_the_variant_vector_code_leaves_the_weights_restored(monkeypatch, name, kw):
+    model = _mlp()
+    opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5, **kw)
+    x, y = _batch()
+    _train(opt, model, x, y, 2, "two_step")  # LookSAM: step 2 is a SAM step; OnePassSAM: d is set
+    before = [p.detach().clone() for p in model.parameters()]
+    if isinstance(opt, OnePassSAM):
+        opt.first_step()
+    else:
+        opt.first_step(_ce(model, x, y))
+    assert any(not torch.equal(p, w) for p, w in zip(model.parameters(), before))  # at w + e
+    _ce(model, x, y).backward()
+
+    def fail(*args):
+        raise RuntimeError("vector code failed")
+
+    monkeypatch.setattr(samnorm.variants._Vectors, "load", fail)
+    with pytest.raises(RuntimeError, match="vector code failed"):
+        opt.second_step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+
+
+def test_load_state_dict_refuses_another_variant_and_resumes_the_saved_settings():
+    model = _mlp()
+    x, y = _batch()
+
+    def build(name, **kw):
+        return make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.2, **kw)
+
+    saved = {}
+    for name, kw in (("interval", {"k": 2}), ("looksam", {"k": 2}), ("onepass", {})):
+        opt = build(name, **kw)
+        _train(opt, model, x, y, 3, "loss")
+        saved[name] = opt.state_dict()
+    for name, other in (("interval", "onepass"), ("interval", "looksam"), ("looksam", "interval"),
+                        ("onepass", "looksam")):
+        opt = build(name)
+        with pytest.raises(ValueError, match=f"saved by the {other!r} SAM variant"):
+            opt.load_state_dict(saved[other])
+        assert opt.steps == 0 and not opt.state  # nothing half-loaded
+    resumed = build("interval", k=5)
+    resumed.load_state_dict(saved["interval"])
+    assert (resumed.k, resumed.steps) == (2, 3)  # a resume: the saved k replaces the constructor's
+    plain = samnorm.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
+    fresh = build("interval", k=5)
+    fresh.load_state_dict(plain.state_dict())  # a plain SAM state: the variant keeps its own
+    assert (fresh.k, fresh.steps) == (5, 0)

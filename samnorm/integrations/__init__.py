@@ -140,7 +140,7 @@ def sam_passes(
         return loss
     del _PENDING[sam]
     sam.first_step(zero_grad=True)
-    if not getattr(sam, "is_sam_step", True):
+    if not sam.is_sam_step:
         return loss  # a plain step of IntervalSAM/LookSAM: the first pass's gradient is the descent's
     with sam.second_pass(model):
         for i, b in enumerate(pending):
