@@ -77,6 +77,7 @@ OPTIMIZERS: dict[str, tuple[bool, bool, float] | None] = {
     "asam": (False, True, 0.5),
     "sgd": None,
 }
+_VARIANTS = ("interval", "looksam", "onepass")
 # Settings that do not change the trajectory, so a resumed run may change them.
 _FREE_ON_RESUME = {"checkpoint_every", "log_every", "num_workers"}
 # Files of a run in its output folder (a fresh run would replace them).
@@ -103,6 +104,10 @@ class FinetuneConfig:
 
     optimizer: str = "sam-on"
     rho: float | None = None  # None: the optimizer's default (OPTIMIZERS)
+    # a cheaper schedule of the SAM optimizer (samnorm.variants.make: "interval", "looksam", "onepass");
+    # None: plain SAM. variant_k: the interval of "interval"/"looksam" (None: the class's default).
+    variant: str | None = None
+    variant_k: int | None = None
     eta: float = 0.01  # ASAM's offset
     base_optimizer: str = "sgd"  # or "adamw"
     lr: float = 1e-3
@@ -128,6 +133,13 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {sorted(OPTIMIZERS)}")
+        if self.variant is not None and (self.variant not in _VARIANTS or OPTIMIZERS[self.optimizer] is None):
+            raise ValueError(f"variant must be one of {sorted(_VARIANTS)} with a SAM optimizer (not 'sgd'), "
+                             f"got variant={self.variant!r} with optimizer={self.optimizer!r}")
+        if self.variant_k is not None and (self.variant not in ("interval", "looksam") or isinstance(self.variant_k, bool)
+                                           or not isinstance(self.variant_k, int) or self.variant_k < 1):
+            raise ValueError(f"variant_k must be an int >= 1 with variant 'interval' or 'looksam', "
+                             f"got {self.variant_k!r} with variant {self.variant!r}")
         if self.base_optimizer not in ("sgd", "adamw"):
             raise ValueError(f"base_optimizer must be 'sgd' or 'adamw', got {self.base_optimizer!r}")
         if self.ood_loss not in OOD_LOSSES:
@@ -238,8 +250,14 @@ def _build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optim
     if spec is None:
         return base
     norm_only, adaptive, _ = spec
-    return SAM(base, perturb=model if norm_only else None, rho=cfg.resolved_rho(), adaptive=adaptive,
-               eta=cfg.eta, model=model)
+    kwargs: dict[str, Any] = {"rho": cfg.resolved_rho(), "adaptive": adaptive, "eta": cfg.eta, "model": model}
+    if cfg.variant is None:
+        return SAM(base, perturb=model if norm_only else None, **kwargs)
+    from samnorm.variants import make
+
+    if cfg.variant_k is not None:
+        kwargs["k"] = cfg.variant_k
+    return make(cfg.variant, base, model if norm_only else None, **kwargs)
 
 
 def _schedule(cfg: FinetuneConfig, total: int) -> Callable[[int], float]:
@@ -534,12 +552,18 @@ def finetune(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         n_ood = round(cfg.ood_ratio * x.shape[0])
         inputs = torch.cat([x, pseudo(x[:n_ood], y[:n_ood])]) if n_ood else x
-        if isinstance(opt, SAM):
+        if cfg.variant == "onepass":  # the ascent from the optimizer's state, then the one pass at w + e
+            opt.first_step()
+            with opt.second_pass(net):
+                terms, logits = forward(inputs, y)
+                terms.total.backward()
+        elif isinstance(opt, SAM):
             with opt.first_pass(net):
                 terms, logits = forward(inputs, y)
             opt.first_step(terms.total)
-            with opt.second_pass(net):
-                forward(inputs, y)[0].total.backward()
+            if getattr(opt, "is_sam_step", True):  # interval/looksam: plain steps have one pass
+                with opt.second_pass(net):
+                    forward(inputs, y)[0].total.backward()
         else:
             terms, logits = forward(inputs, y)
             terms.total.backward()
