@@ -53,8 +53,8 @@ OPTIMIZERS = {"sgd": "SGD", "sam-on": "SAM-ON", "asam-on": "ASAM-ON", "sam": "fu
               "onepass-on": "OnePass SAM-ON", "interval-on": "Interval SAM-ON (k=4)", "looksam-on": "LookSAM-ON (k=4)"}
 # the cheaper schedules of samnorm.variants on SAM-ON: arm -> (variant, k); momentum direction for OnePass
 VARIANT_ARMS = {"onepass-on": ("onepass", None), "interval-on": ("interval", 4), "looksam-on": ("looksam", 4)}
-DEFAULT_RHOS = {"sam-on": (0.1, 0.5), "asam-on": (0.1, 1.0), "sam": (0.02, 0.1),
-                **{arm: (0.1, 0.5) for arm in VARIANT_ARMS}}
+DEFAULT_RHOS = {"sam-on": (0.1, 0.5, 1.0), "asam-on": (0.1, 1.0), "sam": (0.02, 0.1),
+                **{arm: (0.1, 0.5, 1.0) for arm in VARIANT_ARMS}}
 OOD_WEIGHT = 0.25
 
 
