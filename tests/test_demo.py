@@ -512,26 +512,12 @@ def test_ablation_reports_variant_minus_sam_on_paired() -> None:
     assert "| OOD term on, lr 0.1 | OnePass SAM-ON (0.1) | 3 | +5.0 [" in ab.markdown(result, args)
 
 
-class _CrashAfter(torch.utils.data.Dataset):
-    """The same images, but loading dies after ``limit`` items, like a preempted job."""
-
-    def __init__(self, data, limit: int) -> None:
-        self.data, self.limit, self.calls = data, limit, 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls > self.limit:
-            raise KeyboardInterrupt("preempted")
-        return self.data[i]
-
-
 @pytest.mark.parametrize("variant, k", [("onepass", None), ("looksam", 3), ("interval", 3)])
 def test_a_variant_run_resumes_bit_identically(tmp_path, variant, k) -> None:
     """The recipe's checkpoint holds the variant's state (step count, LookSAM's g_v, the momentum):
     resumed after step 4 (a plain step of k=3 that adds g_v), 7 steps end as an uninterrupted run."""
+    from test_recipe import CrashAfter
+
     from samnorm.recipe import finetune
 
     def model():
@@ -544,7 +530,7 @@ def test_a_variant_run_resumes_bit_identically(tmp_path, variant, k) -> None:
               variant_k=k, ood_ratio=0.0, progress=False, log=lambda _: None)
     straight = finetune(model(), data, output_dir=tmp_path / "a", **kw).model
     with pytest.raises(KeyboardInterrupt):
-        finetune(model(), _CrashAfter(data, 5 * 8 + 3), output_dir=tmp_path / "b", **kw)
+        finetune(model(), CrashAfter(data, 5 * 8 + 3), output_dir=tmp_path / "b", **kw)
     resumed = finetune(model(), data, output_dir=tmp_path / "b", resume=True, **kw).model
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
