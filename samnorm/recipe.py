@@ -9,7 +9,9 @@ Defaults and why (:class:`FinetuneConfig`):
 
 * ``optimizer="sam-on"``, ``rho=0.5``: the paper's method; Mueller et al. report plain SAM-ON working
   with rho around 0.5-1 (``"asam-on"`` defaults to their rho=10, ``"sam"`` to Foret et al.'s 0.05,
-  ``"asam"`` to Kwon et al.'s 0.5, and ``"sgd"`` is the no-SAM ablation).
+  ``"asam"`` to Kwon et al.'s 0.5, and ``"sgd"`` is the no-SAM ablation). ``variant=None``: every step
+  is SAM's two passes; ``"onepass"``, ``"interval"``, ``"looksam"`` (:mod:`samnorm.variants`) cost less,
+  and benchmarks/RESULTS.md section 7 measures how much of SAM-ON's OOD gain each keeps.
 * ``epochs=1``: the paper reports the gain within one epoch of fine-tuning.
 * SGD with momentum 0.9, ``lr=1e-3``, cosine decay, no weight decay: a short fine-tune of a pretrained
   model needs a small step so the ID accuracy survives (BiT fine-tunes with SGD 0.9 as well).
@@ -53,6 +55,7 @@ from samnorm.data.pseudo_ood import PseudoOOD
 from samnorm.io import atomic_save, atomic_write, remove_stale_temps
 from samnorm.losses import OOD_LOSSES, SFTLoss
 from samnorm.optim import SAM
+from samnorm.variants import VARIANTS, make
 
 __all__ = [
     "FinetuneConfig",
@@ -77,7 +80,6 @@ OPTIMIZERS: dict[str, tuple[bool, bool, float] | None] = {
     "asam": (False, True, 0.5),
     "sgd": None,
 }
-_VARIANTS = ("interval", "looksam", "onepass")
 # Settings that do not change the trajectory, so a resumed run may change them.
 _FREE_ON_RESUME = {"checkpoint_every", "log_every", "num_workers"}
 # Files of a run in its output folder (a fresh run would replace them).
@@ -133,11 +135,11 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {sorted(OPTIMIZERS)}")
-        if self.variant is not None and (self.variant not in _VARIANTS or OPTIMIZERS[self.optimizer] is None):
-            raise ValueError(f"variant must be one of {sorted(_VARIANTS)} with a SAM optimizer (not 'sgd'), "
+        if self.variant is not None and (self.variant not in VARIANTS or OPTIMIZERS[self.optimizer] is None):
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)} with a SAM optimizer (not 'sgd'), "
                              f"got variant={self.variant!r} with optimizer={self.optimizer!r}")
-        if self.variant_k is not None and (self.variant not in ("interval", "looksam") or isinstance(self.variant_k, bool)
-                                           or not isinstance(self.variant_k, int) or self.variant_k < 1):
+        k = self.variant_k
+        if k is not None and (self.variant not in ("interval", "looksam") or type(k) is not int or k < 1):
             raise ValueError(f"variant_k must be an int >= 1 with variant 'interval' or 'looksam', "
                              f"got {self.variant_k!r} with variant {self.variant!r}")
         if self.base_optimizer not in ("sgd", "adamw"):
@@ -253,8 +255,6 @@ def _build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optim
     kwargs: dict[str, Any] = {"rho": cfg.resolved_rho(), "adaptive": adaptive, "eta": cfg.eta, "model": model}
     if cfg.variant is None:
         return SAM(base, perturb=model if norm_only else None, **kwargs)
-    from samnorm.variants import make
-
     if cfg.variant_k is not None:
         kwargs["k"] = cfg.variant_k
     return make(cfg.variant, base, model if norm_only else None, **kwargs)
