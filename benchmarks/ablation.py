@@ -9,7 +9,9 @@ Design (issue 13). Backbones: the demo's ResNetV2 family (BiT-style, GroupNorm),
 seed (``--backbones``), each pretrained by :func:`samnorm.demo.pretrain` (cached). For every backbone,
 fine-tuning seed (``--seeds``), learning rate (``--lrs``) and pseudo-OOD term (off: no pseudo-OOD images;
 on: one pseudo-OOD image per ID image, uniform-target loss with weight 0.25), the arms (``--optimizers``
-with the term on, ``--off-optimizers`` with it off; among SGD, SAM-ON, ASAM-ON, full SAM) fine-tune one
+with the term on, ``--off-optimizers`` with it off; among SGD, SAM-ON, ASAM-ON, full SAM and the cheaper
+schedules of :mod:`samnorm.variants` on SAM-ON: ``onepass-on`` (momentum direction, one pass per step),
+``interval-on`` and ``looksam-on`` (a SAM step every 4 steps), each with SAM-ON's rho sweep) fine-tune one
 epoch through :func:`samnorm.recipe.finetune` from the same weights with the same seed, hence the same
 batches and pseudo-OOD images (paired runs). Two phases:
 
@@ -28,7 +30,8 @@ Each run is scored on
   FC-gradient norm and max logit on ID test and on the pooled OOD sets).
 
 Reported: per cell, arm minus SGD paired over (backbone, seed), mean and 95% Student-t interval (and a
-percentile-bootstrap interval in the JSON). Results go to ``--out`` (one JSON per backbone, rewritten
+percentile-bootstrap interval in the JSON); for the cheaper schedules also variant minus SAM-ON (what
+the cheaper step gives up). Results go to ``--out`` (one JSON per backbone, rewritten
 after every run, so an interrupted run resumes where it stopped) and the tables to ``--out/ablation.md``.
 """
 
@@ -46,8 +49,12 @@ from pathlib import Path
 from typing import Any
 
 SCORERS = ("MSP", "Energy", "MaxLogit", "RankFeat")
-OPTIMIZERS = {"sgd": "SGD", "sam-on": "SAM-ON", "asam-on": "ASAM-ON", "sam": "full SAM"}
-DEFAULT_RHOS = {"sam-on": (0.1, 0.5), "asam-on": (0.1, 1.0), "sam": (0.02, 0.1)}
+OPTIMIZERS = {"sgd": "SGD", "sam-on": "SAM-ON", "asam-on": "ASAM-ON", "sam": "full SAM",
+              "onepass-on": "OnePass SAM-ON", "interval-on": "Interval SAM-ON (k=4)", "looksam-on": "LookSAM-ON (k=4)"}
+# the cheaper schedules of samnorm.variants on SAM-ON: arm -> (variant, k); momentum direction for OnePass
+VARIANT_ARMS = {"onepass-on": ("onepass", None), "interval-on": ("interval", 4), "looksam-on": ("looksam", 4)}
+DEFAULT_RHOS = {"sam-on": (0.1, 0.5, 1.0), "asam-on": (0.1, 1.0), "sam": (0.02, 0.1),
+                **{arm: (0.1, 0.5, 1.0) for arm in VARIANT_ARMS}}
 OOD_WEIGHT = 0.25
 
 
@@ -60,7 +67,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _rhos(text: str) -> dict[str, tuple[float, ...]]:
-    out = {}
+    out = dict(DEFAULT_RHOS)  # arms not named keep their default sweep
     for part in text.split(";"):
         name, _, values = part.partition("=")
         if name.strip() not in DEFAULT_RHOS or not values:
@@ -76,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3, 4), help="fine-tuning seeds (default 0-4)")
     p.add_argument("--lrs", type=_floats, default=(0.01, 0.1), help="fine-tuning learning rates (default 0.01,0.1)")
     p.add_argument("--ood", default="off,on", help="pseudo-OOD term settings, subset of off,on")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"arms with the pseudo-OOD term on, "
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="arms with the pseudo-OOD term on, "
                    f"subset of {','.join(OPTIMIZERS)}")
     p.add_argument("--off-optimizers", default="sgd,sam-on", help="arms with the pseudo-OOD term off")
     p.add_argument("--select-seeds", type=_ints, default=(0,), help="seeds of the rho sweep (default 0)")
@@ -144,6 +151,17 @@ def _figures(model: Any, test: Any, val: Any, val_ood: dict[str, Any]) -> dict[s
             "val": validation_metrics(model, val, val_ood)}
 
 
+def recipe_of(run: dict[str, Any], config: Any) -> Any:
+    """The :class:`~samnorm.recipe.FinetuneConfig` of one run (a variant arm: SAM-ON with its schedule)."""
+    from samnorm.recipe import FinetuneConfig
+
+    variant, k = VARIANT_ARMS.get(run["optimizer"], (None, None))
+    return FinetuneConfig(optimizer="sam-on" if variant else run["optimizer"], variant=variant, variant_k=k,
+                          rho=run["rho"], lr=run["lr"], momentum=0.9, weight_decay=config.weight_decay, epochs=1,
+                          batch_size=config.batch_size, ood_ratio=1.0 if run["ood"] == "on" else 0.0,
+                          ood_weight=OOD_WEIGHT, transforms=list(config.transforms))
+
+
 def run_backbone(args: argparse.Namespace, backbone: int, chosen: dict[str, Any] | None = None) -> str:
     """Every missing run of one backbone and phase (``chosen`` None: the rho sweep); returns its JSON path."""
     import torch
@@ -152,7 +170,6 @@ def run_backbone(args: argparse.Namespace, backbone: int, chosen: dict[str, Any]
     from samnorm.demo.backbone import pretrain
     from samnorm.demo.run import finetune_copy
     from samnorm.io import atomic_write
-    from samnorm.recipe import FinetuneConfig
 
     torch.set_num_threads(1)
     config = _demo_config(args, backbone)
@@ -168,10 +185,7 @@ def run_backbone(args: argparse.Namespace, backbone: int, chosen: dict[str, Any]
         key = _key(run)
         if key in state["runs"]:
             continue
-        recipe = FinetuneConfig(optimizer=run["optimizer"], rho=run["rho"], lr=run["lr"], momentum=0.9,
-                                weight_decay=config.weight_decay, epochs=1, batch_size=config.batch_size,
-                                ood_ratio=1.0 if run["ood"] == "on" else 0.0, ood_weight=OOD_WEIGHT,
-                                transforms=list(config.transforms))
+        recipe = recipe_of(run, config)
         start = time.perf_counter()
         tuned = finetune_copy(model, test.train, recipe, run["seed"])
         seconds = time.perf_counter() - start
@@ -223,7 +237,8 @@ def choose_rhos(states: dict[int, dict[str, Any]], args: argparse.Namespace) -> 
 
 
 def analyse(states: dict[int, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """Paired differences arm − SGD per cell, scorer and quantity, each SAM arm at its chosen rho."""
+    """Paired differences arm − SGD per cell, scorer and quantity, each SAM arm at its chosen rho; for
+    the cheaper variants also variant − SAM-ON (``vs_sam_on``)."""
     import numpy as np
 
     from samnorm.demo.stats import bootstrap_interval, paired
@@ -254,12 +269,14 @@ def analyse(states: dict[int, dict[str, Any]], args: argparse.Namespace) -> dict
             entry: dict[str, Any] = {"rho": rho, "n": len(pairs),
                                      "sweep": selection["sweeps"].get(_cell_key(ood, lr, opt), {})}
 
-            def diff(get: Any) -> dict[str, Any]:
-                a = [get(chosen[p]) for p in pairs]
-                b = [get(sgd[p]) for p in pairs]
+            def diff(get: Any, ref: dict[tuple[int, int], dict[str, Any]] = sgd) -> dict[str, Any]:
+                both = [p for p in pairs if p in ref]
+                a = [get(chosen[p]) for p in both]
+                b = [get(ref[p]) for p in both]
                 d = paired(a, b)
                 d["bootstrap"] = bootstrap_interval(np.subtract(a, b))
                 d["arm_mean"] = float(np.mean(a))
+                d["n"] = len(both)
                 return d
 
             entry["FPR95"] = {s: diff(lambda r, s=s: r["test"][s]["FPR95"]) for s in SCORERS}
@@ -268,6 +285,10 @@ def analyse(states: dict[int, dict[str, Any]], args: argparse.Namespace) -> dict
             entry["val_criterion"] = diff(lambda r: r["val"]["criterion"])
             entry["theory"] = {f"{where} {q}": diff(lambda r, w=where, q=q: r["theory"][w][q])
                                for where in ("id", "ood") for q in ("grad_norm", "max_logit")}
+            if opt in VARIANT_ARMS and "sam-on" in _arms(args, ood):  # what the cheaper schedule gives up
+                sam_on = runs_of("sam-on", selection["chosen"][_cell_key(ood, lr, "sam-on")])
+                entry["vs_sam_on"] = {"FPR95": {s: diff(lambda r, s=s: r["test"][s]["FPR95"], sam_on) for s in SCORERS},
+                                      "id_accuracy": diff(lambda r: r["id_accuracy"], sam_on)}
             cell["arms"][opt] = entry
         if cell["arms"]:
             cells[cell_name] = cell
@@ -309,6 +330,21 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
                 row = [_interval(e["FPR95"][s]) for s in SCORERS]
                 row += [_interval(e["id_accuracy"]), _interval(e["val_criterion"])]
             lines.append(f"| {name} | {label} | {e['n']} | " + " | ".join(row) + " |")
+    variant_rows = [(name, opt, e) for name, cell in result["cells"].items() for opt, e in cell["arms"].items()
+                    if "vs_sam_on" in e]
+    if variant_rows:
+        lines += [
+            "",
+            "**The cheaper schedules against SAM-ON: test FPR95, variant − SAM-ON** (percentage points; positive = "
+            "the variant loses part of SAM-ON's gain), mean and 95% paired-t interval, each at its own chosen rho:",
+            "",
+            "| cell | variant (rho) | n | " + " | ".join(SCORERS) + " | ID acc. |",
+            "|---|---|---:|" + "---:|" * (len(SCORERS) + 1),
+        ]
+        for name, opt, e in variant_rows:
+            v = e["vs_sam_on"]
+            row = [_interval(v["FPR95"][s]) for s in SCORERS] + [_interval(v["id_accuracy"])]
+            lines.append(f"| {name} | {OPTIMIZERS[opt]} ({e['rho']:g}) | {v['id_accuracy']['n']} | " + " | ".join(row) + " |")
     lines += [
         "",
         "**The appendix's quantities** (test; means over runs; pretrained: "

@@ -9,7 +9,9 @@ Defaults and why (:class:`FinetuneConfig`):
 
 * ``optimizer="sam-on"``, ``rho=0.5``: the paper's method; Mueller et al. report plain SAM-ON working
   with rho around 0.5-1 (``"asam-on"`` defaults to their rho=10, ``"sam"`` to Foret et al.'s 0.05,
-  ``"asam"`` to Kwon et al.'s 0.5, and ``"sgd"`` is the no-SAM ablation).
+  ``"asam"`` to Kwon et al.'s 0.5, and ``"sgd"`` is the no-SAM ablation). ``variant=None``: every step
+  is SAM's two passes; ``"onepass"``, ``"interval"``, ``"looksam"`` (:mod:`samnorm.variants`) cost less,
+  and benchmarks/RESULTS.md section 7 measures how much of SAM-ON's OOD gain each keeps.
 * ``epochs=1``: the paper reports the gain within one epoch of fine-tuning.
 * SGD with momentum 0.9, ``lr=1e-3``, cosine decay, no weight decay: a short fine-tune of a pretrained
   model needs a small step so the ID accuracy survives (BiT fine-tunes with SGD 0.9 as well).
@@ -53,6 +55,7 @@ from samnorm.data.pseudo_ood import PseudoOOD
 from samnorm.io import atomic_save, atomic_write, remove_stale_temps
 from samnorm.losses import OOD_LOSSES, SFTLoss
 from samnorm.optim import SAM
+from samnorm.variants import VARIANTS, make
 
 __all__ = [
     "FinetuneConfig",
@@ -103,6 +106,10 @@ class FinetuneConfig:
 
     optimizer: str = "sam-on"
     rho: float | None = None  # None: the optimizer's default (OPTIMIZERS)
+    # a cheaper schedule of the SAM optimizer (samnorm.variants.make: "interval", "looksam", "onepass");
+    # None: plain SAM. variant_k: the interval of "interval"/"looksam" (None: the class's default).
+    variant: str | None = None
+    variant_k: int | None = None
     eta: float = 0.01  # ASAM's offset
     base_optimizer: str = "sgd"  # or "adamw"
     lr: float = 1e-3
@@ -128,6 +135,13 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {sorted(OPTIMIZERS)}")
+        if self.variant is not None and (self.variant not in VARIANTS or OPTIMIZERS[self.optimizer] is None):
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)} with a SAM optimizer (not 'sgd'), "
+                             f"got variant={self.variant!r} with optimizer={self.optimizer!r}")
+        k = self.variant_k
+        if k is not None and (self.variant not in ("interval", "looksam") or type(k) is not int or k < 1):
+            raise ValueError(f"variant_k must be an int >= 1 with variant 'interval' or 'looksam', "
+                             f"got {self.variant_k!r} with variant {self.variant!r}")
         if self.base_optimizer not in ("sgd", "adamw"):
             raise ValueError(f"base_optimizer must be 'sgd' or 'adamw', got {self.base_optimizer!r}")
         if self.ood_loss not in OOD_LOSSES:
@@ -238,8 +252,12 @@ def _build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optim
     if spec is None:
         return base
     norm_only, adaptive, _ = spec
-    return SAM(base, perturb=model if norm_only else None, rho=cfg.resolved_rho(), adaptive=adaptive,
-               eta=cfg.eta, model=model)
+    kwargs: dict[str, Any] = {"rho": cfg.resolved_rho(), "adaptive": adaptive, "eta": cfg.eta, "model": model}
+    if cfg.variant is None:
+        return SAM(base, perturb=model if norm_only else None, **kwargs)
+    if cfg.variant_k is not None:
+        kwargs["k"] = cfg.variant_k
+    return make(cfg.variant, base, model if norm_only else None, **kwargs)
 
 
 def _schedule(cfg: FinetuneConfig, total: int) -> Callable[[int], float]:
@@ -534,12 +552,18 @@ def finetune(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         n_ood = round(cfg.ood_ratio * x.shape[0])
         inputs = torch.cat([x, pseudo(x[:n_ood], y[:n_ood])]) if n_ood else x
-        if isinstance(opt, SAM):
+        if cfg.variant == "onepass":  # the ascent from the optimizer's state, then the one pass at w + e
+            opt.first_step()
+            with opt.second_pass(net):
+                terms, logits = forward(inputs, y)
+                terms.total.backward()
+        elif isinstance(opt, SAM):
             with opt.first_pass(net):
                 terms, logits = forward(inputs, y)
             opt.first_step(terms.total)
-            with opt.second_pass(net):
-                forward(inputs, y)[0].total.backward()
+            if getattr(opt, "is_sam_step", True):  # interval/looksam: plain steps have one pass
+                with opt.second_pass(net):
+                    forward(inputs, y)[0].total.backward()
         else:
             terms, logits = forward(inputs, y)
             terms.total.backward()

@@ -449,3 +449,88 @@ def test_ablation_chooses_rho_on_validation_and_pairs_runs() -> None:
     del states[1]["runs"][ab._key({"seed": 0, "ood": "on", "lr": 0.1, "optimizer": "sam-on", "rho": 1.0})]
     with pytest.raises(RuntimeError, match="incomplete"):
         ab.choose_rhos(states, args)
+
+
+@pytest.mark.parametrize("arm, cls, k, passes", [("onepass-on", "OnePassSAM", None, 5),
+                                                 ("interval-on", "IntervalSAM", 4, 7),
+                                                 ("looksam-on", "LookSAM", 4, 7)])
+def test_variant_arms_train_through_the_recipe_with_their_pass_counts(arm, cls, k, passes) -> None:
+    """Each cheaper arm is SAM-ON (GroupNorm only) under its schedule: 5 steps cost one forward each,
+    plus a second one on SAM steps (interval/LookSAM k=4: steps 0 and 4)."""
+    from samnorm import variants
+    from samnorm.recipe import _build_optimizer, finetune
+
+    ab = _ablation_module()
+    run = {"seed": 0, "ood": "on", "lr": 0.1, "optimizer": arm, "rho": 0.1}
+    recipe = ab.recipe_of(run, DemoConfig())
+    assert (recipe.optimizer, recipe.variant, recipe.variant_k, recipe.rho, recipe.ood_ratio) == \
+        ("sam-on", ab.VARIANT_ARMS[arm][0], k, 0.1, 1.0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.GroupNorm(2, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = _build_optimizer(model, recipe)
+    assert type(opt) is getattr(variants, cls) and getattr(opt, "k", None) == k
+    assert {id(p) for p in opt.perturbed_parameters()} == {id(p) for p in model[2].parameters()}
+    forwards = []
+    model[1].register_forward_hook(lambda *_: forwards.append(1))
+    data = (torch.rand(40, 1, 4, 4), torch.arange(40) % 3)
+    finetune(model, data, dataclasses.replace(recipe, batch_size=8, transforms=None), progress=False,
+             log=lambda _: None)
+    assert len(forwards) == passes
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_recipe_rejects_a_variant_without_sam_or_a_bad_k() -> None:
+    from samnorm.recipe import FinetuneConfig
+
+    for bad in (dict(optimizer="sgd", variant="onepass"), dict(variant="lookahead"),
+                dict(variant="onepass", variant_k=4), dict(variant="interval", variant_k=0)):
+        with pytest.raises(ValueError, match="variant"):
+            FinetuneConfig(**bad)
+
+
+def test_ablation_reports_variant_minus_sam_on_paired() -> None:
+    ab = _ablation_module()
+    args = ab.parser().parse_args(["--backbones", "0", "--seeds", "0,1,2", "--lrs", "0.1", "--ood", "on",
+                                   "--optimizers", "sgd,sam-on,onepass-on", "--rhos", "sam-on=0.1;onepass-on=0.1"])
+
+    def figures(fpr: float, accuracy: float = 0.95) -> dict:
+        return {"id_accuracy": accuracy, "val": {"criterion": fpr, "accuracy": accuracy},
+                "test": {s: {"FPR95": fpr, "AUROC": 1 - fpr} for s in ab.SCORERS},
+                "theory": {w: {"grad_norm": fpr, "max_logit": 1 + fpr} for w in ("id", "ood")}}
+
+    runs = {}
+    gaps = [0.04, 0.05, 0.06]  # onepass − SAM-ON per seed
+    for seed, gap in enumerate(gaps):
+        for opt, rho, fpr in (("sgd", None, 0.3), ("sam-on", 0.1, 0.2 + seed / 100), ("onepass-on", 0.1, 0.2 + seed / 100 + gap)):
+            runs[ab._key({"seed": seed, "ood": "on", "lr": 0.1, "optimizer": opt, "rho": rho})] = figures(fpr)
+    result = ab.analyse({0: {"pretrained": figures(0.5), "runs": runs}}, args)
+    entry = result["cells"]["OOD term on, lr 0.1"]["arms"]["onepass-on"]
+    assert entry["vs_sam_on"]["FPR95"]["Energy"]["mean"] == pytest.approx(np.mean(gaps))
+    assert entry["vs_sam_on"]["FPR95"]["Energy"]["low"] > 0  # every seed loses: the interval excludes 0
+    assert "vs_sam_on" not in result["cells"]["OOD term on, lr 0.1"]["arms"]["sam-on"]
+    assert "| OOD term on, lr 0.1 | OnePass SAM-ON (0.1) | 3 | +5.0 [" in ab.markdown(result, args)
+
+
+@pytest.mark.parametrize("variant, k", [("onepass", None), ("looksam", 3), ("interval", 3)])
+def test_a_variant_run_resumes_bit_identically(tmp_path, variant, k) -> None:
+    """The recipe's checkpoint holds the variant's state (step count, LookSAM's g_v, the momentum):
+    resumed after step 4 (a plain step of k=3 that adds g_v), 7 steps end as an uninterrupted run."""
+    from test_recipe import CrashAfter
+
+    from samnorm.recipe import finetune
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.GroupNorm(2, 8),
+                                   torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+    data = torch.utils.data.TensorDataset(torch.rand(64, 1, 4, 4), torch.arange(64) % 3)
+    kw = dict(steps=7, checkpoint_every=2, batch_size=8, optimizer="sam-on", rho=0.5, lr=0.1, variant=variant,
+              variant_k=k, ood_ratio=0.0, progress=False, log=lambda _: None)
+    straight = finetune(model(), data, output_dir=tmp_path / "a", **kw).model
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model(), CrashAfter(data, 5 * 8 + 3), output_dir=tmp_path / "b", **kw)
+    resumed = finetune(model(), data, output_dir=tmp_path / "b", resume=True, **kw).model
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
