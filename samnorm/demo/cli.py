@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from samnorm.cli_common import names
 from samnorm.demo.config import ARMS, BACKBONE_DEFAULTS, DemoConfig, default_cache_dir
 
 __all__ = ["add_parser", "main"]
@@ -69,19 +70,15 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=main)
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
 def main(args: argparse.Namespace) -> int:
     """Run ``samnorm demo`` (or ``--select``) from parsed arguments; 2 on a bad setting."""
     try:
         config = DemoConfig(
             backbone=args.backbone, out_dir=args.out, cache_dir=args.cache_dir, seeds=tuple(range(args.seeds)),
-            pretrain_seed=args.pretrain_seed, arms=_names(args.arms), lr=args.lr, ood_weight=args.ood_weight,
+            pretrain_seed=args.pretrain_seed, arms=tuple(names(args.arms)), lr=args.lr, ood_weight=args.ood_weight,
             ood_ratio=args.ood_ratio, rho_sam_on=args.rho_sam_on, rho_sam=args.rho_sam, epochs=args.epochs,
             adaptive_sam_on=args.adaptive_sam_on, adaptive_sam=args.adaptive_sam, ood_loss=args.ood_loss,
-            transforms=_names(args.transforms), plots=not args.no_plots, progress=not args.no_progress)
+            transforms=tuple(names(args.transforms)), plots=not args.no_plots, progress=not args.no_progress)
     except ValueError as exc:
         print(f"samnorm demo: {exc}", file=sys.stderr)
         return 2

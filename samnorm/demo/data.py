@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from samnorm.demo.config import DemoConfig
+from samnorm.nn_utils import eval_mode
 
 __all__ = ["DemoData", "accuracy", "batches", "load_data", "logits"]
 
@@ -61,11 +62,8 @@ def batches(x: Tensor, y: Tensor | None = None, size: int = 500) -> list[Any]:
 @torch.no_grad()
 def logits(model: nn.Module, x: Tensor) -> Tensor:
     """``model(x)`` in eval mode, by batches; the model's train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
-    out = torch.cat([model(b) for b in batches(x)])
-    model.train(was_training)
-    return out
+    with eval_mode(model):
+        return torch.cat([model(b) for b in batches(x)])
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
