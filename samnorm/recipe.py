@@ -272,7 +272,8 @@ def _schedule(cfg: FinetuneConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _check_resume(saved: Mapping[str, Any], cfg: FinetuneConfig, world: int, path: str) -> None:
+def _check_resume(saved: Mapping[str, Any], cfg: FinetuneConfig, world: int, path: str,
+                  model_record: Mapping[str, Any]) -> None:
     if saved.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a samnorm fine-tuning checkpoint (format {saved.get('format')!r})")
     now = dataclasses.asdict(cfg)
@@ -286,10 +287,37 @@ def _check_resume(saved: Mapping[str, Any], cfg: FinetuneConfig, world: int, pat
             f"cannot resume from {path!r} with other settings ({'; '.join(changed)}): use the original "
             "settings, or a new output directory"
         )
+    _check_same_model(saved, model_record, path)
     if saved["world_size"] != world:
         raise ValueError(
             f"{path!r} was written by {saved['world_size']} process(es) and this run has {world}: resume "
             "with the same number of processes (each has its own data shard and random streams)"
+        )
+
+
+def _model_record(model_name: str | None, model_kwargs: Mapping[str, Any] | None,
+                  metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a resume checks the model against: its name, its arguments and the image transform."""
+    return {"model_name": model_name, "model_kwargs": dict(model_kwargs or {}),
+            "transform": (metadata or {}).get("transform")}
+
+
+def _check_same_model(saved: Mapping[str, Any], now: Mapping[str, Any], path: str) -> None:
+    """A resumed run must build the model (and read the images) as the interrupted one did."""
+    before = {"model_name": saved.get("model_name"), "model_kwargs": dict(saved.get("model_kwargs") or {}),
+              "transform": (saved.get("metadata") or {}).get("transform")}
+    changed = []
+    for key, option in (("model_name", "model"), ("model_kwargs", "model argument"), ("transform", "image transform")):
+        old, new = before[key], now[key]
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changed += [f"{option} {k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new}, key=str)
+                        if old.get(k) != new.get(k)]
+        elif old != new:
+            changed.append(f"{option}: {old!r} -> {new!r}")
+    if changed:
+        raise ValueError(
+            f"cannot resume from {path!r} with another model or image transform ({'; '.join(changed)}): resume "
+            "with the original --model / --model-arg / --img-size, or start a new run in another output folder"
         )
 
 
@@ -338,15 +366,16 @@ def _all_finite(tensors: Sequence[Tensor]) -> Tensor:
     return torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float64) for t in tensors]).sum())
 
 
-def _check_finite_model(model: nn.Module) -> None:
+def _check_finite_model(model: nn.Module, resumed_from: str | None = None) -> None:
     floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     if not floats or bool(_all_finite(list(floats.values()))):
         return
     bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
     if bad:
+        where = f"the weights resumed from {resumed_from!r}" if resumed_from else "the starting weights"
         raise ValueError(
-            f"the starting weights hold NaN/inf values ({len(bad)} tensor(s), e.g. {bad[0]!r}): fine-tuning "
-            "cannot start from them; check the checkpoint"
+            f"{where} hold NaN/inf values ({len(bad)} tensor(s), e.g. {bad[0]!r}): fine-tuning "
+            "cannot start from them; check the checkpoint (or start a new run in another output folder)"
         )
 
 
@@ -457,9 +486,15 @@ def finetune(
     start, history = 0, []
     if resume and ckpt_path is not None and os.path.isfile(ckpt_path):
         saved = _load_resume(ckpt_path)
-        _check_resume(saved, cfg, world, ckpt_path)
+        _check_resume(saved, cfg, world, ckpt_path, _model_record(model_name, model_kwargs, metadata))
         _check_data(saved, data_record, ckpt_path)
-        model.load_state_dict(saved["model"])
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError as err:  # another architecture: one line, not a traceback
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"cannot resume from {ckpt_path!r}: its weights do not fit this model ({first}); "
+                             "resume with the original model, or start a new run in another output folder") from err
+        _check_finite_model(model, ckpt_path)  # a NaN checkpoint.pt is no better a start than NaN weights
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         pseudo.load_state_dict(saved["sampler"][rank])

@@ -371,3 +371,36 @@ def test_finetune_config_checks_every_number():
         with pytest.raises(ValueError, match="must be a finite number"):
             FinetuneConfig(**bad)
     assert FinetuneConfig(grad_clip=1.0, rho=0.0).grad_clip == 1.0
+
+
+# ---------------------------------------------------------------- review of issue 11 (the CLI probed again)
+@pytest.mark.parametrize("old, new, message", [
+    ("img_size=16", "img_size=32", "model argument img_size: 16 -> 32"),
+    ("embed_dim=16", "embed_dim=32", "model argument embed_dim: 16 -> 32"),
+])
+def test_r1_resume_refuses_another_model_or_image_size(data, finished, tmp_path, capsys, old, new, message):
+    out = tmp_path / "o"
+    out.mkdir()
+    for n in (CHECKPOINT_NAME, "log.jsonl"):
+        (out / n).write_bytes((finished / n).read_bytes())
+    before = (out / CHECKPOINT_NAME).read_bytes()
+    args = [new if a == old else a for a in train_args(data, out, "--resume")]
+    code, _, err = cli(args, capsys)
+    one_line(code, err, message)
+    assert "--model-arg" in err and (out / CHECKPOINT_NAME).read_bytes() == before
+
+
+def test_r2_resume_with_another_architecture_is_one_line(tmp_path):
+    # no recorded model name to compare (library use): the weights themselves do not fit
+    finetune(tiny_t2t(), toy(), output_dir=tmp_path, steps=1, **FAST)
+    with pytest.raises(ValueError, match="its weights do not fit this model"):
+        finetune(tiny_t2t(classes=4), toy(), output_dir=tmp_path, steps=1, resume=True, **FAST)
+
+
+def test_r8_resume_from_a_nan_checkpoint_is_refused(tmp_path):
+    finetune(tiny_t2t(), toy(), output_dir=tmp_path, steps=1, **FAST)
+    ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    ckpt["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match="the weights resumed from .* hold NaN/inf values"):
+        finetune(tiny_t2t(), toy(), output_dir=tmp_path, steps=1, resume=True, **FAST)
