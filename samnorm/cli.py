@@ -3,7 +3,8 @@
 Every command runs the same under ``torchrun --nproc_per_node N`` (DDP, process group from the
 environment, rank 0 writes and prints). Exit status: 0 done; 2 bad input (a
 :class:`~samnorm.cli_common.UsageError`, or the library's ``ValueError``/``OSError``), one line on
-stderr; 3 training diverged (one line; the last good checkpoint is kept); 1 anything else (a bug,
+stderr; 3 training diverged (one line; the last good checkpoint is kept); 130 interrupted (Ctrl-C; one
+line on the checkpoint kept); 1 anything else (a bug,
 out of memory), with its traceback and a one-line hint. ``--debug`` raises every error instead.
 Heavy imports (torch, timm) happen inside the commands, so ``samnorm --help`` and
 ``samnorm COMMAND --help`` import neither.
@@ -40,9 +41,9 @@ from samnorm.cli_common import (
     setup,
 )
 
-__all__ = ["EXIT_DIVERGED", "EXIT_USAGE", "build_parser", "main"]
+__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main"]
 
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 # Modules of other parts of samnorm that add their own sub-commands with ``add_parser(subparsers)``;
 # each must be importable without torch or timm (the parser is built for every --help).
 _PLUGINS = ("samnorm.demo.cli", "samnorm.diagnostics.cli")
@@ -75,7 +76,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     import torch
 
     from samnorm.data.folders import ImageFolder
-    from samnorm.recipe import DivergedError, FinetuneConfig, finetune
+    from samnorm.recipe import FinetuneConfig, finetune
 
     check_counts(args)
     if args.resume and args.overwrite:
@@ -105,15 +106,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     train.transform = image_transform(args, model, kwargs, (raw or {}).get("metadata", {}).get("transform"))
     say(rank, f"fine-tuning {name} on {len(train)} images of {len(train.classes)} classes "
               f"({world} process(es), {device}) -> {args.output}", sys.stderr)
-    try:
-        result = finetune(
-            model, train, cfg, output_dir=args.output, resume=args.resume, overwrite=args.overwrite, device=device,
-            progress=not args.no_progress, model_name=name, model_kwargs=kwargs,
-            metadata={"classes": train.classes, "transform": vars(train.transform)},
-        )
-    except DivergedError as err:
-        say(rank, f"samnorm finetune: stopped: {err}", sys.stderr)
-        return EXIT_DIVERGED
+    result = finetune(  # a DivergedError is main's one line and exit 3, as for every command
+        model, train, cfg, output_dir=args.output, resume=args.resume, overwrite=args.overwrite, device=device,
+        progress=not args.no_progress, model_name=name, model_kwargs=kwargs,
+        metadata={"classes": train.classes, "transform": vars(train.transform)},
+    )
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "ce", "ood", "acc"))
     say(rank, f"done: {result.steps} steps; {summary}; checkpoint {result.checkpoint}")
@@ -322,6 +319,19 @@ def _version() -> str:
         return "unknown"
 
 
+def _diverged(err: Exception) -> bool:
+    """Is ``err`` the recipe's DivergedError? (Imported only when torch already is: a lookup, no import.)"""
+    recipe = sys.modules.get("samnorm.recipe")
+    return recipe is not None and isinstance(err, recipe.DivergedError)
+
+
+def _say_once(text: str) -> None:
+    """Print ``text`` on stderr on rank 0 only (every rank of a torchrun run meets the same error)."""
+    dist = sys.modules.get("torch.distributed")
+    rank = dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
+    say(rank, text, sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``samnorm`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
@@ -336,6 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:  # Ctrl-C: finetune's message names the checkpoint kept
+        if args.debug:
+            raise
+        _say_once(f"samnorm {args.command}: {str(err) or 'interrupted'}")
+        return EXIT_INTERRUPTED
     except (ValueError, OSError) as err:  # UsageError, and the library's convention for bad input
         if args.debug:
             raise
@@ -344,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # a bug or a resource problem: keep the traceback
         if args.debug:
             raise
+        if _diverged(err):
+            _say_once(f"samnorm {args.command}: stopped: {err}")
+            return EXIT_DIVERGED
         traceback.print_exc()
         print(f"samnorm {args.command}: internal error ({type(err).__name__}), not a problem with your input as "
               "far as samnorm can tell; if it is not a resource limit (e.g. out of memory), please report it "

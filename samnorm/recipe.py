@@ -67,6 +67,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "save_atomic",
     "DivergedError",
+    "Interrupted",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -84,6 +85,15 @@ OPTIMIZERS: dict[str, tuple[bool, bool, float] | None] = {
 _FREE_ON_RESUME = {"checkpoint_every", "log_every", "num_workers"}
 # Files of a run in its output folder (a fresh run would replace them).
 _RUN_FILES = (CHECKPOINT_NAME, "log.jsonl", "config.json")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`finetune`; the message says which checkpoint is kept.
+
+    Example:
+        >>> str(Interrupted("interrupted; no checkpoint was written"))
+        'interrupted; no checkpoint was written'
+    """
 
 
 class DivergedError(ArithmeticError):
@@ -579,65 +589,72 @@ def finetune(
         bar = tqdm(total=total, initial=start, desc=f"finetune ({cfg.optimizer})", dynamic_ncols=True)
     model.train()
     loader: Iterator[Any] | None = None
-    for step in range(start, total):
-        epoch, position = divmod(step, steps_per_epoch)
-        if loader is None or position == 0:
-            loader = make_loader(epoch, position)
-        x, y = next(loader)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        n_ood = round(cfg.ood_ratio * x.shape[0])
-        inputs = torch.cat([x, pseudo(x[:n_ood], y[:n_ood])]) if n_ood else x
-        if cfg.variant == "onepass":  # the ascent from the optimizer's state, then the one pass at w + e
-            opt.first_step()
-            with opt.second_pass(net):
+    try:
+        for step in range(start, total):
+            epoch, position = divmod(step, steps_per_epoch)
+            if loader is None or position == 0:
+                loader = make_loader(epoch, position)
+            x, y = next(loader)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            n_ood = round(cfg.ood_ratio * x.shape[0])
+            inputs = torch.cat([x, pseudo(x[:n_ood], y[:n_ood])]) if n_ood else x
+            if cfg.variant == "onepass":  # the ascent from the optimizer's state, then the one pass at w + e
+                opt.first_step()
+                with opt.second_pass(net):
+                    terms, logits = forward(inputs, y)
+                    terms.total.backward()
+            elif isinstance(opt, SAM):
+                with opt.first_pass(net):
+                    terms, logits = forward(inputs, y)
+                opt.first_step(terms.total)
+                if getattr(opt, "is_sam_step", True):  # interval/looksam: plain steps have one pass
+                    with opt.second_pass(net):
+                        forward(inputs, y)[0].total.backward()
+            else:
                 terms, logits = forward(inputs, y)
                 terms.total.backward()
-        elif isinstance(opt, SAM):
-            with opt.first_pass(net):
-                terms, logits = forward(inputs, y)
-            opt.first_step(terms.total)
-            if getattr(opt, "is_sam_step", True):  # interval/looksam: plain steps have one pass
-                with opt.second_pass(net):
-                    forward(inputs, y)[0].total.backward()
-        else:
-            terms, logits = forward(inputs, y)
-            terms.total.backward()
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)  # second-pass gradients: the ones applied
-        if isinstance(opt, SAM):
-            opt.second_step(zero_grad=True)
-        else:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sched.step()
-        with torch.no_grad():
-            correct = (logits.argmax(1) == y).sum()
-            b = len(y)
-            parts = (terms.total.detach() * b, terms.ce * b, terms.ood * b, correct, y.new_tensor(b))
-            window += torch.stack([t.double() for t in parts])
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total:
-            if world > 1:
-                dist.all_reduce(window)
-            n = window[4].item()
-            record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": sched.get_last_lr()[0],
-                      "loss": window[0].item() / n, "ce": window[1].item() / n, "ood": window[2].item() / n,
-                      "acc": window[3].item() / n}
-            # the window sums every loss since the last line: a NaN/inf in any of them shows here
-            stop_if_diverged(done, all(math.isfinite(record[k]) for k in ("loss", "ce", "ood")))
-            history.append(record)
-            window.zero_()
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", ood=f"{record['ood']:.3f}")
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)  # second-pass gradients: the ones applied
+            if isinstance(opt, SAM):
+                opt.second_step(zero_grad=True)
             else:
-                say(json.dumps(record))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sched.step()
+            with torch.no_grad():
+                correct = (logits.argmax(1) == y).sum()
+                b = len(y)
+                parts = (terms.total.detach() * b, terms.ce * b, terms.ood * b, correct, y.new_tensor(b))
+                window += torch.stack([t.double() for t in parts])
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                if world > 1:
+                    dist.all_reduce(window)
+                n = window[4].item()
+                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": sched.get_last_lr()[0],
+                          "loss": window[0].item() / n, "ce": window[1].item() / n, "ood": window[2].item() / n,
+                          "acc": window[3].item() / n}
+                # the window sums every loss since the last line: a NaN/inf in any of them shows here
+                stop_if_diverged(done, all(math.isfinite(record[k]) for k in ("loss", "ce", "ood")))
+                history.append(record)
+                window.zero_()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", ood=f"{record['ood']:.3f}")
+                else:
+                    say(json.dumps(record))
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.checkpoint_every == 0 or done == total:
+                if checked != done:
+                    stop_if_diverged(done, math.isfinite(window[0].item()))
+                save(done)
+                saved_step = done if ckpt_path is not None else None  # in memory: nothing kept
+    except KeyboardInterrupt as err:  # Ctrl-C: say what is kept, once, instead of a traceback
         if bar is not None:
-            bar.update(1)
-        if done % cfg.checkpoint_every == 0 or done == total:
-            if checked != done:
-                stop_if_diverged(done, math.isfinite(window[0].item()))
-            save(done)
-            saved_step = done
+            bar.close()
+        kept = (f"the last checkpoint (step {saved_step}) is kept in {ckpt_path}; continue with --resume "
+                "(resume=True)" if saved_step else "no checkpoint was written")
+        raise Interrupted(f"interrupted; {kept}") from err
     if bar is not None:
         bar.close()
     skipped = _skipped(dataset, world, device)

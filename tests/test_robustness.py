@@ -404,3 +404,31 @@ def test_r8_resume_from_a_nan_checkpoint_is_refused(tmp_path):
     torch.save(ckpt, tmp_path / CHECKPOINT_NAME)
     with pytest.raises(ValueError, match="the weights resumed from .* hold NaN/inf values"):
         finetune(tiny_t2t(), toy(), output_dir=tmp_path, steps=1, resume=True, **FAST)
+
+
+@pytest.mark.parametrize("error, status, message", [
+    (DivergedError("training diverged: non-finite loss"), 3, "samnorm demo: stopped: training diverged"),
+    (KeyboardInterrupt(), 130, "samnorm demo: interrupted"),
+])
+def test_r3_r7_divergence_and_ctrl_c_are_one_line_in_every_command(monkeypatch, capsys, error, status, message):
+    import samnorm.demo.run
+
+    def run_demo(config):
+        raise error
+
+    monkeypatch.setattr(samnorm.demo.run, "run_demo", run_demo)
+    code, _, err = cli(["demo", "--no-plots", "--no-progress"], capsys)
+    one_line(code, err, message, status=status)
+
+
+def test_r7_ctrl_c_during_finetune_names_the_checkpoint_kept(tmp_path):
+    def ctrl_c_at_step_3(line):
+        if line.startswith("{") and json.loads(line)["step"] == 3:
+            raise KeyboardInterrupt
+
+    kw = dict(FAST, steps=6, checkpoint_every=1, log_every=1, log=ctrl_c_at_step_3)
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted; the last checkpoint \(step 2\) is kept in .*--resume"):
+        finetune(tiny_t2t(), toy(), output_dir=tmp_path, **kw)
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+    with pytest.raises(KeyboardInterrupt, match="interrupted; no checkpoint was written"):
+        finetune(tiny_t2t(), toy(), **kw)
