@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int)
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt if present")
     t.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --output (without this or --resume, a folder holding a run is refused)")
+                   help="replace the run in --output: its checkpoint.pt, log.jsonl, config.json are removed once the "
+                   "settings pass their checks (without this or --resume, a folder holding a run is refused)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     p.set_defaults(func=_cmd_finetune, batch_size=None)
 

@@ -403,6 +403,14 @@ def _check_output(out_dir: str, resume: bool, overwrite: bool) -> None:
         )
 
 
+def _remove_file(path: str) -> bool:
+    """Remove ``path`` if it is a file or a link (a link's target is left alone); True if removed."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+        return True
+    return False
+
+
 def _write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
 
@@ -437,6 +445,7 @@ def finetune(
             the settings and the data must be those of the interrupted run.
         overwrite: start afresh even though ``output_dir`` holds a run; without it (or ``resume``)
             a folder with a run's files is a ``ValueError``, so a finished run is never replaced by mistake.
+            Once every check has passed, the old run's checkpoint, log and config are removed (nothing else).
         device: where to train (default: where the model is).
         progress: show a tqdm progress bar (rank 0 only).
         model_name, model_kwargs: recorded in the checkpoint so ``create_model(None, checkpoint=...)``
@@ -521,6 +530,10 @@ def finetune(
 
     if out_dir is not None and rank == 0:
         os.makedirs(out_dir, exist_ok=True)
+        if overwrite:  # every check passed: the old run goes now, so no mix of its files and the new run's remains
+            removed = [n for n in _RUN_FILES if _remove_file(os.path.join(out_dir, n))]
+            if removed:
+                say(f"overwrite: removed the previous run's {', '.join(removed)} from {out_dir}")
         for name in _RUN_FILES:  # temporary files of writers killed mid-save
             remove_stale_temps(os.path.join(out_dir, name))
         atomic_write(os.path.join(out_dir, "config.json"), json.dumps(

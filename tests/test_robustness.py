@@ -432,3 +432,18 @@ def test_r7_ctrl_c_during_finetune_names_the_checkpoint_kept(tmp_path):
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 2
     with pytest.raises(KeyboardInterrupt, match="interrupted; no checkpoint was written"):
         finetune(tiny_t2t(), toy(), **kw)
+
+
+def test_r4_overwrite_removes_the_old_run_before_the_new_one_starts(data, finished, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    for n in (CHECKPOINT_NAME, "log.jsonl", "config.json"):
+        (out / n).write_bytes((finished / n).read_bytes())
+    (out / "notes.txt").write_text("mine")
+    (out / f"{CHECKPOINT_NAME}.tmp-999999999").write_bytes(b"half")  # a killed writer's
+    # the new run diverges before its first save: nothing of the old run may be left beside it
+    code, _, err = cli(train_args(data, out, "--overwrite", "--optimizer", "sgd", "--lr", "1e30", "--momentum", "0",
+                                  "--checkpoint-every", "100"), capsys)
+    assert code == 3 and "removed the previous run's checkpoint.pt, log.jsonl, config.json" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "log.jsonl", "notes.txt"]
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e30
