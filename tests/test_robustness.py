@@ -447,3 +447,18 @@ def test_r4_overwrite_removes_the_old_run_before_the_new_one_starts(data, finish
     assert code == 3 and "removed the previous run's checkpoint.pt, log.jsonl, config.json" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "log.jsonl", "notes.txt"]
     assert json.loads((out / "config.json").read_text())["lr"] == 1e30
+
+
+def test_r5_a_file_link_may_not_put_an_image_under_another_label(tmp_path):
+    root = png_folder(tmp_path / "train", per_class=2)
+    store = png_folder(tmp_path / "store", classes=("s",), per_class=1)
+    os.symlink(store / "s" / "0.png", root / "a" / "from_store.png")  # a shared store: fine
+    os.symlink(root / "a" / "0.png", root / "a" / "again.png")  # its own class: fine
+    assert len(ImageFolder(root)) == 8
+    (root / "loose.png").write_bytes((root / "c" / "0.png").read_bytes())
+    for target, message in ((root / "b" / "0.png", "an image of class 'b'"),
+                            (root / "loose.png", "outside class 'a'")):
+        os.symlink(target, root / "a" / "zz.png")
+        with pytest.raises(ValueError, match=f"zz.png' links to .*{message}: one label per image"):
+            ImageFolder(root)
+        os.remove(root / "a" / "zz.png")

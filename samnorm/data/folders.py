@@ -12,7 +12,9 @@ with an image extension, or symbolic links to such files; never pipes, sockets o
 named ``x.png`` would block the reader). Class folders (the root's sub-folders) may be symbolic
 links, to build a dataset from some classes of another; two of them may not lead to the same
 directory, or to one inside another, or to the root. *Below* a class folder (and below a flat root)
-directory links are not followed: no cycle, no escape from the tree.
+directory links are not followed: no cycle, no escape from the tree. A file link in a class folder
+may lead into that class folder or outside the image folder (e.g. to a shared image store), never to
+another class's image or elsewhere in the image folder (a ``ValueError`` names it).
 
 Example:
     >>> import os, tempfile
@@ -149,22 +151,43 @@ def transform_for_model(model: Any, size: int | None = None, in_chans: int | Non
     )
 
 
+def _inside(a: str, b: str) -> bool:
+    """Is the real path ``a`` the real path ``b`` or below it?"""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
 def _check_class_dirs(root: str, subdirs: Sequence[str]) -> None:
     """Class folders must be distinct directory trees, none holding the root or another class."""
     real_root = os.path.realpath(root)
     reals = {c: os.path.realpath(os.path.join(root, c)) for c in subdirs}
-
-    def inside(a: str, b: str) -> bool:  # a is b or below it
-        return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
-
     for c, real in reals.items():
-        if inside(real_root, real):
+        if _inside(real_root, real):
             raise ValueError(f"class folder {os.path.join(root, c)!r} leads to {real!r}, which holds the image "
                              "folder itself: its images would be counted twice; remove the link")
         for other, real_other in reals.items():
-            if other != c and inside(real, real_other):
+            if other != c and _inside(real, real_other):
                 raise ValueError(f"class folders {c!r} and {other!r} of {root!r} lead to the same images "
                                  f"({real!r} is inside {real_other!r}): one label per image; remove the link")
+
+
+def _check_file_links(root: str, subdirs: Sequence[str], links: Sequence[tuple[str, str]]) -> None:
+    """A file link may not put an image of one class (or of the root's tree) under another's label.
+
+    ``links`` holds ``(class, link path)``. A link into its own class folder, or to a file outside the
+    root and every class folder (a shared image store), is fine.
+    """
+    real_root = os.path.realpath(root)
+    reals = {c: os.path.realpath(os.path.join(root, c)) for c in subdirs}
+    for c, path in links:
+        target = os.path.realpath(path)
+        if _inside(target, reals[c]):
+            continue
+        owner = next((o for o, r in reals.items() if _inside(target, r)), None)
+        if owner is not None or _inside(target, real_root):
+            whose = (f"an image of class {owner!r}" if owner is not None
+                     else f"a file of the image folder outside class {c!r}")
+            raise ValueError(f"{path!r} links to {target!r}, {whose}: one label per image; remove the link "
+                             "(or copy the image if it really belongs to both classes)")
 
 
 class ImageFolder(Dataset):
@@ -222,8 +245,13 @@ class ImageFolder(Dataset):
                     f"{root!r} has classes the model was not trained on: {unknown[:5]}; "
                     f"expected sub-folders among {self.classes[:5]}{'...' if len(self.classes) > 5 else ''}"
                 )
+            links: list[tuple[str, str]] = []
             for c in subdirs:
-                self.samples += [(p, self.class_to_idx[c]) for p in self._images(os.path.join(root, c))]
+                found_links: list[str] = []
+                images = self._images(os.path.join(root, c), found_links)
+                self.samples += [(p, self.class_to_idx[c]) for p in images]
+                links += [(c, p) for p in found_links]
+            _check_file_links(root, subdirs, links)
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
         self.targets = [t for _, t in self.samples]
@@ -231,8 +259,9 @@ class ImageFolder(Dataset):
         self._bad = multiprocessing.get_context().RawArray("b", len(self.samples))
 
     @staticmethod
-    def _images(folder: str) -> list[str]:
-        """Image files under ``folder``, sorted, recursively; directory links are not followed."""
+    def _images(folder: str, links: list[str] | None = None) -> list[str]:
+        """Image files under ``folder``, sorted, recursively; directory links are not followed.
+        File links found are added to ``links`` (scandir knows them: no extra ``stat``)."""
         out, dirs = [], []
         with os.scandir(folder) as entries:
             for e in sorted(entries, key=lambda e: e.name):
@@ -242,8 +271,10 @@ class ImageFolder(Dataset):
                     dirs.append(e.path)
                 elif _is_image(e.name) and e.is_file():  # follows a file link; False for a pipe or socket
                     out.append(e.path)
+                    if links is not None and e.is_symlink():
+                        links.append(e.path)
         for d in dirs:
-            out += ImageFolder._images(d)
+            out += ImageFolder._images(d, links)
         return out
 
     def fingerprint(self) -> str:
