@@ -29,6 +29,7 @@ from samnorm.cli_common import (
     add_model_args,
     build_model,
     check_counts,
+    check_outside,
     error_line,
     fit_folder,
     image_transform,
@@ -92,6 +93,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         field, _, rest = str(err).partition(" ")  # "lr must be ..." -> "--lr must be ..."
         raise UsageError(f"--{field.replace('_', '-')} {rest}" if field in fields else str(err)) from err
     train = ImageFolder(args.train, flat=False)  # checks the folder before any model is built
+    check_outside(args.output, train)
     output_dir(args.output)
     rank, world, device = setup(args.device)
     raw = read_recorded(args.checkpoint, args.trust_checkpoint)

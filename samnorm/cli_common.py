@@ -27,6 +27,7 @@ __all__ = [
     "add_model_args",
     "build_model",
     "check_counts",
+    "check_outside",
     "error_line",
     "fit_folder",
     "image_transform",
@@ -148,6 +149,27 @@ def output_dir(path: str, option: str = "--output") -> str:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path}: the folder is not writable")
     return path
+
+
+def check_outside(path: str, images: Any, option: str = "--output", folder_option: str = "--train") -> None:
+    """Refuse an output folder inside an image folder or one of its class folders (links resolved): it
+    would be read as a class of images on the next run (and a resume would find other data).
+
+    Example:
+        >>> import tempfile
+        >>> from types import SimpleNamespace
+        >>> root = tempfile.mkdtemp()
+        >>> check_outside(os.path.join(root, "out"), SimpleNamespace(root=root, classes=[]))
+        Traceback (most recent call last):
+        ...
+        samnorm.cli_common.UsageError: --output ... is inside --train ...: choose an output folder outside it ...
+    """
+    real = os.path.realpath(path)
+    for folder in [images.root, *(os.path.join(images.root, c) for c in images.classes)]:
+        real_folder = os.path.realpath(folder)
+        if os.path.commonpath([real, real_folder]) == real_folder:
+            raise UsageError(f"{option} {path} is inside {folder_option} {images.root}: choose an output folder "
+                             "outside it (its files would be read as a class of images)")
 
 
 def error_line(err: BaseException) -> str:

@@ -462,3 +462,17 @@ def test_r5_a_file_link_may_not_put_an_image_under_another_label(tmp_path):
         with pytest.raises(ValueError, match=f"zz.png' links to .*{message}: one label per image"):
             ImageFolder(root)
         os.remove(root / "a" / "zz.png")
+
+
+@pytest.mark.parametrize("inside", ["train", "class link"])
+def test_r6_an_output_folder_inside_the_training_images_is_refused_first(tmp_path, capsys, inside):
+    root = png_folder(tmp_path / "train", per_class=4)
+    if inside == "class link":  # a class folder that is a link: its real path counts
+        os.rename(root / "c", tmp_path / "c_real")
+        os.symlink(tmp_path / "c_real", root / "c")
+        out = tmp_path / "c_real" / "out"
+    else:
+        out = root / "out"
+    code, _, err = cli(train_args(root, out), capsys)
+    one_line(code, err, "is inside --train")
+    assert not out.exists()
