@@ -77,7 +77,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     import torch
 
     from samnorm.data.folders import ImageFolder
-    from samnorm.recipe import FinetuneConfig, finetune
+    from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig, finetune
 
     check_counts(args)
     if args.resume and args.overwrite:
@@ -96,6 +96,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     check_outside(args.output, train)
     output_dir(args.output)
     rank, world, device = setup(args.device)
+    resume_from = os.path.join(args.output, CHECKPOINT_NAME)
+    if args.resume and not (args.model or args.checkpoint) and os.path.isfile(resume_from):
+        args.checkpoint = resume_from  # the interrupted run's model, arguments and image transform
     raw = read_recorded(args.checkpoint, args.trust_checkpoint)
     torch.manual_seed(cfg.seed)  # the new head's (or a fresh model's) initial weights follow --seed
     try:
@@ -265,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
     t.add_argument("--log-every", type=int)
-    t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt if present")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/checkpoint.pt if present; without --model/--checkpoint the model, its "
+                   "arguments and the image transform are the checkpoint's (other settings must be the run's)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --output: its checkpoint.pt, log.jsonl, config.json are removed once the "
                    "settings pass their checks (without this or --resume, a folder holding a run is refused)")

@@ -476,3 +476,16 @@ def test_r6_an_output_folder_inside_the_training_images_is_refused_first(tmp_pat
     code, _, err = cli(train_args(root, out), capsys)
     one_line(code, err, "is inside --train")
     assert not out.exists()
+
+
+def test_r1_resume_without_model_options_takes_the_checkpoints(data, finished, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    for n in (CHECKPOINT_NAME, "log.jsonl"):
+        (out / n).write_bytes((finished / n).read_bytes())
+    bare = ["finetune", "--train", data, "--output", out, "--workers", "0", "--batch-size", "4", "--no-progress",
+            "--log-every", "1", "--resume"]
+    code, _, err = cli(bare, capsys)
+    assert code == 0 and "fine-tuning t2t_vit_7" in err and "resuming from" in err, err
+    code, _, err = cli([*bare, "--img-size", "32"], capsys)
+    one_line(code, err, "image size 32 conflicts with the 16 px recorded in")
