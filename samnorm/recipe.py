@@ -331,14 +331,17 @@ def _check_same_model(saved: Mapping[str, Any], now: Mapping[str, Any], path: st
         )
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _load_resume(path: str) -> Mapping[str, Any]:
     """The checkpoint to resume from, or one readable line on what is wrong with it."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - empty, truncated, garbage: the same advice
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(
-            f"cannot resume from {path!r}: not a readable checkpoint ({type(err).__name__}: {first}); "
+            f"cannot resume from {path!r}: not a readable checkpoint ({type(err).__name__}: {_first_line(err)}); "
             "move it away to start over, or start a new run elsewhere"
         ) from err
     if not isinstance(saved, Mapping) or saved.get("format") != FORMAT:
@@ -510,8 +513,8 @@ def finetune(
         try:
             model.load_state_dict(saved["model"])
         except RuntimeError as err:  # another architecture: one line, not a traceback
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ValueError(f"cannot resume from {ckpt_path!r}: its weights do not fit this model ({first}); "
+            raise ValueError(f"cannot resume from {ckpt_path!r}: its weights do not fit this model "
+                             f"({_first_line(err)}); "
                              "resume with the original model, or start a new run in another output folder") from err
         _check_finite_model(model, ckpt_path)  # a NaN checkpoint.pt is no better a start than NaN weights
         opt.load_state_dict(saved["optimizer"])
