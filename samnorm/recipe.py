@@ -655,7 +655,7 @@ def finetune(
                 history.append(record)
                 window.zero_()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", ood=f"{record['ood']:.3f}")
+                    bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "acc", "ood")})
                 else:
                     say(json.dumps(record))
             if bar is not None:
