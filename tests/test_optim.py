@@ -79,6 +79,23 @@ def _net(seed, width, norm):
     return nn.Sequential(*layers, nn.Tanh(), nn.Linear(width, 3)).double()
 
 
+def _reference_problem(seed, width, which, opt="sgd"):
+    """A float64 net with a LayerNorm, a batch, a base optimizer and its hand-written twin, and what
+    to perturb: the set-up every comparison with the per-parameter reference shares."""
+    model = _net(seed, width, nn.LayerNorm)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    if opt == "sgd":
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        ref_base = _RefSGD(0.05, 0.9, 1e-3)
+    else:
+        base = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+        ref_base = _RefAdamW(0.01, 0.05)
+    perturb = {"all": None, "norm": model, "first": list(model[0].parameters())}[which]
+    return model, x, y, base, ref_base, perturb
+
+
 @given(
     seed=st.integers(0, 10_000),
     width=st.integers(2, 9),
@@ -94,19 +111,9 @@ def _net(seed, width, norm):
 @example(seed=23, width=2, rho=0.5, adaptive=True, which="norm", opt="adamw", foreach=None, use_loss=False)
 @example(seed=39, width=2, rho=0.5, adaptive=False, which="norm", opt="adamw", foreach=None, use_loss=False)
 def test_matches_float64_reference(seed, width, rho, adaptive, which, opt, foreach, use_loss):
-    model = _net(seed, width, nn.LayerNorm)
+    model, x, y, base, ref_base, perturb = _reference_problem(seed, width, which, opt)
     ref, jittered = copy.deepcopy(model), copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (12,), generator=g)
-    if opt == "sgd":
-        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-        ref_base = _RefSGD(0.05, 0.9, 1e-3)
-    else:
-        base = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
-        ref_base = _RefAdamW(0.01, 0.05)
     fresh_ref_base = copy.deepcopy(ref_base)
-    perturb = {"all": None, "norm": model, "first": list(model[0].parameters())}[which]
     sam = SAM(base, perturb, rho=rho, adaptive=adaptive, foreach=foreach)
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(3):

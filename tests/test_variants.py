@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from test_optim import _batch, _ce, _closure, _mlp, _net, _RefAdamW, _RefSGD
+from test_optim import _batch, _ce, _closure, _mlp, _reference_problem, _RefSGD
 from torch import nn
 
 import samnorm
@@ -111,18 +111,8 @@ def _train(opt, model, x, y, steps, form):
 
 
 def _setup(seed, width, which, opt="sgd"):
-    model = _net(seed, width, nn.LayerNorm)
+    model, x, y, base, ref_base, perturb = _reference_problem(seed, width, which, opt)
     ref = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (12,), generator=g)
-    if opt == "sgd":
-        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-        ref_base = _RefSGD(0.05, 0.9, 1e-3)
-    else:
-        base = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
-        ref_base = _RefAdamW(0.01, 0.05)
-    perturb = {"all": None, "norm": model, "first": list(model[0].parameters())}[which]
     ref_sel = {"all": list(ref.parameters()), "norm": list(samnorm.norm_layers(ref)),
                "first": list(ref[0].parameters())}[which]
     sel = [any(p is s for s in ref_sel) for p in ref.parameters()]
