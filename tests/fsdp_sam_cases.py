@@ -29,7 +29,7 @@ CASES = {
     f"{name}-{path}": (cls, on, kwargs, path)
     for name, cls, on, kwargs, paths in [
         ("sam", SAM, False, {}, ("loss", "grad")),
-        ("sam-on", SAM, True, {}, ("loss", "grad", "closure")),
+        ("sam-on", SAM, True, {}, ("loss", "grad", "closure", "scaler", "scaler-inf")),
         ("sam-on-sync", SAM, True, {"sync_first_pass": True}, ("grad",)),
         ("asam-on", SAM, True, {"adaptive": True, "eta": 0.1}, ("loss", "grad")),
         ("asam-on-nobias", SAM, True, {"adaptive": True, "normalize_bias": False}, ("grad",)),
@@ -56,9 +56,15 @@ def build(case: str, model: nn.Module) -> SAM:
     return cls(base, model if on else None, rho=0.3, model=model, **kwargs)
 
 
-def train(case: str, model: nn.Module, opt: SAM, x: torch.Tensor, y: torch.Tensor) -> list[float | None]:
-    """3 steps; the ascent's norm (``last_grad_norm``) after each step's ascent (None: no ascent)."""
+def train(case: str, model: nn.Module, opt: SAM, x: torch.Tensor, y: torch.Tensor, holds_first_row: bool = True
+          ) -> list[float | None]:
+    """3 steps; the ascent's norm (``last_grad_norm``) after each step's ascent (None: no ascent).
+
+    Paths "scaler" and "scaler-inf": the loss path through a GradScaler; "scaler-inf" puts an inf
+    into the first element of the first gradient at step 1 (on the rank that ``holds_first_row``):
+    the whole step must be skipped, on every rank."""
     path = CASES[case][3]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if path.startswith("scaler") else None
 
     def loss_fn() -> torch.Tensor:
         return nn.functional.cross_entropy(model(x), y)
@@ -74,6 +80,17 @@ def train(case: str, model: nn.Module, opt: SAM, x: torch.Tensor, y: torch.Tenso
         opt.last_grad_norm = None
         if path == "closure":
             opt.step(closure)
+        elif scaler is not None:
+            with opt.first_pass(model):
+                loss = loss_fn()
+            opt.first_step(scaler.scale(loss))
+            with opt.second_pass(model):
+                scaler.scale(loss_fn()).backward()
+            if path == "scaler-inf" and len(norms) == 1 and holds_first_row:
+                grad = next(iter(model.parameters())).grad
+                (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("inf")
+            opt.second_step(zero_grad=True, scaler=scaler)
+            scaler.update()
         elif isinstance(opt, OnePassSAM):
             opt.first_step()
             loss_fn().backward()
@@ -126,9 +143,26 @@ def run(out: str, rank: int, world: int) -> None:
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         try:
-            norms = train(case, model, build(case, model), xs, ys)
+            norms = train(case, model, build(case, model), xs, ys, holds_first_row=rank == 0)
             result = {"params": [p.full_tensor().detach().clone() for p in model.parameters()], "norms": norms}
         except Exception as e:  # noqa: BLE001 - recorded, so that one case's failure does not hide the others'
             result = {"error": f"{type(e).__name__}: {e}"}
         results[case] = result
+    results["mixed"] = mixed(mesh, xs, ys)
     torch.save(results, f"{out}.rank{rank}")
+
+
+def mixed(mesh: object, x: torch.Tensor, y: torch.Tensor) -> str:
+    """The error of a first step over sharded and plain parameters (the root and the last layer
+    left out of fully_shard), as ``"Type: message"``; "" if none was raised."""
+    model = make()
+    for layer in list(model)[:-1]:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    opt = build("sam-grad", model)
+    nn.functional.cross_entropy(model(x), y).backward()
+    try:
+        opt.first_step()
+    except Exception as e:  # noqa: BLE001 - the test checks its type and message
+        return f"{type(e).__name__}: {e}"
+    return ""

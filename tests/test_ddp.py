@@ -67,3 +67,11 @@ def test_fsdp2_equals_one_process_on_the_whole_batch(results, case):
         assert norms == pytest.approx(ref_norms, rel=1e-12, nan_ok=True)
         for p, ref_p in zip(r["params"], ref["params"], strict=True):
             torch.testing.assert_close(p, ref_p, rtol=1e-10, atol=1e-12)
+
+
+def test_fsdp2_refuses_sharded_and_plain_parameters_in_one_line(results):
+    for r in results["fsdp"]:
+        if "skip" in r:
+            pytest.skip(r["skip"])
+        assert r["mixed"].startswith("ValueError: SAM under FSDP") and "fully_shard to the root" in r["mixed"]
+        assert "\n" not in r["mixed"]
