@@ -31,6 +31,7 @@ CASES = {
         ("sam", SAM, False, {}, ("loss", "grad")),
         ("sam-on", SAM, True, {}, ("loss", "grad", "closure", "scaler", "scaler-inf")),
         ("sam-on-sync", SAM, True, {"sync_first_pass": True}, ("grad",)),
+        ("sam-on-hsdp", SAM, True, {}, ("grad",)),  # HSDP: replicated over the 2 ranks, "sharded" over 1
         ("asam-on", SAM, True, {"adaptive": True, "eta": 0.1}, ("loss", "grad")),
         ("asam-on-nobias", SAM, True, {"adaptive": True, "normalize_bias": False}, ("grad",)),
         ("interval", IntervalSAM, True, {"k": 2}, ("loss", "grad")),
@@ -132,11 +133,12 @@ def run(out: str, rank: int, world: int) -> None:
         return
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (world,))
+    meshes = {False: init_device_mesh("cpu", (world,)), True: init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))}
     x, y = batch(world)
     xs, ys = x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8]
     results: dict = {}
     for case in CASES:
+        mesh = meshes["hsdp" in case]
         model = make()
         for layer in model:
             if any(True for _ in layer.parameters()):
@@ -148,7 +150,7 @@ def run(out: str, rank: int, world: int) -> None:
         except Exception as e:  # noqa: BLE001 - recorded, so that one case's failure does not hide the others'
             result = {"error": f"{type(e).__name__}: {e}"}
         results[case] = result
-    results["mixed"] = mixed(mesh, xs, ys)
+    results["mixed"] = mixed(meshes[False], xs, ys)
     torch.save(results, f"{out}.rank{rank}")
 
 
