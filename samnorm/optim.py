@@ -125,7 +125,8 @@ class SAM(Optimizer):
         sync_first_pass: under ``torch.distributed``, average the first-pass gradients of the
             perturbed parameters across ranks before the ascent. By default each replica perturbs
             with its own gradient (as google-research/sam does) and the first pass pays no
-            all-reduce.
+            all-reduce. Under FSDP2 (``fully_shard``) the first-pass gradient is always the
+            averaged one, as with ``True`` here (see :mod:`samnorm.sam.fsdp`).
         model: the model, so that :meth:`step` can run the first pass without DDP's all-reduce
             and the second without updating BatchNorm statistics; taken from ``perturb`` when that
             is a module.
@@ -265,7 +266,8 @@ class SAM(Optimizer):
             loss: if given, it is differentiated with respect to the perturbed parameters *only*
                 (``torch.autograd.grad``), which skips every other weight-gradient product of that
                 backward pass. If ``None``, the ``.grad`` of the caller's own backward (possibly
-                accumulated over micro-batches) is used.
+                accumulated over micro-batches) is used. Under FSDP2, ``loss.backward()`` (the
+                sharded parameters are out of ``autograd.grad``'s reach), ``.grad`` kept as it was.
             zero_grad: zero all gradients afterwards (set to ``None``), ready for the second pass.
 
         A parameter without gradient is not perturbed. If the gradient norm is not finite, the
