@@ -41,6 +41,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import _compat
+from .sam import fsdp
 from .select import Selection, norm_layers
 
 __all__ = ["SAM", "disable_running_stats"]
@@ -124,7 +125,8 @@ class SAM(Optimizer):
         sync_first_pass: under ``torch.distributed``, average the first-pass gradients of the
             perturbed parameters across ranks before the ascent. By default each replica perturbs
             with its own gradient (as google-research/sam does) and the first pass pays no
-            all-reduce.
+            all-reduce. Under FSDP2 (``fully_shard``) the first-pass gradient is always the
+            averaged one, as with ``True`` here (see :mod:`samnorm.sam.fsdp`).
         model: the model, so that :meth:`step` can run the first pass without DDP's all-reduce
             and the second without updating BatchNorm statistics; taken from ``perturb`` when that
             is a module.
@@ -264,7 +266,8 @@ class SAM(Optimizer):
             loss: if given, it is differentiated with respect to the perturbed parameters *only*
                 (``torch.autograd.grad``), which skips every other weight-gradient product of that
                 backward pass. If ``None``, the ``.grad`` of the caller's own backward (possibly
-                accumulated over micro-batches) is used.
+                accumulated over micro-batches) is used. Under FSDP2, ``loss.backward()`` (the
+                sharded parameters are out of ``autograd.grad``'s reach), ``.grad`` kept as it was.
             zero_grad: zero all gradients afterwards (set to ``None``), ready for the second pass.
 
         A parameter without gradient is not perturbed. If the gradient norm is not finite, the
@@ -287,7 +290,9 @@ class SAM(Optimizer):
                 )
             wanted = [p for p in params if p.requires_grad]
             grads: Iterable[torch.Tensor | None] = ()
-            if wanted:
+            if any(fsdp.is_dtensor(p) for p in wanted):  # FSDP2: autograd.grad cannot reach the shards
+                grads = fsdp.backward_grads(loss, self._owned(), wanted)
+            elif wanted:
                 with torch.enable_grad():
                     grads = torch.autograd.grad(loss, wanted, allow_unused=True)
             pairs = list(zip(wanted, grads))
@@ -709,7 +714,8 @@ def is_distributed() -> bool:
 
 def all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
     """The mean of each tensor across ranks (one all-reduce per device and dtype); ``gs`` itself
-    outside ``torch.distributed`` (see :func:`is_distributed`).
+    outside ``torch.distributed`` (see :func:`is_distributed`). A DTensor (FSDP2) is one global
+    value on every rank, its own mean: it is returned as it is.
 
     Example:
         >>> all_reduce_mean([torch.ones(2)])[0].tolist()   # a single process: unchanged
@@ -719,10 +725,11 @@ def all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
 
     if not is_distributed():
         return gs
-    if any(g.is_sparse for g in gs):
+    plain = [g for g in gs if not fsdp.is_dtensor(g)]
+    if any(g.is_sparse for g in plain):
         raise ValueError("sync_first_pass does not support sparse gradients; use sync_first_pass=False")
-    reduced: dict[int, torch.Tensor] = {}
-    for group in _by_device_and_dtype(gs).values():
+    reduced: dict[int, torch.Tensor] = {id(g): g for g in gs}
+    for group in _by_device_and_dtype(plain).values():
         flat = torch.cat([g.reshape(-1) for g in group])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
@@ -758,6 +765,8 @@ def perturb_(
     (whatever its device and dtype, accumulated in float32, or float64 if a parameter is float64);
     ``T_i = |w_i| + etas[i]`` elementwise (ASAM), or 1 where ``etas[i]`` is ``None`` (SAM). A sparse
     gradient perturbs its support only. If the norm is not finite (or is 0), nothing moves.
+    DTensor parameters (FSDP2): each rank perturbs its local shards, with the norm over all shards
+    (:mod:`samnorm.sam.fsdp`).
 
     Args:
         params, grads: equal-length lists of parameters and their (first-pass) gradients.
@@ -786,9 +795,10 @@ def perturb_(
     if not params:
         return torch.zeros(()), []
     state = {} if state is None else state
+    params, grads, shard_sum = fsdp.localize(params, grads)
     if foreach is False:
-        return _single_tensor_perturb_(params, grads, rhos, etas, eps, state)
-    return _multi_tensor_perturb_(params, grads, rhos, etas, eps, state)
+        return _single_tensor_perturb_(params, grads, rhos, etas, eps, state, shard_sum)
+    return _multi_tensor_perturb_(params, grads, rhos, etas, eps, state, shard_sum)
 
 
 def restore_(saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]], *, foreach: bool | None = None) -> None:
@@ -802,18 +812,18 @@ def restore_(saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]], *, fore
             torch._foreach_copy_(params, backups)
 
 
-def _single_tensor_perturb_(params, grads, rhos, etas, eps, state):
+def _single_tensor_perturb_(params, grads, rhos, etas, eps, state, shard_sum=None):
     acc = _accumulation_dtype({p.dtype for p in params})
     backups = [_save(state, p) for p in params]
     directions = [_direction(p, g, eta, acc) for p, g, eta in zip(params, grads, etas)]
-    norm = _total_norm([torch.linalg.vector_norm(v, dtype=acc) for _, v, _ in directions])
+    norm = _total_norm([torch.linalg.vector_norm(v, dtype=acc) for _, v, _ in directions], shard_sum)
     scales = _scales(norm, rhos, eps)
     for p, (g, v, t), rho in zip(params, directions, rhos):
         _add_ascent_(p, g, v, t, scales[rho].to(v.device))
     return norm, [(params, backups)]
 
 
-def _multi_tensor_perturb_(params, grads, rhos, etas, eps, state):
+def _multi_tensor_perturb_(params, grads, rhos, etas, eps, state, shard_sum=None):
     # Buckets of dense tensors by (device, dtype, rho, eta, small); a sparse gradient goes per tensor
     buckets: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
     sparse_items = []
@@ -842,7 +852,7 @@ def _multi_tensor_perturb_(params, grads, rhos, etas, eps, state):
         vs, ts = (_flat_direction if small else _foreach_direction)(ps, gs, eta, buf, acc)
         directions.append((vs, ts, buf))
         norms.extend(torch._foreach_norm(vs, 2, dtype=acc))
-    norm = _total_norm(norms)
+    norm = _total_norm(norms, shard_sum)
     scales = _scales(norm, rhos, eps)
     for (device, _, rho, _, small), (ps, _), (vs, ts, buf) in zip(buckets, buckets.values(), directions):
         scale = scales[rho].to(device)
@@ -960,10 +970,13 @@ def _accumulation_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _total_norm(norms: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of per-tensor norms that may live on several devices (as clip_grad_norm_)."""
+def _total_norm(norms: list[torch.Tensor], shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """The L2 norm of per-tensor norms that may live on several devices (as clip_grad_norm_); with
+    ``shard_sum`` (FSDP2), of the norms of every rank's shards."""
     first = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]))
+    norm = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]))
+    return norm if shard_sum is None else shard_sum(norm.square()).sqrt()
 
 
 def _scales(norm: torch.Tensor, rhos: list[float], eps: float) -> dict[float, torch.Tensor]:

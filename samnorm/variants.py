@@ -44,6 +44,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .optim import SAM, all_reduce_mean, check_nonnegative, is_distributed
+from .sam import fsdp
 from .select import Selection
 
 __all__ = ["IntervalSAM", "LookSAM", "OnePassSAM", "VARIANTS", "make"]
@@ -298,7 +299,7 @@ class LookSAM(IntervalSAM):
         g_norm, gv_norm = vec.dot("tmp", "tmp").sqrt(), vec.dot("gv", "gv").sqrt()
         coef = torch.where(gv_norm > 0, self.alpha * g_norm / gv_norm, 0.0)
         vec.scale_into("tmp", "gv", coef)  # tmp = coef * g_v
-        torch._foreach_add_([vec.params[i].grad for i in have], [vec.view("tmp", i) for i in have])
+        torch._foreach_add_([fsdp.local(vec.params[i].grad) for i in have], [vec.view("tmp", i) for i in have])
 
     _NAME = "looksam"
 
@@ -462,11 +463,14 @@ def _check_keeps_momentum(optimizer: Optimizer) -> None:
 class _Vectors:
     """Named vectors shaped like a fixed list of tensors, flat per device in float32 (float64 when a
     tensor is float64): a norm or a dot product is one kernel per device, loading gradients one
-    ``_foreach_copy_``."""
+    ``_foreach_copy_``. DTensor parameters (FSDP2): the vectors hold this rank's shards, and a dot
+    product is summed over the shards."""
 
     def __init__(self, params: list[torch.Tensor], names: tuple[str, ...]) -> None:
         self.params = list(params)
         self._ids = [id(p) for p in self.params]
+        self._shard_sum = fsdp.shard_sum(self.params)
+        shards = [fsdp.local(p) for p in self.params]
         acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         by_device: dict[torch.device, list[int]] = defaultdict(list)
         for i, p in enumerate(self.params):
@@ -477,10 +481,10 @@ class _Vectors:
         for name in names:
             self.flats[name], views = [], [torch.empty(0)] * len(self.params)
             for idx in self.parts:
-                sizes = [self.params[i].numel() for i in idx]
+                sizes = [shards[i].numel() for i in idx]
                 flat = torch.zeros(sum(sizes), device=self.params[idx[0]].device, dtype=acc)
                 for i, v in zip(idx, flat.split(sizes)):
-                    views[i] = v.view(self.params[i].shape)
+                    views[i] = v.view(shards[i].shape)
                 self.flats[name].append(flat)
             self._views[name] = views
 
@@ -498,7 +502,7 @@ class _Vectors:
         views = self._views[name]
         have = [i for i, t in enumerate(tensors) if t is not None]
         missing = [views[i] for i, t in enumerate(tensors) if t is None]
-        dense = [t.to_dense() if t.is_sparse else t for t in (tensors[i] for i in have)]
+        dense = [t.to_dense() if t.is_sparse else fsdp.local(t) for t in (tensors[i] for i in have)]
         if have:
             torch._foreach_copy_([views[i] for i in have], dense)
         if missing:
@@ -507,7 +511,7 @@ class _Vectors:
     def set(self, name: str, tensors: list[torch.Tensor]) -> None:
         """Load saved vectors (from a state dict), checking that they fit the parameters."""
         shapes = [tuple(t.shape) for t in tensors]
-        if shapes != [tuple(p.shape) for p in self.params]:
+        if shapes != [tuple(v.shape) for v in self._views[name]]:
             raise ValueError(
                 f"the saved {name!r} vectors do not fit the perturbed parameters ({len(shapes)} "
                 f"saved, {len(self.params)} now): load into an optimizer built on the same model "
@@ -519,7 +523,8 @@ class _Vectors:
         """``<a, b>`` over every tensor, on the first device."""
         first = self.flats[a][0].device
         parts = [torch.dot(x, y).to(first) for x, y in zip(self.flats[a], self.flats[b])]
-        return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+        return total if self._shard_sum is None else self._shard_sum(total)
 
     def axpy(self, out: str, x: str, coef: torch.Tensor) -> None:
         """``out += coef * x``."""
@@ -537,6 +542,8 @@ class _Vectors:
             o.copy_(torch.where(keep.to(o.device), n, o))
 
     def all_reduce_mean(self, name: str) -> None:
+        if self._shard_sum is not None:  # shards of FSDP2's gradients, already averaged over the ranks
+            return
         for flat, reduced in zip(self.flats[name], all_reduce_mean(self.flats[name])):
             flat.copy_(reduced)
 

@@ -3,11 +3,13 @@
 For each mode ("local": SAM-ON with a local first pass; "sync": plain SAM with a synchronised first
 pass), each rank trains the same model on its own half of a batch with SAM under DDP and writes its
 final parameters, the number of all-reduces per pass, and (rank 0) a single-process reference on the
-concatenated batch. Both modes run in one launch: starting torchrun costs more than the training.
+concatenated batch. Both modes run in one launch: starting torchrun costs more than the training;
+so do the FSDP2 cases of tests/fsdp_sam_cases.py.
 """
 
 import sys
 
+import fsdp_sam_cases  # next to this script, on sys.path when torchrun starts it
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -75,6 +77,7 @@ def main(out: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     for mode in ("local", "sync"):
         run(f"{out}.{mode}", mode == "sync", rank, world)
+    fsdp_sam_cases.run(f"{out}.fsdp", rank, world)
     # Rank 0 computes the reference alone; tearing gloo down while the peer is still busy aborted a
     # rank ("terminate called without an active exception") in 1 of 14 suite runs, so meet first.
     dist.barrier()

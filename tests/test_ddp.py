@@ -1,7 +1,8 @@
-"""SAM under DistributedDataParallel: 2 CPU processes on gloo, started by torchrun."""
+"""SAM under DistributedDataParallel and FSDP2 (``fully_shard``): 2 CPU processes on gloo, one torchrun launch."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fsdp_sam_cases import CASES, reference
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -22,7 +24,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, list[dict]]:
-    """One torchrun launch for every case: ``{mode: [rank 0 result, rank 1 result]}``."""
+    """One torchrun launch for every case: ``{mode: [rank 0 result, rank 1 result]}`` (mode "fsdp":
+    ``{case: result}`` per rank)."""
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path_factory.mktemp("ddp") / "run"
@@ -32,7 +35,7 @@ def results(tmp_path_factory) -> dict[str, list[dict]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {mode: [torch.load(f"{out}.{mode}.rank{r}") for r in range(2)] for mode in ("local", "sync")}
+    return {mode: [torch.load(f"{out}.{mode}.rank{r}") for r in range(2)] for mode in ("local", "sync", "fsdp")}
 
 
 def test_ddp_default_first_pass_is_local_and_ranks_stay_identical(results):
@@ -48,3 +51,27 @@ def test_ddp_synchronised_first_pass_equals_one_process_on_the_whole_batch(resul
     for p, q, ref in zip(r0["params"], r1["params"], r0["reference"]):
         assert torch.equal(p, q)
         torch.testing.assert_close(p, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp2_equals_one_process_on_the_whole_batch(results, case):
+    """Under fully_shard the ascent uses the reduce-scattered (averaged) gradient and one norm over
+    all shards: every rank ends where one process on the whole batch does (before the fix: the loss
+    path perturbed nothing, the .grad path raised "mixed torch.Tensor and DTensor")."""
+    ranks = [r[case] if "skip" not in r else pytest.skip(r["skip"]) for r in results["fsdp"]]
+    ref = reference(case)
+    for r in ranks:
+        assert "error" not in r, r["error"]
+        # the ascent's norm at each step (NaN here: no ascent), global over the shards
+        norms, ref_norms = ([math.nan if n is None else n for n in ns] for ns in (r["norms"], ref["norms"]))
+        assert norms == pytest.approx(ref_norms, rel=1e-12, nan_ok=True)
+        for p, ref_p in zip(r["params"], ref["params"], strict=True):
+            torch.testing.assert_close(p, ref_p, rtol=1e-10, atol=1e-12)
+
+
+def test_fsdp2_refuses_sharded_and_plain_parameters_in_one_line(results):
+    for r in results["fsdp"]:
+        if "skip" in r:
+            pytest.skip(r["skip"])
+        assert r["mixed"].startswith("ValueError: SAM under FSDP") and "fully_shard to the root" in r["mixed"]
+        assert "\n" not in r["mixed"]
