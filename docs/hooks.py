@@ -41,8 +41,10 @@ def _inherits_doc(method: griffe.Object | griffe.Alias) -> bool:
     owner = importlib.import_module(method.module.path)
     for part in method.parent.path.removeprefix(method.module.path + ".").split("."):
         owner = getattr(owner, part)
-    return any(getattr(base, method.name, None) is not None and inspect.getdoc(getattr(base, method.name))
-               for base in owner.__mro__[1:])
+    return any(
+        getattr(base, method.name, None) is not None and inspect.getdoc(getattr(base, method.name))
+        for base in owner.__mro__[1:]
+    )
 
 
 def _needs_doc(obj: griffe.Object | griffe.Alias) -> Iterator[griffe.Object | griffe.Alias]:
@@ -73,8 +75,11 @@ def undocumented(modules: list[str]) -> list[str]:
             if name in module.members:
                 obj = module.get_member(name)
             else:  # a lazy export (PEP 562 __getattr__): the submodule that defines it
-                obj = next(sub.members[name] for sub in module.modules.values()
-                           if name in sub.members and not sub.members[name].is_alias)
+                obj = next(
+                    sub.members[name]
+                    for sub in module.modules.values()
+                    if name in sub.members and not sub.members[name].is_alias
+                )
             if obj.is_alias:
                 obj = obj.final_target
             missing.update(o.path for o in _needs_doc(obj) if not (o.docstring and o.docstring.value.strip()))
@@ -87,7 +92,8 @@ def check() -> list[str]:
     known = {line.split("#")[0].strip() for line in KNOWN_UNDOCUMENTED.read_text(encoding="utf-8").splitlines()}
     known.discard("")
     return [f"no docstring: {name}" for name in sorted(missing - known)] + [
-        f"documented now (or gone), remove it from {KNOWN_UNDOCUMENTED.name}: {name}" for name in sorted(known - missing)
+        f"documented now (or gone), remove it from {KNOWN_UNDOCUMENTED.name}: {name}"
+        for name in sorted(known - missing)
     ]
 
 
@@ -104,8 +110,7 @@ def on_files(files, config):  # type: ignore[no-untyped-def]  # mkdocs' hook sig
 
     for pattern in EXTERNAL_FILES:
         for path in sorted(ROOT.glob(pattern)):
-            files.append(File(str(path.relative_to(ROOT)), str(ROOT), config["site_dir"],
-                              config["use_directory_urls"]))
+            files.append(File(str(path.relative_to(ROOT)), str(ROOT), config["site_dir"], config["use_directory_urls"]))
     return files
 
 
