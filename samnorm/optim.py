@@ -301,9 +301,10 @@ class SAM(Optimizer):
         unless ``zero_grad=False``; after a descent pass, nothing."""
         if self.passes()[index].use != "ascent":
             return
+        pairs = self._first_pass_grads(loss)
         if self._phase is Phase.PERTURBED:  # a later ascent starts again from w
             self._restore_weights()
-        self._ascend(self._first_pass_grads(loss))
+        self._ascend(pairs)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 

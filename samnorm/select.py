@@ -314,13 +314,12 @@ class PerturbedSet:
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
-        >>> model[1].requires_grad_(False)
-        Sequential(...)
-        >>> groups = [[p for p in model.parameters() if p.requires_grad]]
+        >>> _ = model[1].requires_grad_(False)
+        >>> groups = [list(model[0].parameters())]
         >>> sel = PerturbedSet(model, lambda: [p for g in groups for p in g], allow_empty=True)
-        >>> len(sel.params()); model[1].requires_grad_(True); groups.append(list(model[1].parameters()))
+        >>> len(sel.params())
         0
-        LayerNorm(...)
+        >>> _ = model[1].requires_grad_(True); groups.append(list(model[1].parameters()))
         >>> len(sel.params())
         2
     """
