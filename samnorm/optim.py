@@ -42,8 +42,10 @@ from torch.optim import Optimizer
 from . import _compat
 from .sam import amp
 from .sam.nonfinite import NonFinite
-from .sam.protocol import ASCENT, DESCENT_PERTURBED, Pass, Phase, run_passes
-from .select import PerturbedSet, Selection, unwrap_ddp
+from .sam.protocol import ASCENT, DESCENT_PERTURBED, Pass, Phase, ascent_gradients, run_passes
+from .sam.settings import GroupSetting
+from .sam.state import check_record, class_name, upgrade_pickle
+from .select import PerturbedSet, Selection, bias_ids
 
 __all__ = ["SAM", "disable_running_stats"]
 
@@ -70,14 +72,6 @@ _ACCUMULATION_IN_CLOSURE = (
     "samnorm.integrations.accelerate.sam_backward). If your closure "
     "zeroes the gradients itself, zero them with sam.zero_grad()."
 )
-_REENTRANT = (
-    "first_step(loss): {n} perturbed tensor(s) got no gradient from torch.autograd.grad, and the "
-    "loss's graph holds reentrant activation checkpointing (torch.utils.checkpoint with "
-    "use_reentrant=True), which autograd.grad cannot differentiate through. Use "
-    "use_reentrant=False, or the .grad path: loss.backward(), then first_step() without a loss"
-)
-
-
 @contextlib.contextmanager
 def disable_running_stats(model: nn.Module) -> Iterator[None]:
     """Keep BatchNorm running statistics unchanged inside the block (SAM's perturbed pass).
@@ -104,20 +98,6 @@ def disable_running_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m.track_running_stats = True
-
-
-def _reentrant_checkpoint_in(loss: torch.Tensor) -> bool:
-    """Whether ``loss``'s autograd graph holds a reentrant ``torch.utils.checkpoint`` node."""
-    seen, todo = set(), [loss.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if "CheckpointFunction" in type(fn).__name__:
-            return True
-        todo.extend(f for f, _ in fn.next_functions)
-    return False
 
 
 class SAM(Optimizer):
@@ -219,7 +199,7 @@ class SAM(Optimizer):
         self.sync_first_pass = bool(sync_first_pass)
         self._perturb = PerturbedSet(perturb, self._owned)
         self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
-        self._bias_ids = self._find_biases(perturb)
+        self._bias_ids = set() if self.normalize_bias else bias_ids(perturb, self.model)
         self._phase = Phase.IDLE
         self._saved: list = []  # (params, backups) lists of what the ascent moved
         self._buffers: dict = {}  # perturb_'s backups and flat buffers, kept between steps
@@ -301,39 +281,17 @@ class SAM(Optimizer):
         unless ``zero_grad=False``; after a descent pass, nothing."""
         if self.passes()[index].use != "ascent":
             return
-        pairs = self._first_pass_grads(loss)
+        try:
+            pairs = ascent_gradients(self.perturbed_parameters(), loss,
+                                     zero_missing=self.sync_first_pass and is_distributed())
+        except ValueError:
+            self.restore()
+            raise
         if self._phase is Phase.PERTURBED:  # a later ascent starts again from w
             self._restore_weights()
         self._ascend(pairs)
         if zero_grad:
             self.zero_grad(set_to_none=True)
-
-    def _first_pass_grads(self, loss: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        params = self.perturbed_parameters()
-        if loss is None:
-            pairs = [(p, p.grad) for p in params]
-        else:
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError("first_step(loss=...) needs a scalar loss tensor")
-            if not loss.requires_grad:
-                raise ValueError(
-                    "the loss does not require grad: compute it with autograd enabled (not under "
-                    "torch.no_grad()) from the model's output"
-                )
-            wanted = [p for p in params if p.requires_grad]
-            grads: Iterable[torch.Tensor | None] = ()
-            if wanted:
-                with torch.enable_grad():
-                    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-            pairs = list(zip(wanted, grads))
-            missing = sum(g is None for _, g in pairs)
-            if missing and _reentrant_checkpoint_in(loss):
-                self.restore()
-                raise ValueError(_REENTRANT.format(n=missing))
-        if self.sync_first_pass and is_distributed():
-            # every rank must issue the same collectives: a missing gradient counts as zero
-            return [(p, torch.zeros_like(p) if g is None else g) for p, g in pairs if p.requires_grad]
-        return [(p, g) for p, g in pairs if g is not None]
 
     @contextlib.contextmanager
     def pass_context(self, index: int, model: nn.Module, *, last_micro_batch: bool = True) -> Iterator[None]:
@@ -439,41 +397,10 @@ class SAM(Optimizer):
             self._group_of = (signature, index)
         return self._group_of[1]
 
-    def _find_biases(self, perturb: object) -> set[int]:
-        """ids of the tensors named ``*bias`` (ASAM with ``normalize_bias=False`` leaves them T = 1)."""
-        if self.normalize_bias:
-            return set()
-        named: list[tuple[str, torch.Tensor]] = []
-        if isinstance(perturb, Selection):
-            named += perturb.named_parameters()
-        if self.model is not None:
-            named += list(unwrap_ddp(self.model).named_parameters())
-        if not named:
-            raise ValueError(
-                "normalize_bias=False recognises biases by name: pass perturb=model, a Selection "
-                "(samnorm.select) or model=..."
-            )
-        return {id(p) for n, p in named if n.rsplit(".", 1)[-1] == "bias"}
-
     # rho, adaptive and eta live in the parameter groups; these read and set all groups at once
-    rho = property(lambda self: self._uniform("rho"), lambda self, v: self._set_all("rho", v),
-                   doc="The ascent radius of every parameter group (set: all groups).")
-    adaptive = property(lambda self: self._uniform("adaptive"), lambda self, v: self._set_all("adaptive", v),
-                        doc="Whether every parameter group uses ASAM (set: all groups).")
-    eta = property(lambda self: self._uniform("eta"), lambda self, v: self._set_all("eta", v),
-                   doc="ASAM's offset of every parameter group (set: all groups).")
-
-    def _uniform(self, key: str) -> Any:
-        values = {g[key] for g in self.param_groups} or {self.defaults[key]}
-        if len(values) > 1:
-            raise ValueError(f"{key} differs between parameter groups; read sam.param_groups[i][{key!r}]")
-        return values.pop()
-
-    def _set_all(self, key: str, value: Any) -> None:
-        value = self._check_setting(key, value)
-        self.defaults[key] = value
-        for g in self.param_groups:
-            g[key] = value
+    rho = GroupSetting("The ascent radius of every parameter group (set: all groups).")
+    adaptive = GroupSetting("Whether every parameter group uses ASAM (set: all groups).")
+    eta = GroupSetting("ASAM's offset of every parameter group (set: all groups).")
 
     def _check_setting(self, key: str, value: Any) -> Any:
         """A group setting, checked and converted (variants add theirs)."""
@@ -521,29 +448,21 @@ class SAM(Optimizer):
         self._nonfinite.poll(stacklevel=3)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
-        """Finish the step begun by :meth:`first_step` (or :func:`~samnorm.sam.protocol.run_passes`),
-        or run all of its passes with ``closure``.
+        """Finish the step begun by :meth:`first_step` or :func:`~samnorm.sam.protocol.run_passes`
+        (restore ``w``, then the base optimizer's step), or run the whole step with ``closure``.
 
-        - After :meth:`first_step` and the second backward, ``step()`` restores ``w`` and runs the
-          base optimizer's step (what :meth:`second_step` does), so loops and frameworks that call
-          ``loss.backward(); optimizer.step()`` work with a two-pass training step. A closure given
-          then runs once, as the step's last pass (Lightning's manual ``optimizer.step()`` passes
-          one that does nothing), and its loss is returned.
-        - ``step(closure)`` runs ``closure`` (zero grads, forward, backward, return loss) once per
-          pass of the step (:meth:`passes`: twice for SAM), the LBFGS convention that PyTorch
-          Lightning's automatic optimization relies on, through
-          :func:`~samnorm.sam.protocol.run_passes`, and returns the first pass's loss. When SAM
-          knows the model (``perturb=model`` or ``model=``), an ascent pass skips DDP's
-          all-reduce and BatchNorm statistics move in the first pass only; if a closure raises,
-          the parameters are restored. Gradients accumulated before the call are refused (the
-          second pass could not see those micro-batches): accumulate with the two-pass form.
-        - ``torch.amp.GradScaler.step(sam)`` (and ``scaler.step(sam, closure)``) works: SAM
-          unscales the gradients itself and skips the whole step, restoring ``w``, when either
-          pass had an inf/NaN; the scaler then backs off (:mod:`samnorm.sam.amp`). Like
-          ``GradScaler.step`` for any optimizer that is not fused, that decision reads one flag
-          from the device. A ``scaler.unscale_`` (to clip) on SAM or on its base optimizer before
-          ``scaler.step(sam)`` is honoured, the gradients being divided once; before
-          ``scaler.step(sam, closure)`` it is refused (the closure computes the gradients afterwards).
+        - After a begun step, a closure given runs once as the step's last pass (Lightning's manual
+          ``optimizer.step()`` passes one) and its loss is returned.
+        - ``step(closure)``: ``closure`` (zero grads, forward, backward, return loss) runs once per
+          pass (:meth:`passes`; the LBFGS convention of Lightning's automatic optimization) through
+          :func:`~samnorm.sam.protocol.run_passes`, which returns the first pass's loss. Gradients
+          accumulated before the call are refused (the later passes could not see those
+          micro-batches): accumulate with the two-pass form or an integration.
+        - ``GradScaler.step(sam)`` / ``scaler.step(sam, closure)``: SAM unscales and skips the whole
+          step, restoring ``w``, on an inf/NaN in any pass, and the scaler backs off
+          (:mod:`samnorm.sam.amp`; one flag read, as GradScaler does for an unfused optimizer). A
+          ``scaler.unscale_`` on SAM or its base before ``scaler.step(sam)`` is honoured; before
+          ``scaler.step(sam, closure)`` it is refused.
 
         Example:
             >>> model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
@@ -634,22 +553,12 @@ class SAM(Optimizer):
         return {**self.__dict__, "_buffers": {}, "_group_of": ((), {})}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # a SAM pickled before per-group settings kept rho/adaptive/eta as attributes
-        legacy = {k: state.pop(k) for k in ("rho", "adaptive", "eta") if k in state}
-        # scratch of releases before issue 12 (flat buffers, per-tensor backups): rebuilt when used
-        state.pop("_backups", None)
-        state["_buffers"] = {}
-        # releases before issue 17: the phase was _perturbed (None), the bookkeeping loose fields
-        state.pop("_perturbed", None)
-        if "_nonfinite" not in state:
-            count = state.pop("_nonfinite_count", None)
-            state["_nonfinite"] = NonFinite(0 if count is None else int(count))
-            for key in ("_first_nonfinite", "_nonfinite_seen", "_warned"):
-                state.pop(key, None)
-        selection = state.pop("_selection", ())
+        state, legacy, count, selection = upgrade_pickle(state)
         defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {}),
                     "_phase": Phase.IDLE, "_saved": []}
         self.__dict__.update({**defaults, **state})
+        if count is not None or "_nonfinite" not in state:
+            self._nonfinite = NonFinite(count or 0)
         for key, value in legacy.items():
             self.base_optimizer.defaults.setdefault(key, value)
         self._link()
@@ -693,7 +602,7 @@ class SAM(Optimizer):
             "normalize_bias": self.normalize_bias,
             "sync_first_pass": self.sync_first_pass,
             "nonfinite_steps": self.nonfinite_steps,
-            "base_optimizer": _class_name(self.base_optimizer),
+            "base_optimizer": class_name(self.base_optimizer),
         }
         return state
 
@@ -702,18 +611,8 @@ class SAM(Optimizer):
         One saved around another base optimizer class is refused (``ValueError``)."""
         state_dict = dict(state_dict)
         sam = state_dict.pop("sam", None)
-        if sam is not None and bool(sam.get("normalize_bias", True)) != self.normalize_bias:
-            raise ValueError(
-                f"the state dict was saved with normalize_bias={sam.get('normalize_bias', True)}; "
-                "build SAM with the same setting before loading it"
-            )
-        saved_base = None if sam is None else sam.get("base_optimizer")
-        if saved_base is not None and saved_base != _class_name(self.base_optimizer):
-            raise ValueError(
-                f"the state dict was saved by SAM around {saved_base}, and this SAM wraps "
-                f"{_class_name(self.base_optimizer)}: their states differ (momentum buffers, step "
-                "counts); build SAM around the same base optimizer class to load it"
-            )
+        if sam is not None:
+            check_record(sam, self.normalize_bias, self.base_optimizer)
         if sam is not None:  # before _link, which gives groups saved without them these defaults
             self.defaults.update(rho=float(sam["rho"]), adaptive=bool(sam["adaptive"]), eta=float(sam["eta"]))
         self.base_optimizer.load_state_dict(state_dict)
@@ -730,10 +629,6 @@ class SAM(Optimizer):
         kind = "ASAM" if all(g["adaptive"] for g in self.param_groups) else "SAM"
         rho = rhos[0] if len(rhos) == 1 else f"per group {rhos}"
         return f"{kind}(rho={rho}, perturb={what}, base={self.base_optimizer!r})"
-
-
-def _class_name(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def check_nonnegative(name: str, value: object) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "by_type",
     "is_norm_layer",
     "norm_layers",
+    "bias_ids",
     "register_norm_type",
     "unwrap_ddp",
 ]
@@ -386,3 +387,24 @@ class PerturbedSet:
             ids = set(key[0])
             self._cache = (key, [p for _, p in self.named if p.requires_grad and id(p) in ids])
         return list(self._cache[1])
+
+
+def bias_ids(perturb: object, model: nn.Module | None) -> set[int]:
+    """ids of the tensors named ``*bias`` in ``perturb`` (a :class:`Selection`) and ``model`` (ASAM
+    with ``normalize_bias=False`` leaves them ``T = 1``); ``ValueError`` when no names are known.
+
+    Example:
+        >>> m = nn.Linear(2, 2); bias_ids(None, m) == {id(m.bias)}
+        True
+    """
+    named: list[tuple[str, torch.Tensor]] = []
+    if isinstance(perturb, Selection):
+        named += perturb.named_parameters()
+    if model is not None:
+        named += list(unwrap_ddp(model).named_parameters())
+    if not named:
+        raise ValueError(
+            "normalize_bias=False recognises biases by name: pass perturb=model, a Selection "
+            "(samnorm.select) or model=..."
+        )
+    return {id(p) for n, p in named if n.rsplit(".", 1)[-1] == "bias"}

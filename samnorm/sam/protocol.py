@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..optim import SAM
 
-__all__ = ["ASCENT", "DESCENT_PERTURBED", "ONE_PASS", "PLAIN", "Pass", "Phase", "begin_window", "run_passes"]
+__all__ = ["ASCENT", "DESCENT_PERTURBED", "ONE_PASS", "PLAIN", "Pass", "Phase", "ascent_gradients", "begin_window", "run_passes"]
 
 B = TypeVar("B")
 
@@ -172,3 +172,64 @@ def begin_window(sam: SAM) -> None:
         )
     sam.begin_step()
     sam.zero_grad(set_to_none=True)
+
+
+_REENTRANT = (
+    "first_step(loss): {n} perturbed tensor(s) got no gradient from torch.autograd.grad, and the "
+    "loss's graph holds reentrant activation checkpointing (torch.utils.checkpoint with "
+    "use_reentrant=True), which autograd.grad cannot differentiate through. Use "
+    "use_reentrant=False, or the .grad path: loss.backward(), then first_step() without a loss"
+)
+
+
+def ascent_gradients(
+    params: list[torch.Tensor], loss: torch.Tensor | None, *, zero_missing: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(parameter, gradient)`` pairs for an ascent over ``params``: ``loss``'s gradient of those
+    only (``torch.autograd.grad``), or their ``.grad`` when ``loss`` is None. A parameter without
+    gradient is left out (``zero_missing``: counted as zeros, so that every rank issues the same
+    collectives). A loss whose graph hides parameters behind reentrant activation checkpointing is
+    refused (``ValueError``), since autograd.grad cannot reach them.
+
+    Example:
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> [g.tolist() for _, g in ascent_gradients([w], (3 * w).sum())]
+        [[3.0, 3.0]]
+    """
+    if loss is None:
+        pairs = [(p, p.grad) for p in params]
+    else:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("first_step(loss=...) needs a scalar loss tensor")
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss does not require grad: compute it with autograd enabled (not under "
+                "torch.no_grad()) from the model's output"
+            )
+        wanted = [p for p in params if p.requires_grad]
+        grads: Sequence[torch.Tensor | None] = ()
+        if wanted:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+        pairs = list(zip(wanted, grads))
+        missing = sum(g is None for g in grads)
+        if missing and _reentrant_checkpoint_in(loss):
+            raise ValueError(_REENTRANT.format(n=missing))
+    if zero_missing:
+        return [(p, torch.zeros_like(p) if g is None else g) for p, g in pairs if p.requires_grad]
+    return [(p, g) for p, g in pairs if g is not None]
+
+
+def _reentrant_checkpoint_in(loss: torch.Tensor) -> bool:
+    """Whether ``loss``'s autograd graph holds a reentrant ``torch.utils.checkpoint`` node (walked
+    only when a parameter got no gradient)."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "CheckpointFunction" in type(fn).__name__:
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False

@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from ..optim import SAM, all_reduce_mean
 from ..select import Selection
+from .settings import GroupSetting
 
 __all__ = ["Variant", "Vectors"]
 
@@ -68,21 +69,17 @@ class Variant(SAM):
         self._GROUP_KEYS = SAM._GROUP_KEYS + tuple(self.SETTINGS)
         super().__init__(base_optimizer, perturb, **kwargs)
         for key, value in self._settings.items():  # one value for every group (another SAM may have left one)
-            self._set_all(key, value)
+            setattr(self, key, value)
         self.steps = 0  # completed steps (descents)
         self._vec: Vectors | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        # the settings read like rho: opt.k is every group's k (ValueError if they differ)
-        if name in type(self).SETTINGS and "param_groups" in self.__dict__:
-            return self._uniform(name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in type(self).SETTINGS:
-            self._set_all(name, value)
-        else:
-            super().__setattr__(name, value)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for key in cls.SETTINGS:  # opt.k reads and sets every group's k, as opt.rho does
+            if not isinstance(cls.__dict__.get(key), GroupSetting):
+                setting = GroupSetting(f"The variant's {key!r} of every parameter group (set: all groups).")
+                setting.__set_name__(cls, key)
+                setattr(cls, key, setting)
 
     def vectors(self) -> Vectors:
         """The flat vectors (``SLOTS``) over the perturbed tensors, rebuilt when those change."""
@@ -122,7 +119,7 @@ class Variant(SAM):
         self.steps = int(variant["steps"])
         for key in self.SETTINGS:
             if key in variant:  # the old layout
-                self._set_all(key, variant[key])
+                setattr(self, key, variant[key])
             elif len({g[key] for g in self.param_groups}) == 1:  # later groups get the loaded value
                 self.defaults[key] = self.param_groups[0][key]
         for name in self.SAVED:
