@@ -33,7 +33,7 @@ import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -219,7 +219,7 @@ class SAM(Optimizer):
                 g.setdefault(key, self.defaults[key])
 
     _GROUP_KEYS: tuple[str, ...] = ("rho", "adaptive", "eta")  # settings kept in every param group
-    _settings: dict[str, Any] = {}  # a variant's own group settings (k, alpha, ...), set before __init__
+    _settings: ClassVar[dict[str, Any]] = {}  # a variant's own group settings (k, alpha, ...), set before __init__
 
     def _owned(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]

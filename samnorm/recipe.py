@@ -616,7 +616,7 @@ def finetune(
             n_ood = round(cfg.ood_ratio * x.shape[0])
             inputs = torch.cat([x, pseudo(x[:n_ood], y[:n_ood])]) if n_ood else x
             if isinstance(opt, SAM):  # every pass the step needs (samnorm.sam.protocol); logged: the first
-                ((terms, logits),) = run_passes(opt, net, [inputs], lambda b: forward(b, y),
+                ((terms, logits),) = run_passes(opt, net, [inputs], lambda b, y=y: forward(b, y),
                                                 loss_of=lambda out: out[0].total)
             else:
                 terms, logits = forward(inputs, y)

@@ -30,11 +30,11 @@ __all__ = [
     "PerturbedSet",
     "Selection",
     "all_params",
+    "bias_ids",
     "by_name",
     "by_type",
     "is_norm_layer",
     "norm_layers",
-    "bias_ids",
     "register_norm_type",
     "unwrap_ddp",
 ]

@@ -40,7 +40,7 @@ Tried and dropped (not measured; reasons of design):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ from .sam.protocol import ASCENT, DESCENT_PERTURBED, ONE_PASS, PLAIN, Pass
 from .sam.variant import Variant
 from .select import Selection
 
-__all__ = ["GSAM", "IntervalSAM", "LookSAM", "OnePassSAM", "VARIANTS", "Variant", "make"]
+__all__ = ["GSAM", "VARIANTS", "IntervalSAM", "LookSAM", "OnePassSAM", "Variant", "make"]
 
 class IntervalSAM(Variant):
     """SAM every ``k`` steps, plain base-optimizer steps in between.
@@ -91,7 +91,7 @@ class IntervalSAM(Variant):
     """
 
     NAME = "interval"
-    SETTINGS = {"k": 4}
+    SETTINGS: ClassVar[dict[str, Any]] = {"k": 4}
 
     def __init__(
         self,
@@ -150,7 +150,7 @@ class LookSAM(IntervalSAM):
     """
 
     NAME = "looksam"
-    SETTINGS = {"k": 5, "alpha": 0.7}
+    SETTINGS: ClassVar[dict[str, Any]] = {"k": 5, "alpha": 0.7}
     SLOTS = ("g", "gv", "tmp")  # first-pass gradient, stored g_v, scratch
     SAVED = ("gv",)
 
@@ -242,7 +242,7 @@ class OnePassSAM(Variant):
     """
 
     NAME = "onepass"
-    SETTINGS = {"direction": "momentum"}
+    SETTINGS: ClassVar[dict[str, Any]] = {"direction": "momentum"}
     SLOTS = ("d", "tmp")  # direction="grad": the kept gradient, scratch
     SAVED = ("d",)
 

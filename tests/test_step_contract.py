@@ -10,7 +10,7 @@ import copy
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from reference_sam import RefSGD, ReferenceSAM
+from reference_sam import ReferenceSAM, RefSGD
 from torch import nn
 
 from samnorm.integrations import sam_passes
@@ -55,6 +55,8 @@ def _batches(seed, step, window):
 )
 @example(seed=0, kind="onepass", direction="momentum", adaptive=False, loop="sam_passes", window=2, scaler=False,
          set_to_none=False, unfreeze_at=None, resume_at=None)
+@example(seed=0, kind="gsam", direction="grad", adaptive=False, loop="closure", window=1, scaler=True,
+         set_to_none=False, unfreeze_at=2, resume_at=1)
 @example(seed=1, kind="looksam", direction="grad", adaptive=True, loop="driver", window=1, scaler=True,
          set_to_none=True, unfreeze_at=1, resume_at=3)
 def test_every_loop_matches_the_reference(seed, kind, direction, adaptive, loop, window, scaler, set_to_none,
@@ -71,6 +73,8 @@ def test_every_loop_matches_the_reference(seed, kind, direction, adaptive, loop,
     groups = [[p for p in model.parameters() if p.requires_grad]]
     sam = _sam(kind, model, groups, adaptive, settings)
     grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaler else None
+    if grad_scaler is not None:
+        grad_scaler.scale(torch.zeros(()))  # GradScaler.step(opt, closure) needs a scale before the first step
     calls = {"pre": 0, "post": 0}
 
     def hook(name):
@@ -109,9 +113,9 @@ def test_every_loop_matches_the_reference(seed, kind, direction, adaptive, loop,
             sam.load_state_dict(state)
             handles = [sam.register_step_pre_hook(hook("pre")), sam.register_step_post_hook(hook("post"))]
         if loop == "closure":
-            def closure():
+            def closure(sam=sam, batch=batches[0]):
                 sam.zero_grad(set_to_none=set_to_none)
-                loss = loss_of(model, batches[0])
+                loss = loss_of(model, batch)
                 backward(loss)
                 return loss
             if grad_scaler is None:
@@ -147,7 +151,7 @@ def test_every_loop_matches_the_reference(seed, kind, direction, adaptive, loop,
         ref_params = [p for p in ref_model.parameters() if p.requires_grad]
         selected = [p for p in (*ref_model[1].parameters(), *ref_model[4].parameters()) if p.requires_grad]
 
-        def grads():
+        def grads(batches=batches, ref_params=ref_params):
             total = sum(loss_of(ref_model, b) for b in batches)
             return list(torch.autograd.grad(total, ref_params))
 

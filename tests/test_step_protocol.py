@@ -257,7 +257,7 @@ def test_a_scheduler_drives_looksam_alpha_through_param_groups():
             g["alpha"] = 0.0
         x = torch.randn(5, 3)
         for opt, net in ((look, model), (interval, twin)):
-            opt.step(lambda opt=opt, net=net: _closure_on(opt, net, x))
+            opt.step(lambda opt=opt, net=net, x=x: _closure_on(opt, net, x))
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -299,7 +299,7 @@ def test_the_registry_is_what_the_recipe_cli_and_variants_read():
         params = inspect.signature(kind.load()).parameters
         assert {k: params[k].default for k in kind.defaults} == dict(kind.defaults)
     for name in registry.ascents():
-        norm_only, adaptive, rho = recipe.OPTIMIZERS[name]
+        _, adaptive, rho = recipe.OPTIMIZERS[name]
         assert registry.KINDS[name].defaults == {"rho": rho, "adaptive": adaptive}
 
 

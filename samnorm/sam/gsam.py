@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class GSAM(Variant):
     """
 
     NAME = "gsam"
-    SETTINGS = {"alpha": 0.3}
+    SETTINGS: ClassVar[dict[str, Any]] = {"alpha": 0.3}
     SLOTS = ("g", "gp")  # first-pass gradient, perturbed gradient
 
     def __init__(

@@ -20,9 +20,9 @@ Example:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["KINDS", "Kind", "RegistryView", "ascents", "register", "schedules"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ class Variant(SAM):
     """
 
     NAME = ""  # its name in the registry, saved with its state
-    SETTINGS: dict[str, Any] = {}  # per-group settings and their defaults
+    SETTINGS: ClassVar[dict[str, Any]] = {}  # per-group settings and their defaults
     SLOTS: tuple[str, ...] = ()  # names of the flat vectors a variant keeps
     SAVED: tuple[str, ...] = ()  # the vectors saved in the state dict
 
