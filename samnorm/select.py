@@ -382,7 +382,7 @@ class PerturbedSet:
         owned = self._owned()
         if self.module is None:
             return owned
-        key = (tuple(map(id, owned)), tuple(p.requires_grad for _, p in self.named))
+        key = (tuple(map(id, owned)), tuple([p.requires_grad for _, p in self.named]))  # a list: no generator frames
         if self._cache[0] != key:
             ids = set(key[0])
             self._cache = (key, [p for _, p in self.named if p.requires_grad and id(p) in ids])

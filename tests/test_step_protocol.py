@@ -354,3 +354,22 @@ def test_a_three_pass_variant_is_expressible_through_the_driver():
             p -= 0.1 * g
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_second_step_hands_its_scaler_over_without_a_frame_lookup(monkeypatch):
+    """The GradScaler handshake takes the scaler explicitly where the caller holds it: with the
+    frame lookup disabled, an inf in the first pass (SAM's own flag) still skips the step and
+    backs the scale off."""
+    from samnorm import _compat
+
+    monkeypatch.setattr(_compat, "calling_grad_scaler", lambda *a, **k: None)
+    model = _two_norm_net()
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = [p.detach().clone() for p in model.parameters()]
+    sam.first_step(scaler.scale(model(torch.randn(5, 3)).pow(2).mean()) * float("inf"))
+    scaler.scale(model(torch.randn(5, 3)).pow(2).mean()).backward()
+    sam.second_step(zero_grad=True, scaler=scaler)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert scaler.get_scale() < 2.0**8

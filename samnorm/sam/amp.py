@@ -36,16 +36,29 @@ def drop_handshake(optimizer: Optimizer) -> None:
 
 def scaled_step(scaler: Any, sam: Optimizer, base: Optimizer) -> None:
     """``scaler.step(sam)`` with one fused unscale-and-check pass (honouring an earlier
-    ``scaler.unscale_`` of ``sam`` or of its ``base``, which share the gradients)."""
+    ``scaler.unscale_`` of ``sam`` or of its ``base``, which share the gradients). The scaler is
+    handed over explicitly (no lookup in the calling frames)."""
     if not _compat.adopt_unscaled_state(scaler, base, sam):
         scaler.unscale_(sam)
-    scaler.step(sam)
+    sam.__dict__[_HELD] = scaler
+    try:
+        scaler.step(sam)
+    finally:
+        sam.__dict__.pop(_HELD, None)
+
+
+_HELD = "_samnorm_scaler"  # the scaler scaled_step hands over for the duration of its step
+
+
+def _scaler_of(sam: Optimizer) -> Any:
+    """The GradScaler running ``step(sam)``: the one handed over, else found in the calling frames."""
+    return sam.__dict__.get(_HELD) or _compat.calling_grad_scaler(sam, depth=16)
 
 
 def refuse_unscale_before_closure(sam: Optimizer, base: Optimizer) -> None:
     """``scaler.unscale_`` before ``scaler.step(opt, closure)`` divided gradients the closure then
     replaces, and GradScaler would hand over no scale for the new ones: refuse it."""
-    scaler = _compat.calling_grad_scaler(sam, depth=14) if "found_inf" in sam.__dict__ else None
+    scaler = _scaler_of(sam) if "found_inf" in sam.__dict__ else None
     if scaler is not None and _compat.is_unscaled(scaler, base, sam):
         drop_handshake(sam)
         raise ValueError(
@@ -69,7 +82,7 @@ def step_skipping_inf(
     scaler so that ``update()`` backs off. ``trust_found_inf``: GradScaler checked the gradients the
     descent uses (False in closure mode, where the closure replaced them after its check)."""
     grad_scale, found_inf = handshake
-    scaler = _compat.calling_grad_scaler(sam, depth=14)
+    scaler = _scaler_of(sam)
     # scaler.unscale_(base) leaves SAM's own record READY, so GradScaler handed over the scale as if
     # nothing were unscaled; the gradients are shared, so they must not be divided again.
     if trust_found_inf and scaler is not None and _compat.adopt_unscaled_state(scaler, base, sam):
