@@ -26,16 +26,18 @@ _EXPORTS = {
     "by_type": "select",
     "norm_layers": "select",
     "register_norm_type": "select",
+    "GSAM": "variants",
     "IntervalSAM": "variants",
     "LookSAM": "variants",
     "OnePassSAM": "variants",
 }
 _SUBMODULES = {
     "data", "demo", "diagnostics", "distributions", "figures", "integrations", "io", "losses", "models",
-    "nn_utils", "ood", "optim", "plots", "recipe", "select", "variants",
+    "nn_utils", "ood", "optim", "plots", "recipe", "sam", "select", "variants",
 }
 
 __all__ = [
+    "GSAM",
     "IntervalSAM",
     "LookSAM",
     "OnePassSAM",
@@ -53,7 +55,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .optim import SAM, disable_running_stats
     from .select import Selection, all_params, by_name, by_type, norm_layers, register_norm_type
-    from .variants import IntervalSAM, LookSAM, OnePassSAM
+    from .variants import GSAM, IntervalSAM, LookSAM, OnePassSAM
 
 
 def __getattr__(name: str) -> Any:

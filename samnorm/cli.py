@@ -41,6 +41,7 @@ from samnorm.cli_common import (
     say,
     setup,
 )
+from samnorm.sam import registry
 
 __all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main"]
 
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-head", action="store_true",
                    help="new classifier when the checkpoint's head has another number of classes")
     t = p.add_argument_group("training (defaults: samnorm.recipe.FinetuneConfig)")
-    t.add_argument("--optimizer", choices=["sam-on", "asam-on", "sam", "asam", "sgd"], help="default sam-on")
+    t.add_argument("--optimizer", choices=[*registry.ascents(), "sgd"], help="default sam-on")
     t.add_argument("--rho", type=float, help="SAM radius (default per optimizer: 0.5 for sam-on)")
     t.add_argument("--eta", type=float, help="ASAM offset (default 0.01)")
     t.add_argument("--base-optimizer", choices=["sgd", "adamw"], help="default sgd (momentum 0.9)")

@@ -31,18 +31,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from . import _compat
-from .sam import fsdp
-from .select import Selection, norm_layers
+from .sam import amp, fsdp
+from .sam.nonfinite import NonFinite
+from .sam.protocol import ASCENT, DESCENT_PERTURBED, Pass, Phase, ascent_gradients, run_passes
+from .sam.settings import GroupSetting
+from .sam.state import check_record, class_name, upgrade_pickle
+from .select import PerturbedSet, Selection, bias_ids
 
 __all__ = ["SAM", "disable_running_stats"]
 
@@ -54,7 +57,8 @@ _STEP_WITHOUT_FIRST_STEP = (
     "SAM.step() without a closure finishes a step begun by first_step(), and none is begun. SAM "
     "needs two forward/backward passes per step: (1) step(closure), the closure zeroing the "
     "gradients, computing the loss, calling backward and returning the loss (it runs twice); or "
-    "(2) first_step(loss), then the second forward/backward, then step() (or second_step()). A "
+    "(2) first_step(loss), then the second forward/backward, then step() (or second_step()); or "
+    "(3) samnorm.sam.protocol.run_passes(sam, model, batches, loss_fn), then step(). A "
     "framework that runs one backward per step needs samnorm's integration for it: " + _INTEGRATIONS
 )
 _ACCUMULATION_IN_CLOSURE = (
@@ -68,7 +72,6 @@ _ACCUMULATION_IN_CLOSURE = (
     "samnorm.integrations.accelerate.sam_backward). If your closure "
     "zeroes the gradients itself, zero them with sam.zero_grad()."
 )
-
 @contextlib.contextmanager
 def disable_running_stats(model: nn.Module) -> Iterator[None]:
     """Keep BatchNorm running statistics unchanged inside the block (SAM's perturbed pass).
@@ -97,10 +100,6 @@ def disable_running_stats(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
-def _unwrap_ddp(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
-
-
 class SAM(Optimizer):
     """Sharpness-aware minimization around an optimizer instance, perturbing selected parameters.
 
@@ -109,8 +108,10 @@ class SAM(Optimizer):
             its ``param_groups`` and ``state``, so LR schedulers attach to either object.
         perturb: what the ascent perturbs. ``None``: every parameter of ``base_optimizer`` (plain
             SAM). An ``nn.Module``: its normalization layers (SAM-ON, see
-            :func:`samnorm.select.norm_layers`). A :class:`~samnorm.select.Selection` or any
-            iterable of parameters, each owned by ``base_optimizer``.
+            :func:`samnorm.select.norm_layers`), those that require grad and that the base
+            optimizer owns *at each step* (:class:`~samnorm.select.PerturbedSet`: progressive
+            unfreezing with ``add_param_group`` is followed). A :class:`~samnorm.select.Selection`
+            or any iterable of parameters, each owned by ``base_optimizer``.
         rho: radius of the ascent step (``||e|| = rho``; for ASAM ``||e / T|| = rho``).
         adaptive: ASAM, with ``T = |w| + eta`` elementwise.
         eta: ASAM's offset, so parameters at 0 are still perturbed (official ASAM uses 0.01).
@@ -131,6 +132,12 @@ class SAM(Optimizer):
             and the second without updating BatchNorm statistics; taken from ``perturb`` when that
             is a module.
 
+    A step is a sequence of passes (:meth:`passes`, run by
+    :func:`samnorm.sam.protocol.run_passes`), then :meth:`step`. Variants (:mod:`samnorm.variants`)
+    change the passes and the hooks ``_step_passes``, ``_ascend_before_forward``,
+    ``_before_descent`` and ``_after_descent``; :meth:`step` itself is never overridden (torch
+    wraps it at class level for its step hooks, which would then fire twice).
+
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
         >>> opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5)
@@ -144,6 +151,16 @@ class SAM(Optimizer):
     # GradScaler.step(sam) hands SAM the scale and the inf flag instead of unscaling and skipping
     # itself (torch's hook for optimizers that handle scaling): SAM also needs the first pass's flag.
     _step_supports_amp_scaling = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides SAM.step: torch wraps step at class level for its step "
+                "hooks, so they would fire twice per step. Override the step's hooks instead "
+                "(_step_passes, _ascend_before_forward, _before_descent, _after_descent; see "
+                "samnorm.variants.Variant)"
+            )
 
     def __init__(
         self,
@@ -175,21 +192,19 @@ class SAM(Optimizer):
         self.base_optimizer = base_optimizer
         # SAM's defaults join the base optimizer's, so a group added later (through SAM or the
         # base) gets them too; groups that set their own (SGD([{"params": ..., "rho": 0.1}])) keep them
-        base_optimizer.defaults.update(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
+        base_optimizer.defaults.update(rho=float(rho), adaptive=bool(adaptive), eta=float(eta), **self._settings)
         self._link()
         self.eps = float(eps)
         self.normalize_bias = bool(normalize_bias)
         self.foreach = foreach
         self.sync_first_pass = bool(sync_first_pass)
-        self._selection = self._resolve(perturb)
+        self._perturb = PerturbedSet(perturb, self._owned)
         self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
-        self._bias_ids = self._find_biases(perturb)
-        self._perturbed: list | None = None  # (params, backups) lists of what first_step moved
+        self._bias_ids = set() if self.normalize_bias else bias_ids(perturb, self.model)
+        self._phase = Phase.IDLE
+        self._saved: list = []  # (params, backups) lists of what the ascent moved
         self._buffers: dict = {}  # perturb_'s backups and flat buffers, kept between steps
-        self._first_nonfinite: torch.Tensor | None = None
-        self._nonfinite_count: torch.Tensor | None = None
-        self._nonfinite_seen: torch.Tensor | None = None  # host copy, read without syncing
-        self._warned = False
+        self._nonfinite = NonFinite()
         self._zeroed = False
         self._group_of: tuple[tuple, dict[int, int]] = ((), {})
         self.last_grad_norm: torch.Tensor | None = None
@@ -201,66 +216,125 @@ class SAM(Optimizer):
         self.state = self.base_optimizer.state
         self.defaults = self.base_optimizer.defaults
         for g in self.param_groups:  # e.g. a state dict saved before per-group settings
-            for key in ("rho", "adaptive", "eta"):
+            for key in self._GROUP_KEYS:
                 g.setdefault(key, self.defaults[key])
+
+    _GROUP_KEYS: tuple[str, ...] = ("rho", "adaptive", "eta")  # settings kept in every param group
+    _settings: ClassVar[dict[str, Any]] = {}  # a variant's own group settings (k, alpha, ...), set before __init__
 
     def _owned(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _resolve(self, perturb: object) -> list[torch.Tensor] | None:
-        if perturb is None:
-            return None  # every parameter, looked up at each step so add_param_group is honoured
-        if isinstance(perturb, nn.Module):
-            sel: Selection = norm_layers(_unwrap_ddp(perturb))
-            what = f"{type(perturb).__name__} has no normalization layer with trainable parameters"
-        elif isinstance(perturb, Selection):
-            sel, what = perturb, "the selection is empty"
-        elif isinstance(perturb, torch.Tensor):
-            raise TypeError("perturb takes an iterable of parameters, not a single tensor: [p]")
-        elif isinstance(perturb, Iterable):
-            sel, what = Selection.from_params(perturb), "the parameter list is empty"
-        else:
-            raise TypeError(
-                "perturb must be None (plain SAM), an nn.Module (its norm layers, SAM-ON), a "
-                f"Selection or an iterable of parameters; got {type(perturb).__name__}"
-            )
-        if not sel:
-            raise ValueError(
-                f"nothing to perturb: {what}. Pass perturb=None for plain SAM, or choose parameters "
-                "with samnorm.select (by_type, by_name, ...)"
-            )
-        owned = {id(p) for p in self._owned()}
-        foreign = [n or f"tensor{tuple(p.shape)}" for n, p in sel.named_parameters() if id(p) not in owned]
-        if foreign:
-            raise ValueError(
-                f"{len(foreign)} perturbed parameter(s) are not optimized by the base optimizer "
-                f"(e.g. {foreign[:3]}); build the base optimizer over model.parameters() or "
-                "narrow the selection"
-            )
-        return list(sel)
+    def perturbed_parameters(self) -> list[torch.Tensor]:
+        """The parameters the ascent perturbs now (all of the base optimizer's when ``perturb=None``;
+        with ``perturb=model`` its norm layers' that require grad and are optimized)."""
+        return self._perturb.params()
 
+    # ------------------------------------------------------------------ the protocol
     @property
-    def is_sam_step(self) -> bool:
-        """Whether the current step (begun or not, not yet finished) needs the second pass at
-        ``w + e``: always True for SAM; :class:`~samnorm.variants.IntervalSAM` and
-        :class:`~samnorm.variants.LookSAM` say False on their plain steps. A Python bool (no
-        device sync): a loop or integration running the passes itself skips the second on False.
+    def phase(self) -> Phase:
+        """Where the step stands: :attr:`Phase.IDLE <samnorm.sam.protocol.Phase>` (none begun),
+        ``BEGUN`` or ``PERTURBED`` (parameters at ``w + e``)."""
+        return self._phase
+
+    def passes(self) -> tuple[Pass, ...]:
+        """The forward/backward passes of the current step (begun or not, not yet finished), each
+        a :class:`~samnorm.sam.protocol.Pass`: SAM's ascent at ``w``, then its descent at ``w + e``.
 
         Example:
             >>> model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
-            >>> SAM(torch.optim.SGD(model.parameters(), lr=0.1), model).is_sam_step
-            True
+            >>> len(SAM(torch.optim.SGD(model.parameters(), lr=0.1), model).passes())
+            2
         """
-        return True
+        return self._step_passes()
 
-    def perturbed_parameters(self) -> list[torch.Tensor]:
-        """The parameters the ascent perturbs (all of the base optimizer's when ``perturb=None``)."""
-        return self._owned() if self._selection is None else list(self._selection)
+    def _step_passes(self) -> tuple[Pass, ...]:
+        return (ASCENT, DESCENT_PERTURBED)
 
-    # ------------------------------------------------------------------ the step
+    @property
+    def is_sam_step(self) -> bool:
+        """Whether the current step perturbs (a pass at ``w + e``): False on the plain steps of
+        :class:`~samnorm.variants.IntervalSAM` and :class:`~samnorm.variants.LookSAM`. A Python bool,
+        no device sync. :meth:`passes` says more (how many passes, and what each is for)."""
+        return any(p.at == "w+e" for p in self.passes())
+
+    def begin_step(self) -> None:
+        """Begin a step (the driver calls it before the first pass); a step whose first pass is at
+        ``w + e`` (:class:`~samnorm.variants.OnePassSAM`) takes its ascent here."""
+        if self._phase is not Phase.IDLE:
+            raise RuntimeError(
+                "a SAM step is already under way (first_step called twice, or run_passes without "
+                "step()): finish it with step()/second_step(), or abandon it with restore()"
+            )
+        self._phase = Phase.BEGUN
+        self._nonfinite.current = None
+        if self.passes()[0].at == "w+e":
+            with torch.no_grad():
+                self._ascend_before_forward()
+
+    def _ascend_before_forward(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__}: a first pass at w + e needs _ascend_before_forward")
+
+    @torch.no_grad()
+    def end_pass(self, index: int, loss: torch.Tensor | None = None, *, zero_grad: bool = True) -> None:
+        """Close pass ``index`` of the step: after an ascent pass, perturb (from ``loss``'s gradient
+        of the perturbed tensors, or from their ``.grad``) and zero the gradients (set to ``None``)
+        unless ``zero_grad=False``; after a descent pass, nothing."""
+        if self.passes()[index].use != "ascent":
+            return
+        try:
+            pairs = ascent_gradients(self.perturbed_parameters(), loss,
+                                     zero_missing=self.sync_first_pass and is_distributed(), owned=self._owned())
+        except ValueError:
+            self.restore()
+            raise
+        if self._phase is Phase.PERTURBED:  # a later ascent starts again from w
+            self._restore_weights()
+        self._ascend(pairs)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def pass_context(self, index: int, model: nn.Module, *, last_micro_batch: bool = True) -> Iterator[None]:
+        """Context of pass ``index`` over one micro-batch: DDP's ``no_sync`` unless the pass syncs
+        and this is the window's last micro-batch; BatchNorm statistics frozen unless it updates them."""
+        step_pass = self.passes()[index]
+        with contextlib.ExitStack() as stack:
+            if (not step_pass.sync or not last_micro_batch) and hasattr(model, "no_sync"):
+                stack.enter_context(model.no_sync())
+            if not step_pass.update_bn:
+                stack.enter_context(disable_running_stats(model))
+            yield
+
+    @contextlib.contextmanager
+    def abandon_on_error(self) -> Iterator[None]:
+        """Restore ``w`` and abandon the step (:meth:`restore`) if the block raises, then re-raise."""
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
+
+    @contextlib.contextmanager
+    def first_pass(self, model: nn.Module) -> Iterator[None]:
+        """Context of the step's first forward/backward (:meth:`pass_context` of pass 0): for SAM
+        no DDP all-reduce (``no_sync``; ``sync_first_pass=True`` averages the perturbed tensors'
+        gradients, far less than DDP's all-reduce of every gradient)."""
+        with self.pass_context(0, model):
+            yield
+
+    @contextlib.contextmanager
+    def second_pass(self, model: nn.Module) -> Iterator[None]:
+        """Context of the step's last forward/backward (for SAM at ``w + e``, BatchNorm statistics
+        frozen, see :func:`disable_running_stats`); if the block raises, ``w`` is restored."""
+        with self.abandon_on_error(), self.pass_context(len(self.passes()) - 1, model):
+            yield
+
+    # ------------------------------------------------------------------ the two-step form
     @torch.no_grad()
     def first_step(self, loss: torch.Tensor | None = None, zero_grad: bool = False) -> None:
-        """Ascent: perturb the selected parameters by ``e`` and save their values.
+        """Begin a step and close its first pass: for SAM the ascent, perturbing the selected
+        parameters by ``e`` and saving their values.
 
         Args:
             loss: if given, it is differentiated with respect to the perturbed parameters *only*
@@ -270,45 +344,33 @@ class SAM(Optimizer):
                 sharded parameters are out of ``autograd.grad``'s reach), ``.grad`` kept as it was.
             zero_grad: zero all gradients afterwards (set to ``None``), ready for the second pass.
 
-        A parameter without gradient is not perturbed. If the gradient norm is not finite, the
-        ascent is skipped (nothing moves), :attr:`nonfinite_steps` counts it and a warning is
-        given once; nothing here synchronises with the device.
+        A parameter without gradient is not perturbed; a loss whose graph hides the perturbed
+        tensors behind reentrant activation checkpointing is refused (``ValueError``). If the
+        gradient norm is not finite, the ascent is skipped (nothing moves), :attr:`nonfinite_steps`
+        counts it and a warning is given once; nothing here synchronises with the device.
         """
-        if self._perturbed is not None:
+        if self._phase is not Phase.IDLE:
             raise RuntimeError(
                 "first_step called twice without second_step: the parameters are still perturbed; "
                 "call second_step() (or restore()) first"
             )
-        params = self.perturbed_parameters()
-        if loss is not None:
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError("first_step(loss=...) needs a scalar loss tensor")
-            if not loss.requires_grad:
-                raise ValueError(
-                    "the loss does not require grad: compute it with autograd enabled (not under "
-                    "torch.no_grad()) from the model's output"
-                )
-            wanted = [p for p in params if p.requires_grad]
-            grads: Iterable[torch.Tensor | None] = ()
-            if any(fsdp.is_dtensor(p) for p in wanted):  # FSDP2: autograd.grad cannot reach the shards
-                grads = fsdp.backward_grads(loss, self._owned(), wanted)
-            elif wanted:
-                with torch.enable_grad():
-                    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-            pairs = list(zip(wanted, grads))
-        else:
-            pairs = [(p, p.grad) for p in params]
-        if self.sync_first_pass and is_distributed():
-            # every rank must issue the same collectives: a missing gradient counts as zero
-            pairs = [(p, torch.zeros_like(p) if g is None else g) for p, g in pairs if p.requires_grad]
-        else:
-            pairs = [(p, g) for p, g in pairs if g is not None]
-        self._ascend(pairs)
-        if zero_grad:
+        self._nonfinite.poll(stacklevel=3)
+        first = self.passes()[0]
+        if first.at == "w+e" and loss is not None:
+            raise ValueError(
+                f"{type(self).__name__} takes its ascent from the optimizer's state: call first_step() "
+                "before the forward pass, without a loss, then run one forward/backward and second_step()"
+            )
+        self.begin_step()
+        if first.use == "ascent":
+            self.end_pass(0, loss, zero_grad=zero_grad)
+        elif first.at == "w" and loss is not None:
+            with torch.enable_grad():
+                loss.backward()  # a plain step: this gradient of every parameter is the descent's
+        elif first.at == "w+e" and zero_grad:  # (a plain step's .grad is the descent's: kept)
             self.zero_grad(set_to_none=True)
 
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # under no_grad
-        self._poll_nonfinite(stacklevel=5)
         settings = [_group_settings(g) for g in self.param_groups]
         group_of = self._group_index()
         params, grads, rhos, etas = [], [], [], []
@@ -319,15 +381,15 @@ class SAM(Optimizer):
             rhos.append(rho)
             etas.append(eta if adaptive and (self.normalize_bias or id(p) not in self._bias_ids) else None)
         if not params:
-            self._perturbed = []  # a step is begun, with nothing to restore
-            self._first_nonfinite = None
+            self._nonfinite.current = None
             return
         if self.sync_first_pass:
             grads = all_reduce_mean(grads)
-        norm, self._perturbed = perturb_(params, grads, rhos=rhos, etas=etas, eps=self.eps, foreach=self.foreach,
-                                         state=self._buffers)
+        norm, self._saved = perturb_(params, grads, rhos=rhos, etas=etas, eps=self.eps, foreach=self.foreach,
+                                     state=self._buffers)
+        self._phase = Phase.PERTURBED
         self.last_grad_norm = norm
-        self._record_nonfinite(torch.isfinite(norm))
+        self._nonfinite.record(torch.isfinite(norm))
 
     def _group_index(self) -> dict[int, int]:
         """id(param) -> index of its parameter group, rebuilt only when the groups change."""
@@ -337,55 +399,33 @@ class SAM(Optimizer):
             self._group_of = (signature, index)
         return self._group_of[1]
 
-    def _find_biases(self, perturb: object) -> set[int]:
-        """ids of the tensors named ``*bias`` (ASAM with ``normalize_bias=False`` leaves them T = 1)."""
-        if self.normalize_bias:
-            return set()
-        named: list[tuple[str, torch.Tensor]] = []
-        if isinstance(perturb, Selection):
-            named += perturb.named_parameters()
-        if self.model is not None:
-            named += list(_unwrap_ddp(self.model).named_parameters())
-        if not named:
-            raise ValueError(
-                "normalize_bias=False recognises biases by name: pass perturb=model, a Selection "
-                "(samnorm.select) or model=..."
-            )
-        return {id(p) for n, p in named if n.rsplit(".", 1)[-1] == "bias"}
-
     # rho, adaptive and eta live in the parameter groups; these read and set all groups at once
-    rho = property(lambda self: self._uniform("rho"), lambda self, v: self._set_all("rho", v),
-                   doc="The ascent radius of every parameter group (set: all groups).")
-    adaptive = property(lambda self: self._uniform("adaptive"), lambda self, v: self._set_all("adaptive", v),
-                        doc="Whether every parameter group uses ASAM (set: all groups).")
-    eta = property(lambda self: self._uniform("eta"), lambda self, v: self._set_all("eta", v),
-                   doc="ASAM's offset of every parameter group (set: all groups).")
+    rho = GroupSetting("The ascent radius of every parameter group (set: all groups).")
+    adaptive = GroupSetting("Whether every parameter group uses ASAM (set: all groups).")
+    eta = GroupSetting("ASAM's offset of every parameter group (set: all groups).")
 
-    def _uniform(self, key: str) -> Any:
-        values = {g[key] for g in self.param_groups} or {self.defaults[key]}
-        if len(values) > 1:
-            raise ValueError(f"{key} differs between parameter groups; read sam.param_groups[i][{key!r}]")
-        return values.pop()
-
-    def _set_all(self, key: str, value: Any) -> None:
-        if key != "adaptive":
-            check_nonnegative(key, value)
-        value = bool(value) if key == "adaptive" else float(value)
-        self.defaults[key] = value
-        for g in self.param_groups:
-            g[key] = value
+    def _check_setting(self, key: str, value: Any) -> Any:
+        """A group setting, checked and converted (variants add theirs)."""
+        if key == "adaptive":
+            return bool(value)
+        check_nonnegative(key, value)
+        return float(value)
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the saved values back into the perturbed parameters (bit-exact), without stepping.
+        """Copy the saved values back into the perturbed parameters (bit-exact) and abandon the step.
 
-        ``second_step`` calls it; call it yourself to abandon a step after ``first_step`` (for
-        example when the second pass raised).
+        ``second_step`` restores before stepping; call this yourself to abandon a step after
+        ``first_step`` (for example when the second pass raised).
         """
-        if self._perturbed is None:
-            return
-        restore_(self._perturbed, foreach=self.foreach)
-        self._perturbed = None
+        self._restore_weights()
+        self._phase = Phase.IDLE
+
+    def _restore_weights(self) -> None:
+        if self._phase is Phase.PERTURBED:
+            restore_(self._saved, foreach=self.foreach)
+            self._saved = []
+            self._phase = Phase.BEGUN
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
@@ -399,41 +439,32 @@ class SAM(Optimizer):
                 whole step and the scaler backs off. ``scaler.unscale_`` (for clipping) may be
                 called before, on SAM or on its base optimizer.
         """
-        if self._perturbed is None:
+        if self._phase is Phase.IDLE:
             raise RuntimeError("second_step called without first_step: call first_step() first")
         if scaler is not None and scaler.is_enabled():
-            # one fused unscale-and-check pass, as GradScaler.unscale_ does for any optimizer
-            if not _compat.adopt_unscaled_state(scaler, self.base_optimizer, self):
-                scaler.unscale_(self)
-            scaler.step(self)
+            amp.scaled_step(scaler, self, self.base_optimizer)
         else:
             self.step()
         if zero_grad:
             self.zero_grad(set_to_none=True)
-        self._poll_nonfinite(stacklevel=4)
+        self._nonfinite.poll(stacklevel=3)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
-        """Finish the step begun by :meth:`first_step`, or run both passes with ``closure``.
+        """Finish the step begun by :meth:`first_step` or :func:`~samnorm.sam.protocol.run_passes`
+        (restore ``w``, then the base optimizer's step), or run the whole step with ``closure``.
 
-        - After :meth:`first_step` and the second backward, ``step()`` restores ``w`` and runs the
-          base optimizer's step (what :meth:`second_step` does), so loops and frameworks that call
-          ``loss.backward(); optimizer.step()`` work with a two-pass training step. A closure given
-          then runs once, as the second pass (Lightning's manual ``optimizer.step()`` passes one
-          that does nothing), and its loss is returned.
-        - ``step(closure)`` runs ``closure`` (zero grads, forward, backward, return loss) twice,
-          the LBFGS convention that PyTorch Lightning's automatic optimization relies on, and
-          returns the first-pass loss. Gradients are zeroed before the second pass. When SAM
-          knows the model (``perturb=model`` or ``model=``), the first pass skips DDP's
-          all-reduce and the second leaves BatchNorm statistics alone; if the second closure
-          raises, the parameters are restored. Gradients accumulated before the call are refused
-          (the second pass could not see those micro-batches): accumulate with the two-pass form.
-        - ``torch.amp.GradScaler.step(sam)`` (and ``scaler.step(sam, closure)``) works: SAM
-          unscales the gradients itself and skips the whole step, restoring ``w``, when either
-          pass had an inf/NaN; the scaler then backs off. Like ``GradScaler.step`` for any
-          optimizer that is not fused, that decision reads one flag from the device. A
-          ``scaler.unscale_`` (to clip) on SAM or on its base optimizer before ``scaler.step(sam)``
-          is honoured, the gradients being divided once; before ``scaler.step(sam, closure)`` it
-          is refused (the closure computes the gradients afterwards).
+        - After a begun step, a closure given runs once as the step's last pass (Lightning's manual
+          ``optimizer.step()`` passes one) and its loss is returned.
+        - ``step(closure)``: ``closure`` (zero grads, forward, backward, return loss) runs once per
+          pass (:meth:`passes`; the LBFGS convention of Lightning's automatic optimization) through
+          :func:`~samnorm.sam.protocol.run_passes`, which returns the first pass's loss. Gradients
+          accumulated before the call are refused (the later passes could not see those
+          micro-batches): accumulate with the two-pass form or an integration.
+        - ``GradScaler.step(sam)`` / ``scaler.step(sam, closure)``: SAM unscales and skips the whole
+          step, restoring ``w``, on an inf/NaN in any pass, and the scaler backs off
+          (:mod:`samnorm.sam.amp`; one flag read, as GradScaler does for an unfused optimizer). A
+          ``scaler.unscale_`` on SAM or its base before ``scaler.step(sam)`` is honoured; before
+          ``scaler.step(sam, closure)`` it is refused.
 
         Example:
             >>> model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
@@ -448,180 +479,99 @@ class SAM(Optimizer):
             >>> model(torch.ones(2, 3)).pow(2).mean().backward()
             >>> opt.step()
         """
-        # GradScaler.step(sam) sets these for the call (the hook for optimizers that unscale)
-        amp = (self.__dict__.get("grad_scale"), self.__dict__["found_inf"]) if "found_inf" in self.__dict__ else None
+        handshake = amp.take_handshake(self)  # set by GradScaler.step(sam) for this call
         try:
-            if self._perturbed is None:
+            loss = None
+            if self._phase is Phase.IDLE:
                 if closure is None:
                     raise ValueError(_STEP_WITHOUT_FIRST_STEP)
-                self._refuse_unscale_before_closure()
-                return self._closure_step(closure, amp)
-            loss = None
-            if closure is not None:  # after first_step the closure is the second pass
-                with torch.enable_grad(), self.second_pass(self._model()):
+                amp.refuse_unscale_before_closure(self, self.base_optimizer)
+                loss = self._closure_passes(closure)
+            elif closure is not None:  # after first_step the closure is the step's last pass
+                last = len(self.passes()) - 1
+                with torch.enable_grad(), self.abandon_on_error(), self.pass_context(last, self._model()):
                     loss = closure()
-            self._descend(amp, closure_mode=closure is not None)
+            self._descend(handshake, closure_mode=closure is not None)
             return loss
         except BaseException:
-            # GradScaler removes them only after a step that returned
-            self.__dict__.pop("grad_scale", None)
-            self.__dict__.pop("found_inf", None)
+            amp.drop_handshake(self)
             raise
-
-    def _refuse_unscale_before_closure(self) -> None:
-        """``scaler.unscale_`` before ``scaler.step(opt, closure)`` divided gradients the closure then
-        replaces, and GradScaler would hand over no scale for the new ones: they would never be
-        unscaled (and clipping them there clipped nothing)."""
-        scaler = _compat.calling_grad_scaler(self) if "found_inf" in self.__dict__ else None
-        if scaler is not None and _compat.is_unscaled(scaler, self.base_optimizer, self):
-            self.__dict__.pop("grad_scale", None)  # as step() does when it raises
-            self.__dict__.pop("found_inf", None)
-            raise ValueError(
-                "scaler.unscale_() before scaler.step(optimizer, closure): the closure computes the "
-                "gradients inside the step, so there is nothing to unscale yet. Use the two-pass "
-                "form to clip: first_step(scaler.scale(loss)), the second backward, "
-                "scaler.unscale_(optimizer), clip, then scaler.step(optimizer)"
-            )
 
     def _model(self) -> nn.Module:
         return self.model if self.model is not None else nn.Module()
 
-    def _closure_step(self, closure: Callable[[], torch.Tensor], amp: tuple | None) -> torch.Tensor:
+    def _closure_passes(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         if _compat.accelerate_accumulation_steps() > 1:
             raise ValueError(_ACCUMULATION_IN_CLOSURE)
-        model = self._model()
         present = {id(p): p.grad for p in self._owned() if p.grad is not None}
         self._zeroed = False
-        with torch.enable_grad(), self.first_pass(model):
-            loss = closure()
-        if present and not self._zeroed and any(p.grad is present.get(id(p)) for p in self._owned()):
-            raise ValueError(_ACCUMULATION_IN_CLOSURE)
-        self.first_step(zero_grad=True)
-        with torch.enable_grad(), self.second_pass(model):
-            closure()
-        self._descend(amp, closure_mode=True)
-        return loss
+        calls = 0
+
+        def call(_: None) -> torch.Tensor:
+            nonlocal calls
+            with torch.enable_grad():
+                loss = closure()
+            calls += 1
+            if calls == 1 and present and not self._zeroed and any(p.grad is present.get(id(p)) for p in self._owned()):
+                raise ValueError(_ACCUMULATION_IN_CLOSURE)
+            return loss
+
+        return run_passes(self, self._model(), [None], call, backward=False, fresh=False)[0]
 
     @torch.no_grad()
-    def _descend(self, amp: tuple | None, closure_mode: bool) -> None:
+    def _descend(self, handshake: amp.Handshake | None, closure_mode: bool) -> None:
         """Restore ``w``, then the base optimizer's step (through the AMP skip when scaled)."""
-        self.restore()
-        if amp is None:
-            self.base_optimizer.step()
-        else:
-            self._amp_step(*amp, trust_found_inf=not closure_mode)
-        self._first_nonfinite = None
+        try:
+            self._restore_weights()
+            self._before_descent()
+            if handshake is None:
+                self.base_optimizer.step()
+            else:
+                amp.step_skipping_inf(self, self.base_optimizer, self._owned(), handshake, self._nonfinite.current,
+                                      trust_found_inf=not closure_mode)
+        finally:
+            self._phase = Phase.IDLE
+            self._nonfinite.current = None
+            self._zeroed = False
+        self._after_descent()
         _compat.mark_stepped(self)  # what an LR scheduler attached to SAM checks
 
-    def _amp_step(self, grad_scale: torch.Tensor | None, found_inf: Any, trust_found_inf: bool) -> None:
-        """The base step under ``GradScaler.step(sam)``: unscale (unless ``scaler.unscale_`` did),
-        join the inf flags of both passes, skip the base step if any is set and report the result
-        to the scaler so that ``update()`` backs off."""
-        scaler = _compat.calling_grad_scaler(self)
-        # scaler.unscale_(base) leaves SAM's own record READY, so GradScaler handed over the scale
-        # as if nothing were unscaled; the gradients are shared, so they must not be divided again.
-        # (In closure mode the closure computed fresh gradients after any unscale_: step refused that.)
-        if trust_found_inf and scaler is not None and _compat.adopt_unscaled_state(scaler, self.base_optimizer, self):
-            grad_scale = None
-        params = self._owned()
-        if isinstance(grad_scale, torch.Tensor):
-            device = grad_scale.device
-        elif isinstance(found_inf, torch.Tensor):
-            device = found_inf.device
-        else:
-            device = next((p.device for p in params), torch.device("cpu"))
-        found = torch.zeros((), dtype=torch.float32, device=device)
-        if grad_scale is not None:
-            unscale = torch.as_tensor(grad_scale, device=device).double().reciprocal().float()
-            _compat.unscale_and_check_(params, unscale, found)
-        if trust_found_inf and isinstance(found_inf, torch.Tensor):
-            found += found_inf.to(device)  # GradScaler's own check (or unscale_) of these gradients
-        if self._first_nonfinite is not None:
-            found += self._first_nonfinite.to(device, torch.float32)
-        if scaler is not None:
-            _compat.record_found_inf(scaler, self, found)
-        _compat.step_unless_found_inf(self.base_optimizer, found)
+    def _before_descent(self) -> None:
+        """Hook: after ``w`` is restored, before the base optimizer's step (``.grad`` is the descent's)."""
 
-    # ------------------------------------------------------------------ passes
-    @contextlib.contextmanager
-    def first_pass(self, model: nn.Module) -> Iterator[None]:
-        """Context for the first forward/backward: no DDP gradient all-reduce (``no_sync``).
-
-        The first-pass gradient is only used locally for the ascent; with ``sync_first_pass=True``
-        SAM averages the perturbed tensors' gradients itself, which costs far less than DDP's
-        all-reduce of every gradient.
-        """
-        with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
-            yield
-
-    @contextlib.contextmanager
-    def second_pass(self, model: nn.Module) -> Iterator[None]:
-        """Context for the perturbed forward/backward: BatchNorm running statistics are frozen
-        (see :func:`disable_running_stats`); if the block raises, the parameters are restored."""
-        with self._restoring_on_error(), disable_running_stats(model):
-            yield
-
-    @contextlib.contextmanager
-    def _restoring_on_error(self) -> Iterator[None]:
-        """Restore the perturbed parameters (:meth:`restore`) if the block raises, then re-raise."""
-        try:
-            yield
-        except BaseException:
-            self.restore()
-            raise
+    def _after_descent(self) -> None:
+        """Hook: after the base optimizer's step."""
 
     # ------------------------------------------------------------------ bookkeeping
-    def _record_nonfinite(self, finite: torch.Tensor) -> None:
-        bad = (~finite).to(torch.int64)
-        if self._nonfinite_count is None:
-            self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=bad.device)
-        elif self._nonfinite_count.device != bad.device:  # e.g. loaded from a checkpoint on CPU
-            self._nonfinite_count = self._nonfinite_count.to(bad.device)
-        self._nonfinite_count += bad
-        self._first_nonfinite = ~finite
-        if self._nonfinite_seen is None:
-            pin = bad.device.type == "cuda"
-            self._nonfinite_seen = torch.zeros((), dtype=torch.int64, pin_memory=pin)
-        # Asynchronous copy to host; read at the next poll, so the warning costs no sync.
-        self._nonfinite_seen.copy_(self._nonfinite_count, non_blocking=True)
-
-    def _poll_nonfinite(self, stacklevel: int) -> None:
-        """Warn once if a step was skipped; ``stacklevel`` points the warning at the user's call."""
-        if self._warned or self._nonfinite_seen is None:
-            return
-        if int(self._nonfinite_seen) > 0:  # a host tensor: no device synchronisation
-            self._warned = True
-            warnings.warn(
-                "SAM: the first-pass gradient norm was not finite, so the ascent was skipped for "
-                "that step (counted in SAM.nonfinite_steps; warned once). With fp16 use a "
-                "GradScaler (scaler.step(sam) or second_step(scaler=...)): it then skips the whole step.",
-                RuntimeWarning,
-                stacklevel=stacklevel,
-            )
-
     @property
     def nonfinite_steps(self) -> int:
         """How many steps skipped the ascent for a non-finite gradient norm (reading it syncs)."""
-        return 0 if self._nonfinite_count is None else int(self._nonfinite_count)
+        return self._nonfinite.count
 
     def __getstate__(self) -> dict[str, Any]:
-        if self._perturbed is not None:
+        if self._phase is not Phase.IDLE:
             raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
         # scratch buffers are rebuilt on the next step
         return {**self.__dict__, "_buffers": {}, "_group_of": ((), {})}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # a SAM pickled before per-group settings kept rho/adaptive/eta as attributes
-        legacy = {k: state.pop(k) for k in ("rho", "adaptive", "eta") if k in state}
-        # scratch of releases before issue 12 (flat buffers, per-tensor backups): rebuilt when used
-        state.pop("_backups", None)
-        state["_buffers"] = {}
-        defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {})}
+        state, legacy, count, selection = upgrade_pickle(state)
+        defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {}),
+                    "_phase": Phase.IDLE, "_saved": []}
         self.__dict__.update({**defaults, **state})
+        if count is not None or "_nonfinite" not in state:
+            self._nonfinite = NonFinite(count or 0)
         for key, value in legacy.items():
             self.base_optimizer.defaults.setdefault(key, value)
         self._link()
+        if selection != ():
+            self._perturb = PerturbedSet(selection, self._owned)
         _compat.repatch_step(self)
+
+    @property
+    def zeroed_since_step(self) -> bool:
+        """Whether :meth:`zero_grad` ran since the last step (gradients present are then zeros)."""
+        return self._zeroed
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of every parameter of the base optimizer."""
@@ -629,15 +579,17 @@ class SAM(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to the base optimizer (perturbed too when ``perturb=None``)."""
+        """Add a parameter group to the base optimizer (perturbed too when ``perturb=None``; with
+        ``perturb=model`` its norm-layer parameters that require grad)."""
         if self.base_optimizer is None:  # Optimizer.__init__'s placeholder group
             super().add_param_group(param_group)
         else:
             self.base_optimizer.add_param_group(param_group)  # base.defaults holds SAM's too
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus SAM's settings under the key ``"sam"``."""
-        if self._perturbed is not None:
+        """The base optimizer's state dict plus SAM's settings and the base optimizer's class
+        under the key ``"sam"``."""
+        if self._phase is not Phase.IDLE:
             raise RuntimeError(
                 "state_dict() between first_step and second_step would save perturbed parameters "
                 "alongside it; call it after second_step()"
@@ -652,18 +604,17 @@ class SAM(Optimizer):
             "normalize_bias": self.normalize_bias,
             "sync_first_pass": self.sync_first_pass,
             "nonfinite_steps": self.nonfinite_steps,
+            "base_optimizer": class_name(self.base_optimizer),
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by :meth:`state_dict` (or a plain base-optimizer state dict)."""
+        """Load a state dict saved by :meth:`state_dict` (or a plain base-optimizer state dict).
+        One saved around another base optimizer class is refused (``ValueError``)."""
         state_dict = dict(state_dict)
         sam = state_dict.pop("sam", None)
-        if sam is not None and bool(sam.get("normalize_bias", True)) != self.normalize_bias:
-            raise ValueError(
-                f"the state dict was saved with normalize_bias={sam.get('normalize_bias', True)}; "
-                "build SAM with the same setting before loading it"
-            )
+        if sam is not None:
+            check_record(sam, self.normalize_bias, self.base_optimizer)
         if sam is not None:  # before _link, which gives groups saved without them these defaults
             self.defaults.update(rho=float(sam["rho"]), adaptive=bool(sam["adaptive"]), eta=float(sam["eta"]))
         self.base_optimizer.load_state_dict(state_dict)
@@ -671,12 +622,11 @@ class SAM(Optimizer):
         if sam is not None:
             self.eps = float(sam["eps"])
             self.sync_first_pass = bool(sam.get("sync_first_pass", False))
-            count = int(sam.get("nonfinite_steps", 0))
-            self._nonfinite_count = torch.tensor(count) if count else None
+            self._nonfinite = NonFinite(int(sam.get("nonfinite_steps", 0)))
 
     def __repr__(self) -> str:
         n = len(self.perturbed_parameters())
-        what = "all parameters" if self._selection is None else f"{n} selected tensors"
+        what = "all parameters" if self._perturb.everything else f"{n} selected tensors"
         rhos = sorted({g["rho"] for g in self.param_groups})
         kind = "ASAM" if all(g["adaptive"] for g in self.param_groups) else "SAM"
         rho = rhos[0] if len(rhos) == 1 else f"per group {rhos}"

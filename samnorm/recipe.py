@@ -55,6 +55,8 @@ from samnorm.data.pseudo_ood import PseudoOOD
 from samnorm.io import atomic_save, atomic_write, remove_stale_temps
 from samnorm.losses import OOD_LOSSES, SFTLoss
 from samnorm.optim import SAM
+from samnorm.sam import registry
+from samnorm.sam.protocol import run_passes
 from samnorm.variants import VARIANTS, make
 
 __all__ = [
@@ -73,14 +75,13 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "samnorm.finetune/1"
 
-# optimizer -> (perturb the norm layers only?, adaptive?, default rho); None: no SAM.
-OPTIMIZERS: dict[str, tuple[bool, bool, float] | None] = {
-    "sam-on": (True, False, 0.5),
-    "asam-on": (True, True, 10.0),
-    "sam": (False, False, 0.05),
-    "asam": (False, True, 0.5),
-    "sgd": None,
-}
+# optimizer -> (perturb the norm layers only?, adaptive?, default rho); None: no SAM. A view of the
+# registry's ascent kinds (samnorm.sam.registry), plus "sgd".
+OPTIMIZERS: Mapping[str, tuple[bool, bool, float] | None] = registry.RegistryView(
+    lambda kind: kind.norm_only is not None,
+    lambda kind: (kind.norm_only, kind.defaults["adaptive"], kind.defaults["rho"]),
+    {"sgd": None},
+)
 # Settings that do not change the trajectory, so a resumed run may change them.
 _FREE_ON_RESUME = {"checkpoint_every", "log_every", "num_workers"}
 # Files of a run in its output folder (a fresh run would replace them).
@@ -614,18 +615,9 @@ def finetune(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             n_ood = round(cfg.ood_ratio * x.shape[0])
             inputs = torch.cat([x, pseudo(x[:n_ood], y[:n_ood])]) if n_ood else x
-            if cfg.variant == "onepass":  # the ascent from the optimizer's state, then the one pass at w + e
-                opt.first_step()
-                with opt.second_pass(net):
-                    terms, logits = forward(inputs, y)
-                    terms.total.backward()
-            elif isinstance(opt, SAM):
-                with opt.first_pass(net):
-                    terms, logits = forward(inputs, y)
-                opt.first_step(terms.total)
-                if getattr(opt, "is_sam_step", True):  # interval/looksam: plain steps have one pass
-                    with opt.second_pass(net):
-                        forward(inputs, y)[0].total.backward()
+            if isinstance(opt, SAM):  # every pass the step needs (samnorm.sam.protocol); logged: the first
+                ((terms, logits),) = run_passes(opt, net, [inputs], lambda b, y=y: forward(b, y),
+                                                loss_of=lambda out: out[0].total)
             else:
                 terms, logits = forward(inputs, y)
                 terms.total.backward()

@@ -20,20 +20,23 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 __all__ = [
+    "PerturbedSet",
     "Selection",
     "all_params",
+    "bias_ids",
     "by_name",
     "by_type",
     "is_norm_layer",
     "norm_layers",
     "register_norm_type",
+    "unwrap_ddp",
 ]
 
 # torch's norm bases: every BatchNorm/SyncBatchNorm, InstanceNorm, GroupNorm, LayerNorm, RMSNorm and
@@ -218,7 +221,7 @@ def _check_module(model: object, fn: str) -> nn.Module:
     return model
 
 
-def _select(model: nn.Module, keep_module, keep_param=lambda name: True) -> Selection:
+def _select(model: nn.Module, keep_module, keep_param=lambda name: True, trainable: bool = True) -> Selection:
     entries = []
     for mname, module in model.named_modules():
         if not keep_module(module):
@@ -226,7 +229,7 @@ def _select(model: nn.Module, keep_module, keep_param=lambda name: True) -> Sele
         # recurse=False: a norm layer's activation/drop children are not part of the norm.
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
-            if p.requires_grad and keep_param(full):
+            if (p.requires_grad or not trainable) and keep_param(full):
                 # "" stands for an unknown owner (from_params), so the root module gets a name
                 entries.append(_Entry(full, p, mname or "<root>", type(module).__name__))
     return Selection(entries)
@@ -288,3 +291,120 @@ def all_params(model: nn.Module) -> Selection:
         2
     """
     return _select(_check_module(model, "all_params"), lambda m: True)
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (``model`` itself otherwise).
+
+    Example:
+        >>> m = nn.Linear(2, 2); unwrap_ddp(m) is m
+        True
+    """
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+class PerturbedSet:
+    """What SAM perturbs, resolved from its ``perturb`` argument against the parameters the base
+    optimizer owns (``owned()``, read again when the parameter groups change).
+
+    - ``None``: every owned parameter, at every step (``add_param_group`` included);
+    - an ``nn.Module`` (SAM-ON): its normalization layers' parameters *that require grad and are
+      owned*, at every step: a norm layer unfrozen later and added with ``add_param_group`` is
+      perturbed from then on, one frozen later (``requires_grad=False``) no longer is;
+    - a :class:`Selection` or iterable of parameters: exactly those.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+        >>> _ = model[1].requires_grad_(False)
+        >>> groups = [list(model[0].parameters())]
+        >>> sel = PerturbedSet(model, lambda: [p for g in groups for p in g], allow_empty=True)
+        >>> len(sel.params())
+        0
+        >>> _ = model[1].requires_grad_(True); groups.append(list(model[1].parameters()))
+        >>> len(sel.params())
+        2
+    """
+
+    def __init__(
+        self, perturb: object, owned: Callable[[], list[torch.Tensor]], *, allow_empty: bool = False
+    ) -> None:
+        self._owned = owned
+        self.module: nn.Module | None = None
+        self.fixed: list[torch.Tensor] | None = None
+        self.named: list[tuple[str, torch.Tensor]] = []
+        self._cache: tuple[tuple, list[torch.Tensor]] = ((), [])
+        if perturb is None:
+            return
+        if isinstance(perturb, nn.Module):
+            self.module = unwrap_ddp(perturb)
+            candidates = _select(self.module, is_norm_layer, trainable=False)
+            self.named = list(candidates.named_parameters())
+            sel: Selection = Selection(e for e in candidates._entries if e.param.requires_grad)
+            what = f"{type(perturb).__name__} has no normalization layer with trainable parameters"
+        elif isinstance(perturb, Selection):
+            sel, what = perturb, "the selection is empty"
+            self.named = list(perturb.named_parameters())
+        elif isinstance(perturb, torch.Tensor):
+            raise TypeError("perturb takes an iterable of parameters, not a single tensor: [p]")
+        elif isinstance(perturb, Iterable):
+            sel, what = Selection.from_params(perturb), "the parameter list is empty"
+        else:
+            raise TypeError(
+                "perturb must be None (plain SAM), an nn.Module (its norm layers, SAM-ON), a "
+                f"Selection or an iterable of parameters; got {type(perturb).__name__}"
+            )
+        if not sel and not allow_empty:
+            raise ValueError(
+                f"nothing to perturb: {what}. Pass perturb=None for plain SAM, or choose parameters "
+                "with samnorm.select (by_type, by_name, ...)"
+            )
+        owned = {id(p) for p in owned()}
+        foreign = [n or f"tensor{tuple(p.shape)}" for n, p in sel.named_parameters() if id(p) not in owned]
+        if foreign:
+            raise ValueError(
+                f"{len(foreign)} perturbed parameter(s) are not optimized by the base optimizer "
+                f"(e.g. {foreign[:3]}); build the base optimizer over model.parameters() or "
+                "narrow the selection"
+            )
+        if self.module is None:
+            self.fixed = list(sel)
+
+    @property
+    def everything(self) -> bool:
+        """Whether every owned parameter is perturbed (``perturb=None``)."""
+        return self.module is None and self.fixed is None
+
+    def params(self) -> list[torch.Tensor]:
+        """The tensors to perturb now (a cheap check per call; re-resolved when groups or
+        ``requires_grad`` flags changed)."""
+        if self.fixed is not None:
+            return list(self.fixed)
+        owned = self._owned()
+        if self.module is None:
+            return owned
+        key = (tuple(map(id, owned)), tuple([p.requires_grad for _, p in self.named]))  # a list: no generator frames
+        if self._cache[0] != key:
+            ids = set(key[0])
+            self._cache = (key, [p for _, p in self.named if p.requires_grad and id(p) in ids])
+        return list(self._cache[1])
+
+
+def bias_ids(perturb: object, model: nn.Module | None) -> set[int]:
+    """ids of the tensors named ``*bias`` in ``perturb`` (a :class:`Selection`) and ``model`` (ASAM
+    with ``normalize_bias=False`` leaves them ``T = 1``); ``ValueError`` when no names are known.
+
+    Example:
+        >>> m = nn.Linear(2, 2); bias_ids(None, m) == {id(m.bias)}
+        True
+    """
+    named: list[tuple[str, torch.Tensor]] = []
+    if isinstance(perturb, Selection):
+        named += perturb.named_parameters()
+    if model is not None:
+        named += list(unwrap_ddp(model).named_parameters())
+    if not named:
+        raise ValueError(
+            "normalize_bias=False recognises biases by name: pass perturb=model, a Selection "
+            "(samnorm.select) or model=..."
+        )
+    return {id(p) for n, p in named if n.rsplit(".", 1)[-1] == "bias"}

@@ -11,14 +11,19 @@ fewer passes:
 - :class:`OnePassSAM` (``direction``; MSAM, Becker et al. 2024): the perturbation comes from the
   optimizer's momentum (or the previous step's gradient) of the selected tensors, so every step
   costs one forward/backward.
+- :class:`~samnorm.sam.gsam.GSAM` (``alpha``; Zhuang et al. 2022): SAM's two passes, the descent
+  gradient corrected by the surrogate gap's direction.
 
-:func:`make` builds any of them (or plain SAM) by name, for ablations.
+Their settings (``k``, ``alpha``, ``direction``) live in the parameter groups like ``rho``, so a
+scheduler may drive them. :func:`make` builds any of them (or plain SAM) by name, for ablations,
+from the registry (:mod:`samnorm.sam.registry`); :data:`VARIANTS` is a view of it. A new variant is
+one small file over :class:`~samnorm.sam.variant.Variant`.
 
-Every class takes the training loops of :class:`~samnorm.SAM`: ``opt.step(closure)`` runs the closure
-as often as the step needs (twice or once); in the two-step form :attr:`~IntervalSAM.is_sam_step`
-(a Python bool, no device sync) says whether to run the second pass, and ``second_step()``,
-``step()`` or ``scaler.step(opt)`` finishes the step. :class:`OnePassSAM`'s ``first_step()`` comes
-before the forward pass.
+Every class takes the training loops of :class:`~samnorm.SAM`: ``opt.step(closure)`` and
+:func:`samnorm.sam.protocol.run_passes` run as many passes as :meth:`~samnorm.SAM.passes` says (two
+or one); in the two-step form :attr:`~samnorm.SAM.is_sam_step` (a Python bool, no device sync) says
+whether to run the second pass, and ``second_step()``, ``step()`` or ``scaler.step(opt)`` finishes
+the step. :class:`OnePassSAM`'s ``first_step()`` comes before the forward pass.
 
 Tried and dropped (not measured; reasons of design):
 
@@ -34,92 +39,23 @@ Tried and dropped (not measured; reasons of design):
 
 from __future__ import annotations
 
-import contextlib
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .optim import SAM, all_reduce_mean, check_nonnegative, is_distributed
-from .sam import fsdp
+from .optim import SAM, is_distributed
+from .sam import fsdp, registry
+from .sam.gsam import GSAM
+from .sam.protocol import ASCENT, DESCENT_PERTURBED, ONE_PASS, PLAIN, Pass
+from .sam.variant import Variant
 from .select import Selection
 
-__all__ = ["IntervalSAM", "LookSAM", "OnePassSAM", "VARIANTS", "make"]
+__all__ = ["GSAM", "VARIANTS", "IntervalSAM", "LookSAM", "OnePassSAM", "Variant", "make"]
 
-_VARIANT_KEY = "sam_variant"  # state_dict key next to SAM's own "sam"
-
-
-class _Variant(SAM):
-    """What the variants share: a step counter, named flat vectors over the perturbed tensors, and
-    their extra state under ``"sam_variant"`` in the state dict."""
-
-    _SLOTS: tuple[str, ...] = ()  # names of the flat vectors a variant keeps
-    _NAME = ""  # its name in VARIANTS, saved with its state
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.steps = 0  # completed steps (descents)
-        self._vec: _Vectors | None = None
-
-    def _vectors(self) -> _Vectors:
-        params = self.perturbed_parameters()
-        if self._vec is None or not self._vec.fits(params):
-            self._vec = _Vectors(params, self._SLOTS)
-        return self._vec
-
-    @torch.no_grad()
-    def _descend(self, amp: tuple | None, closure_mode: bool) -> None:
-        # every path ends here: second_step(), step() after first_step, step(closure), scaler.step.
-        # Restore w first: _before_descent reads only .grad, and if it raises, w must not stay at w + e
-        self.restore()
-        self._before_descent()
-        super()._descend(amp, closure_mode)
-        self.steps += 1
-
-    def _before_descent(self) -> None:
-        """What a variant does with the gradients just before the base optimizer's step."""
-
-    def _variant_state(self) -> dict[str, Any]:
-        return {"name": self._NAME, "steps": self.steps}
-
-    def _load_variant_state(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
-
-    def state_dict(self) -> dict[str, Any]:
-        """:meth:`SAM.state_dict` plus the variant's settings, step count and kept vectors under
-        ``"sam_variant"``."""
-        state = super().state_dict()
-        state[_VARIANT_KEY] = self._variant_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """:meth:`SAM.load_state_dict` plus the variant's state. A resume: the saved step count
-        and settings (``k``, ``alpha``, ``direction``) replace the constructor's. A state dict of
-        another variant is refused (``ValueError``); a plain SAM one loads and keeps these."""
-        state_dict = dict(state_dict)
-        variant = state_dict.pop(_VARIANT_KEY, None)
-        if variant is not None and variant.get("name") != self._NAME:
-            raise ValueError(
-                f"the state dict was saved by the {variant.get('name')!r} SAM variant, and this is "
-                f"{type(self).__name__} ({self._NAME!r}): build the same variant "
-                "(samnorm.variants.make(name, ...)) to load it"
-            )
-        super().load_state_dict(state_dict)
-        if variant is not None:
-            self._load_variant_state(variant)
-
-    def _saved(self, name: str) -> list[torch.Tensor] | None:
-        return None if self._vec is None else [v.clone() for v in self._vec.views(name)]
-
-    def _restore_saved(self, name: str, tensors: list[torch.Tensor] | None) -> None:
-        if tensors is not None:
-            self._vectors().set(name, tensors)
-
-
-class IntervalSAM(_Variant):
+class IntervalSAM(Variant):
     """SAM every ``k`` steps, plain base-optimizer steps in between.
 
     Steps ``0, k, 2k, ...`` (counted as they finish) are SAM steps exactly as in
@@ -154,6 +90,9 @@ class IntervalSAM(_Variant):
         3
     """
 
+    NAME = "interval"
+    SETTINGS: ClassVar[dict[str, Any]] = {"k": 4}
+
     def __init__(
         self,
         base_optimizer: Optimizer,
@@ -162,57 +101,17 @@ class IntervalSAM(_Variant):
         k: int = 4,
         **kwargs: Any,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1 (a SAM step every k steps), got {k!r}")
-        super().__init__(base_optimizer, perturb, **kwargs)
-        self.k = k
+        super().__init__(base_optimizer, perturb, k=k, **kwargs)
 
-    @property
-    def is_sam_step(self) -> bool:
-        """Whether the current step (begun or not, not yet finished) is a SAM step."""
-        return self.steps % self.k == 0
+    def _check_setting(self, key: str, value: Any) -> Any:
+        if key == "k":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"k must be an int >= 1 (a SAM step every k steps), got {value!r}")
+            return value
+        return super()._check_setting(key, value)
 
-    @torch.no_grad()
-    def first_step(self, loss: torch.Tensor | None = None, zero_grad: bool = False) -> None:
-        """SAM's ascent on SAM steps; on plain steps ``loss.backward()`` (if a loss is given)."""
-        if self.is_sam_step:
-            super().first_step(loss, zero_grad)
-            return
-        if self._perturbed is not None:
-            raise RuntimeError("first_step called twice without second_step: call second_step() first")
-        if loss is not None:
-            with torch.enable_grad():
-                loss.backward()  # every parameter: this gradient is the descent's
-        self._perturbed = []  # a step is begun, with nothing to restore: SAM's descent is the plain step
-
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
-        """As :meth:`SAM.step`; ``step(closure)`` on a plain step runs the closure once (BatchNorm
-        statistics and DDP's all-reduce as in a plain step) and returns its loss."""
-        if closure is None or self.is_sam_step or self._perturbed is not None:
-            return super().step(closure)
-        self._refuse_unscale_before_closure()
-        with torch.enable_grad():
-            loss = closure()
-        self.first_step()
-        # SAM's step with a closure after first_step: the base step through GradScaler's skip,
-        # closure mode because GradScaler checked the gradients before this closure replaced them
-        # (its flag is stale). The closure has run: the one handed over only returns its loss.
-        return super().step(lambda: loss)
-
-    @contextlib.contextmanager
-    def first_pass(self, model: nn.Module) -> Iterator[None]:
-        """SAM's first-pass context on SAM steps; nothing on plain steps (DDP must all-reduce)."""
-        with super().first_pass(model) if self.is_sam_step else contextlib.nullcontext():
-            yield
-
-    _NAME = "interval"
-
-    def _variant_state(self) -> dict[str, Any]:
-        return {**super()._variant_state(), "k": self.k}
-
-    def _load_variant_state(self, state: dict[str, Any]) -> None:
-        super()._load_variant_state(state)
-        self.k = int(state["k"])
+    def _step_passes(self) -> tuple[Pass, ...]:
+        return (ASCENT, DESCENT_PERTURBED) if self.steps % self.k == 0 else (PLAIN,)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(k={self.k}, {super().__repr__()})"
@@ -250,7 +149,10 @@ class LookSAM(IntervalSAM):
         ...     loss = opt.step(closure)               # two passes on steps 0 and 2, one on step 1
     """
 
-    _SLOTS = ("g", "gv", "tmp")  # first-pass gradient, stored g_v, scratch
+    NAME = "looksam"
+    SETTINGS: ClassVar[dict[str, Any]] = {"k": 5, "alpha": 0.7}
+    SLOTS = ("g", "gv", "tmp")  # first-pass gradient, stored g_v, scratch
+    SAVED = ("gv",)
 
     def __init__(
         self,
@@ -261,14 +163,12 @@ class LookSAM(IntervalSAM):
         alpha: float = 0.7,
         **kwargs: Any,
     ) -> None:
-        check_nonnegative("alpha", alpha)
-        super().__init__(base_optimizer, perturb, k=k, **kwargs)
-        self.alpha = float(alpha)
+        super().__init__(base_optimizer, perturb, k=k, alpha=alpha, **kwargs)
         self._has_g = False
 
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         # the first-pass gradient g, kept for g_v (before the ascent consumes it)
-        vec = self._vectors()
+        vec = self.vectors()
         given = {id(p): g for p, g in pairs}
         vec.load("g", [given.get(id(p)) for p in vec.params])
         if is_distributed():
@@ -284,7 +184,7 @@ class LookSAM(IntervalSAM):
         self._has_g = False
 
     def _store_gv(self) -> None:
-        vec = self._vectors()
+        vec = self.vectors()
         vec.load("tmp", [p.grad for p in vec.params])  # g_s
         gg, gs = vec.dot("g", "g"), vec.dot("g", "tmp")
         coef = torch.where(gg > 0, gs / gg, 0.0)
@@ -293,7 +193,7 @@ class LookSAM(IntervalSAM):
         vec.select("gv", finite, "tmp")
 
     def _add_gv(self) -> None:
-        vec = self._vectors()
+        vec = self.vectors()
         have = [i for i, p in enumerate(vec.params) if p.grad is not None]
         vec.load("tmp", [p.grad for p in vec.params])
         g_norm, gv_norm = vec.dot("tmp", "tmp").sqrt(), vec.dot("gv", "gv").sqrt()
@@ -301,18 +201,8 @@ class LookSAM(IntervalSAM):
         vec.scale_into("tmp", "gv", coef)  # tmp = coef * g_v
         torch._foreach_add_([fsdp.local(vec.params[i].grad) for i in have], [vec.view("tmp", i) for i in have])
 
-    _NAME = "looksam"
 
-    def _variant_state(self) -> dict[str, Any]:
-        return {**super()._variant_state(), "alpha": self.alpha, "gv": self._saved("gv")}
-
-    def _load_variant_state(self, state: dict[str, Any]) -> None:
-        super()._load_variant_state(state)
-        self.alpha = float(state["alpha"])
-        self._restore_saved("gv", state.get("gv"))
-
-
-class OnePassSAM(_Variant):
+class OnePassSAM(Variant):
     """One-pass ascent (MSAM, Becker et al. 2024): the direction needs no extra backward.
 
     Step ``t``, over the perturbed tensors (the norm layers under SAM-ON), with ``d`` a whole vector:
@@ -351,7 +241,10 @@ class OnePassSAM(_Variant):
         ...     opt.second_step(zero_grad=True)             # restore w, SGD's step
     """
 
-    _SLOTS = ("d", "tmp")  # direction="grad": the kept gradient, scratch
+    NAME = "onepass"
+    SETTINGS: ClassVar[dict[str, Any]] = {"direction": "momentum"}
+    SLOTS = ("d", "tmp")  # direction="grad": the kept gradient, scratch
+    SAVED = ("d",)
 
     def __init__(
         self,
@@ -361,34 +254,34 @@ class OnePassSAM(_Variant):
         direction: str = "momentum",
         **kwargs: Any,
     ) -> None:
-        if direction not in ("momentum", "grad"):
-            raise ValueError(f"direction must be 'momentum' or 'grad', got {direction!r}")
-        super().__init__(base_optimizer, perturb, **kwargs)
-        if direction == "momentum":
+        super().__init__(base_optimizer, perturb, direction=direction, **kwargs)
+        if self.direction == "momentum":
             _check_keeps_momentum(base_optimizer)
-        self.direction = direction
+
+    def _check_setting(self, key: str, value: Any) -> Any:
+        if key != "direction":
+            return super()._check_setting(key, value)
+        if value not in ("momentum", "grad"):
+            raise ValueError(f"direction must be 'momentum' or 'grad', got {value!r}")
+        if value == "momentum" and self.__dict__.get("base_optimizer") is not None:  # set later, e.g. by a scheduler
+            _check_keeps_momentum(self.base_optimizer)
+        return value
+
+    def _step_passes(self) -> tuple[Pass, ...]:
+        return (ONE_PASS,)
 
     def _directions(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
         if self.steps == 0:
             return [None] * len(params)
         if self.direction == "grad":
-            vec = self._vectors()
+            vec = self.vectors()
             return [vec.view("d", i) for i in range(len(params))]
         # no buffer yet (every step so far skipped by GradScaler, or a tensor without gradient
         # so far): that tensor is not perturbed, as at step 0
         states = [self.state.get(p, {}) for p in params]
         return [s.get("momentum_buffer", s.get("exp_avg")) for s in states]
 
-    @torch.no_grad()
-    def first_step(self, loss: torch.Tensor | None = None, zero_grad: bool = False) -> None:
-        """The ascent along ``d``; call it *before* the forward pass, without a loss."""
-        if loss is not None:
-            raise ValueError(
-                "OnePassSAM takes its ascent from the optimizer's state: call first_step() before "
-                "the forward pass, without a loss, then run one forward/backward and second_step()"
-            )
-        if self._perturbed is not None:
-            raise RuntimeError("first_step called twice without second_step: call second_step() first")
+    def _ascend_before_forward(self) -> None:
         params = self.perturbed_parameters()
         pairs = [(p, d) for p, d in zip(params, self._directions(params)) if d is not None]
         # MSAM's d = -m: the momentum is negated in place around the ascent and back (a sign flip
@@ -402,44 +295,12 @@ class OnePassSAM(_Variant):
         finally:
             if flip:
                 torch._foreach_neg_(flip)
-        if zero_grad:
-            self.zero_grad(set_to_none=True)
 
     def _before_descent(self) -> None:
         if self.direction == "grad":  # keep g_t, unless it is not finite
-            vec = self._vectors()
+            vec = self.vectors()
             vec.load("tmp", [p.grad for p in vec.params])
             vec.select("d", torch.isfinite(vec.dot("tmp", "tmp")), "tmp")
-
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
-        """``step(closure)``: the ascent, ``closure`` once at ``w + e`` (parameters restored if it
-        raises), the descent; returns the loss. ``step()`` after :meth:`first_step` and your
-        backward finishes the step, as for :class:`~samnorm.SAM`."""
-        if closure is not None and self._perturbed is None:
-            self._refuse_unscale_before_closure()
-            self.first_step()
-        return super().step(closure)  # after first_step SAM runs the closure once, in second_pass
-
-    @contextlib.contextmanager
-    def first_pass(self, model: nn.Module) -> Iterator[None]:
-        """Nothing: the one pass is the descent's, so DDP must all-reduce it."""
-        yield
-
-    @contextlib.contextmanager
-    def second_pass(self, model: nn.Module) -> Iterator[None]:
-        """Restore the parameters if the block raises; BatchNorm statistics are updated as usual."""
-        with self._restoring_on_error():
-            yield
-
-    _NAME = "onepass"
-
-    def _variant_state(self) -> dict[str, Any]:
-        return {**super()._variant_state(), "direction": self.direction, "d": self._saved("d")}
-
-    def _load_variant_state(self, state: dict[str, Any]) -> None:
-        super()._load_variant_state(state)
-        self.direction = str(state["direction"])
-        self._restore_saved("d", state.get("d"))
 
     def __repr__(self) -> str:
         return f"OnePassSAM(direction={self.direction!r}, {super().__repr__()})"
@@ -460,101 +321,10 @@ def _check_keeps_momentum(optimizer: Optimizer) -> None:
         )
 
 
-class _Vectors:
-    """Named vectors shaped like a fixed list of tensors, flat per device in float32 (float64 when a
-    tensor is float64): a norm or a dot product is one kernel per device, loading gradients one
-    ``_foreach_copy_``. DTensor parameters (FSDP2): the vectors hold this rank's shards, and a dot
-    product is summed over the shards."""
-
-    def __init__(self, params: list[torch.Tensor], names: tuple[str, ...]) -> None:
-        self.params = list(params)
-        self._ids = [id(p) for p in self.params]
-        self._shard_sum = fsdp.shard_sum(self.params)
-        shards = [fsdp.local(p) for p in self.params]
-        acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        by_device: dict[torch.device, list[int]] = defaultdict(list)
-        for i, p in enumerate(self.params):
-            by_device[p.device].append(i)
-        self.parts = list(by_device.values())  # parameter indices of each device
-        self.flats: dict[str, list[torch.Tensor]] = {}
-        self._views: dict[str, list[torch.Tensor]] = {}
-        for name in names:
-            self.flats[name], views = [], [torch.empty(0)] * len(self.params)
-            for idx in self.parts:
-                sizes = [shards[i].numel() for i in idx]
-                flat = torch.zeros(sum(sizes), device=self.params[idx[0]].device, dtype=acc)
-                for i, v in zip(idx, flat.split(sizes)):
-                    views[i] = v.view(shards[i].shape)
-                self.flats[name].append(flat)
-            self._views[name] = views
-
-    def fits(self, params: list[torch.Tensor]) -> bool:
-        return [id(p) for p in params] == self._ids
-
-    def view(self, name: str, i: int) -> torch.Tensor:
-        return self._views[name][i]
-
-    def views(self, name: str) -> list[torch.Tensor]:
-        return self._views[name]
-
-    def load(self, name: str, tensors: list[torch.Tensor | None]) -> None:
-        """Copy ``tensors`` (aligned with the parameters; ``None`` counts as zeros) into ``name``."""
-        views = self._views[name]
-        have = [i for i, t in enumerate(tensors) if t is not None]
-        missing = [views[i] for i, t in enumerate(tensors) if t is None]
-        dense = [t.to_dense() if t.is_sparse else fsdp.local(t) for t in (tensors[i] for i in have)]
-        if have:
-            torch._foreach_copy_([views[i] for i in have], dense)
-        if missing:
-            torch._foreach_zero_(missing)
-
-    def set(self, name: str, tensors: list[torch.Tensor]) -> None:
-        """Load saved vectors (from a state dict), checking that they fit the parameters."""
-        shapes = [tuple(t.shape) for t in tensors]
-        if shapes != [tuple(v.shape) for v in self._views[name]]:
-            raise ValueError(
-                f"the saved {name!r} vectors do not fit the perturbed parameters ({len(shapes)} "
-                f"saved, {len(self.params)} now): load into an optimizer built on the same model "
-                "and selection"
-            )
-        torch._foreach_copy_(self._views[name], [t.to(v.device) for t, v in zip(tensors, self._views[name])])
-
-    def dot(self, a: str, b: str) -> torch.Tensor:
-        """``<a, b>`` over every tensor, on the first device."""
-        first = self.flats[a][0].device
-        parts = [torch.dot(x, y).to(first) for x, y in zip(self.flats[a], self.flats[b])]
-        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
-        return total if self._shard_sum is None else self._shard_sum(total)
-
-    def axpy(self, out: str, x: str, coef: torch.Tensor) -> None:
-        """``out += coef * x``."""
-        for o, v in zip(self.flats[out], self.flats[x]):
-            o.addcmul_(v, coef.to(o.device, o.dtype))
-
-    def scale_into(self, out: str, x: str, coef: torch.Tensor) -> None:
-        """``out = coef * x``."""
-        for o, v in zip(self.flats[out], self.flats[x]):
-            torch.mul(v, coef.to(o.device, o.dtype), out=o)
-
-    def select(self, out: str, keep: torch.Tensor, new: str) -> None:
-        """``out = new`` where ``keep`` (a device bool) is True, else unchanged: no host sync."""
-        for o, n in zip(self.flats[out], self.flats[new]):
-            o.copy_(torch.where(keep.to(o.device), n, o))
-
-    def all_reduce_mean(self, name: str) -> None:
-        if self._shard_sum is not None:  # shards of FSDP2's gradients, already averaged over the ranks
-            return
-        for flat, reduced in zip(self.flats[name], all_reduce_mean(self.flats[name])):
-            flat.copy_(reduced)
-
-
-#: the names :func:`make` accepts, with the class each builds
-VARIANTS: dict[str, type[SAM]] = {
-    "sam": SAM,
-    "interval": IntervalSAM,
-    "looksam": LookSAM,
-    "onepass": OnePassSAM,
-}
+#: the names :func:`make` accepts, with the class each builds: a view of :mod:`samnorm.sam.registry`
+VARIANTS: Mapping[str, type[SAM]] = registry.RegistryView(
+    lambda kind: kind.name in registry.schedules(), registry.Kind.load
+)
 
 
 def make(
@@ -564,8 +334,8 @@ def make(
     **kwargs: Any,
 ) -> SAM:
     """Build plain SAM or a variant by name (for ablations): ``"sam"``, ``"interval"``,
-    ``"looksam"`` or ``"onepass"``; ``kwargs`` go to the class (``rho``, ``k``, ``alpha``,
-    ``direction``, ...).
+    ``"looksam"``, ``"onepass"``, ``"gsam"`` or a registered one; ``kwargs`` go to the class
+    (``rho``, ``k``, ``alpha``, ``direction``, ...).
 
     Every result trains with ``opt.step(closure)``, which runs the closure as often as its step
     needs.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from samnorm import SAM
-from samnorm.variants import IntervalSAM, LookSAM, OnePassSAM
+from samnorm.variants import GSAM, IntervalSAM, LookSAM, OnePassSAM
 
 try:
     from torch.distributed.fsdp import fully_shard
@@ -39,6 +39,8 @@ CASES = {
         ("looksam-all", LookSAM, False, {"k": 2, "alpha": 0.7}, ("grad",)),
         ("onepass-momentum", OnePassSAM, True, {"direction": "momentum"}, ("grad",)),
         ("onepass-grad", OnePassSAM, True, {"direction": "grad"}, ("grad",)),
+        ("gsam-on", GSAM, True, {"alpha": 0.3}, ("loss", "grad")),
+        ("gsam-all", GSAM, False, {"alpha": 0.3}, ("grad",)),
     ]
     for path in paths
 }

@@ -512,7 +512,7 @@ def test_ablation_reports_variant_minus_sam_on_paired() -> None:
     assert "| OOD term on, lr 0.1 | OnePass SAM-ON (0.1) | 3 | +5.0 [" in ab.markdown(result, args)
 
 
-@pytest.mark.parametrize("variant, k", [("onepass", None), ("looksam", 3), ("interval", 3)])
+@pytest.mark.parametrize("variant, k", [("onepass", None), ("looksam", 3), ("interval", 3), ("gsam", None)])
 def test_a_variant_run_resumes_bit_identically(tmp_path, variant, k) -> None:
     """The recipe's checkpoint holds the variant's state (step count, LookSAM's g_v, the momentum):
     resumed after step 4 (a plain step of k=3 that adds g_v), 7 steps end as an uninterrupted run."""

@@ -15,6 +15,7 @@ from timm.optim import Lookahead  # noqa: E402
 
 from samnorm import SAM  # noqa: E402
 from samnorm.integrations.timm import find_sam, sam_step  # noqa: E402
+from samnorm.sam.protocol import Phase  # noqa: E402
 
 
 def _ce(model, xb, yb):
@@ -138,7 +139,7 @@ def test_lookahead_of_sam_with_a_scaler_restores_the_weights_of_a_skipped_step()
 
     def poisoned(b):  # finite first pass, inf in the second
         loss = _ce(model, *b)
-        return loss * float("inf") if find_sam(opt)._perturbed is not None else loss
+        return loss * float("inf") if find_sam(opt).phase is Phase.PERTURBED else loss
 
     scaler = _native_scaler()
     sam_step(opt, model, poisoned, [(x, y)], loss_scaler=scaler)

@@ -577,7 +577,7 @@ def test_an_error_in_the_variant_vector_code_leaves_the_weights_restored(monkeyp
     def fail(*args):
         raise RuntimeError("vector code failed")
 
-    monkeypatch.setattr(samnorm.variants._Vectors, "load", fail)
+    monkeypatch.setattr(samnorm.sam.variant.Vectors, "load", fail)
     with pytest.raises(RuntimeError, match="vector code failed"):
         opt.second_step()
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))

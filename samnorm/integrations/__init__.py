@@ -11,13 +11,12 @@
 
 This package itself imports no framework; each module imports its own, and says which extra to
 install when it is missing. What they share lives here: :func:`find_sam` (reach the SAM inside a
-framework's optimizer wrapper) and :func:`sam_passes` (SAM's two passes over an accumulation window,
-whatever does the forward and backward).
+framework's optimizer wrapper) and :func:`sam_passes` (the passes of a SAM step over an accumulation
+window, whatever does the forward and backward, through :func:`samnorm.sam.protocol.run_passes`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import weakref
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from ..optim import SAM
+from ..sam.protocol import begin_window, run_passes
 
 __all__ = ["find_sam", "require", "sam_passes"]
 
@@ -82,8 +82,8 @@ def find_sam(optimizer: Any) -> SAM:
     )
 
 
-# Micro-batches of the accumulation window under way, per SAM: their second pass runs once the
-# ascent is known, at the window's last micro-batch.
+# Micro-batches of the accumulation window under way, per SAM: their later passes run once the
+# first is done over the whole window, at its last micro-batch.
 _PENDING: weakref.WeakKeyDictionary[SAM, list] = weakref.WeakKeyDictionary()
 
 
@@ -95,18 +95,22 @@ def sam_passes(
     *,
     last: bool = True,
 ) -> torch.Tensor:
-    """SAM's two passes for one micro-batch of an accumulation window; returns its first-pass loss.
+    """The passes of a SAM step (:meth:`SAM.passes <samnorm.SAM.passes>`) for one micro-batch of an
+    accumulation window, through :func:`samnorm.sam.protocol.run_passes`; returns its first-pass loss.
 
     ``forward_backward(batch)`` computes the loss, calls the framework's backward on it (with the
     framework's loss scaling and accumulation division) and returns the loss. Every micro-batch
-    gets its first pass at once, accumulating into ``.grad``, and is kept. At the window's
-    ``last`` micro-batch SAM ascends along the accumulated gradient (``first_step``), then runs the
-    second pass of every kept micro-batch at the perturbed point. The parameters are then still
-    perturbed and ``.grad`` holds the descent gradient of the whole window: the framework's usual
-    clipping and ``optimizer.step()`` finish the SAM step (restore, then the base optimizer).
+    gets the step's first pass at once, accumulating into ``.grad``, and is kept. At the window's
+    ``last`` micro-batch the first pass is closed (SAM's ascent along the accumulated gradient),
+    then the step's later passes run over every kept micro-batch (SAM's second, at the perturbed
+    point; none for :class:`~samnorm.variants.OnePassSAM` or a plain step of
+    :class:`~samnorm.variants.IntervalSAM`). The parameters are then where the descent pass left
+    them and ``.grad`` holds the descent gradient of the whole window: the framework's usual
+    clipping and ``optimizer.step()`` finish the step (restore, then the base optimizer).
 
-    Under DDP only the window's last backward all-reduces (the others run under ``no_sync``); the
-    perturbed pass leaves BatchNorm running statistics alone.
+    Gradients present when a window starts are dropped if zeroed (``zero_grad(set_to_none=False)``),
+    refused if left over (:func:`samnorm.sam.protocol.begin_window`). Under DDP only the window's last backward of a
+    descent pass all-reduces; BatchNorm statistics move in the first pass only.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1))
@@ -122,15 +126,11 @@ def sam_passes(
     """
     pending = _PENDING.get(sam)
     if pending is None:
-        if any(p.grad is not None for g in sam.param_groups for p in g["params"]):
-            raise ValueError(
-                "gradients are already present at the start of a SAM step: they would enter the "
-                "ascent. Call optimizer.zero_grad() after each optimizer.step(), and accumulate by "
-                "passing each micro-batch here (last=True on the window's final one)"
-            )
+        begin_window(sam)
         pending = _PENDING[sam] = []
+    one_pass = len(sam.passes()) == 1
     try:
-        with sam.first_pass(model):
+        with sam.abandon_on_error(), sam.pass_context(0, model, last_micro_batch=last):
             loss = forward_backward(batch)
     except BaseException:
         del _PENDING[sam]  # an aborted window must not leak into the next one
@@ -139,13 +139,7 @@ def sam_passes(
     if not last:
         return loss
     del _PENDING[sam]
-    sam.first_step(zero_grad=True)
-    if not sam.is_sam_step:
-        return loss  # a plain step of IntervalSAM/LookSAM: the first pass's gradient is the descent's
-    with sam.second_pass(model):
-        for i, b in enumerate(pending):
-            # all-reduce once, on the window's last backward
-            sync = contextlib.nullcontext() if i == len(pending) - 1 else sam.first_pass(model)
-            with sync:
-                forward_backward(b)
+    sam.end_pass(0)
+    if not one_pass:
+        run_passes(sam, model, pending, forward_backward, backward=False, start=1)
     return loss

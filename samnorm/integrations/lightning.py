@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, TypeVar
 
 import torch
@@ -89,16 +90,17 @@ def sam_training_step(
     del _WINDOWS[sam]
 
     scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+    last = len(sam.passes()) - 1
 
-    def run(second: bool) -> torch.Tensor:  # one pass over the window, accumulating into .grad
+    def run(i: int, own_context: bool) -> torch.Tensor:  # pass i over the window, accumulating into .grad
         sam.zero_grad()
         losses = []
-        with sam.second_pass(module) if second else sam.first_pass(module):
-            for b in window:
+        for j, b in enumerate(window):
+            with sam.pass_context(i, module, last_micro_batch=j == len(window) - 1) if own_context else nullcontext():
                 loss = loss_fn(b) / len(window)
                 module.manual_backward(loss)
-                losses.append(loss.detach())
-        if second and gradient_clip_val is not None:
+            losses.append(loss.detach())
+        if i == last and gradient_clip_val is not None:
             if scaler is not None:
                 scaler.unscale_(sam)
             torch.nn.utils.clip_grad_norm_(module.parameters(), gradient_clip_val)
@@ -106,11 +108,16 @@ def sam_training_step(
 
     if scaler is not None:
         # 16-mixed: the plugin calls the closure itself, then GradScaler.step(sam) without one,
-        # which finishes a step begun by first_step (and skips it on an inf in either pass)
-        loss = run(second=False)
-        sam.first_step(zero_grad=True)
-        opt.step(closure=lambda: run(second=True))
-        return loss
+        # which finishes a step begun here (and skips it on an inf in any pass)
+        sam.begin_step()
+        losses = []
+        with sam.abandon_on_error():
+            for i in range(last):
+                losses.append(run(i, own_context=True))
+                sam.end_pass(i)
+        opt.step(closure=lambda: losses.append(run(last, own_context=True)))
+        return losses[0]
     # fp32/bf16: the plugin hands the closure to SAM.step, which runs it once per pass
-    passes = iter((False, True))
-    return opt.step(closure=lambda: run(next(passes)))
+    # (samnorm.sam.protocol.run_passes, in each pass's context)
+    passes = iter(range(last + 1))
+    return opt.step(closure=lambda: run(next(passes), own_context=False))

@@ -11,9 +11,9 @@ The first-pass gradient is thus the averaged one, identical in effect on every r
 with its own gradient. ``first_step(loss)`` cannot differentiate shard by shard (the sharded
 parameters are not in the autograd graph: ``torch.autograd.grad`` finds no gradient for them), so
 there it runs ``loss.backward()``, FSDP2's reduce-scatter included, and takes those gradients.
-The variants' vectors (LookSAM's ``g_v``, OnePassSAM's kept gradient) hold each rank's shards, their
-dot products summed over the shards. Under ``GradScaler``, DTensor's unscale kernel takes the max of
-the inf flag over the mesh, so every rank skips the same steps.
+The variants' vectors (LookSAM's ``g_v``, OnePassSAM's kept gradient, GSAM's ``g``) hold each
+rank's shards, their dot products summed over the shards. Under ``GradScaler``, DTensor's unscale
+kernel takes the max of the inf flag over the mesh, so every rank skips the same steps.
 
 Supported layouts: every perturbed parameter a DTensor on one mesh with one pattern of sharded mesh
 dimensions (FSDP2, HSDP). A mix of DTensors and plain tensors (the root module not sharded) or of

@@ -1,0 +1,245 @@
+"""The step protocol: what each forward/backward pass of a SAM step is for, and one driver that runs them.
+
+A SAM-type optimizer says, for the step under way, which passes it needs (:meth:`SAM.passes
+<samnorm.SAM.passes>`, a tuple of :class:`Pass`), and :func:`run_passes` runs them: every training
+loop (``SAM.step(closure)``, :func:`samnorm.recipe.finetune`, :func:`samnorm.integrations.sam_passes`
+and so the transformers, accelerate and timm integrations, and the Lightning helper) goes through it,
+so the number of passes, the BatchNorm statistics and DDP's all-reduce follow one rule:
+
+- SAM: an *ascent* pass at ``w`` (BatchNorm statistics updated, no DDP all-reduce), then the
+  *descent* pass at ``w + e`` (statistics frozen, all-reduced);
+- :class:`~samnorm.variants.IntervalSAM`/:class:`~samnorm.variants.LookSAM` on plain steps: one
+  descent pass at ``w``; :class:`~samnorm.variants.OnePassSAM`: one descent pass at ``w + e`` (its
+  ascent comes before, from the optimizer's state);
+- BatchNorm running statistics move in the step's first pass only, so once per step for every class.
+
+The phases of a step (:class:`Phase`): ``IDLE`` (no step begun, parameters at ``w``), ``BEGUN`` (a
+step begun, nothing perturbed), ``PERTURBED`` (parameters at ``w + e``, ``w`` saved). After
+:func:`run_passes` the parameters are at the descent pass's point and ``.grad`` holds the descent
+gradient: the loop clips if it wants and calls ``optimizer.step()``, which restores ``w`` and steps.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from samnorm import SAM
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    >>> sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.1)
+    >>> [(p.at, p.use) for p in sam.passes()]
+    [('w', 'ascent'), ('w+e', 'descent')]
+    >>> losses = run_passes(sam, model, [torch.randn(8, 3)], lambda x: model(x).pow(2).mean())
+    >>> sam.step(); int(model[1].num_batches_tracked)      # BatchNorm moved once
+    1
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import torch
+
+from . import fsdp
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from ..optim import SAM
+
+__all__ = ["ASCENT", "DESCENT_PERTURBED", "ONE_PASS", "PLAIN", "Pass", "Phase", "ascent_gradients", "begin_window", "run_passes"]
+
+B = TypeVar("B")
+
+
+class Phase(enum.Enum):
+    """Where a SAM step stands (:attr:`SAM.phase <samnorm.SAM.phase>`)."""
+
+    IDLE = "idle"  # no step begun; parameters at w
+    BEGUN = "begun"  # a step begun, nothing perturbed (a plain step, or an ascent that moved nothing)
+    PERTURBED = "perturbed"  # parameters at w + e, w saved
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward/backward pass of a step.
+
+    Attributes:
+        at: where the parameters are during the pass: ``"w"`` or ``"w+e"`` (perturbed).
+        use: ``"ascent"``: its gradient (of the perturbed tensors only) sets the next perturbation;
+            ``"descent"``: its gradient (of every parameter) is the base optimizer's.
+        update_bn: whether BatchNorm running statistics update (the step's first pass only).
+        sync: whether DDP all-reduces its gradients (descent passes; SAM's ``sync_first_pass``
+            averages an ascent's own few gradients instead).
+    """
+
+    at: Literal["w", "w+e"]
+    use: Literal["ascent", "descent"]
+    update_bn: bool
+    sync: bool
+
+
+#: SAM's first pass: at w, for the ascent
+ASCENT = Pass(at="w", use="ascent", update_bn=True, sync=False)
+#: SAM's second pass: at w + e, for the descent
+DESCENT_PERTURBED = Pass(at="w+e", use="descent", update_bn=False, sync=True)
+#: a plain step's only pass (IntervalSAM/LookSAM between SAM steps)
+PLAIN = Pass(at="w", use="descent", update_bn=True, sync=True)
+#: OnePassSAM's only pass, at the w + e its ascent set before the forward
+ONE_PASS = Pass(at="w+e", use="descent", update_bn=True, sync=True)
+
+
+def run_passes(
+    sam: SAM,
+    model: nn.Module,
+    batches: Sequence[B],
+    fn: Callable[[B], Any],
+    *,
+    backward: Callable[[torch.Tensor], Any] | bool | None = None,
+    loss_of: Callable[[Any], torch.Tensor] | None = None,
+    start: int = 0,
+    fresh: bool = True,
+) -> list[Any]:
+    """Run the passes of ``sam``'s current step over the micro-batches ``batches``; return
+    ``fn``'s outputs of the first pass run, one per micro-batch.
+
+    Args:
+        sam: a :class:`~samnorm.SAM` (or variant) with no step begun (``start=0``), or with passes
+            ``0 .. start-1`` done (:meth:`SAM.end_pass <samnorm.SAM.end_pass>` called for each).
+        model: the model (DDP's ``no_sync`` and BatchNorm statistics follow each :class:`Pass`).
+        batches: the micro-batches of the step (gradients accumulate over them).
+        fn: ``batch -> output``; the loss is ``loss_of(output)`` (default: the output itself).
+        backward: ``None``: the driver differentiates the loss (an ascent over one micro-batch
+            takes the gradient of the perturbed tensors only, ``torch.autograd.grad``); a callable
+            ``loss -> None`` (a framework's scaled backward); ``False``: ``fn`` runs the backward.
+        loss_of: picks the loss out of ``fn``'s output.
+        start: the first pass to run (the earlier ones were run by the caller).
+        fresh: with ``start=0``, the step starts from no gradient: gradients present are dropped
+            when the optimizer zeroed them since its last step (``zero_grad(set_to_none=False)``),
+            refused otherwise (:func:`begin_window`); ``False``: ``fn`` zeroes them (a closure).
+
+    Afterwards the parameters are at the last pass's point and ``.grad`` holds the descent
+    gradient: ``sam.step()`` (``optimizer.step()`` in a framework, after clipping) finishes the
+    step. An error restores ``w`` and abandons the step.
+    """
+    if start == 0:
+        begin_window(sam) if fresh else sam.begin_step()
+    passes = sam.passes()
+    outputs: list[Any] = []
+    pick = loss_of or (lambda out: out)
+    for i in range(start, len(passes)):
+        ascent_by_loss = passes[i].use == "ascent" and backward is None and len(batches) == 1
+        results = []
+        with sam.abandon_on_error():
+            for j, batch in enumerate(batches):
+                with sam.pass_context(i, model, last_micro_batch=j == len(batches) - 1):
+                    out = fn(batch)
+                    if ascent_by_loss:
+                        loss = pick(out)
+                    elif backward is None:
+                        pick(out).backward()
+                    elif backward is not False:
+                        backward(pick(out))
+                results.append(out)
+            sam.end_pass(i, loss if ascent_by_loss else None)
+        if not outputs:
+            outputs = results
+    return outputs
+
+
+def begin_window(sam: SAM) -> None:
+    """Begin a step whose passes start from no gradient. Gradients present are dropped when
+    ``sam.zero_grad`` ran since the last step (zero-filled by ``zero_grad(set_to_none=False)``: no
+    device read); otherwise they are read once and refused unless all zero (left over: they would
+    enter the ascent).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from samnorm import SAM
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+        >>> sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model)
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> begin_window(sam)
+        Traceback (most recent call last):
+        ValueError: gradients are already present at the start of a SAM step: ...
+    """
+    grads = [p.grad for g in sam.param_groups for p in g["params"] if p.grad is not None]
+    if grads and not sam.zeroed_since_step and any(bool(g.any()) for g in grads):
+        raise ValueError(
+            "gradients are already present at the start of a SAM step: they would enter the "
+            "ascent. Call optimizer.zero_grad() after each optimizer.step(), and accumulate by "
+            "passing each micro-batch to samnorm.integrations.sam_passes (last=True on the window's "
+            "final one) or all of them to samnorm.sam.protocol.run_passes"
+        )
+    sam.begin_step()
+    sam.zero_grad(set_to_none=True)
+
+
+_REENTRANT = (
+    "first_step(loss): {n} perturbed tensor(s) got no gradient from torch.autograd.grad, and the "
+    "loss's graph holds reentrant activation checkpointing (torch.utils.checkpoint with "
+    "use_reentrant=True), which autograd.grad cannot differentiate through. Use "
+    "use_reentrant=False, or the .grad path: loss.backward(), then first_step() without a loss"
+)
+
+
+def ascent_gradients(
+    params: list[torch.Tensor],
+    loss: torch.Tensor | None,
+    *,
+    zero_missing: bool = False,
+    owned: list[torch.Tensor] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(parameter, gradient)`` pairs for an ascent over ``params``: ``loss``'s gradient of those
+    only (``torch.autograd.grad``), or their ``.grad`` when ``loss`` is None. A parameter without
+    gradient is left out (``zero_missing``: counted as zeros, so that every rank issues the same
+    collectives). A loss whose graph hides parameters behind reentrant activation checkpointing is
+    refused (``ValueError``), since autograd.grad cannot reach them. Under FSDP2 (DTensor
+    parameters, out of autograd.grad's reach too) it runs ``loss.backward()`` instead, leaving the
+    ``.grad`` of ``owned`` (default ``params``; SAM passes all of its parameters) as it was.
+
+    Example:
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> [g.tolist() for _, g in ascent_gradients([w], (3 * w).sum())]
+        [[3.0, 3.0]]
+    """
+    if loss is None:
+        pairs = [(p, p.grad) for p in params]
+    else:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("first_step(loss=...) needs a scalar loss tensor")
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss does not require grad: compute it with autograd enabled (not under "
+                "torch.no_grad()) from the model's output"
+            )
+        wanted = [p for p in params if p.requires_grad]
+        grads: Sequence[torch.Tensor | None] = ()
+        if any(fsdp.is_dtensor(p) for p in wanted):  # FSDP2: autograd.grad cannot reach the shards
+            grads = fsdp.backward_grads(loss, params if owned is None else owned, wanted)
+        elif wanted:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+        pairs = list(zip(wanted, grads))
+        missing = sum(g is None for g in grads)
+        if missing and _reentrant_checkpoint_in(loss):
+            raise ValueError(_REENTRANT.format(n=missing))
+    if zero_missing:
+        return [(p, torch.zeros_like(p) if g is None else g) for p, g in pairs if p.requires_grad]
+    return [(p, g) for p, g in pairs if g is not None]
+
+
+def _reentrant_checkpoint_in(loss: torch.Tensor) -> bool:
+    """Whether ``loss``'s autograd graph holds a reentrant ``torch.utils.checkpoint`` node (walked
+    only when a parameter got no gradient)."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "CheckpointFunction" in type(fn).__name__:
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
