@@ -575,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = "ablation" if args.study == "arms" else f"ablation_{args.study}"
     atomic_write(os.path.join(args.out, f"{name}.md"), text)
-    atomic_write(os.path.join(args.out, f"{name}_summary.json"), json.dumps(result, indent=1, default=str))
+    # one line: the summary is derived (--report-only remakes it), its size need not grow the repository
+    atomic_write(os.path.join(args.out, f"{name}_summary.json"), json.dumps(result, separators=(",", ":"), default=str))
     print(text)
     print(f"wall time {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
