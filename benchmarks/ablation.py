@@ -250,8 +250,9 @@ def recipe_of(run: dict[str, Any], config: Any) -> Any:
         return FinetuneConfig(**arm)
     term = parse_term(run["ood"])
     transforms = [t for t in config.transforms if term.get("only", t) == t and term.get("drop") != t]
+    ratio = 0.0 if run["ood"] == "off" else float(term.get("ratio", 1))
     return FinetuneConfig(**arm, momentum=0.9, weight_decay=config.weight_decay, epochs=1,
-                          batch_size=config.batch_size, ood_ratio=0.0 if run["ood"] == "off" else float(term.get("ratio", 1)),
+                          batch_size=config.batch_size, ood_ratio=ratio,
                           ood_loss=term.get("loss", "uniform"), ood_weight=float(term.get("weight", OOD_WEIGHT)),
                           m_in=config.m_in, m_out=config.m_out, transforms=transforms)
 

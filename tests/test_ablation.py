@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("timm")
 
-from samnorm.demo import DemoConfig  # noqa: E402
-from samnorm.recipe import FinetuneConfig  # noqa: E402
+from samnorm.demo import DemoConfig
+from samnorm.recipe import FinetuneConfig
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,8 @@ def test_a_bad_term_is_refused_before_any_run(ab, term, capsys) -> None:
 
 def test_defaults_per_study_and_family(ab) -> None:
     arms = _args(ab, "--family", "t2t_vit")
-    assert (arms.out, arms.widths, arms.lrs) == ("benchmarks/ablation_runs/t2t_vit", (32, 64, 128, 256), (0.01, 0.03, 0.1))
+    assert arms.out == "benchmarks/ablation_runs/t2t_vit"
+    assert (arms.widths, arms.lrs) == ((32, 64, 128, 256), (0.01, 0.03, 0.1))
     assert "cli-default" not in arms.optimizers.split(",")
     term = _args(ab, "--study", "term")
     assert term.terms.split(",")[0] == "on" and term.lrs == (0.1,) and term.optimizers == "sgd,sam-on"
