@@ -257,6 +257,21 @@ def recipe_of(run: dict[str, Any], config: Any) -> Any:
                           m_in=config.m_in, m_out=config.m_out, transforms=transforms)
 
 
+def dumps_state(state: dict[str, Any]) -> str:
+    """A backbone's JSON with one run per line: compact, and a resumed invocation's diff shows its new runs only.
+
+    Example:
+        >>> dumps_state({"pretrained": {"a": 1}, "runs": {"k1": {"x": 0.5}, "k2": {"x": 1}}}).splitlines()[2]
+        '"k1": {"x":0.5},'
+    """
+    def one(key: str, value: Any) -> str:
+        return f"{json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}"
+
+    head = [one(k, v) for k, v in state.items() if k != "runs"]
+    runs = [one(k, v) for k, v in state["runs"].items()]
+    return "{" + ",\n".join(head + ['"runs": {\n' + ",\n".join(runs) + "\n}"]) + "}\n"
+
+
 def run_backbone(args: argparse.Namespace, backbone: int, chosen: dict[str, Any] | None = None) -> str:
     """Every missing run of one backbone and phase (``chosen`` None: the rho sweep); returns its JSON path."""
     import torch
@@ -289,9 +304,9 @@ def run_backbone(args: argparse.Namespace, backbone: int, chosen: dict[str, Any]
         tuned = finetune_copy(model, test.train, recipe, run["seed"])
         seconds = time.perf_counter() - start
         state["runs"][key] = {**run, **_figures(tuned, test, val.val, val_ood), "seconds": seconds}
-        atomic_write(path, json.dumps(state, indent=1))
+        atomic_write(path, dumps_state(state))
         print(f"backbone {backbone} {key}: {seconds:.1f} s", file=sys.stderr, flush=True)
-    atomic_write(path, json.dumps(state, indent=1))
+    atomic_write(path, dumps_state(state))
     return str(path)
 
 

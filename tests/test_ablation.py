@@ -130,3 +130,13 @@ def test_runs_of_another_backbone_are_not_mixed_in(ab, tmp_path) -> None:
     (tmp_path / "backbone0.json").write_text(json.dumps(stored))
     with pytest.raises(ValueError, match="another pretrained backbone"):
         ab.run_backbone(args, 0)
+
+
+def test_the_backbone_json_holds_one_run_per_line_and_reads_back_equal(ab) -> None:
+    state = {"pretrained": {"val": {"accuracy": 0.95}}, "runs": {}}
+    assert json.loads(ab.dumps_state(state)) == state
+    state["runs"] = {f"on|0.1|sgd|None|{seed}": {**_figures(ab, 0.1 * seed, 0.2), "seconds": 1.5} for seed in range(3)}
+    text = ab.dumps_state(state)
+    assert json.loads(text) == state
+    lines = text.splitlines()
+    assert [line.split(":")[0] for line in lines[2:5]] == [json.dumps(k) for k in state["runs"]]
