@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from samnorm.demo.config import DemoConfig, default_cache_dir
 from samnorm.demo.data import DemoData, accuracy, load_data
 from samnorm.io import atomic_save
+from samnorm.runs import ensure_folder
 
 __all__ = ["build_backbone", "cache_path", "pretrain", "progress_bar"]
 
@@ -91,7 +92,8 @@ def cache_path(config: DemoConfig) -> Path:
 def pretrain(config: DemoConfig, data: DemoData | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The pretrained backbone: loaded from the cache when there, else trained on ID train and cached.
 
-    The cache file is :func:`cache_path`, written atomically. Returns the model (eval mode) and
+    The cache file is :func:`cache_path`, written atomically; a cache folder that cannot be created or
+    written to is a ``ValueError`` before any training. Returns the model (eval mode) and
     ``{"cached": bool, "path": str, "seconds": float, "val_accuracy": float}``.
 
     Example:
@@ -99,9 +101,11 @@ def pretrain(config: DemoConfig, data: DemoData | None = None) -> tuple[nn.Modul
         >>> info["cached"]                        # doctest: +SKIP
         True
     """
-    data = data if data is not None else load_data(config)
     key = json.dumps(config.pretrain_key(), sort_keys=True)
     path = cache_path(config)
+    if not path.is_file():  # the weights will be cached there: a folder that cannot take them fails now, not after
+        ensure_folder(str(path.parent), "the cache folder (--cache-dir, DemoConfig.cache_dir)")
+    data = data if data is not None else load_data(config)
     model = build_backbone(config)
     start = time.perf_counter()
     if path.is_file():
