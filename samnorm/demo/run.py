@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from samnorm.demo.config import ARMS, SELECTION, DemoConfig
 from samnorm.demo.data import DemoData, accuracy, batches, load_data
 from samnorm.io import atomic_write
-from samnorm.demo.backbone import pretrain, progress_bar
+from samnorm.demo.backbone import check_cache, pretrain, progress_bar
 from samnorm.recipe import FinetuneConfig
 from samnorm.recipe import finetune as recipe_finetune
 from samnorm.runs import ensure_folder, result_set
@@ -162,6 +162,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoReport:
     start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(ensure_folder(config.out_dir, "--out (DemoConfig.out_dir)"))
+    check_cache(config)  # before the data are made, not after the pretraining
     data = load_data(config)
     timings["data"] = time.perf_counter() - start
     model, info = pretrain(config, data)
