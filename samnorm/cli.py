@@ -204,7 +204,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         n_skipped = sum(len(v) for v in skipped.values())
         if n_skipped:
             print(f"left out {n_skipped} unreadable image(s); scores.json lists them under 'skipped'", file=sys.stderr)
-        print(f"wrote results.md, results.csv, scores.json and manifest.json to {args.output}", file=sys.stderr)
+        print(f"wrote results.md, results.csv, scores.json and evaluate.manifest.json to {args.output}",
+              file=sys.stderr)
     return 0
 
 

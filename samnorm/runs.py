@@ -19,9 +19,10 @@ each command's output and input folders in a :class:`RunSpec`), and so does
   core dump.
 * :func:`result_set`: the files of one result (evaluate's tables and scores, diagnose's figures, the
   demo's report) are written in full as temporary files first; only then are they renamed into
-  place, and ``manifest.json`` is written last, naming the run and each file's size and SHA-256. A
-  failed write leaves the previous set and its manifest untouched; a set without a manifest that
-  matches it is incomplete.
+  place, and ``COMMAND.manifest.json`` is written last, naming the run and each file's size and
+  SHA-256. A failed write leaves the previous set and its manifest untouched; a set without a
+  manifest that matches it is incomplete. Each command has its own set: ``evaluate`` and ``diagnose``
+  may share a folder.
 
 Nothing here imports torch.
 
@@ -30,7 +31,7 @@ Example:
     >>> out = tempfile.mkdtemp()
     >>> with hold(out, "example"), result_set(out, "example"):
     ...     _ = atomic_write(os.path.join(out, "a.txt"), "hello")
-    >>> sorted(read_manifest(out)["files"])
+    >>> sorted(read_manifest(out, "example")["files"])
     ['a.txt']
 """
 
@@ -58,7 +59,6 @@ from samnorm.io import WriteError, atomic_write, remove_stale_temps, staged
 __all__ = [
     "EXIT_IOERR",
     "LOCK_NAME",
-    "MANIFEST_NAME",
     "FolderBusy",
     "RunSpec",
     "Signalled",
@@ -69,13 +69,13 @@ __all__ = [
     "exit_status",
     "handle_signals",
     "hold",
+    "manifest_name",
     "read_manifest",
     "result_set",
 ]
 
 EXIT_IOERR = 74  # sysexits.h EX_IOERR: a write failed (disk full, file-size limit, read-only folder)
 LOCK_NAME = ".samnorm.lock"
-MANIFEST_NAME = "manifest.json"
 
 
 class FolderBusy(ValueError):
@@ -349,16 +349,26 @@ def exit_status(err: BaseException) -> int:
 
 
 # ------------------------------------------------------------------ result sets
-def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest of the result set in ``folder``, or None when the folder holds no complete set
-    (no manifest, or a file that no longer matches its size in it).
+def manifest_name(command: str) -> str:
+    """The file name of ``command``'s manifest.
 
     Example:
-        >>> read_manifest(tempfile.mkdtemp()) is None
+        >>> manifest_name("evaluate")
+        'evaluate.manifest.json'
+    """
+    return f"{command}.manifest.json"
+
+
+def read_manifest(folder: str | os.PathLike[str], command: str) -> dict[str, Any] | None:
+    """The manifest of ``command``'s result set in ``folder``, or None when the folder holds no complete
+    set of it (no manifest, or a file that no longer has the size it records).
+
+    Example:
+        >>> read_manifest(tempfile.mkdtemp(), "evaluate") is None
         True
     """
     try:
-        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+        with open(os.path.join(folder, manifest_name(command)), encoding="utf-8") as f:
             manifest = json.load(f)
         sizes = {n: os.path.getsize(os.path.join(folder, n)) for n in manifest["files"]}
     except (OSError, ValueError, KeyError, TypeError):
@@ -382,10 +392,11 @@ def result_set(folder: str | os.PathLike[str], command: str, info: Mapping[str, 
     """Write the files of one result into ``folder`` as a unit.
 
     Every :func:`samnorm.io.atomic_write`/``atomic_save`` inside the block writes a temporary file;
-    when the block ends without an error, the previous manifest is removed, the files are renamed into
-    place, the previous set's files that this one does not have are removed, and ``manifest.json``
-    (run id, command, time, ``info``, each file's size and SHA-256) is written last. An error inside
-    the block (a failed write, a signal) deletes the temporaries: the previous set stays, whole.
+    when the block ends without an error, the previous manifest of ``command`` is removed, the files are
+    renamed into place, the previous set's files that this one does not have are removed, and
+    :func:`manifest_name` (run id, command, time, ``info``, each file's size and SHA-256) is written
+    last; signals wait until then. An error inside the block (a failed write, a signal) deletes the
+    temporaries: the previous set stays, whole.
 
     Example:
         >>> out = tempfile.mkdtemp()
@@ -397,7 +408,7 @@ def result_set(folder: str | os.PathLike[str], command: str, info: Mapping[str, 
         ...         raise OSError("disk full")
         ... except OSError:
         ...     pass
-        >>> open(os.path.join(out, "a.txt")).read(), read_manifest(out)["command"]
+        >>> open(os.path.join(out, "a.txt")).read(), read_manifest(out, "example")["command"]
         ('one', 'example')
     """
     folder = os.fspath(folder)
@@ -408,8 +419,9 @@ def result_set(folder: str | os.PathLike[str], command: str, info: Mapping[str, 
                 raise ValueError(f"result_set({folder!r}) wrote {target!r}, outside its folder")
         files = {os.path.basename(t): {"bytes": os.path.getsize(tmp), "sha256": _sha256(tmp)}
                  for t, tmp in pending.items()}
-        manifest_path = os.path.join(folder, MANIFEST_NAME)
-        previous = read_manifest(folder) or {"files": {}}
+        manifest_path = os.path.join(folder, manifest_name(command))
+        previous = read_manifest(folder, command) or {"files": {}}
+    with deferred_signals():  # every file written: swap the set in (the manifest, written last, is not staged)
         try:
             os.remove(manifest_path)  # from here until the new manifest, the folder holds no complete set
         except FileNotFoundError:
@@ -422,9 +434,8 @@ def result_set(folder: str | os.PathLike[str], command: str, info: Mapping[str, 
             if os.path.basename(name) == name:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(folder, name))
-        pending.clear()
-    atomic_write(manifest_path, json.dumps({
-        "run": uuid.uuid4().hex, "command": command, "pid": os.getpid(), "host": socket.gethostname(),
-        "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        **({"info": dict(info)} if info else {}), "files": files}, indent=2))
+        atomic_write(manifest_path, json.dumps({
+            "run": uuid.uuid4().hex, "command": command, "pid": os.getpid(), "host": socket.gethostname(),
+            "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            **({"info": dict(info)} if info else {}), "files": files}, indent=2))
 

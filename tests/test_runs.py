@@ -250,26 +250,30 @@ def test_an_evaluate_rerun_whose_write_fails_leaves_the_previous_set_whole(data,
     assert {p.name: p.read_bytes() for p in (tmp_path / "ev").iterdir()} == before, err  # not a mix of two runs
     one_line(proc.returncode, err, f"write error: cannot write {tmp_path / 'ev' / 'scores.json'}: EFBIG",
              status=runs.EXIT_IOERR)
-    assert runs.read_manifest(tmp_path / "ev")["command"] == "evaluate"
+    assert runs.read_manifest(tmp_path / "ev", "evaluate")["command"] == "evaluate"
 
 
 def test_a_result_set_replaces_the_previous_one_whole():
     import tempfile
 
     out = tempfile.mkdtemp()
-    with runs.result_set(out, "first"):
+    with runs.result_set(out, "diagnose", {"run": 1}):
         for name in ("a.png", "b.png", "summary.json"):
             atomic_write(os.path.join(out, name), name)
     atomic_write(os.path.join(out, "mine.txt"), "not a result")
-    with runs.result_set(out, "second"):
+    with runs.result_set(out, "evaluate"):  # another command's set lives beside it
+        atomic_write(os.path.join(out, "results.md"), "table")
+    with runs.result_set(out, "diagnose", {"run": 2}):
         for name in ("a.png", "summary.json"):
             atomic_write(os.path.join(out, name), "2")
-    manifest = runs.read_manifest(out)
-    assert manifest["command"] == "second" and sorted(manifest["files"]) == ["a.png", "summary.json"]
-    assert sorted(os.listdir(out)) == ["a.png", "manifest.json", "mine.txt", "summary.json"]  # b.png was run 1's
+    manifest = runs.read_manifest(out, "diagnose")
+    assert manifest["info"] == {"run": 2} and sorted(manifest["files"]) == ["a.png", "summary.json"]
+    assert sorted(os.listdir(out)) == ["a.png", "diagnose.manifest.json", "evaluate.manifest.json", "mine.txt",
+                                       "results.md", "summary.json"]  # b.png was the first run's
+    assert runs.read_manifest(out, "evaluate")["files"]["results.md"]["bytes"] == 5
     with open(os.path.join(out, "a.png"), "a") as f:
         f.write("changed")
-    assert runs.read_manifest(out) is None  # a file that no longer matches: not a complete set
+    assert runs.read_manifest(out, "diagnose") is None  # a file that no longer matches: not a complete set
 
 
 # ---------------------------------------------------------------- output inside an input
