@@ -56,7 +56,7 @@ from samnorm.data.pseudo_ood import PseudoOOD
 from samnorm.io import atomic_save, atomic_write, remove_stale_temps
 from samnorm.losses import OOD_LOSSES, SFTLoss
 from samnorm.optim import SAM
-from samnorm.runs import deferred_signals, hold
+from samnorm.runs import deferred_signals, hold, signals_blocked, worker_ignores_signals
 from samnorm.variants import VARIANTS, make
 
 __all__ = [
@@ -572,9 +572,10 @@ def finetune(
         # Own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would
         # shift the dropout stream of a resumed run by one draw.
         workers_seed = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 101 + rank)
-        return iter(DataLoader(dataset, batch_size=cfg.batch_size, sampler=_IndexSampler(indices), drop_last=True,
-                               num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                               generator=workers_seed))
+        with signals_blocked():  # workers start with signals blocked, then ignore them: the main process handles them
+            return iter(DataLoader(dataset, batch_size=cfg.batch_size, sampler=_IndexSampler(indices), drop_last=True,
+                                   num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                   generator=workers_seed, worker_init_fn=worker_ignores_signals))
 
     def save(step: int) -> None:
         nonlocal saved_step
@@ -802,14 +803,16 @@ def evaluate_datasets(
         if fit_data is None:
             need = [s.name for s in built if not s.is_fitted]
             raise ValueError(f"scorers {need} need ID training statistics: give the ID training data (--fit DIR)")
-        fit_loader = DataLoader(fit_data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        fit_loader = DataLoader(fit_data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                worker_init_fn=worker_ignores_signals)
         for s in built:
             if not s.is_fitted:
                 s.fit(fit_loader)
     sets = {id_name: id_data, **ood_data}
     shards = {name: _batch_shard(len(ds), batch_size, rank, world) for name, ds in sets.items()}
     loaders = {
-        name: DataLoader(ds, batch_size=batch_size, sampler=_IndexSampler(shards[name][0]), num_workers=num_workers)
+        name: DataLoader(ds, batch_size=batch_size, sampler=_IndexSampler(shards[name][0]), num_workers=num_workers,
+                         worker_init_fn=worker_ignores_signals)
         for name, ds in sets.items()
     }
     local = evaluate(adapter, loaders[id_name], {n: loaders[n] for n in ood_data}, built, tpr=tpr,

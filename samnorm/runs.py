@@ -72,6 +72,8 @@ __all__ = [
     "manifest_name",
     "read_manifest",
     "result_set",
+    "signals_blocked",
+    "worker_ignores_signals",
 ]
 
 EXIT_IOERR = 74  # sysexits.h EX_IOERR: a write failed (disk full, file-size limit, read-only folder)
@@ -280,11 +282,23 @@ _pending: list[int] = []
 _SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
+def _in_finalizer(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise(signum: int, frame: Any) -> None:
     if _deferring:
         _pending.append(signum)
-        return
-    raise Signalled(signum)
+    elif _in_finalizer(frame):
+        # Python drops an exception raised in a __del__ (e.g. a DataLoader's, shutting its workers down
+        # between epochs): deliver the signal again once the finalizer has ended
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+    else:
+        raise Signalled(signum)
 
 
 @contextlib.contextmanager
@@ -331,6 +345,40 @@ def deferred_signals() -> Iterator[None]:
             signum = _pending[0]
             _pending.clear()
             raise Signalled(signum)
+
+
+def worker_ignores_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of samnorm's DataLoaders: a worker ignores SIGINT, SIGTERM and SIGHUP sent to
+    the whole process group (Ctrl-C in a terminal, Slurm's SIGTERM to a job step); the main process
+    handles them and shuts its workers down, instead of reporting each killed worker with a traceback.
+
+    A signal that reached the worker while it was started inside :func:`signals_blocked` is dropped.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> _ = DataLoader(range(4), num_workers=0, worker_init_fn=worker_ignores_signals)
+    """
+    handled = [getattr(signal, n) for n in _SIGNALS if hasattr(signal, n)]
+    for signum in handled:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends (``pthread_sigmask``): around starting
+    DataLoader workers, where a signal would otherwise land in fork handlers that drop exceptions, or
+    kill a worker before :func:`worker_ignores_signals` runs in it.
+
+    Example:
+        >>> with signals_blocked():
+        ...     pass
+    """
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, n) for n in _SIGNALS if hasattr(signal, n)])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def exit_status(err: BaseException) -> int:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,7 +175,7 @@ def test_sigterm_keeps_the_checkpoint_with_one_line_and_exit_143(data, terminate
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])  # SIGTERM: the module fixture
 def test_signal_matrix_at_a_random_step_then_resume_equals_the_uninterrupted_run(data, reference, tmp_path, capsys,
                                                                                  sig):
     code, lines = stopped_by(spawn(train_args(data, tmp_path)), sig, random.Random(int(sig)).randint(8, 40))
@@ -197,6 +198,24 @@ def test_signals_raise_where_the_program_is_and_wait_for_a_checkpoint():
                 done.append("the whole block ran")
         assert done
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_signal_inside_a_finalizer_is_delivered_after_it():
+    """Python drops exceptions raised in __del__ (a DataLoader shuts its workers down there)."""
+    finished = []
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs here, inside __del__
+            finished.append(True)
+
+    with runs.handle_signals():
+        with pytest.raises(runs.Signalled, match="SIGTERM"):
+            Finalized()
+            for _ in range(500):
+                time.sleep(0.01)
+    assert finished
 
 
 # ---------------------------------------------------------------- write errors

@@ -41,7 +41,7 @@ from samnorm.cli_common import (
     names,
     read_recorded,
 )
-from samnorm.runs import RunSpec, result_set
+from samnorm.runs import RunSpec, result_set, worker_ignores_signals
 
 __all__ = ["add_parser", "write_report", "run"]
 
@@ -157,7 +157,8 @@ def _loader(dataset: Any, args: argparse.Namespace) -> Any:
         # a random subset, not the first N files: those would all come from the first classes
         gen = torch.Generator().manual_seed(args.seed)
         dataset = Subset(dataset, torch.randperm(len(dataset), generator=gen)[: args.max_images].tolist())
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                      worker_init_fn=worker_ignores_signals)
 
 
 def _skipped(loader: Any) -> int:
