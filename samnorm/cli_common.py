@@ -140,15 +140,12 @@ def output_dir(path: str, option: str = "--output") -> str:
         ...
         samnorm.cli_common.UsageError: --output ... is a file, not a folder: name a folder for the results
     """
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{option} {path} is a file, not a folder: name a folder for the results")
+    from samnorm import runs
+
     try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"{option} {path}: cannot create the folder ({err.strerror or err})") from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: the folder is not writable")
-    return path
+        return runs.ensure_folder(path, option)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def check_outside(path: str, images: Any, option: str = "--output", folder_option: str = "--train") -> None:
@@ -162,14 +159,14 @@ def check_outside(path: str, images: Any, option: str = "--output", folder_optio
         >>> check_outside(os.path.join(root, "out"), SimpleNamespace(root=root, classes=[]))
         Traceback (most recent call last):
         ...
-        samnorm.cli_common.UsageError: --output ... is inside --train ...: choose an output folder outside it ...
+        samnorm.cli_common.UsageError: --output ... is inside --train ...: choose an output folder outside it (...
     """
-    real = os.path.realpath(path)
-    for folder in [images.root, *(os.path.join(images.root, c) for c in images.classes)]:
-        real_folder = os.path.realpath(folder)
-        if os.path.commonpath([real, real_folder]) == real_folder:
-            raise UsageError(f"{option} {path} is inside {folder_option} {images.root}: choose an output folder "
-                             "outside it (its files would be read as a class of images)")
+    from samnorm import runs
+
+    try:
+        runs.check_outside(path, {folder_option: images.root}, option)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def error_line(err: BaseException) -> str:

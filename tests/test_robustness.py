@@ -298,7 +298,7 @@ def test_7_stale_temps_are_removed_and_every_result_file_is_replaced_atomically(
                         "--output", tmp_path / "ev", "--workers", "0"], capsys)
     assert code == 0, err
     assert {"results.md", "results.csv", "scores.json"} <= set(replaced)
-    assert sorted(os.listdir(tmp_path / "ev")) == ["results.csv", "results.md", "scores.json"]
+    assert sorted(os.listdir(tmp_path / "ev")) == ["evaluate.manifest.json", "results.csv", "results.md", "scores.json"]
 
 
 def test_7_diagnose_gives_every_ood_set_its_own_files(tmp_path):

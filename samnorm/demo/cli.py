@@ -8,6 +8,7 @@ from typing import Any
 
 from samnorm.cli_common import names
 from samnorm.demo.config import ARMS, BACKBONE_DEFAULTS, DemoConfig, default_cache_dir
+from samnorm.runs import RunSpec
 
 __all__ = ["add_parser", "main"]
 
@@ -67,7 +68,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--select", action="store_true",
                    help="instead of the demo, rerun the validation-only selection of the fine-tuning defaults")
-    p.set_defaults(func=main)
+    p.set_defaults(func=main, run_spec=RunSpec("out", option="--out"))
 
 
 def main(args: argparse.Namespace) -> int:
