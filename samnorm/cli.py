@@ -28,7 +28,7 @@ from samnorm.cli_common import (
     UsageError,
     add_model_args,
     build_model,
-    check_counts,
+    check_args,
     check_outside,
     error_line,
     fit_folder,
@@ -79,7 +79,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from samnorm.data.folders import ImageFolder
     from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig, finetune
 
-    check_counts(args)
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --output, --overwrite replaces it: pass one of them")
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
@@ -132,7 +131,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from samnorm.recipe import evaluate_datasets
 
     # everything the user typed is checked before a model is built or an image is read
-    check_counts(args)
     scorers = names(args.scorers)
     unknown = []
     for s in scorers:
@@ -206,7 +204,6 @@ def _cmd_pseudo_ood(args: argparse.Namespace) -> int:
     from samnorm.data.folders import ImageFolder, ImageTransform
     from samnorm.data.pseudo_ood import PseudoOOD, save_example_grid
 
-    check_counts(args)
     c = args.channels
     ds = ImageFolder(args.images, ImageTransform(size=args.size, mean=(0.0,) * c, std=(1.0,) * c))
     # Spread the examples over the folder so that several classes show up.
@@ -230,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.steps, args.optimizer
         (5, None)
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="samnorm", description="Sharpness-aware fine-tuning (SAM-ON) for OOD detection.",
         epilog="Each command runs under torchrun --nproc_per_node N as well.",
     )
@@ -318,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error as one line (``samnorm finetune: error: argument --seed: ...``), exit 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -353,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        check_args(args)  # every option of every command, before any work
         return int(args.func(args) or 0)
     except KeyboardInterrupt as err:  # Ctrl-C: finetune's message names the checkpoint kept
         if args.debug:

@@ -25,7 +25,7 @@ from samnorm.recipe import CHECKPOINT_NAME, DivergedError, FinetuneConfig, finet
 pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
 
 TINY = ["--model", "t2t_vit_7", "--model-arg", "img_size=16", "--model-arg", "in_chans=1", "--model-arg",
-        "embed_dim=16", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--workers", "0"]
+        "embed_dim=16", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--workers", "0", "--random-init"]
 FAST = dict(batch_size=4, progress=False, log=lambda _: None)
 
 
@@ -66,7 +66,8 @@ def cli(args, capsys):
 
 def one_line(code, err, message, status=2):
     """Exit ``status`` and one error line (after finetune's "fine-tuning ... -> OUT" line, if any)."""
-    lines = [line for line in err.strip().splitlines() if not line.startswith("fine-tuning ")]
+    lines = [line for line in err.strip().splitlines()
+             if not line.startswith("fine-tuning ") and not line.endswith("starts from random weights (--random-init)")]
     assert code == status and len(lines) == 1 and lines[0].startswith("samnorm ") and message in lines[0], err
 
 
@@ -117,7 +118,8 @@ def test_2_a_nan_starting_checkpoint_is_refused(data, finished, tmp_path, capsys
     ckpt = torch.load(finished / CHECKPOINT_NAME, weights_only=True)
     ckpt["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "nan.pt")
-    code, _, err = cli(train_args(data, tmp_path / "o", "--checkpoint", tmp_path / "nan.pt"), capsys)
+    args = [a for a in train_args(data, tmp_path / "o", "--checkpoint", tmp_path / "nan.pt") if a != "--random-init"]
+    code, _, err = cli(args, capsys)
     one_line(code, err, "NaN/inf")
     assert not (tmp_path / "o" / CHECKPOINT_NAME).exists()
 
@@ -247,7 +249,8 @@ def test_5_resume_refuses_a_changed_training_folder(tmp_path, capsys):
 def test_5_the_recorded_image_size_is_honoured_or_the_conflict_named(data, tmp_path, capsys):
     base = ["--model", "test_resnet", "--model-arg", "in_chans=1", "--workers", "0", "--batch-size", "4",
             "--no-progress", "--steps", "1"]
-    code, _, err = cli(["finetune", "--train", data, "--output", tmp_path / "a", *base, "--img-size", "24"], capsys)
+    code, _, err = cli(["finetune", "--train", data, "--output", tmp_path / "a", *base, "--img-size", "24",
+                        "--random-init"], capsys)
     assert code == 0, err
     ckpt = tmp_path / "a" / CHECKPOINT_NAME
     code, _, err = cli(["finetune", "--train", data, "--output", tmp_path / "b", "--checkpoint", ckpt,
