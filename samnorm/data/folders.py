@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from samnorm.data.decode import decode
+
 __all__ = ["IMG_EXTENSIONS", "ImageFolder", "ImageTransform", "transform_for_model"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -100,16 +102,25 @@ class ImageTransform:
         return len(self.mean)
 
     def __call__(self, image: Any) -> Tensor:
-        image = image.convert("RGB" if self.channels == 3 else "L")
-        w, h = image.size
+        from PIL import Image
+
+        values = decode(image, self.channels)  # every PIL mode by its true range (samnorm.data.decode)
+        h, w = values.shape[:2]
         short = max(1, round(self.size / self.crop_pct))
         scale = short / min(w, h)
         nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
-        image = image.resize((nw, nh), resample=self._RESAMPLE[self.interpolation])
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        arr = np.asarray(image, dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr.reshape(self.size, self.size, self.channels).copy()).permute(2, 0, 1)
+        # Resize only the crop's region (PIL's box, in source pixels): the same samples as resizing the
+        # whole image and cropping, but memory for the output only, whatever the aspect ratio (a
+        # 1 x 5,000,000 image would otherwise ask for a 32 x 160M intermediate).
+        sx, sy = nw / w, nh / h
+        box = (left / sx, top / sy, (left + self.size) / sx, (top + self.size) / sy)
+        planes = [
+            np.asarray(Image.fromarray(np.ascontiguousarray(values[..., c])).resize(
+                (self.size, self.size), resample=self._RESAMPLE[self.interpolation], box=box))
+            for c in range(self.channels)
+        ]
+        x = torch.from_numpy(np.clip(np.stack(planes), 0.0, 1.0))  # bicubic may overshoot
         mean = torch.tensor(self.mean).view(-1, 1, 1)
         std = torch.tensor(self.std).view(-1, 1, 1)
         return (x - mean) / std
