@@ -146,7 +146,7 @@ def test_2_divergence_in_the_cli_exits_3_with_one_line(data, tmp_path, capsys):
 
 # ---------------------------------------------------------------- 3. one line, exit 2, never a hang
 def test_3_a_named_pipe_called_x_png_is_not_read(tmp_path):
-    root = png_folder(tmp_path, classes=("a",), per_class=2)
+    root = png_folder(tmp_path, classes=("a", "b"), per_class=2)
     os.mkfifo(root / "a" / "x.png")
     result = {}
     reader = threading.Thread(target=lambda: result.update(ds=ImageFolder(root, ImageTransform(size=8))),
@@ -155,19 +155,19 @@ def test_3_a_named_pipe_called_x_png_is_not_read(tmp_path):
     reader.join(20)
     assert "ds" in result, "listing the folder hung"
     ds = result["ds"]
-    assert [os.path.basename(p) for p, _ in ds.samples] == ["0.png", "1.png"]
-    assert [tuple(x.shape) for x, _ in DataLoader(ds, batch_size=2)] == [(2, 3, 8, 8)]
+    assert [os.path.relpath(p, root) for p, _ in ds.samples] == ["a/0.png", "a/1.png", "b/0.png", "b/1.png"]
+    assert [tuple(x.shape) for x, _ in DataLoader(ds, batch_size=4)] == [(4, 3, 8, 8)]
 
 
 def test_3_a_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
     from PIL import Image
 
-    root = png_folder(tmp_path, classes=("a",), per_class=3)
+    root = png_folder(tmp_path, classes=("a", "b"), per_class=3)
     Image.new("L", (64, 64)).save(root / "a" / "1.png")  # 4096 pixels: a bomb under a 1,000-pixel limit
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     ds = ImageFolder(root, ImageTransform(size=8))
     with pytest.warns(RuntimeWarning, match="unreadable image .*1.png"):
-        assert sum(len(x) for x, _ in DataLoader(ds, batch_size=3)) == 3
+        assert sum(len(x) for x, _ in DataLoader(ds, batch_size=3)) == 6
     assert ds.skipped == 1
 
 

@@ -11,8 +11,10 @@ What is read (so that no image is counted twice or under another class's label):
 with an image extension, or symbolic links to such files; never pipes, sockets or devices (a pipe
 named ``x.png`` would block the reader). Class folders (the root's sub-folders) may be symbolic
 links, to build a dataset from some classes of another; two of them may not lead to the same
-directory, or to one inside another, or to the root. *Below* a class folder (and below a flat root)
-directory links are not followed: no cycle, no escape from the tree. A file link in a class folder
+directory, or to one inside another, or to the root. A labelled folder needs at least two classes
+(unless ``classes`` fixes the list), and no class folder may be empty (a ``ValueError`` names it).
+*Below* a class folder (and below a flat root) directory links are not followed: no cycle, no escape
+from the tree. A file link in a class folder
 may lead into that class folder or outside the image folder (e.g. to a shared image store), never to
 another class's image or elsewhere in the image folder (a ``ValueError`` names it).
 
@@ -245,6 +247,9 @@ class ImageFolder(Dataset):
             if not subdirs:
                 raise ValueError(f"{root!r} has no class sub-folders: expected {os.path.join(root, '<class>', '<image>')}")
             _check_class_dirs(root, subdirs)
+            if classes is None and len(subdirs) < 2:  # one class: the loss is 0 whatever the model does
+                raise ValueError(f"{root!r} has one class folder ({subdirs[0]!r}): a classifier needs at least two "
+                                 "classes, one sub-folder each; name the folder that holds the class folders")
             found = subdirs
             self.samples = []
         self.classes = list(classes) if classes is not None else found
@@ -260,6 +265,9 @@ class ImageFolder(Dataset):
             for c in subdirs:
                 found_links: list[str] = []
                 images = self._images(os.path.join(root, c), found_links)
+                if not images:  # it would be a class no image can teach
+                    raise ValueError(f"class folder {os.path.join(root, c)!r} holds no images "
+                                     f"({', '.join(IMG_EXTENSIONS)}): add its images or remove the folder")
                 self.samples += [(p, self.class_to_idx[c]) for p in images]
                 links += [(c, p) for p in found_links]
             _check_file_links(root, subdirs, links)
