@@ -115,7 +115,8 @@ SPECS: dict[str, Spec] = {
     # image sides: a resource bound
     "img_size": Spec(int, low=1, high=MAX_IMAGE_SIDE, optional=True, cost=_image_bytes),
     "size": _SIDE,
-    "dpi": Spec(int, low=1, high=1000, cost=lambda d: f"a 10 x 8 inch figure at {d} dpi has {80 * d * d:,} pixels"),
+    # below 20 dpi matplotlib cannot size the labels' font (FT_Set_Char_Size: invalid ppem)
+    "dpi": Spec(int, low=20, high=1000, cost=lambda d: f"a 10 x 8 inch figure at {d} dpi has {80 * d * d:,} pixels"),
     # real numbers (always finite)
     "lr": _positive(float),
     "pretrain_lr": _positive(float),
@@ -222,7 +223,7 @@ def check_options(args: Any) -> None:
         >>> check_options(SimpleNamespace(dpi=0))
         Traceback (most recent call last):
         ...
-        ValueError: --dpi must be an integer in [1, 1000], got 0
+        ValueError: --dpi must be an integer in [20, 1000], got 0
     """
     for name, value in vars(args).items():  # lists (--transforms) are comma-separated text on the command line
         if name in SPECS and value is not None and not SPECS[name].each:

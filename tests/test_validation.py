@@ -79,7 +79,8 @@ def test_a_huge_seed_names_the_seed(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--dpi", "0", "--dpi must be an integer in [1, 1000], got 0"),
+    ("--dpi", "0", "--dpi must be an integer in [20, 1000], got 0"),
+    ("--dpi", "1", "--dpi must be an integer in [20, 1000], got 1"),  # found by test_cli_fuzz: a traceback
     ("--grad-norm-p", "nan", "--grad-norm-p must be a finite number >= 1, got nan"),
     ("--img-size", "0", "--img-size must be an integer in [1, 8192], got 0"),
 ])
