@@ -31,11 +31,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "SPECS", "Spec", "check", "check_fields", "check_options", "label"]
+__all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "MAX_TENSOR_BYTES", "SPECS", "Spec", "check", "check_fields", "check_options", "label"]
 
 #: Largest image side (pixels) accepted anywhere: one 3 x 8192 x 8192 float32 image is 768 MiB, and a
 #: batch of them more; larger sides are refused with the memory one image would need.
 MAX_IMAGE_SIDE = 8192
+#: Largest tensor of images one option set may ask for (a batch, pseudo-ood's grid): 4 GiB.
+MAX_TENSOR_BYTES = 4 * 2**30
+# (count option, side option, images per count): the image tensors the options size together
+_TENSORS = (("batch_size", "img_size", 1), ("n", "size", 7))  # pseudo-ood: a row per transform (6) + the images
 #: Largest seed: the seeds of numpy's legacy generator, torch's and the DataLoader workers' all take it.
 MAX_SEED = 2**32 - 1
 
@@ -228,6 +232,12 @@ def check_options(args: Any) -> None:
     for name, value in vars(args).items():  # lists (--transforms) are comma-separated text on the command line
         if name in SPECS and value is not None and not SPECS[name].each:
             check(name, value, option=True)
+    for count, side, per in _TENSORS:
+        n, s = getattr(args, count, None), getattr(args, side, None)
+        if n is not None and s is not None and per * n * 3 * 4 * s * s > MAX_TENSOR_BYTES:
+            raise ValueError(f"{label(count, True)} {n} with {label(side, True)} {s}: {per * n} images of 3 x {s} x {s} "
+                             f"float32 need {per * n * 12 * s * s / 2**30:.1f} GiB at once (limit "
+                             f"{MAX_TENSOR_BYTES / 2**30:.0f} GiB); lower one of them")
     model_args = dict(getattr(args, "model_arg", None) or [])
     for key, why in _RESERVED_MODEL_ARGS.items():
         if key in model_args:

@@ -108,6 +108,14 @@ def test_memory_unsafe_image_sizes_are_refused_with_the_figure(tmp_path, capsys,
     assert not (tmp_path / "o").exists()  # refused before any work
 
 
+def test_options_that_size_one_tensor_together_are_bounded(tmp_path, capsys):
+    # pseudo-ood --size 8192 --n 8: a 45 GiB grid, a MemoryError traceback (found by a probe)
+    code = main(["pseudo-ood", "--images", str(png_folder(tmp_path / "d")), "--output", str(tmp_path / "g.png"),
+                 "--size", "8192", "--n", "8"])
+    lines = error_line(capsys)
+    assert code == 2 and len(lines) == 1 and "--n 8 with --size 8192: 56 images" in lines[0] and "GiB" in lines[0]
+
+
 # ---------------------------------------------------------------- images
 def test_a_16_bit_grey_png_reads_at_its_grey_level(tmp_path):
     for c, level in (("a", 32768), ("b", 8192)):
