@@ -272,11 +272,10 @@ def build_model(args: argparse.Namespace, raw: dict[str, Any] | None, **extra: A
         kwargs = {**recorded_model_kwargs(raw), **kwargs}
     source = raw if raw is not None else args.checkpoint
     pretrained = getattr(args, "pretrained", False)
-    if source is None and not pretrained:
-        if not args.random_init:
-            sources = ["--checkpoint FILE", *(["--pretrained"] if hasattr(args, "pretrained") else [])]
-            raise UsageError(f"no weights for {name}: pass {' or '.join(sources)}, or --random-init to start from "
-                             "random weights on purpose")
+    if source is None and not pretrained and not args.random_init:
+        sources = ["--checkpoint FILE", *(["--pretrained"] if hasattr(args, "pretrained") else [])]
+        raise UsageError(f"no weights for {name}: pass {' or '.join(sources)}, or --random-init to start from "
+                         "random weights on purpose")
     try:
         model = create_model(name, checkpoint=source, pretrained=pretrained, trusted=args.trust_checkpoint,
                              **extra, **kwargs)

@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "MAX_TENSOR_BYTES", "SPECS", "Spec", "check", "check_fields", "check_options", "label"]
+__all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "MAX_TENSOR_BYTES", "SPECS", "Spec", "check", "check_fields", "check_options",
+           "label"]
 
 #: Largest image side (pixels) accepted anywhere: one 3 x 8192 x 8192 float32 image is 768 MiB, and a
 #: batch of them more; larger sides are refused with the memory one image would need.
@@ -235,9 +236,9 @@ def check_options(args: Any) -> None:
     for count, side, per in _TENSORS:
         n, s = getattr(args, count, None), getattr(args, side, None)
         if n is not None and s is not None and per * n * 3 * 4 * s * s > MAX_TENSOR_BYTES:
-            raise ValueError(f"{label(count, True)} {n} with {label(side, True)} {s}: {per * n} images of 3 x {s} x {s} "
-                             f"float32 need {per * n * 12 * s * s / 2**30:.1f} GiB at once (limit "
-                             f"{MAX_TENSOR_BYTES / 2**30:.0f} GiB); lower one of them")
+            raise ValueError(f"{label(count, True)} {n} with {label(side, True)} {s}: {per * n} images of "
+                             f"3 x {s} x {s} float32 need {per * n * 12 * s * s / 2**30:.1f} GiB at once "
+                             f"(limit {MAX_TENSOR_BYTES / 2**30:.0f} GiB); lower one of them")
     model_args = dict(getattr(args, "model_arg", None) or [])
     for key, why in _RESERVED_MODEL_ARGS.items():
         if key in model_args:

@@ -76,7 +76,8 @@ def snapshot(*roots):
         for folder, _, files in os.walk(root):
             for f in files:
                 path = os.path.join(folder, f)
-                out[path] = (hashlib.sha256(open(path, "rb").read()).hexdigest(), os.stat(path).st_mtime_ns)
+                with open(path, "rb") as handle:
+                    out[path] = (hashlib.sha256(handle.read()).hexdigest(), os.stat(path).st_mtime_ns)
     return out
 
 
@@ -127,7 +128,8 @@ def check_run(argv, world, out, capsys, monkeypatch=None):
     assert code in (0, 2, 3), (code, err)
     if code:
         errors = [line for line in err.splitlines() if line.strip()]
-        assert errors and errors[-1].startswith("samnorm") and (" error: " in errors[-1] or "stopped:" in errors[-1]), err
+        last = errors[-1] if errors else ""
+        assert last.startswith("samnorm") and (" error: " in last or "stopped:" in last), err
         assert sum(" error: " in line or "stopped:" in line for line in errors) == 1, err
     after = snapshot(world / "data", world / "ood", world / "run", out)
     assert {p: after.get(p) for p in before} == before, "a file that existed before was changed"

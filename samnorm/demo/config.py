@@ -165,7 +165,8 @@ class DemoConfig:
         check_fields(self, ("pretrain_epochs", "batch_size", "n_ood", "stem_width", "groups", "lr",
                             "pretrain_lr", "momentum", "weight_decay", "ood_ratio", "m_in", "m_out", "pretrain_seed",
                             "data_seed"))
-        check_fields(self, ("epochs", "seeds"), {"epochs": Spec(int, low=1), "seeds": Spec(int, 0, MAX_SEED, each=True)})
+        check_fields(self, ("epochs", "seeds"),
+                     {"epochs": Spec(int, low=1), "seeds": Spec(int, 0, MAX_SEED, each=True)})
         if self.image_size is not None:
             check("image_size", self.image_size, Spec(int, low=16, high=MAX_IMAGE_SIDE))
         for name in ("n_train", "n_test"):
