@@ -108,7 +108,9 @@ SPECS: dict[str, Spec] = {
     "n": Spec(int, low=1, high=4096),
     "max_images": _positive(int, optional=True),
     "theory": Spec(int, low=0),
-    "theory_iters": _positive(int),
+    "theory_iters": Spec(int, low=1, high=10_000),
+    # the demo's --seeds is a count (its seeds are 0..N-1): range(2**31) would fill the memory first
+    "seeds": Spec(int, low=1, high=1000),
     "pretrain_epochs": _positive(int),
     "n_ood": _positive(int),
     "stem_width": _positive(int),

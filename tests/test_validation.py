@@ -116,6 +116,15 @@ def test_options_that_size_one_tensor_together_are_bounded(tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and "--n 8 with --size 8192: 56 images" in lines[0] and "GiB" in lines[0]
 
 
+def test_demo_seed_count_is_bounded_before_the_seeds_are_listed(capsys, monkeypatch):
+    # samnorm demo --seeds 2147483648 built tuple(range(2**31)) and was killed for memory (found by the fuzz)
+    import samnorm.demo.run
+
+    monkeypatch.setattr(samnorm.demo.run, "run_demo", lambda config: pytest.fail("the demo started"))
+    assert main(["demo", "--seeds", str(2**31)]) == 2
+    assert error_line(capsys) == ["samnorm demo: error: --seeds must be an integer in [1, 1000], got 2147483648"]
+
+
 # ---------------------------------------------------------------- images
 def test_a_16_bit_grey_png_reads_at_its_grey_level(tmp_path):
     for c, level in (("a", 32768), ("b", 8192)):
