@@ -291,8 +291,35 @@ def image_transform(args: argparse.Namespace, model: Any, kwargs: dict, recorded
     """The images' transform: the one a samnorm checkpoint records, else the model's own.
 
     An image size asked for on the command line (``--img-size``, ``--model-arg img_size=...``) that
-    differs from the recorded one is a usage error, not a silent choice of one of them.
+    differs from the recorded one is a usage error, not a silent choice of one of them; so is a size the
+    model cannot take (one forward pass of a blank image, before any work, tells).
     """
+    transform = _transform(args, model, kwargs, recorded)
+    _check_input(model, transform)
+    return transform
+
+
+def _check_input(model: Any, transform: Any) -> None:
+    """One blank image of the transform's shape through ``model``: a fixed-size model (a ViT built for
+    224 px) given another size fails here with one line, not mid-run with a traceback."""
+    import torch
+
+    x = torch.zeros(1, transform.channels, transform.size, transform.size)
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except (AssertionError, RuntimeError, ValueError) as err:
+        if isinstance(err, RuntimeError) and "out of memory" in str(err).lower():
+            raise
+        raise UsageError(f"the model does not take {transform.channels} x {transform.size} x {transform.size} "
+                         f"images ({error_line(err)}): pass an --img-size (or --model-arg img_size/in_chans) it "
+                         "takes") from err
+    finally:
+        model.train(training)
+
+
+def _transform(args: argparse.Namespace, model: Any, kwargs: dict, recorded: dict | None) -> Any:
     from samnorm.data.folders import ImageTransform, transform_for_model
 
     asked = args.img_size or dict(args.model_arg or []).get("img_size")

@@ -125,6 +125,19 @@ def test_demo_seed_count_is_bounded_before_the_seeds_are_listed(capsys, monkeypa
     assert error_line(capsys) == ["samnorm demo: error: --seeds must be an integer in [1, 1000], got 2147483648"]
 
 
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_an_image_size_the_model_cannot_take_is_one_line_before_any_work(tmp_path, capsys, command):
+    # a fixed-size ViT (timm asserts the input size) given --img-size 32: an AssertionError traceback
+    data = png_folder(tmp_path / "d")
+    folders = {"finetune": ["--train", str(data)], "evaluate": ["--id", str(data), "--ood", f"o={data / 'a'}"]}
+    code = main([command, *folders[command], "--output", str(tmp_path / "o"), "--model", "vit_tiny_patch16_224",
+                 "--model-arg", "depth=1", "--random-init", "--img-size", "32", "--workers", "0", "--steps", "1"]
+                [: None if command == "finetune" else -2])
+    lines = error_line(capsys)
+    assert code == 2 and len(lines) == 1 and "the model does not take 3 x 32 x 32 images" in lines[0], lines
+    assert "doesn't match model (224)" in lines[0]
+
+
 # ---------------------------------------------------------------- images
 def test_a_16_bit_grey_png_reads_at_its_grey_level(tmp_path):
     for c, level in (("a", 32768), ("b", 8192)):
