@@ -32,7 +32,7 @@ from samnorm.cli_common import (
     UsageError,
     add_model_args,
     build_model,
-    check_counts,
+    check_args,
     error_line,
     fit_folder,
     image_transform,
@@ -92,7 +92,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from samnorm.data.folders import ImageFolder
     from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig, finetune
 
-    check_counts(args)
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --output, --overwrite replaces it: pass one of them")
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
@@ -143,7 +142,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from samnorm.recipe import evaluate_datasets
 
     # everything the user typed is checked before a model is built or an image is read
-    check_counts(args)
     scorers = names(args.scorers)
     unknown = []
     for s in scorers:
@@ -215,7 +213,6 @@ def _cmd_pseudo_ood(args: argparse.Namespace) -> int:
     from samnorm.data.folders import ImageFolder, ImageTransform
     from samnorm.data.pseudo_ood import PseudoOOD, save_example_grid
 
-    check_counts(args)
     c = args.channels
     ds = ImageFolder(args.images, ImageTransform(size=args.size, mean=(0.0,) * c, std=(1.0,) * c))
     # Spread the examples over the folder so that several classes show up.
@@ -239,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.steps, args.optimizer
         (5, None)
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="samnorm", description="Sharpness-aware fine-tuning (SAM-ON) for OOD detection.",
         epilog="Each command runs under torchrun --nproc_per_node N as well.",
     )
@@ -327,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error as one line (``samnorm finetune: error: argument --seed: ...``), exit 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -374,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        check_args(args)  # every option of every command, before the lock and any work
         with handle_signals(), _run_folder(args):
             return int(args.func(args) or 0)
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: finetune's message names the checkpoint kept

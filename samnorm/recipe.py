@@ -57,6 +57,7 @@ from samnorm.io import atomic_save, atomic_write, remove_stale_temps
 from samnorm.losses import OOD_LOSSES, SFTLoss
 from samnorm.optim import SAM
 from samnorm.runs import deferred_signals, hold, signals_blocked, worker_ignores_signals
+from samnorm.validate import check_fields
 from samnorm.variants import VARIANTS, make
 
 __all__ = [
@@ -85,6 +86,10 @@ OPTIMIZERS: dict[str, tuple[bool, bool, float] | None] = {
 }
 # Settings that do not change the trajectory, so a resumed run may change them.
 _FREE_ON_RESUME = {"checkpoint_every", "log_every", "num_workers"}
+# FinetuneConfig fields checked against samnorm.validate.SPECS (the choices above are checked by name first)
+_CHECKED_FIELDS = ("rho", "variant_k", "eta", "base_optimizer", "lr", "momentum", "weight_decay", "warmup_steps",
+                   "epochs", "steps", "batch_size", "ood_weight", "ood_ratio", "transforms", "m_in", "m_out",
+                   "grad_clip", "precision", "seed", "checkpoint_every", "log_every", "num_workers")
 # Files of a run in its output folder (a fresh run would replace them).
 _RUN_FILES = (CHECKPOINT_NAME, "log.jsonl", "config.json")
 
@@ -150,34 +155,12 @@ class FinetuneConfig:
         if self.variant is not None and (self.variant not in VARIANTS or OPTIMIZERS[self.optimizer] is None):
             raise ValueError(f"variant must be one of {sorted(VARIANTS)} with a SAM optimizer (not 'sgd'), "
                              f"got variant={self.variant!r} with optimizer={self.optimizer!r}")
-        k = self.variant_k
-        if k is not None and (self.variant not in ("interval", "looksam") or type(k) is not int or k < 1):
+        check_fields(self, _CHECKED_FIELDS)  # types, ranges, finiteness: samnorm.validate's one table
+        if self.variant_k is not None and self.variant not in ("interval", "looksam"):
             raise ValueError(f"variant_k must be an int >= 1 with variant 'interval' or 'looksam', "
                              f"got {self.variant_k!r} with variant {self.variant!r}")
-        if self.base_optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"base_optimizer must be 'sgd' or 'adamw', got {self.base_optimizer!r}")
         if self.ood_loss not in OOD_LOSSES:
             raise ValueError(f"unknown ood_loss {self.ood_loss!r}: choose one of {sorted(OOD_LOSSES)}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        positive = {"lr": self.lr, "batch_size": self.batch_size, "checkpoint_every": self.checkpoint_every,
-                    "log_every": self.log_every, "epochs": self.epochs, "grad_clip": self.grad_clip}
-        for name, value in positive.items():
-            # grad_clip <= 0 would zero the gradient or flip its sign (clip_grad_norm_ scales by it)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        for names, least in ((("rho", "eta", "momentum", "weight_decay"), 0.0), (("m_in", "m_out", "ood_weight"), None)):
-            for name in names:
-                value = getattr(self, name)
-                if value is not None and not (math.isfinite(value) and (least is None or value >= least)):
-                    bound = "" if least is None else f" >= {least:g}"
-                    raise ValueError(f"{name} must be a finite number{bound}, got {value}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0 <= self.ood_ratio <= 1:
-            raise ValueError(f"ood_ratio must be in [0, 1] (pseudo-OOD images per ID image), got {self.ood_ratio}")
-        if self.transforms is not None:
-            self.transforms = list(self.transforms)
 
     def resolved_rho(self) -> float | None:
         """``rho``, or the chosen optimizer's default (None for plain SGD)."""

@@ -134,16 +134,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.checkpoint is None:
-        raise UsageError("--checkpoint is required: the weights of the model to diagnose")
+    # types and ranges: samnorm's check_args ran before; weights: --checkpoint or --random-init (build_model)
     ood_names = [name for name, _ in args.ood]
     if len(set(ood_names)) != len(ood_names) or args.id_name in ood_names:
         raise UsageError(f"OOD set names must be distinct and differ from --id-name {args.id_name!r}: {ood_names}")
-    for what, value in (("--batch-size", args.batch_size), ("--max-images", args.max_images or 1)):
-        if value < 1:
-            raise UsageError(f"{what} must be a positive integer, got {value}")
-    if args.theory < 0 or args.workers < 0:
-        raise UsageError("--theory and --workers must be >= 0")
     for path in [args.id_dir, *(d for _, d in args.ood), *([args.fit_dir] if args.fit_dir else [])]:
         if not os.path.isdir(path):
             raise UsageError(f"image folder {path!r} does not exist (or is not a directory)")
