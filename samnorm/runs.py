@@ -348,9 +348,11 @@ def deferred_signals() -> Iterator[None]:
 
 
 def worker_ignores_signals(worker_id: int) -> None:
-    """``worker_init_fn`` of samnorm's DataLoaders: a worker ignores SIGINT, SIGTERM and SIGHUP sent to
-    the whole process group (Ctrl-C in a terminal, Slurm's SIGTERM to a job step); the main process
-    handles them and shuts its workers down, instead of reporting each killed worker with a traceback.
+    """``worker_init_fn`` of samnorm's DataLoaders: a worker ignores SIGINT and SIGHUP sent to the whole
+    process group (Ctrl-C in a terminal) and ends quietly (exit 0) on SIGTERM (Slurm's SIGTERM to a job
+    step); the main process handles them, instead of reporting each killed worker with a traceback.
+    SIGTERM is not ignored: multiprocessing ends a leftover worker with it when the main process exits
+    (an ignoring worker kept that exit waiting forever).
 
     A signal that reached the worker while it was started inside :func:`signals_blocked` is dropped.
 
@@ -360,8 +362,13 @@ def worker_ignores_signals(worker_id: int) -> None:
     """
     handled = [getattr(signal, n) for n in _SIGNALS if hasattr(signal, n)]
     for signum in handled:
-        signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signum, _worker_exit if signum == signal.SIGTERM else signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+
+
+def _worker_exit(signum: int, frame: Any) -> None:
+    """A DataLoader worker's SIGTERM: exit status 0, so that the main process reports no killed worker."""
+    os._exit(0)
 
 
 @contextlib.contextmanager

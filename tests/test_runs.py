@@ -218,6 +218,21 @@ def test_a_signal_inside_a_finalizer_is_delivered_after_it():
     assert finished
 
 
+def test_a_run_whose_workers_outlive_an_error_still_exits(tmp_path):
+    # workers that ignored SIGTERM kept multiprocessing's exit (terminate, then join) waiting forever
+    for c in ("a", "b"):
+        os.makedirs(tmp_path / "d" / c)
+        for i in range(4):
+            (tmp_path / "d" / c / f"{i}.png").write_bytes(b"not a png")
+    args = train_args(tmp_path / "d", tmp_path / "o")
+    proc = spawn([a if a != "0" or args[i - 1] != "--workers" else "2" for i, a in enumerate(args)])
+    try:
+        _, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and "no readable image left" in err, err
+
+
 # ---------------------------------------------------------------- write errors
 def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(data, terminated, tmp_path):
     out = tmp_path / "o"
