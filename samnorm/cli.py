@@ -1,11 +1,14 @@
 """The ``samnorm`` command line: ``finetune``, ``evaluate``, ``pseudo-ood`` (and the demo/diagnostics commands).
 
 Every command runs the same under ``torchrun --nproc_per_node N`` (DDP, process group from the
-environment, rank 0 writes and prints). Exit status: 0 done; 2 bad input (a
-:class:`~samnorm.cli_common.UsageError`, or the library's ``ValueError``/``OSError``), one line on
-stderr; 3 training diverged (one line; the last good checkpoint is kept); 130 interrupted (Ctrl-C; one
-line on the checkpoint kept); 1 anything else (a bug,
-out of memory), with its traceback and a one-line hint. ``--debug`` raises every error instead.
+environment, rank 0 writes and prints). Each command holds its output folder's lock for the whole
+run, after refusing an output inside one of its input folders (:mod:`samnorm.runs`). Exit status: 0
+done; 2 bad input (a :class:`~samnorm.cli_common.UsageError`, or the library's ``ValueError``/``OSError``,
+e.g. an output folder another run holds), one line on stderr; 3 training diverged (one line; the last
+good checkpoint is kept); 74 a write failed (disk full, file-size limit, read-only folder: one line
+with the errno's name and the path; the previous files are kept); 128 + n stopped by signal n (130
+Ctrl-C, 143 SIGTERM, 129 SIGHUP; one line on the checkpoint kept); 1 anything else (a bug, out of
+memory), with its traceback and a one-line hint. ``--debug`` raises every error instead.
 Heavy imports (torch, timm) happen inside the commands, so ``samnorm --help`` and
 ``samnorm COMMAND --help`` import neither.
 
@@ -17,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -28,22 +32,31 @@ from samnorm.cli_common import (
     UsageError,
     add_model_args,
     build_model,
-    check_counts,
-    check_outside,
+    check_args,
     error_line,
     fit_folder,
     image_transform,
     literal,
     named_dir,
     names,
-    output_dir,
     read_recorded,
     say,
     setup,
 )
 from samnorm.sam import registry
+from samnorm.runs import (
+    EXIT_IOERR,
+    RunSpec,
+    Signalled,
+    WriteError,
+    check_outside,
+    exit_status,
+    handle_signals,
+    hold,
+    result_set,
+)
 
-__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main"]
+__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_IOERR", "EXIT_USAGE", "build_parser", "main"]
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 # Modules of other parts of samnorm that add their own sub-commands with ``add_parser(subparsers)``;
@@ -80,7 +93,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from samnorm.data.folders import ImageFolder
     from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig, finetune
 
-    check_counts(args)
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --output, --overwrite replaces it: pass one of them")
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
@@ -94,8 +106,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         field, _, rest = str(err).partition(" ")  # "lr must be ..." -> "--lr must be ..."
         raise UsageError(f"--{field.replace('_', '-')} {rest}" if field in fields else str(err)) from err
     train = ImageFolder(args.train, flat=False)  # checks the folder before any model is built
-    check_outside(args.output, train)
-    output_dir(args.output)
     rank, world, device = setup(args.device)
     resume_from = os.path.join(args.output, CHECKPOINT_NAME)
     if args.resume and not (args.model or args.checkpoint) and os.path.isfile(resume_from):
@@ -127,13 +137,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from samnorm.data.folders import ImageFolder
-    from samnorm.io import atomic_write, remove_stale_temps
+    from samnorm.io import atomic_write
     from samnorm.ood import SCORERS, canonical_name
     from samnorm.ood.metrics import check_tpr, resolve_convention
     from samnorm.recipe import evaluate_datasets
 
     # everything the user typed is checked before a model is built or an image is read
-    check_counts(args)
     scorers = names(args.scorers)
     unknown = []
     for s in scorers:
@@ -158,10 +167,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise UsageError(f"image folder {path!r} does not exist (or is not a directory)")
     files = [os.path.join(args.output, n) for n in ("results.md", "results.csv", "scores.json")]
     rank, world, device = setup(args.device)
-    output_dir(args.output)  # a file in its place fails now, not after the scoring
-    if rank == 0:
-        for path in files:
-            remove_stale_temps(path)
     raw = read_recorded(args.checkpoint, args.trust_checkpoint)
     model, name, kwargs = build_model(args, raw)
     meta = (raw or {}).get("metadata", {})
@@ -177,27 +182,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if rank == 0:
         table = res.to_markdown()
-        atomic_write(files[0], f"Model: {name}" + (f" ({args.checkpoint})" if args.checkpoint else "") + "\n\n"
-                     + table)
-        atomic_write(files[1], res.to_csv())
-        sets = {args.id_name: id_set, **ood_sets}
-        gone = {n: set(idx) for n, idx in skipped.items()}
-        payload = {
-            "model": name, "checkpoint": args.checkpoint, "id_name": args.id_name, "ood_names": ood_names,
-            "scorer_options": options,
-            "tpr": res.tpr, "convention": res.convention.name, "higher_is_in_distribution": True,
-            "metrics": res.table,
-            "files": {n: [p for i, (p, _) in enumerate(ds.samples) if i not in gone[n]]
-                      for n, ds in sets.items()},
-            "skipped": {n: [sets[n].samples[i][0] for i in idx] for n, idx in skipped.items() if idx},
-            "scores": {s: {n: v.tolist() for n, v in per_set.items()} for s, per_set in res.scores.items()},
-        }
-        atomic_write(files[2], json.dumps(payload))
+        with result_set(args.output, "evaluate"):  # the three files replace the previous three together
+            atomic_write(files[0], f"Model: {name}" + (f" ({args.checkpoint})" if args.checkpoint else "") + "\n\n"
+                         + table)
+            atomic_write(files[1], res.to_csv())
+            sets = {args.id_name: id_set, **ood_sets}
+            gone = {n: set(idx) for n, idx in skipped.items()}
+            payload = {
+                "model": name, "checkpoint": args.checkpoint, "id_name": args.id_name, "ood_names": ood_names,
+                "scorer_options": options,
+                "tpr": res.tpr, "convention": res.convention.name, "higher_is_in_distribution": True,
+                "metrics": res.table,
+                "files": {n: [p for i, (p, _) in enumerate(ds.samples) if i not in gone[n]]
+                          for n, ds in sets.items()},
+                "skipped": {n: [sets[n].samples[i][0] for i in idx] for n, idx in skipped.items() if idx},
+                "scores": {s: {n: v.tolist() for n, v in per_set.items()} for s, per_set in res.scores.items()},
+            }
+            atomic_write(files[2], json.dumps(payload))
         print(table, flush=True)
         n_skipped = sum(len(v) for v in skipped.values())
         if n_skipped:
             print(f"left out {n_skipped} unreadable image(s); scores.json lists them under 'skipped'", file=sys.stderr)
-        print(f"wrote results.md, results.csv and scores.json to {args.output}", file=sys.stderr)
+        print(f"wrote results.md, results.csv, scores.json and evaluate.manifest.json to {args.output}",
+              file=sys.stderr)
     return 0
 
 
@@ -207,7 +214,6 @@ def _cmd_pseudo_ood(args: argparse.Namespace) -> int:
     from samnorm.data.folders import ImageFolder, ImageTransform
     from samnorm.data.pseudo_ood import PseudoOOD, save_example_grid
 
-    check_counts(args)
     c = args.channels
     ds = ImageFolder(args.images, ImageTransform(size=args.size, mean=(0.0,) * c, std=(1.0,) * c))
     # Spread the examples over the folder so that several classes show up.
@@ -231,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.steps, args.optimizer
         (5, None)
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="samnorm", description="Sharpness-aware fine-tuning (SAM-ON) for OOD detection.",
         epilog="Each command runs under torchrun --nproc_per_node N as well.",
     )
@@ -276,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run in --output: its checkpoint.pt, log.jsonl, config.json are removed once the "
                    "settings pass their checks (without this or --resume, a folder holding a run is refused)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
-    p.set_defaults(func=_cmd_finetune, batch_size=None)
+    p.set_defaults(func=_cmd_finetune, batch_size=None, run_spec=RunSpec("output", {"--train": "train"}))
 
     e = sub.add_parser("evaluate", help="OOD metrics of a model on ID and OOD image folders",
                        description="Score an ID folder and OOD folders; write results.md, results.csv, scores.json.")
@@ -294,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--convention", default="samnorm", help="metric convention (samnorm.ood.CONVENTIONS)")
     e.add_argument("--id-name", default="ID", help="name of the ID set in the tables")
     add_model_args(e)
-    e.set_defaults(func=_cmd_evaluate)
+    e.set_defaults(func=_cmd_evaluate, run_spec=RunSpec("output", {"--id": "id", "--ood": "ood", "--fit": "fit"}))
 
     g = sub.add_parser("pseudo-ood", help="save a PNG grid of pseudo-OOD examples made from a folder",
                        description="Rows: the ID images, then one row per pseudo-OOD transform.")
@@ -306,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--transforms", help="comma-separated transform names (default: all six)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--title")
-    g.set_defaults(func=_cmd_pseudo_ood)
+    g.set_defaults(func=_cmd_pseudo_ood, run_spec=RunSpec("output", {"--images": "images"}, file=True))
 
     for module in _PLUGINS:
         try:
@@ -317,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         plugin.add_parser(sub)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error as one line (``samnorm finetune: error: argument --seed: ...``), exit 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _version() -> str:
@@ -341,6 +354,18 @@ def _say_once(text: str) -> None:
     say(rank, text, sys.stderr)
 
 
+def _run_folder(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    """The lock of the command's output (rank 0 holds it), after refusing an output inside an input folder."""
+    spec: RunSpec | None = getattr(args, "run_spec", None)
+    if spec is None:
+        return contextlib.nullcontext()
+    output = getattr(args, spec.output)
+    check_outside(output, {option: getattr(args, dest, None) for option, dest in spec.inputs.items()}, spec.option)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes
+        return contextlib.nullcontext()
+    return hold(output, args.command, option=spec.option, file=spec.file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``samnorm`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
@@ -354,12 +379,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt as err:  # Ctrl-C: finetune's message names the checkpoint kept
+        check_args(args)  # every option of every command, before the lock and any work
+        with handle_signals(), _run_folder(args):
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: finetune's message names the checkpoint kept
         if args.debug:
             raise
-        _say_once(f"samnorm {args.command}: {str(err) or 'interrupted'}")
-        return EXIT_INTERRUPTED
+        _say_once(f"samnorm {args.command}: {f'interrupted by {err}' if isinstance(err, Signalled) else str(err)}"
+                  if str(err) else f"samnorm {args.command}: interrupted")
+        return exit_status(err)
+    except WriteError as err:  # disk full, file-size limit, read-only: the previous files are kept
+        if args.debug:
+            raise
+        _say_once(f"samnorm {args.command}: write error: {err}")
+        return EXIT_IOERR
     except (ValueError, OSError) as err:  # UsageError, and the library's convention for bad input
         if args.debug:
             raise

@@ -26,6 +26,7 @@ __all__ = [
     "UsageError",
     "add_model_args",
     "build_model",
+    "check_args",
     "check_counts",
     "check_outside",
     "error_line",
@@ -108,25 +109,25 @@ def names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-# counts that must be positive / non-negative, by argparse destination (checked only when given)
-_POSITIVE = ("batch_size", "img_size", "n", "size", "steps", "checkpoint_every", "log_every")
-_NON_NEGATIVE = ("workers", "warmup_steps")
-
-
-def check_counts(args: argparse.Namespace) -> None:
-    """One clear line for a zero or negative count (``--batch-size 0`` used to end in a traceback).
+def check_args(args: argparse.Namespace) -> None:
+    """Every parsed option against :data:`samnorm.validate.SPECS` (type, range, finiteness, memory
+    bounds, conflicts), before any work: one line naming the option, exit status 2.
 
     Example:
-        >>> check_counts(argparse.Namespace(batch_size=0))
+        >>> check_args(argparse.Namespace(batch_size=0))
         Traceback (most recent call last):
         ...
-        samnorm.cli_common.UsageError: --batch-size must be an integer >= 1, got 0
+        samnorm.cli_common.UsageError: --batch-size must be an integer in [1, 1048576], got 0
     """
-    for fields, least in ((_POSITIVE, 1), (_NON_NEGATIVE, 0)):
-        for name in fields:
-            value = getattr(args, name, None)
-            if value is not None and value < least:
-                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value}")
+    from samnorm.validate import check_options
+
+    try:
+        check_options(args)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from err
+
+
+check_counts = check_args  # its former name (it checked the counts only)
 
 
 def output_dir(path: str, option: str = "--output") -> str:
@@ -140,15 +141,12 @@ def output_dir(path: str, option: str = "--output") -> str:
         ...
         samnorm.cli_common.UsageError: --output ... is a file, not a folder: name a folder for the results
     """
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{option} {path} is a file, not a folder: name a folder for the results")
+    from samnorm import runs
+
     try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"{option} {path}: cannot create the folder ({err.strerror or err})") from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: the folder is not writable")
-    return path
+        return runs.ensure_folder(path, option)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def check_outside(path: str, images: Any, option: str = "--output", folder_option: str = "--train") -> None:
@@ -162,14 +160,14 @@ def check_outside(path: str, images: Any, option: str = "--output", folder_optio
         >>> check_outside(os.path.join(root, "out"), SimpleNamespace(root=root, classes=[]))
         Traceback (most recent call last):
         ...
-        samnorm.cli_common.UsageError: --output ... is inside --train ...: choose an output folder outside it ...
+        samnorm.cli_common.UsageError: --output ... is inside --train ...: choose an output folder outside it (...
     """
-    real = os.path.realpath(path)
-    for folder in [images.root, *(os.path.join(images.root, c) for c in images.classes)]:
-        real_folder = os.path.realpath(folder)
-        if os.path.commonpath([real, real_folder]) == real_folder:
-            raise UsageError(f"{option} {path} is inside {folder_option} {images.root}: choose an output folder "
-                             "outside it (its files would be read as a class of images)")
+    from samnorm import runs
+
+    try:
+        runs.check_outside(path, {folder_option: images.root}, option)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def error_line(err: BaseException) -> str:
@@ -235,6 +233,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="extra model argument, repeatable (e.g. img_size=384, drop_path_rate=0.1)")
     g.add_argument("--img-size", type=int, help="input side in pixels (default: the model's, or the one a "
                    "samnorm checkpoint records)")
+    g.add_argument("--random-init", action="store_true",
+                   help="start from random weights on purpose (without it, a command with no --checkpoint or "
+                   "--pretrained is refused)")
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle a checkpoint that stores Python objects (only for files you trust)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: LOCAL_RANK)")
@@ -267,11 +268,19 @@ def build_model(args: argparse.Namespace, raw: dict[str, Any] | None, **extra: A
     if recorded and not args.model:
         kwargs = {**recorded_model_kwargs(raw), **kwargs}
     source = raw if raw is not None else args.checkpoint
+    pretrained = getattr(args, "pretrained", False)
+    if source is None and not pretrained and not args.random_init:
+        sources = ["--checkpoint FILE", *(["--pretrained"] if hasattr(args, "pretrained") else [])]
+        raise UsageError(f"no weights for {name}: pass {' or '.join(sources)}, or --random-init to start from "
+                         "random weights on purpose")
     try:
-        model = create_model(name, checkpoint=source, pretrained=getattr(args, "pretrained", False),
-                             trusted=args.trust_checkpoint, **extra, **kwargs)
-    except ValueError as err:
+        model = create_model(name, checkpoint=source, pretrained=pretrained, trusted=args.trust_checkpoint,
+                             **extra, **kwargs)
+    except (TypeError, ValueError) as err:  # a TypeError: a --model-arg the model does not take
         raise UsageError(f"{args.checkpoint}: {err}" if args.checkpoint else str(err)) from err
+    if source is None and not pretrained:
+        say(int(os.environ.get("RANK", "0")), f"samnorm: {name} starts from random weights (--random-init)",
+            sys.stderr)
     return model, name, kwargs
 
 
@@ -279,8 +288,35 @@ def image_transform(args: argparse.Namespace, model: Any, kwargs: dict, recorded
     """The images' transform: the one a samnorm checkpoint records, else the model's own.
 
     An image size asked for on the command line (``--img-size``, ``--model-arg img_size=...``) that
-    differs from the recorded one is a usage error, not a silent choice of one of them.
+    differs from the recorded one is a usage error, not a silent choice of one of them; so is a size the
+    model cannot take (one forward pass of a blank image, before any work, tells).
     """
+    transform = _transform(args, model, kwargs, recorded)
+    _check_input(model, transform)
+    return transform
+
+
+def _check_input(model: Any, transform: Any) -> None:
+    """One blank image of the transform's shape through ``model``: a fixed-size model (a ViT built for
+    224 px) given another size fails here with one line, not mid-run with a traceback."""
+    import torch
+
+    x = torch.zeros(1, transform.channels, transform.size, transform.size)
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except (AssertionError, RuntimeError, ValueError) as err:
+        if isinstance(err, RuntimeError) and "out of memory" in str(err).lower():
+            raise
+        raise UsageError(f"the model does not take {transform.channels} x {transform.size} x {transform.size} "
+                         f"images ({error_line(err)}): pass an --img-size (or --model-arg img_size/in_chans) it "
+                         "takes") from err
+    finally:
+        model.train(training)
+
+
+def _transform(args: argparse.Namespace, model: Any, kwargs: dict, recorded: dict | None) -> Any:
     from samnorm.data.folders import ImageTransform, transform_for_model
 
     asked = args.img_size or dict(args.model_arg or []).get("img_size")

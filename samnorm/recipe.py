@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -57,6 +58,8 @@ from samnorm.losses import OOD_LOSSES, SFTLoss
 from samnorm.optim import SAM
 from samnorm.sam import registry
 from samnorm.sam.protocol import run_passes
+from samnorm.runs import deferred_signals, hold, signals_blocked, worker_ignores_signals
+from samnorm.validate import check_fields
 from samnorm.variants import VARIANTS, make
 
 __all__ = [
@@ -84,6 +87,10 @@ OPTIMIZERS: Mapping[str, tuple[bool, bool, float] | None] = registry.RegistryVie
 )
 # Settings that do not change the trajectory, so a resumed run may change them.
 _FREE_ON_RESUME = {"checkpoint_every", "log_every", "num_workers"}
+# FinetuneConfig fields checked against samnorm.validate.SPECS (the choices above are checked by name first)
+_CHECKED_FIELDS = ("rho", "variant_k", "eta", "base_optimizer", "lr", "momentum", "weight_decay", "warmup_steps",
+                   "epochs", "steps", "batch_size", "ood_weight", "ood_ratio", "transforms", "m_in", "m_out",
+                   "grad_clip", "precision", "seed", "checkpoint_every", "log_every", "num_workers")
 # Files of a run in its output folder (a fresh run would replace them).
 _RUN_FILES = (CHECKPOINT_NAME, "log.jsonl", "config.json")
 
@@ -149,34 +156,12 @@ class FinetuneConfig:
         if self.variant is not None and (self.variant not in VARIANTS or OPTIMIZERS[self.optimizer] is None):
             raise ValueError(f"variant must be one of {sorted(VARIANTS)} with a SAM optimizer (not 'sgd'), "
                              f"got variant={self.variant!r} with optimizer={self.optimizer!r}")
-        k = self.variant_k
-        if k is not None and (self.variant not in ("interval", "looksam") or type(k) is not int or k < 1):
+        check_fields(self, _CHECKED_FIELDS)  # types, ranges, finiteness: samnorm.validate's one table
+        if self.variant_k is not None and self.variant not in ("interval", "looksam"):
             raise ValueError(f"variant_k must be an int >= 1 with variant 'interval' or 'looksam', "
                              f"got {self.variant_k!r} with variant {self.variant!r}")
-        if self.base_optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"base_optimizer must be 'sgd' or 'adamw', got {self.base_optimizer!r}")
         if self.ood_loss not in OOD_LOSSES:
             raise ValueError(f"unknown ood_loss {self.ood_loss!r}: choose one of {sorted(OOD_LOSSES)}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        positive = {"lr": self.lr, "batch_size": self.batch_size, "checkpoint_every": self.checkpoint_every,
-                    "log_every": self.log_every, "epochs": self.epochs, "grad_clip": self.grad_clip}
-        for name, value in positive.items():
-            # grad_clip <= 0 would zero the gradient or flip its sign (clip_grad_norm_ scales by it)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        for names, least in ((("rho", "eta", "momentum", "weight_decay"), 0.0), (("m_in", "m_out", "ood_weight"), None)):
-            for name in names:
-                value = getattr(self, name)
-                if value is not None and not (math.isfinite(value) and (least is None or value >= least)):
-                    bound = "" if least is None else f" >= {least:g}"
-                    raise ValueError(f"{name} must be a finite number{bound}, got {value}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0 <= self.ood_ratio <= 1:
-            raise ValueError(f"ood_ratio must be in [0, 1] (pseudo-OOD images per ID image), got {self.ood_ratio}")
-        if self.transforms is not None:
-            self.transforms = list(self.transforms)
 
     def resolved_rho(self) -> float | None:
         """``rho``, or the chosen optimizer's default (None for plain SGD)."""
@@ -419,6 +404,21 @@ def _write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def _holding_output(fn: Callable[..., FinetuneResult]) -> Callable[..., FinetuneResult]:
+    """Run ``fn`` holding the lock of its ``output_dir`` (rank 0; :func:`samnorm.runs.hold`): a second
+    run on the folder, by the CLI or the API, fails at once instead of mixing its files with this one's."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, output_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> FinetuneResult:
+        if output_dir is None or _dist()[0] != 0:
+            return fn(*args, output_dir=output_dir, **kwargs)
+        with hold(output_dir, "finetune"):
+            return fn(*args, output_dir=output_dir, **kwargs)
+
+    return run
+
+
+@_holding_output
 def finetune(
     model: nn.Module,
     data: Dataset | tuple[Tensor, Tensor],
@@ -443,8 +443,8 @@ def finetune(
         data: a map-style dataset of ``(image, label)`` (e.g. :class:`samnorm.data.folders.ImageFolder`)
             or an ``(images, labels)`` pair of tensors.
         config: hyper-parameters; keyword ``overrides`` (``steps=100, lr=3e-3, ...``) replace fields.
-        output_dir: where ``checkpoint.pt``, ``log.jsonl`` and ``config.json`` go (rank 0 writes);
-            ``None`` keeps everything in memory.
+        output_dir: where ``checkpoint.pt``, ``log.jsonl`` and ``config.json`` go (rank 0 writes, holding
+            the folder's lock for the whole run: :func:`samnorm.runs.hold`); ``None`` keeps everything in memory.
         resume: continue from ``output_dir/checkpoint.pt`` when it exists (otherwise start afresh);
             the settings and the data must be those of the interrupted run.
         overwrite: start afresh even though ``output_dir`` holds a run; without it (or ``resume``)
@@ -556,13 +556,20 @@ def finetune(
         # Own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would
         # shift the dropout stream of a resumed run by one draw.
         workers_seed = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 101 + rank)
-        return iter(DataLoader(dataset, batch_size=cfg.batch_size, sampler=_IndexSampler(indices), drop_last=True,
-                               num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                               generator=workers_seed))
+        with signals_blocked():  # workers start with signals blocked, then ignore them: the main process handles them
+            return iter(DataLoader(dataset, batch_size=cfg.batch_size, sampler=_IndexSampler(indices), drop_last=True,
+                                   num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                   generator=workers_seed, worker_init_fn=worker_ignores_signals))
 
     def save(step: int) -> None:
+        nonlocal saved_step
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
         states = _gather({"rng": rng, "sampler": pseudo.state_dict(), "window": window.cpu()}, world)
+        with deferred_signals():  # a SIGTERM now comes after the checkpoint and the step it names
+            _save_rank0(step, states)
+            saved_step = step if ckpt_path is not None else None  # in memory: nothing kept
+
+    def _save_rank0(step: int, states: list[Any]) -> None:
         if rank == 0 and ckpt_path is not None:
             save_atomic({
                 "format": FORMAT, "step": step, "total_steps": total, "world_size": world,
@@ -656,13 +663,12 @@ def finetune(
                 if checked != done:
                     stop_if_diverged(done, math.isfinite(window[0].item()))
                 save(done)
-                saved_step = done if ckpt_path is not None else None  # in memory: nothing kept
     except KeyboardInterrupt as err:  # Ctrl-C: say what is kept, once, instead of a traceback
         if bar is not None:
             bar.close()
         kept = (f"the last checkpoint (step {saved_step}) is kept in {ckpt_path}; continue with --resume "
                 "(resume=True)" if saved_step else "no checkpoint was written")
-        raise Interrupted(f"interrupted; {kept}") from err
+        raise Interrupted(f"interrupted{f' by {err}' if str(err) else ''}; {kept}") from err
     if bar is not None:
         bar.close()
     skipped = _skipped(dataset, world, device)
@@ -772,14 +778,16 @@ def evaluate_datasets(
         if fit_data is None:
             need = [s.name for s in built if not s.is_fitted]
             raise ValueError(f"scorers {need} need ID training statistics: give the ID training data (--fit DIR)")
-        fit_loader = DataLoader(fit_data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        fit_loader = DataLoader(fit_data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                worker_init_fn=worker_ignores_signals)
         for s in built:
             if not s.is_fitted:
                 s.fit(fit_loader)
     sets = {id_name: id_data, **ood_data}
     shards = {name: _batch_shard(len(ds), batch_size, rank, world) for name, ds in sets.items()}
     loaders = {
-        name: DataLoader(ds, batch_size=batch_size, sampler=_IndexSampler(shards[name][0]), num_workers=num_workers)
+        name: DataLoader(ds, batch_size=batch_size, sampler=_IndexSampler(shards[name][0]), num_workers=num_workers,
+                         worker_init_fn=worker_ignores_signals)
         for name, ds in sets.items()
     }
     local = evaluate(adapter, loaders[id_name], {n: loaders[n] for n in ood_data}, built, tpr=tpr,

@@ -20,7 +20,7 @@ from samnorm.cli_common import UsageError  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
 
 TINY = ["--model", "t2t_vit_7", "--model-arg", "img_size=16", "--model-arg", "in_chans=1", "--model-arg",
-        "embed_dim=16", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--workers", "0"]
+        "embed_dim=16", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--workers", "0", "--random-init"]
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +113,11 @@ _EVAL_NO_MODEL = ["evaluate", "--model", "no_such_net", "--id", "{root}/val", "-
           "--output", "{tmp}"], "cannot read"),
         (["evaluate", "--checkpoint", "{ckpt}", "--id", "{root}/val", "--ood", "o={root}/ood", "--output", "{tmp}",
           "--scorers", "react"], "need ID training statistics"),
-        (["finetune", "--train", "{root}/train", "--output", "{tmp}", "--model", "no_such_net"], "unknown model name"),
+        (["finetune", "--train", "{root}/train", "--output", "{tmp}", "--model", "no_such_net", "--random-init"],
+         "unknown model name"),
         (["finetune", "--train", "{root}/val/class0", "--output", "{tmp}"], "no class sub-folders"),
         # checked before a model is built (no_such_net would fail later) or an image is read
-        ([*_EVAL_NO_MODEL, "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        ([*_EVAL_NO_MODEL, "--batch-size", "0"], "--batch-size must be an integer in [1, 1048576], got 0"),
         ([*_EVAL_NO_MODEL, "--tpr", "95"], "--tpr: tpr must be a fraction"),
         ([*_EVAL_NO_MODEL, "--convention", "openood_v2"], "unknown convention"),
         ([*_EVAL_NO_MODEL, "--scorer-opt", "rankfeat.blocks=-1"], "scorer 'rankfeat' is not in --scorers"),
@@ -171,7 +172,7 @@ def test_pseudo_ood_grid(folders, tmp_path, capsys):
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
     code, _, err = run(["pseudo-ood", "--images", str(folders / "train"), "--output", str(tmp_path / "h.png"),
                         "--size", "0"], capsys)
-    assert code == 2 and err.strip() == "samnorm pseudo-ood: error: --size must be an integer >= 1, got 0"
+    assert code == 2 and err.strip() == "samnorm pseudo-ood: error: --size must be an integer in [1, 8192], got 0"
 
 
 def test_parser():

@@ -239,7 +239,7 @@ def test_image_folder_layouts_and_errors(tmp_path):
         ImageFolder(root, classes=["ant", "bee"])
     fixed = ImageFolder(make_folder(tmp_path / "val2", classes=("bee",)), classes=["ant", "bee"])
     assert set(fixed.targets) == {1}
-    bad = make_folder(tmp_path / "allbad", classes=("a",), per_class=0, corrupt=["a/x.png"])
+    bad = make_folder(tmp_path / "allbad", classes=("a", "b"), per_class=0, corrupt=["a/x.png", "b/x.png"])
     with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="no readable image"):
         ImageFolder(bad)[0]
 

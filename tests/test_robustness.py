@@ -25,7 +25,7 @@ from samnorm.recipe import CHECKPOINT_NAME, DivergedError, FinetuneConfig, finet
 pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
 
 TINY = ["--model", "t2t_vit_7", "--model-arg", "img_size=16", "--model-arg", "in_chans=1", "--model-arg",
-        "embed_dim=16", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--workers", "0"]
+        "embed_dim=16", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--workers", "0", "--random-init"]
 FAST = dict(batch_size=4, progress=False, log=lambda _: None)
 
 
@@ -66,7 +66,8 @@ def cli(args, capsys):
 
 def one_line(code, err, message, status=2):
     """Exit ``status`` and one error line (after finetune's "fine-tuning ... -> OUT" line, if any)."""
-    lines = [line for line in err.strip().splitlines() if not line.startswith("fine-tuning ")]
+    lines = [line for line in err.strip().splitlines()
+             if not line.startswith("fine-tuning ") and not line.endswith("starts from random weights (--random-init)")]
     assert code == status and len(lines) == 1 and lines[0].startswith("samnorm ") and message in lines[0], err
 
 
@@ -117,7 +118,8 @@ def test_2_a_nan_starting_checkpoint_is_refused(data, finished, tmp_path, capsys
     ckpt = torch.load(finished / CHECKPOINT_NAME, weights_only=True)
     ckpt["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "nan.pt")
-    code, _, err = cli(train_args(data, tmp_path / "o", "--checkpoint", tmp_path / "nan.pt"), capsys)
+    args = [a for a in train_args(data, tmp_path / "o", "--checkpoint", tmp_path / "nan.pt") if a != "--random-init"]
+    code, _, err = cli(args, capsys)
     one_line(code, err, "NaN/inf")
     assert not (tmp_path / "o" / CHECKPOINT_NAME).exists()
 
@@ -144,7 +146,7 @@ def test_2_divergence_in_the_cli_exits_3_with_one_line(data, tmp_path, capsys):
 
 # ---------------------------------------------------------------- 3. one line, exit 2, never a hang
 def test_3_a_named_pipe_called_x_png_is_not_read(tmp_path):
-    root = png_folder(tmp_path, classes=("a",), per_class=2)
+    root = png_folder(tmp_path, classes=("a", "b"), per_class=2)
     os.mkfifo(root / "a" / "x.png")
     result = {}
     reader = threading.Thread(target=lambda: result.update(ds=ImageFolder(root, ImageTransform(size=8))),
@@ -153,19 +155,19 @@ def test_3_a_named_pipe_called_x_png_is_not_read(tmp_path):
     reader.join(20)
     assert "ds" in result, "listing the folder hung"
     ds = result["ds"]
-    assert [os.path.basename(p) for p, _ in ds.samples] == ["0.png", "1.png"]
-    assert [tuple(x.shape) for x, _ in DataLoader(ds, batch_size=2)] == [(2, 3, 8, 8)]
+    assert [os.path.relpath(p, root) for p, _ in ds.samples] == ["a/0.png", "a/1.png", "b/0.png", "b/1.png"]
+    assert [tuple(x.shape) for x, _ in DataLoader(ds, batch_size=4)] == [(4, 3, 8, 8)]
 
 
 def test_3_a_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
     from PIL import Image
 
-    root = png_folder(tmp_path, classes=("a",), per_class=3)
+    root = png_folder(tmp_path, classes=("a", "b"), per_class=3)
     Image.new("L", (64, 64)).save(root / "a" / "1.png")  # 4096 pixels: a bomb under a 1,000-pixel limit
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     ds = ImageFolder(root, ImageTransform(size=8))
     with pytest.warns(RuntimeWarning, match="unreadable image .*1.png"):
-        assert sum(len(x) for x, _ in DataLoader(ds, batch_size=3)) == 3
+        assert sum(len(x) for x, _ in DataLoader(ds, batch_size=3)) == 6
     assert ds.skipped == 1
 
 
@@ -247,7 +249,8 @@ def test_5_resume_refuses_a_changed_training_folder(tmp_path, capsys):
 def test_5_the_recorded_image_size_is_honoured_or_the_conflict_named(data, tmp_path, capsys):
     base = ["--model", "test_resnet", "--model-arg", "in_chans=1", "--workers", "0", "--batch-size", "4",
             "--no-progress", "--steps", "1"]
-    code, _, err = cli(["finetune", "--train", data, "--output", tmp_path / "a", *base, "--img-size", "24"], capsys)
+    code, _, err = cli(["finetune", "--train", data, "--output", tmp_path / "a", *base, "--img-size", "24",
+                        "--random-init"], capsys)
     assert code == 0, err
     ckpt = tmp_path / "a" / CHECKPOINT_NAME
     code, _, err = cli(["finetune", "--train", data, "--output", tmp_path / "b", "--checkpoint", ckpt,
@@ -298,7 +301,7 @@ def test_7_stale_temps_are_removed_and_every_result_file_is_replaced_atomically(
                         "--output", tmp_path / "ev", "--workers", "0"], capsys)
     assert code == 0, err
     assert {"results.md", "results.csv", "scores.json"} <= set(replaced)
-    assert sorted(os.listdir(tmp_path / "ev")) == ["results.csv", "results.md", "scores.json"]
+    assert sorted(os.listdir(tmp_path / "ev")) == ["evaluate.manifest.json", "results.csv", "results.md", "scores.json"]
 
 
 def test_7_diagnose_gives_every_ood_set_its_own_files(tmp_path):

@@ -11,8 +11,10 @@ What is read (so that no image is counted twice or under another class's label):
 with an image extension, or symbolic links to such files; never pipes, sockets or devices (a pipe
 named ``x.png`` would block the reader). Class folders (the root's sub-folders) may be symbolic
 links, to build a dataset from some classes of another; two of them may not lead to the same
-directory, or to one inside another, or to the root. *Below* a class folder (and below a flat root)
-directory links are not followed: no cycle, no escape from the tree. A file link in a class folder
+directory, or to one inside another, or to the root. A labelled folder needs at least two classes
+(unless ``classes`` fixes the list), and no class folder may be empty (a ``ValueError`` names it).
+*Below* a class folder (and below a flat root) directory links are not followed: no cycle, no escape
+from the tree. A file link in a class folder
 may lead into that class folder or outside the image folder (e.g. to a shared image store), never to
 another class's image or elsewhere in the image folder (a ``ValueError`` names it).
 
@@ -42,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from samnorm.data.decode import decode
 
 __all__ = ["IMG_EXTENSIONS", "ImageFolder", "ImageTransform", "transform_for_model"]
 
@@ -100,16 +104,25 @@ class ImageTransform:
         return len(self.mean)
 
     def __call__(self, image: Any) -> Tensor:
-        image = image.convert("RGB" if self.channels == 3 else "L")
-        w, h = image.size
+        from PIL import Image
+
+        values = decode(image, self.channels)  # every PIL mode by its true range (samnorm.data.decode)
+        h, w = values.shape[:2]
         short = max(1, round(self.size / self.crop_pct))
         scale = short / min(w, h)
         nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
-        image = image.resize((nw, nh), resample=self._RESAMPLE[self.interpolation])
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        arr = np.asarray(image, dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr.reshape(self.size, self.size, self.channels).copy()).permute(2, 0, 1)
+        # Resize only the crop's region (PIL's box, in source pixels): the same samples as resizing the
+        # whole image and cropping, but memory for the output only, whatever the aspect ratio (a
+        # 1 x 5,000,000 image would otherwise ask for a 32 x 160M intermediate).
+        sx, sy = nw / w, nh / h
+        box = (left / sx, top / sy, (left + self.size) / sx, (top + self.size) / sy)
+        planes = [
+            np.asarray(Image.fromarray(np.ascontiguousarray(values[..., c])).resize(
+                (self.size, self.size), resample=self._RESAMPLE[self.interpolation], box=box))
+            for c in range(self.channels)
+        ]
+        x = torch.from_numpy(np.clip(np.stack(planes), 0.0, 1.0))  # bicubic may overshoot
         mean = torch.tensor(self.mean).view(-1, 1, 1)
         std = torch.tensor(self.std).view(-1, 1, 1)
         return (x - mean) / std
@@ -234,6 +247,9 @@ class ImageFolder(Dataset):
             if not subdirs:
                 raise ValueError(f"{root!r} has no class sub-folders: expected {os.path.join(root, '<class>', '<image>')}")
             _check_class_dirs(root, subdirs)
+            if classes is None and len(subdirs) < 2:  # one class: the loss is 0 whatever the model does
+                raise ValueError(f"{root!r} has one class folder ({subdirs[0]!r}): a classifier needs at least two "
+                                 "classes, one sub-folder each; name the folder that holds the class folders")
             found = subdirs
             self.samples = []
         self.classes = list(classes) if classes is not None else found
@@ -249,6 +265,9 @@ class ImageFolder(Dataset):
             for c in subdirs:
                 found_links: list[str] = []
                 images = self._images(os.path.join(root, c), found_links)
+                if not images:  # it would be a class no image can teach
+                    raise ValueError(f"class folder {os.path.join(root, c)!r} holds no images "
+                                     f"({', '.join(IMG_EXTENSIONS)}): add its images or remove the folder")
                 self.samples += [(p, self.class_to_idx[c]) for p in images]
                 links += [(c, p) for p in found_links]
             _check_file_links(root, subdirs, links)

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from samnorm.demo.config import DemoConfig, default_cache_dir
 from samnorm.demo.data import DemoData, accuracy, load_data
 from samnorm.io import atomic_save
+from samnorm.runs import ensure_folder
 
-__all__ = ["build_backbone", "cache_path", "pretrain", "progress_bar"]
+__all__ = ["build_backbone", "cache_path", "check_cache", "pretrain", "progress_bar"]
 
 
 def build_backbone(config: DemoConfig, num_classes: int = 10) -> nn.Module:
@@ -88,10 +89,26 @@ def cache_path(config: DemoConfig) -> Path:
     return folder / "demo" / f"{config.backbone}-{digest}.pt"
 
 
+def check_cache(config: DemoConfig) -> None:
+    """Fail now (``ValueError``) when pretraining would be needed and its cache folder cannot take the
+    weights, instead of after the pretraining.
+
+    Example:
+        >>> check_cache(DemoConfig(cache_dir="/proc/no-such-cache"))
+        Traceback (most recent call last):
+        ...
+        ValueError: the cache folder (--cache-dir, DemoConfig.cache_dir) /proc/no-such-cache/demo: cannot create ...
+    """
+    path = cache_path(config)
+    if not path.is_file():
+        ensure_folder(str(path.parent), "the cache folder (--cache-dir, DemoConfig.cache_dir)")
+
+
 def pretrain(config: DemoConfig, data: DemoData | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The pretrained backbone: loaded from the cache when there, else trained on ID train and cached.
 
-    The cache file is :func:`cache_path`, written atomically. Returns the model (eval mode) and
+    The cache file is :func:`cache_path`, written atomically; a cache folder that cannot be created or
+    written to is a ``ValueError`` before any training. Returns the model (eval mode) and
     ``{"cached": bool, "path": str, "seconds": float, "val_accuracy": float}``.
 
     Example:
@@ -99,9 +116,10 @@ def pretrain(config: DemoConfig, data: DemoData | None = None) -> tuple[nn.Modul
         >>> info["cached"]                        # doctest: +SKIP
         True
     """
-    data = data if data is not None else load_data(config)
     key = json.dumps(config.pretrain_key(), sort_keys=True)
     path = cache_path(config)
+    check_cache(config)
+    data = data if data is not None else load_data(config)
     model = build_backbone(config)
     start = time.perf_counter()
     if path.is_file():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from samnorm.cli_common import names
+from samnorm.cli_common import UsageError, names
 from samnorm.demo.config import ARMS, BACKBONE_DEFAULTS, DemoConfig, default_cache_dir
+from samnorm.runs import RunSpec
 
 __all__ = ["add_parser", "main"]
 
@@ -67,7 +67,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--select", action="store_true",
                    help="instead of the demo, rerun the validation-only selection of the fine-tuning defaults")
-    p.set_defaults(func=main)
+    p.set_defaults(func=main, run_spec=RunSpec("out", option="--out"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,9 +79,8 @@ def main(args: argparse.Namespace) -> int:
             ood_ratio=args.ood_ratio, rho_sam_on=args.rho_sam_on, rho_sam=args.rho_sam, epochs=args.epochs,
             adaptive_sam_on=args.adaptive_sam_on, adaptive_sam=args.adaptive_sam, ood_loss=args.ood_loss,
             transforms=tuple(names(args.transforms)), plots=not args.no_plots, progress=not args.no_progress)
-    except ValueError as exc:
-        print(f"samnorm demo: {exc}", file=sys.stderr)
-        return 2
+    except (TypeError, ValueError) as exc:  # samnorm prints it as every command's bad input: one line, exit 2
+        raise UsageError(str(exc)) from exc
     if args.select:
         from samnorm.demo.select import select_hyperparameters
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from samnorm.validate import MAX_IMAGE_SIDE, MAX_SEED, SPECS, Spec, check, check_fields
+
 __all__ = ["ARMS", "BACKBONE_DEFAULTS", "DemoConfig", "PSEUDO_OOD_TRANSFORMS", "SCORER_NAMES", "SELECTION",
            "default_cache_dir"]
 
@@ -159,26 +161,21 @@ class DemoConfig:
             raise ValueError(f"plot_scorers must be among the scorers {list(self.scorers)}, got {list(self.plot_scorers)}")
         if not self.ood_sets:
             raise ValueError("ood_sets is empty: name at least one of textures, photos, faces, noise")
-        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 16):
-            raise ValueError(f"image_size must be None (the backbone's default) or an int >= 16, got {self.image_size!r}")
-        for name in ("pretrain_epochs", "batch_size", "epochs", "n_ood", "stem_width", "groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        # types, ranges, finiteness: samnorm.validate's one table (epochs: whole ones, unlike the recipe's)
+        check_fields(self, ("pretrain_epochs", "batch_size", "n_ood", "stem_width", "groups", "lr",
+                            "pretrain_lr", "momentum", "weight_decay", "ood_ratio", "m_in", "m_out", "pretrain_seed",
+                            "data_seed"))
+        check_fields(self, ("epochs", "seeds"),
+                     {"epochs": Spec(int, low=1), "seeds": Spec(int, 0, MAX_SEED, each=True)})
+        if self.image_size is not None:
+            check("image_size", self.image_size, Spec(int, low=16, high=MAX_IMAGE_SIDE))
         for name in ("n_train", "n_test"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 10):
-                raise ValueError(f"{name} must be None (all) or an int >= 10, got {value!r}")
+            check(name, getattr(self, name), Spec(int, low=10, optional=True))
         if len(self.widths) != len(self.depths) or len(self.widths) < 2:
             raise ValueError("widths and depths must have the same length, at least 2 stages")
-        for name in ("lr", "pretrain_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("ood_weight", "rho_sam_on", "rho_sam", "weight_decay", "momentum"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.ood_ratio <= 1:
-            raise ValueError(f"ood_ratio must be in [0, 1] (pseudo-OOD images per ID image), got {self.ood_ratio}")
+        for name in ("ood_weight", "rho_sam_on", "rho_sam"):
+            check(name, getattr(self, name), SPECS["rho"])
+        object.__setattr__(self, "seeds", tuple(self.seeds))  # check_fields gave a list; a frozen config keeps tuples
 
     @property
     def size(self) -> int:

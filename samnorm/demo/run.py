@@ -17,9 +17,11 @@ from torch import Tensor, nn
 
 from samnorm.demo.config import ARMS, SELECTION, DemoConfig
 from samnorm.demo.data import DemoData, accuracy, batches, load_data
-from samnorm.demo.backbone import pretrain, progress_bar
+from samnorm.io import atomic_write
+from samnorm.demo.backbone import check_cache, pretrain, progress_bar
 from samnorm.recipe import FinetuneConfig
 from samnorm.recipe import finetune as recipe_finetune
+from samnorm.runs import ensure_folder, result_set
 
 __all__ = ["DemoReport", "ID_NAME", "arm_config", "evaluate", "finetune_copy", "run_demo", "theory_quantities"]
 
@@ -159,8 +161,8 @@ def run_demo(config: DemoConfig | None = None) -> DemoReport:
     config = config if config is not None else DemoConfig()
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(ensure_folder(config.out_dir, "--out (DemoConfig.out_dir)"))
+    check_cache(config)  # before the data are made, not after the pretraining
     data = load_data(config)
     timings["data"] = time.perf_counter() - start
     model, info = pretrain(config, data)
@@ -205,23 +207,22 @@ def run_demo(config: DemoConfig | None = None) -> DemoReport:
     report["differences"] = differences(report)
 
     files: dict[str, str] = {}
-    if config.plots:
-        t = time.perf_counter()
-        for i, path in enumerate(plots(out, pre_results, first_results, config.plot_scorers)):
-            files[f"plot_{i}"] = path
-        timings["plots"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - start
-    report["timings"] = timings
-    report["machine"] = _machine()
-    short = markdown(report, per_set=False)
-    full = markdown(report, per_set=True)
-    files["markdown"] = str(out / "report.md")
-    files["json"] = str(out / "report.json")
-    report["files"] = files
-    from samnorm.io import atomic_write
-
-    atomic_write(files["markdown"], full)
-    atomic_write(files["json"], json.dumps(report, indent=2, ensure_ascii=False))
+    with result_set(out, "demo"):  # plots and reports replace the previous ones together (runs.result_set)
+        if config.plots:
+            t = time.perf_counter()
+            for i, path in enumerate(plots(out, pre_results, first_results, config.plot_scorers)):
+                files[f"plot_{i}"] = path
+            timings["plots"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - start
+        report["timings"] = timings
+        report["machine"] = _machine()
+        short = markdown(report, per_set=False)
+        full = markdown(report, per_set=True)
+        files["markdown"] = str(out / "report.md")
+        files["json"] = str(out / "report.json")
+        report["files"] = files
+        atomic_write(files["markdown"], full)
+        atomic_write(files["json"], json.dumps(report, indent=2, ensure_ascii=False))
     if not config.quiet:
         print(short)
         print(f"Full report (per OOD set): {files['markdown']}; every figure: {files['json']}")

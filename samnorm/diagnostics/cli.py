@@ -39,9 +39,9 @@ from samnorm.cli_common import (
     image_transform,
     named_dir,
     names,
-    output_dir,
     read_recorded,
 )
+from samnorm.runs import RunSpec, result_set, worker_ignores_signals
 
 __all__ = ["add_parser", "write_report", "run"]
 
@@ -115,7 +115,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG figures (default 100)")
     p.add_argument("--output", required=True, help="output directory")
     add_model_args(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, run_spec=RunSpec("output", {"--id": "id_dir", "--ood": "ood", "--fit": "fit_dir"}))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,20 +134,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.checkpoint is None:
-        raise UsageError("--checkpoint is required: the weights of the model to diagnose")
+    # types and ranges: samnorm's check_args ran before; weights: --checkpoint or --random-init (build_model)
     ood_names = [name for name, _ in args.ood]
     if len(set(ood_names)) != len(ood_names) or args.id_name in ood_names:
         raise UsageError(f"OOD set names must be distinct and differ from --id-name {args.id_name!r}: {ood_names}")
-    for what, value in (("--batch-size", args.batch_size), ("--max-images", args.max_images or 1)):
-        if value < 1:
-            raise UsageError(f"{what} must be a positive integer, got {value}")
-    if args.theory < 0 or args.workers < 0:
-        raise UsageError("--theory and --workers must be >= 0")
     for path in [args.id_dir, *(d for _, d in args.ood), *([args.fit_dir] if args.fit_dir else [])]:
         if not os.path.isdir(path):
             raise UsageError(f"image folder {path!r} does not exist (or is not a directory)")
-    output_dir(args.output)  # a file in its place fails now, not after the work
 
 
 def _loader(dataset: Any, args: argparse.Namespace) -> Any:
@@ -158,7 +151,8 @@ def _loader(dataset: Any, args: argparse.Namespace) -> Any:
         # a random subset, not the first N files: those would all come from the first classes
         gen = torch.Generator().manual_seed(args.seed)
         dataset = Subset(dataset, torch.randperm(len(dataset), generator=gen)[: args.max_images].tolist())
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                      worker_init_fn=worker_ignores_signals)
 
 
 def _skipped(loader: Any) -> int:
@@ -269,7 +263,9 @@ def write_report(
 
     ``before`` (same layout) adds the model before fine-tuning to every figure and to the JSON;
     ``theory`` and ``meta`` are stored in the JSON as given (JSON-ready values). Returns the summary
-    dict, whose ``"files"`` lists what was written.
+    dict, whose ``"files"`` lists what was written. The files replace those of the previous report in
+    ``out_dir`` as a set, ``manifest.json`` last (:func:`samnorm.runs.result_set`): a failed write
+    leaves the previous report whole, and figures of the previous report that this one lacks are removed.
 
     Example:
         >>> import numpy as np, tempfile
@@ -302,31 +298,32 @@ def write_report(
         files.append(name)
         return os.path.join(out, name)
 
-    slugs, ood_slugs = _slugs(quantities), _slugs(summary["ood_names"])
-    for quantity in quantities:
-        pick = {stage: {s: v[quantity] for s, v in res.items()} for stage, res in stages.items()}
-        target = path(f"{slugs[quantity]}.png")
-        if before is not None:
-            plots.plot_before_after(pick["before"], pick["after"], id_name=id_name, quantity=quantity, dpi=dpi,
-                                    path=target)
-        else:
-            plots.plot_distributions(pick["after"], id_name=id_name, quantity=quantity, dpi=dpi, path=target)
-    if {"grad_norm", "max_logit"} <= set(quantities):
-        for ood in summary["ood_names"]:
-            plots.plot_grad_norm_max_logit(results, id_name=id_name, before=before, ood_names=[ood], dpi=dpi,
-                                           path=path(f"grad_norm_max_logit_{ood_slugs[ood]}.png"))
-    plots.plot_summary(results, id_name=id_name, before=before, dpi=dpi, path=path("summary.png"))
-    arrays = {
-        f"{stage}/{s}/{q}": np.asarray(v, dtype=np.float64)
-        for stage, res in stages.items() for s, values in res.items() for q, v in values.items()
-    }
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write(path("values.npz"), buffer.getvalue())
-    if theory is not None:
-        summary["theory"] = dict(theory)
-    if meta is not None:
-        summary["meta"] = dict(meta)
-    summary["files"] = [*files, "summary.json"]
-    atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+    with result_set(out, "diagnose"):  # every figure replaces the previous run's together (runs.result_set)
+        slugs, ood_slugs = _slugs(quantities), _slugs(summary["ood_names"])
+        for quantity in quantities:
+            pick = {stage: {s: v[quantity] for s, v in res.items()} for stage, res in stages.items()}
+            target = path(f"{slugs[quantity]}.png")
+            if before is not None:
+                plots.plot_before_after(pick["before"], pick["after"], id_name=id_name, quantity=quantity, dpi=dpi,
+                                        path=target)
+            else:
+                plots.plot_distributions(pick["after"], id_name=id_name, quantity=quantity, dpi=dpi, path=target)
+        if {"grad_norm", "max_logit"} <= set(quantities):
+            for ood in summary["ood_names"]:
+                plots.plot_grad_norm_max_logit(results, id_name=id_name, before=before, ood_names=[ood], dpi=dpi,
+                                               path=path(f"grad_norm_max_logit_{ood_slugs[ood]}.png"))
+        plots.plot_summary(results, id_name=id_name, before=before, dpi=dpi, path=path("summary.png"))
+        arrays = {
+            f"{stage}/{s}/{q}": np.asarray(v, dtype=np.float64)
+            for stage, res in stages.items() for s, values in res.items() for q, v in values.items()
+        }
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write(path("values.npz"), buffer.getvalue())
+        if theory is not None:
+            summary["theory"] = dict(theory)
+        if meta is not None:
+            summary["meta"] = dict(meta)
+        summary["files"] = [*files, "summary.json"]
+        atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     return summary
