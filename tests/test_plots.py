@@ -1,4 +1,4 @@
-"""samnorm.plots: files written, non-empty, of the expected pixel size; titles carry the metrics."""
+"""samnorm.viz.plots: files written, non-empty, of the expected pixel size; titles carry the metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from samnorm import plots
+from samnorm.viz import plots
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 
@@ -100,7 +100,7 @@ def test_plots_reject_bad_input():
 
 def test_importing_plots_and_diagnostics_loads_neither_matplotlib_nor_timm():
     code = (
-        "import sys, samnorm.plots, samnorm.diagnostics; "
+        "import sys, samnorm.viz.plots, samnorm.diagnostics; "
         "print([m for m in ('matplotlib', 'timm', 'torchvision') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -510,7 +510,7 @@ def save_example_grid(
     with torch.no_grad():
         for name, t in zip(sampler.names, sampler.transforms):
             rows.append((name, torch.maximum(torch.minimum(t(x, partners, g), hi), lo)))
-    from samnorm.figures import plot_image_grid  # matplotlib without pyplot: no global backend switch
+    from samnorm.viz.figures import plot_image_grid  # matplotlib without pyplot: no global backend switch
 
     shown = torch.cat([_display(batch, mean, std) for _, batch in rows])
     if shown.shape[1] != 3:  # one channel, or a channel count with no colour meaning: the mean

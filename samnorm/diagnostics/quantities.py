@@ -6,7 +6,7 @@ them for any classifier that :class:`samnorm.ood.ModelAdapter` can split into fe
 head, and summarises each quantity per OOD set (AUROC, overlap coefficient, histograms).
 
 Results are plain nested dicts, ``results[set_name][quantity] -> 1-D numpy array``, so that the plots
-(:mod:`samnorm.plots`), the JSON summary and user code all read the same thing.
+(:mod:`samnorm.viz.plots`), the JSON summary and user code all read the same thing.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samnorm.distributions import finite_1d, histograms, overlap_coefficient  # re-exported
+from samnorm.viz.histograms import finite_1d, histograms, overlap_coefficient  # re-exported
 from samnorm.nn_utils import batches, eval_mode
 from samnorm.ood.adapter import ModelAdapter  # the OOD toolkit owns the feature/head split
 from samnorm.ood.metrics import auroc  # one AUROC for the whole library (ties count half)

@@ -13,7 +13,7 @@ from samnorm.ood import scores as S
 from samnorm.ood.adapter import ModelAdapter
 from samnorm.ood.detectors.base import Scorer
 from samnorm.ood.detectors.logits import Energy
-from samnorm.ood.rankfeat import Method, check_method, remove_rank1
+from samnorm.ood.svd import Method, check_method, remove_rank1
 
 __all__ = ["RankFeat", "RankWeight"]
 
@@ -27,7 +27,7 @@ class RankFeat(Scorer):
     "block 4", ``-2`` "block 3 then block 4", ``(-2, -1)`` both. For ViT / T2T-ViT, ``-1`` edits
     the tokens after the last block, before the final norm. ``method="power"`` uses ``iters``
     steps of seeded power iteration (stopping per sample at ``tol``) instead of the full SVD
-    (:mod:`samnorm.ood.rankfeat`).
+    (:mod:`samnorm.ood.svd`).
 
     Example:
         >>> RankFeat(model, blocks=(-2, -1), method="power").score(images)  # doctest: +SKIP

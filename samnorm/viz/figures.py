@@ -1,7 +1,7 @@
 """Writing figures without pyplot: a Figure on an Agg canvas, its PNG written atomically, and an
 image grid (matplotlib, imported lazily).
 
-The lowest figure module: :mod:`samnorm.plots` (the diagnostics' figures) and
+The lowest figure module: :mod:`samnorm.viz.plots` (the diagnostics' figures) and
 :func:`samnorm.data.pseudo_ood.save_example_grid` build on it; it imports only :mod:`samnorm.io`.
 """
 

@@ -11,7 +11,7 @@ the ID set under ``id_name`` and every other key an OOD set. Convention: higher 
 - :func:`plot_before_after`: the same, before vs after fine-tuning, side by side (figures 3-7).
 - :func:`plot_grad_norm_max_logit`: FC gradient norm and max logit, ID vs OOD (figures 8-14).
 - :func:`plot_image_grid`: a grid of images, e.g. pseudo-OOD examples (figures 1-2); from
-  :mod:`samnorm.figures`.
+  :mod:`samnorm.viz.figures`.
 - :func:`plot_summary`: one page with every quantity and an AUROC table.
 """
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from samnorm.figures import new_figure, plot_image_grid, save_png  # plot_image_grid re-exported
+from samnorm.viz.figures import new_figure, plot_image_grid, save_png  # plot_image_grid re-exported
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -61,7 +61,7 @@ def _id_label(id_name: str) -> str:
 
 
 def _split_sets(values: Mapping[str, Any], id_name: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    from samnorm.distributions import finite_1d
+    from samnorm.viz.histograms import finite_1d
 
     if id_name not in values:
         raise ValueError(f"id_name {id_name!r} is not among the sets {sorted(values)}; pass id_name=")
@@ -82,7 +82,7 @@ def _edges(arrays: Sequence[np.ndarray], bins: int, clip: float) -> np.ndarray:
 
 
 def _metrics(id_values: np.ndarray, ood_values: np.ndarray) -> tuple[float, float]:
-    from samnorm.distributions import overlap_coefficient
+    from samnorm.viz.histograms import overlap_coefficient
     from samnorm.ood.metrics import auroc
 
     return float(auroc(id_values, ood_values)), overlap_coefficient(id_values, ood_values)

@@ -1,7 +1,7 @@
 """Comparing samples of a per-sample quantity (scores, gradient norms): checked 1-D arrays, the
 overlap coefficient of two samples and histograms on shared edges.
 
-Used by the diagnostics (:mod:`samnorm.diagnostics`) and the figures (:mod:`samnorm.plots`);
+Used by the diagnostics (:mod:`samnorm.diagnostics`) and the figures (:mod:`samnorm.viz.plots`);
 imports nothing else of samnorm.
 """
 
