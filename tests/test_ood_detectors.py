@@ -650,3 +650,28 @@ def test_rankweight_is_a_scorer_of_its_edited_copy(resnet):
     assert isinstance(scorer, ood.Scorer) and scorer.model is scorer.inner.model is not model
     assert scorer.is_fitted and repr(scorer).startswith("RankWeight(layer=")
     torch.testing.assert_close(scorer.score(x), scorer.inner.score(x))
+
+
+def test_needs_labels_is_enforced_by_the_base_and_implies_needs_fit(feature_data):
+    model, x, labels, train, _ = feature_data
+    assert [c.name for c in ood.SCORERS.values() if c.needs_labels] == ["Mahalanobis"]
+    for data in (x, [x[:50], x[50:]]):  # images without labels: refused before any statistic is read
+        with pytest.raises(ValueError, match="Mahalanobis.fit needs class labels"):
+            ood.Mahalanobis(model).fit(data)
+    with pytest.raises(ValueError, match="Mahalanobis.fit needs class labels"):
+        ood.Mahalanobis(model).fit_features(train)
+    with pytest.raises(TypeError, match="needs_labels = True but not needs_fit"):
+
+        class Labelled(ood.OutputScorer):  # noqa: F841 - the class statement itself must fail
+            needs_labels = True
+
+            def _from_outputs(self, features, logits):
+                return logits.sum(1)
+
+
+def test_needs_labels_matches_the_cli_constant():
+    # The CLI still keeps its own tuple of scorers whose --fit folder must have class sub-folders,
+    # until it reads the attribute; the two must not drift apart meanwhile.
+    from samnorm import cli_common
+
+    assert {c.name for c in ood.SCORERS.values() if c.needs_labels} == set(cli_common._LABELLED_FIT)

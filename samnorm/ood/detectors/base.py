@@ -44,7 +44,8 @@ class Scorer(abc.ABC):
 
     The model is in eval mode while a scorer runs and restored afterwards. A subclass sets
     ``name`` and implements :meth:`_score_inputs`; one with ``needs_fit = True`` also implements
-    :meth:`_fit` (checked when the class is defined).
+    :meth:`_fit` (checked when the class is defined). One with ``needs_labels = True`` (Mahalanobis)
+    gets labels in every batch of ``_fit``: ``fit`` refuses data without them.
 
     Example:
         >>> from samnorm.ood import Energy
@@ -59,6 +60,8 @@ class Scorer(abc.ABC):
     name: ClassVar[str] = "scorer"
     #: whether ``score`` needs statistics from ``fit`` first
     needs_fit: ClassVar[bool] = False
+    #: whether ``fit`` needs class labels (checked here, for every batch, before ``_fit`` sees it)
+    needs_labels: ClassVar[bool] = False
     #: whether the score is a function of the plain forward's (features, logits)
     uses_outputs: bool = False
     #: how many times ``fit`` reads its data
@@ -68,6 +71,8 @@ class Scorer(abc.ABC):
         super().__init_subclass__(**kwargs)
         if cls.needs_fit and cls._fit is Scorer._fit:
             raise TypeError(f"{cls.__name__} sets needs_fit = True but does not implement _fit")
+        if cls.needs_labels and not cls.needs_fit:
+            raise TypeError(f"{cls.__name__} sets needs_labels = True but not needs_fit: labels are only read by fit")
 
     def __init__(self, model: Union[nn.Module, ModelAdapter]) -> None:
         self.adapter = ModelAdapter.from_model(model)
@@ -106,6 +111,7 @@ class Scorer(abc.ABC):
 
         def passes() -> Iterator[Outputs]:
             for x, y in batches(data, batch_size):
+                self._check_labels(y)
                 x = adapter.prepare(x)
                 feats, logits = adapter.features_and_logits(x)
                 yield feats, logits, None if y is None else y.to(x.device)
@@ -128,6 +134,7 @@ class Scorer(abc.ABC):
                 f"features have D={features.shape[1]}, the model's head expects "
                 f"{self.adapter.num_features}"
             )
+        self._check_labels(labels)
         if labels is not None and labels.shape != (features.shape[0],):
             raise ValueError(f"labels must have shape ({features.shape[0]},), got {tuple(labels.shape)}")
         adapter, device = self.adapter, self.adapter.placement()[0]
@@ -143,6 +150,10 @@ class Scorer(abc.ABC):
             self._fit(passes)
         self._fitted = True
         return self
+
+    def _check_labels(self, labels: Tensor | None) -> None:
+        if labels is None and self.needs_labels:
+            raise ValueError(f"{self.name}.fit needs class labels: pass (images, labels) batches")
 
     def _fit(self, passes: Passes) -> None:
         """Compute the statistics from ``passes`` (scorers with ``needs_fit = True``)."""

@@ -31,6 +31,7 @@ class Mahalanobis(OutputScorer):
 
     name = "Mahalanobis"
     needs_fit = True
+    needs_labels = True
 
     def __init__(self, model: Union[nn.Module, ModelAdapter], jitter: float = 1e-6) -> None:
         super().__init__(model)
@@ -42,8 +43,7 @@ class Mahalanobis(OutputScorer):
         k, d = self.adapter.num_classes, self.adapter.num_features
         means = counts = scatter = None  # float64, on the device of the features
         for feats, _, labels in passes():
-            if labels is None:
-                raise ValueError("Mahalanobis.fit needs class labels: pass (images, labels) batches")
+            assert labels is not None  # needs_labels: the base refuses data without them
             f, y = feats.double(), labels.to(feats.device).long()
             if y.numel() == 0:
                 continue
