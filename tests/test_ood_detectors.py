@@ -491,21 +491,81 @@ def test_stem_stage_families_with_a_tail_after_the_stages_score_their_own_logits
     assert adapter.verified  # checked on the first batch
 
 
-@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "eva02_tiny_patch14_224"])
-def test_unknown_classes_are_refused_by_name(name):
-    # DeiT-distilled has a second head (head_dist); Eva's blocks need rotary embeddings: a ViT
-    # look-alike split ignores the one and crashes on the other
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("deit_tiny_distilled_patch16_224", r"it overrides \[.*'forward_head'.*\] of timm.*VisionTransformer,"),
+     ("eva02_tiny_patch14_224", "its class is not one whose forward pass is known")],
+)
+def test_unknown_classes_are_refused_by_name(name, why):
+    # DeiT-distilled (a VisionTransformer subclass) has a second head (head_dist); Eva's blocks need
+    # rotary embeddings: a ViT look-alike split ignores the one and crashes on the other
     model = timm.create_model(name, num_classes=5, img_size=32, patch_size=8, depth=1).eval()
-    with pytest.raises(TypeError, match=rf"{type(model).__name__}.*Build ModelAdapter\(model"):
+    with pytest.raises(TypeError, match=rf"{type(model).__name__} into features and head: {why}.* Build ModelAdapter\("):
         ood.ModelAdapter.from_model(model)
 
-    class MyResNetV2(type(tiny_resnetv2())):  # a subclass may override forward: not trusted
+
+def test_subclasses_inherit_the_split_unless_they_override_a_method():
+    base = type(tiny_resnetv2())
+
+    class Renamed(base):  # the same forward pass: split like its base, and checked on the first batch
         pass
 
-    subclassed = tiny_resnetv2()
-    subclassed.__class__ = MyResNetV2
-    with pytest.raises(TypeError, match="MyResNetV2"):
-        ood.ModelAdapter.from_model(subclassed)
+    class Shifted(base):
+        def forward_head(self, x, pre_logits=False):
+            return super().forward_head(x, pre_logits) + (0 if pre_logits else 1.0)
+
+    model = tiny_resnetv2()
+    model.__class__ = Renamed
+    adapter = ood.ModelAdapter.from_model(model)
+    assert adapter.name == "resnetv2"
+    adapter.verify(images(2, 32))
+    model.__class__ = Shifted
+    with pytest.raises(TypeError, match=r"Shifted into features and head: it overrides \['forward_head'\] of timm.models.resnetv2.ResNetV2"):
+        ood.ModelAdapter.from_model(model)
+
+
+def test_registered_splits_are_found_along_the_mro_most_specific_first():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.fc = nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(self.body(x.flatten(1)))
+
+    class Child(Net):
+        pass
+
+    class Scaled(Net):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    def split(name, scale=1.0):
+        def factory(model):
+            return ood.ModelAdapter(model, embed=nn.Flatten(), blocks=[model.body], pool=lambda h: h * scale,
+                                    fc=model.fc, name=name)
+
+        return factory
+
+    with pytest.raises(TypeError, match="cannot split .*Net into features and head: its class is not one"):
+        ood.ModelAdapter.from_model(Net())
+    assert ood.ModelAdapter.register(Net)(split("net")) is not None
+    x = torch.rand(4, 6)
+    for cls in (Net, Child):
+        adapter = ood.ModelAdapter.from_model(cls().eval())
+        assert adapter.name == "net"
+        adapter.verify(x)
+    with pytest.raises(TypeError, match=r"overrides \['forward'\]"):
+        ood.ModelAdapter.from_model(Scaled())
+    # a subclass registered itself wins over its base (the nearest class of the MRO)
+    ood.ModelAdapter.register(Scaled)(split("scaled", scale=None))
+    with pytest.raises(ValueError, match="already has a registered split"):
+        ood.ModelAdapter.register(Scaled)
+    with pytest.raises(TypeError, match="nn.Module classes or their qualified names"):
+        ood.ModelAdapter.register(int)
+    with pytest.raises(TypeError, match="decorates a function"):
+        ood.ModelAdapter.register(Child)(3)
+    assert ood.ModelAdapter.from_model(Scaled()).name == "scaled"
 
 
 class _LookAlikeResNet(nn.Module):
