@@ -34,7 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["uniform_ce", "free_energy", "energy", "energy_margin", "max_logit_gap", "LossTerms", "SFTLoss", "OOD_LOSSES"]
+__all__ = [
+    "OOD_LOSSES",
+    "LossTerms",
+    "SFTLoss",
+    "energy",
+    "energy_margin",
+    "free_energy",
+    "max_logit_gap",
+    "uniform_ce",
+]
 
 #: The OOD terms by name, with their default weights lambda and sources (see the module docstring):
 #: the one list of loss names (``SFTLoss``, the recipe and the CLI choices read it).

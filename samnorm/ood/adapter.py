@@ -195,22 +195,21 @@ class ModelAdapter:
         """
         if isinstance(model, ModelAdapter):
             return model
-        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(
-            model, "_orig_mod"
-        ):
-            model = model.module if hasattr(model, "module") else model._orig_mod
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module or a ModelAdapter, got {type(model).__name__}")
-        found = _registered(type(model))
+        net: Any = model
+        while isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(net, "_orig_mod"):
+            net = net.module if hasattr(net, "module") else net._orig_mod
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"model must be an nn.Module or a ModelAdapter, got {type(net).__name__}")
+        found = _registered(type(net))
         if found is not None:
             base, factory = found
-            overridden = _overridden(type(model), base)
+            overridden = _overridden(type(net), base)
             if overridden:
-                raise _unsupported(model, f"it overrides {overridden} of {_qualified(base)}, whose split is registered")
-            return factory(model)
-        if _looks_like_torchvision_resnet(model):
-            return _resnet(model)
-        raise _unsupported(model, "its class is not one whose forward pass is known")
+                raise _unsupported(net, f"it overrides {overridden} of {_qualified(base)}, whose split is registered")
+            return factory(net)
+        if _looks_like_torchvision_resnet(net):
+            return _resnet(net)
+        raise _unsupported(net, "its class is not one whose forward pass is known")
 
     # ------------------------------------------------------------------ head
     @property
@@ -260,10 +259,8 @@ class ModelAdapter:
         if not isinstance(inputs, Tensor):
             raise TypeError(f"inputs must be a tensor batch, got {type(inputs).__name__}")
         device, dtype = self.placement()
-        if inputs.is_floating_point() and dtype is not None:
-            inputs = inputs.to(device, dtype)
-        else:
-            inputs = inputs.to(device)
+        floating = inputs.is_floating_point() and dtype is not None
+        inputs = inputs.to(device, dtype) if floating else inputs.to(device)
         self._check_once(inputs)
         return inputs
 
@@ -358,8 +355,14 @@ def _pre_logits_after(model: Any, *tail: nn.Module) -> Callable[[Tensor], Tensor
 
 @ModelAdapter.register("samnorm.models.t2t_vit.T2TViT")
 def _t2t_vit(model: Any) -> ModelAdapter:
-    return ModelAdapter(model, embed=model.prepare_tokens, blocks=list(model.blocks),
-                        pool=_pre_logits_after(model, model.norm), fc=model.head, name="t2t_vit")
+    return ModelAdapter(
+        model,
+        embed=model.prepare_tokens,
+        blocks=list(model.blocks),
+        pool=_pre_logits_after(model, model.norm),
+        fc=model.head,
+        name="t2t_vit",
+    )
 
 
 @ModelAdapter.register("timm.models.vision_transformer.VisionTransformer")
@@ -367,8 +370,14 @@ def _vit(model: Any) -> ModelAdapter:
     def embed(x: Tensor) -> Tensor:
         return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
 
-    return ModelAdapter(model, embed=embed, blocks=list(model.blocks), pool=_pre_logits_after(model, model.norm),
-                        fc=model.head, name="vit")
+    return ModelAdapter(
+        model,
+        embed=embed,
+        blocks=list(model.blocks),
+        pool=_pre_logits_after(model, model.norm),
+        fc=model.head,
+        name="vit",
+    )
 
 
 def _stem_stages(name: str, tail: tuple[str, ...]) -> Callable[[Any], ModelAdapter]:
@@ -430,6 +439,11 @@ def _resnet(model: Any) -> ModelAdapter:
         def pool(h: Tensor) -> Tensor:
             return torch.flatten(model.avgpool(h), 1)
 
-    return ModelAdapter(model, embed=nn.Sequential(model.conv1, model.bn1, act, model.maxpool),
-                        blocks=[model.layer1, model.layer2, model.layer3, model.layer4], pool=pool, fc=model.fc,
-                        name="resnet")
+    return ModelAdapter(
+        model,
+        embed=nn.Sequential(model.conv1, model.bn1, act, model.maxpool),
+        blocks=[model.layer1, model.layer2, model.layer3, model.layer4],
+        pool=pool,
+        fc=model.fc,
+        name="resnet",
+    )

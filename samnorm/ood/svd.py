@@ -18,7 +18,8 @@ with ``r = s2 / s1``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Literal, Optional
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -45,9 +46,7 @@ def _unit(x: Tensor) -> Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def _pairs(
-    matrices: Tensor, method: str, iters: int, tol: float, seed: int
-) -> Iterator[tuple[slice, Tensor, Tensor]]:
+def _pairs(matrices: Tensor, method: str, iters: int, tol: float, seed: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """``(rows, left (b, M, 1), right (b, 1, N))`` per chunk of the batch, ``left @ right`` being
     the rank-1 component of ``matrices[rows]``. With "power", a chunk's matrices are still in
     cache when the caller uses them right after the pair is yielded."""
@@ -106,17 +105,15 @@ def _per_chunk(
     return out
 
 
-def _product(part: Tensor, left: Tensor, right: Tensor, out: Optional[Tensor] = None) -> Tensor:
+def _product(part: Tensor, left: Tensor, right: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.bmm(left, right, out=out)
 
 
-def _difference(part: Tensor, left: Tensor, right: Tensor, out: Optional[Tensor] = None) -> Tensor:
+def _difference(part: Tensor, left: Tensor, right: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.addcmul(part, left, right, value=-1, out=out)
 
 
-def rank1(
-    matrices: Tensor, method: Method = "svd", *, iters: int = 20, tol: float = 1e-6, seed: int = 0
-) -> Tensor:
+def rank1(matrices: Tensor, method: Method = "svd", *, iters: int = 20, tol: float = 1e-6, seed: int = 0) -> Tensor:
     """The rank-1 component ``s1 u1 v1^T`` of each matrix of a ``(B, M, N)`` batch.
 
     ``method="svd"``: ``torch.linalg.svd`` (exact, as the official code). ``"power"``: at most

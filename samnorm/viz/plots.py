@@ -30,12 +30,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "plot_distributions",
+    "QUANTITY_LABELS",
     "plot_before_after",
+    "plot_distributions",
     "plot_grad_norm_max_logit",
     "plot_image_grid",
     "plot_summary",
-    "QUANTITY_LABELS",
 ]
 
 #: Axis labels by quantity name (the diagnostics' built-ins; add your own). Scorer names of
@@ -82,8 +82,8 @@ def _edges(arrays: Sequence[np.ndarray], bins: int, clip: float) -> np.ndarray:
 
 
 def _metrics(id_values: np.ndarray, ood_values: np.ndarray) -> tuple[float, float]:
-    from samnorm.viz.histograms import overlap_coefficient
     from samnorm.ood.metrics import auroc
+    from samnorm.viz.histograms import overlap_coefficient
 
     return float(auroc(id_values, ood_values)), overlap_coefficient(id_values, ood_values)
 
@@ -100,16 +100,17 @@ def _draw(
 ) -> list[tuple[float, float]]:
     """Density histograms of ID and each OOD set on ``ax``; returns (AUROC, overlap) per OOD set."""
     metrics = []
+    bins = edges.tolist()  # the same edges, as the sequence matplotlib's signature names
     id_label = f"{_id_label(id_name)}, n={id_values.size}"
-    ax.hist(id_values, bins=edges, density=True, histtype="stepfilled", color=_ID_COLOR, alpha=0.35, label=id_label)
-    ax.hist(id_values, bins=edges, density=True, color=_ID_COLOR, histtype="step", linewidth=1.4)
+    ax.hist(id_values, bins=bins, density=True, histtype="stepfilled", color=_ID_COLOR, alpha=0.35, label=id_label)
+    ax.hist(id_values, bins=bins, density=True, color=_ID_COLOR, histtype="step", linewidth=1.4)
     for i, (name, values) in enumerate(ood.items()):
         color = _OOD_COLORS[i % len(_OOD_COLORS)]
         auroc, overlap = _metrics(id_values, values)
         metrics.append((auroc, overlap))
         label = f"{name}, n={values.size}: AUROC {100 * auroc:.1f}%, overlap {overlap:.2f}"
-        ax.hist(values, bins=edges, density=True, histtype="stepfilled", color=color, alpha=0.25, label=label)
-        ax.hist(values, bins=edges, density=True, color=color, histtype="step", linewidth=1.4)
+        ax.hist(values, bins=bins, density=True, histtype="stepfilled", color=color, alpha=0.25, label=label)
+        ax.hist(values, bins=bins, density=True, color=color, histtype="step", linewidth=1.4)
     ax.set_xlabel(_label(quantity))
     ax.set_ylabel("density")
     if legend:  # below the axes: inside, it would hide the histograms it explains
@@ -186,7 +187,7 @@ def plot_before_after(
     fig = new_figure(figsize, dpi)
     axes = fig.subplots(1, 2, sharex=True)
     edges = _edges([id0, *ood0.values(), id1, *ood1.values()], bins, clip)
-    for ax, stage, id_values, ood in zip(axes, stage_names, (id0, id1), (ood0, ood1)):
+    for ax, stage, id_values, ood in zip(axes, stage_names, (id0, id1), (ood0, ood1), strict=True):
         metrics = _draw(ax, id_values, ood, id_name=id_name, quantity=quantity, edges=edges)
         ax.set_title(_title(f"{_label(quantity)}, {stage}", metrics), fontsize="medium")
     if title is not None:
@@ -227,7 +228,7 @@ def plot_grad_norm_max_logit(
             values = _select(stage_results, id_name, ood_names, quantity)
             per_stage.append(_split_sets(values, id_name))
         edges = _edges([a for id_v, ood in per_stage for a in (id_v, *ood.values())], bins, clip)
-        for row, ((stage, _), (id_values, ood)) in enumerate(zip(stages, per_stage)):
+        for row, ((stage, _), (id_values, ood)) in enumerate(zip(stages, per_stage, strict=True)):
             ax = axes[row, col]
             metrics = _draw(ax, id_values, ood, id_name=id_name, quantity=quantity, edges=edges)
             label = _label(quantity) if len(stages) == 1 else f"{_label(quantity)}, {stage}"
@@ -286,15 +287,20 @@ def plot_summary(
     for r, quantity in enumerate(names):
         per_stage = [_split_sets(_select(res, id_name, ood_names, quantity), id_name) for _, res in stages]
         edges = _edges([a for id_v, ood in per_stage for a in (id_v, *ood.values())], bins, clip)
-        for c, ((stage, _), (id_values, ood)) in enumerate(zip(stages, per_stage)):
+        for c, ((stage, _), (id_values, ood)) in enumerate(zip(stages, per_stage, strict=True)):
             ax = fig.add_subplot(grid[r, c])
             metrics = _draw(ax, id_values, ood, id_name=id_name, quantity=quantity, edges=edges, legend=False)
             ax.set_title(_title(f"{_label(quantity)}, {stage}", metrics), fontsize="medium")
             rows.append([_label(quantity), stage, *(f"{100 * a:.1f} / {o:.2f}" for a, o in metrics)])
     # one legend for the page (every panel uses the same colours); the numbers are in the table
     handles, _ = ax.get_legend_handles_labels()
-    fig.legend(handles[: 1 + len(ood_names)], [_id_label(id_name), *ood_names], loc="outside lower center",
-               ncols=1 + len(ood_names), frameon=False)
+    fig.legend(
+        handles[: 1 + len(ood_names)],
+        [_id_label(id_name), *ood_names],
+        loc="outside lower center",
+        ncols=1 + len(ood_names),
+        frameon=False,
+    )
     table_ax = fig.add_subplot(grid[len(names), :])
     table_ax.set_axis_off()
     columns = ["quantity", "model", *(f"{n}: AUROC % / overlap" for n in ood_names)]

@@ -9,7 +9,8 @@ score is a function of the plain forward pass's penultimate features and logits 
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from samnorm.ood.adapter import ModelAdapter
 
 __all__ = ["NotFittedError", "OutputScorer", "Outputs", "Passes", "Scorer", "TemperedScorer"]
 
-Outputs = tuple[Tensor, Tensor, Optional[Tensor]]  # features, logits, labels
+Outputs = tuple[Tensor, Tensor, Tensor | None]  # features, logits, labels
 #: ``passes()`` starts one pass over the fit data, yielding :data:`Outputs` per batch.
 Passes = Callable[[], Iterator[Outputs]]
 
@@ -74,7 +75,7 @@ class Scorer(abc.ABC):
         if cls.needs_labels and not cls.needs_fit:
             raise TypeError(f"{cls.__name__} sets needs_labels = True but not needs_fit: labels are only read by fit")
 
-    def __init__(self, model: Union[nn.Module, ModelAdapter]) -> None:
+    def __init__(self, model: nn.Module | ModelAdapter) -> None:
         self.adapter = ModelAdapter.from_model(model)
         self._fitted = not self.needs_fit
 
@@ -96,7 +97,7 @@ class Scorer(abc.ABC):
             )
 
     # ------------------------------------------------------------ fitting
-    def fit(self, data: Any = None, *, batch_size: int = 256) -> "Scorer":
+    def fit(self, data: Any = None, *, batch_size: int = 256) -> Scorer:
         """Fit on ID training data (a no-op for scorers without statistics); returns ``self``."""
         if not self.needs_fit:
             return self
@@ -121,9 +122,7 @@ class Scorer(abc.ABC):
         self._fitted = True
         return self
 
-    def fit_features(
-        self, features: Tensor, labels: Optional[Tensor] = None, *, batch_size: int = 8192
-    ) -> "Scorer":
+    def fit_features(self, features: Tensor, labels: Tensor | None = None, *, batch_size: int = 8192) -> Scorer:
         """Fit from precomputed ``(N, D)`` penultimate features (and ``(N,)`` labels)."""
         if not self.needs_fit:
             return self
@@ -131,8 +130,7 @@ class Scorer(abc.ABC):
             raise ValueError("features must be an (N, D) tensor of penultimate features")
         if features.shape[1] != self.adapter.num_features:
             raise ValueError(
-                f"features have D={features.shape[1]}, the model's head expects "
-                f"{self.adapter.num_features}"
+                f"features have D={features.shape[1]}, the model's head expects {self.adapter.num_features}"
             )
         self._check_labels(labels)
         if labels is not None and labels.shape != (features.shape[0],):
@@ -226,7 +224,7 @@ class OutputScorer(Scorer):
 class TemperedScorer(OutputScorer):
     """An output scorer with one ``temperature`` T applied to the logits (default 1)."""
 
-    def __init__(self, model: Union[nn.Module, ModelAdapter], temperature: float = 1.0) -> None:
+    def __init__(self, model: nn.Module | ModelAdapter, temperature: float = 1.0) -> None:
         super().__init__(model)
         self.temperature = S.check_temperature(temperature)
 
