@@ -32,7 +32,7 @@ _EXPORTS = {
 }
 _SUBMODULES = {
     "data", "demo", "diagnostics", "distributions", "figures", "integrations", "io", "losses", "models",
-    "nn_utils", "ood", "optim", "plots", "recipe", "select", "variants", "viz",
+    "nn_utils", "ood", "optim", "plots", "recipe", "select", "variants",
 }
 
 __all__ = [
