@@ -45,9 +45,9 @@ __all__ = [
     "uniform_ce",
 ]
 
-#: The OOD terms by name, with their default weights lambda and sources (see the module docstring):
-#: the one list of loss names (``SFTLoss``, the recipe and the CLI choices read it).
 OOD_LOSSES: dict[str, float] = {"uniform": 0.5, "energy": 0.1, "maxlogit": 0.5}
+"""The OOD terms by name, with their default weights lambda and sources (see the module docstring): the one
+list of loss names (``SFTLoss``, the recipe and the CLI choices read it)."""
 
 
 def _check_logits(logits: Tensor, name: str) -> None:

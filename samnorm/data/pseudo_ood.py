@@ -310,6 +310,7 @@ class FourierMix:
 
 
 TRANSFORMS: dict[str, type] = {t.name: t for t in (Jigsaw, PatchMix, Rotate, Blur, Noise, FourierMix)}
+"""The built-in transform classes by name: ``PseudoOOD(transforms=["blur", ...])`` builds each with its defaults."""
 
 
 def default_transforms() -> list[Transform]:

@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 Target = Literal["label", "pred", "uniform"]
+"""The class the gradient-norm loss uses: the label, the prediction (eq. 13) or uniform (GradNorm's loss)."""
 #: A scorer: a callable ``inputs -> (B,) scores`` or an object with ``score(inputs)`` (samnorm.ood).
 Scorer = Callable[[Tensor], Tensor] | Any
 Results = Mapping[str, Mapping[str, Any]]

@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "resnetv2_101x1_bit.goog_in21k_ft_in1k"
+"""The timm model of :func:`create_model` and the CLI when none is named: BiT ResNetV2-101x1 (the paper's CNN)."""
 
 
 def read_checkpoint(path: str | os.PathLike[str], trusted: bool = False) -> Any:
@@ -183,9 +184,6 @@ def load_checkpoint(
     return load_state_dict(model, state_dict, new_head=new_head, what=f"checkpoint {path!r}")
 
 
-#: Model arguments a checkpoint may carry to ``timm.create_model``: the architecture's shape and
-#: regularisation, never file paths, hub options or callables (a recorded ``checkpoint_path`` or
-#: ``pretrained_cfg_overlay`` would make timm open or download other files).
 RECORDED_MODEL_KWARGS = frozenset(
     {
         "num_classes",
@@ -218,6 +216,9 @@ RECORDED_MODEL_KWARGS = frozenset(
         "num_features",
     }
 )
+"""Model arguments a checkpoint may carry to ``timm.create_model``: the architecture's shape and
+regularisation, never file paths, hub options or callables (a recorded ``checkpoint_path`` or
+``pretrained_cfg_overlay`` would make timm open or download other files)."""
 _LITERALS = (bool, int, float, str, type(None))
 
 

@@ -107,7 +107,6 @@ class Convention:
         return f"{self.name}: {self.positive.upper()} positive, FPR at {point}, AUPR = {aupr}"
 
 
-#: Named conventions. ``"samnorm"`` is the default everywhere.
 CONVENTIONS: dict[str, Convention] = {
     c.name: c
     for c in (
@@ -118,6 +117,7 @@ CONVENTIONS: dict[str, Convention] = {
         Convention("rankfeat", "id", "closest", "average_precision"),
     )
 }
+"""Named conventions. ``"samnorm"`` is the default everywhere."""
 
 
 def _as_scores(scores: Scores, name: str, allow_inf: bool = False) -> np.ndarray:

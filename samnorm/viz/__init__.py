@@ -7,3 +7,5 @@
 - :mod:`samnorm.viz.histograms`: checked 1-D samples, their overlap coefficient and histograms on shared
   edges (numpy only).
 """
+
+__all__: list[str] = []  # the submodules are the API: nothing here, so importing it loads no figure code

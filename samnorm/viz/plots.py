@@ -38,9 +38,9 @@ __all__ = [
     "plot_summary",
 ]
 
-#: Axis labels by quantity name (the diagnostics' built-ins; add your own). Scorer names of
-#: samnorm.ood (any case, "-" and "_" ignored) read "<Scorer> score"; other names are shown as given.
 QUANTITY_LABELS = {"grad_norm": "FC-layer gradient norm", "max_logit": "maximum logit"}
+"""Axis labels by quantity name (the diagnostics' built-ins; add your own). Scorer names of samnorm.ood
+(any case, "-" and "_" ignored) read "<Scorer> score"; other names are shown as given."""
 _ID_COLOR = "#1f77b4"
 _OOD_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 

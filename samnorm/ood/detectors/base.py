@@ -21,9 +21,10 @@ from samnorm.ood.adapter import ModelAdapter
 
 __all__ = ["NotFittedError", "OutputScorer", "Outputs", "Passes", "Scorer", "TemperedScorer"]
 
-Outputs = tuple[Tensor, Tensor, Tensor | None]  # features, logits, labels
-#: ``passes()`` starts one pass over the fit data, yielding :data:`Outputs` per batch.
+Outputs = tuple[Tensor, Tensor, Tensor | None]
+"""One batch of the fit data as a scorer's ``_fit`` sees it: ``(features, logits, labels or None)``."""
 Passes = Callable[[], Iterator[Outputs]]
+"""``passes()`` starts one pass over the fit data, yielding :data:`Outputs` per batch."""
 
 
 class NotFittedError(ValueError):

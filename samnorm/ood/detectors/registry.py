@@ -28,11 +28,11 @@ def _key(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "")
 
 
-#: Scorer classes by lower-case name, for :func:`make_scorer` and :func:`samnorm.ood.evaluate`.
 SCORERS: dict[str, type[Scorer]] = {
     _key(cls.name): cls
     for cls in (MSP, MaxLogit, Energy, ODIN, ReAct, GradNorm, RankFeat, RankWeight, Mahalanobis, KNN, ViM)
 }
+"""Scorer classes by lower-case name, for :func:`make_scorer` and :func:`samnorm.ood.evaluate`."""
 
 
 def canonical_name(name: str) -> str:
