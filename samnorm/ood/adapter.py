@@ -9,7 +9,8 @@ A classifier is seen as ``embed -> blocks[0] -> ... -> blocks[-1] -> pool -> fc`
 - ``fc``: the final linear layer, ``nn.Linear`` or a 1x1 ``nn.Conv2d`` (timm's ResNetV2 head).
 
 Every scorer in :mod:`samnorm.ood.detectors` goes through this interface, so supporting a new
-architecture means writing one adapter, not touching the scorers.
+architecture means writing one split, not touching the scorers; registered with
+:meth:`ModelAdapter.register`, :meth:`ModelAdapter.from_model` finds it for the class and its subclasses.
 """
 
 from __future__ import annotations
