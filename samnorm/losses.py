@@ -34,11 +34,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["uniform_ce", "free_energy", "energy", "energy_margin", "max_logit_gap", "LossTerms", "SFTLoss", "OOD_LOSSES"]
+__all__ = [
+    "OOD_LOSSES",
+    "LossTerms",
+    "SFTLoss",
+    "energy",
+    "energy_margin",
+    "free_energy",
+    "max_logit_gap",
+    "uniform_ce",
+]
 
-#: The OOD terms by name, with their default weights lambda and sources (see the module docstring):
-#: the one list of loss names (``SFTLoss``, the recipe and the CLI choices read it).
 OOD_LOSSES: dict[str, float] = {"uniform": 0.5, "energy": 0.1, "maxlogit": 0.5}
+"""The OOD terms by name, with their default weights lambda and sources (see the module docstring): the one
+list of loss names (``SFTLoss``, the recipe and the CLI choices read it)."""
 
 
 def _check_logits(logits: Tensor, name: str) -> None:

@@ -7,6 +7,7 @@ bare image tensors, an ``(images, labels)`` pair of tensors, or one image tensor
 Only torch is imported here.
 
 Example:
+    >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5))
     >>> with eval_mode(net):
     ...     net.training
@@ -20,15 +21,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["Batch", "batches", "eval_mode", "is_tensor_pair", "split_batch"]
 
 #: One batch: ``(inputs, labels or None)``.
-Batch = tuple[Tensor, Optional[Tensor]]
+Batch = tuple[Tensor, Tensor | None]
 
 
 @contextlib.contextmanager
@@ -38,6 +39,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     for every submodule.
 
     Example:
+        >>> import torch
         >>> net = torch.nn.BatchNorm1d(2)
         >>> with eval_mode(net) as m:
         ...     m is net, net.training
@@ -58,6 +60,7 @@ def split_batch(batch: Any) -> Batch:
     entry is the images and whose second entry, when a tensor, the labels.
 
     Example:
+        >>> import torch
         >>> x, y = split_batch((torch.zeros(2, 3), torch.tensor([0, 1])))
         >>> tuple(x.shape), y.tolist()
         ((2, 3), [0, 1])
@@ -69,15 +72,14 @@ def split_batch(batch: Any) -> Batch:
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
         return batch[0], labels
-    raise TypeError(
-        f"a loader must yield image tensors or (images, labels) pairs, got {type(batch).__name__}"
-    )
+    raise TypeError(f"a loader must yield image tensors or (images, labels) pairs, got {type(batch).__name__}")
 
 
 def is_tensor_pair(data: Any) -> bool:
     """Whether ``data`` is an ``(images (N, ...), labels (N,))`` pair of tensors.
 
     Example:
+        >>> import torch
         >>> is_tensor_pair((torch.zeros(4, 3), torch.zeros(4))), is_tensor_pair(torch.zeros(4, 3))
         (True, False)
     """
@@ -96,6 +98,7 @@ def batches(data: Any, batch_size: int = 256) -> Iterator[Batch]:
     of an ``(images, labels)`` pair of tensors or of an image tensor (``batch_size`` rows at a time).
 
     Example:
+        >>> import torch
         >>> x, y = torch.zeros(3, 2), torch.tensor([0, 1, 2])
         >>> [labels.tolist() for _, labels in batches((x, y), batch_size=2)]
         [[0, 1], [2]]

@@ -18,15 +18,47 @@ from samnorm.models import T2TViT, create_model, extract_state_dict, load_checkp
 TINY = dict(img_size=28, in_chans=1, num_classes=10)
 
 # The official T2T-ViT state-dict layout (models/t2t_vit.py of yitu-opensource/T2T-ViT), spelled out.
-_PERFORMER = ["w", "kqv.weight", "kqv.bias", "proj.weight", "proj.bias", "norm1.weight", "norm1.bias",
-              "norm2.weight", "norm2.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
-_BLOCK = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias", "norm2.weight",
-          "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+_PERFORMER = [
+    "w",
+    "kqv.weight",
+    "kqv.bias",
+    "proj.weight",
+    "proj.bias",
+    "norm1.weight",
+    "norm1.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.0.weight",
+    "mlp.0.bias",
+    "mlp.2.weight",
+    "mlp.2.bias",
+]
+_BLOCK = [
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+]
 
 
 def official_keys(depth: int) -> set[str]:
-    keys = {"cls_token", "pos_embed", "norm.weight", "norm.bias", "head.weight", "head.bias",
-            "tokens_to_token.project.weight", "tokens_to_token.project.bias"}
+    keys = {
+        "cls_token",
+        "pos_embed",
+        "norm.weight",
+        "norm.bias",
+        "head.weight",
+        "head.bias",
+        "tokens_to_token.project.weight",
+        "tokens_to_token.project.bias",
+    }
     keys |= {f"tokens_to_token.attention{i}.{k}" for i in (1, 2) for k in _PERFORMER}
     keys |= {f"blocks.{i}.{k}" for i in range(depth) for k in _BLOCK}
     return keys
@@ -131,8 +163,9 @@ def test_head_size_inferred_or_replaced(tmp_path):
 def test_position_table_follows_the_image_size(tmp_path):
     src = T2TViT(embed_dim=16, depth=1, num_heads=2, **TINY)
     torch.save(src.state_dict(), tmp_path / "w.pth")
-    big = load_checkpoint(T2TViT(embed_dim=16, depth=1, num_heads=2, num_classes=10, img_size=64, in_chans=1),
-                          tmp_path / "w.pth")
+    big = load_checkpoint(
+        T2TViT(embed_dim=16, depth=1, num_heads=2, num_classes=10, img_size=64, in_chans=1), tmp_path / "w.pth"
+    )
     assert big.pos_embed.shape == (1, 17, 16)
     assert torch.equal(big.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
 
@@ -156,7 +189,7 @@ def test_pickled_objects_need_trust(tmp_path):
 def test_bad_inputs():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(nn.Linear(2, 2), "/nonexistent/w.pth")
-    with pytest.raises(ValueError, match="unknown model name 'resnetv2_101x1_bt'.*similar"):
+    with pytest.raises(ValueError, match=r"unknown model name 'resnetv2_101x1_bt'.*similar"):
         create_model("resnetv2_101x1_bt")
     with pytest.raises(ValueError, match="not both"):
         create_model("t2t_vit_7", checkpoint="w.pth", pretrained=True)
@@ -196,25 +229,39 @@ def _tiny_resnetv2() -> nn.Module:
     from timm.layers import GroupNormAct, StdConv2d
     from timm.models.resnetv2 import ResNetV2
 
-    return ResNetV2(layers=[1, 1, 1, 1], channels=(128, 128, 128, 128), stem_chs=32, num_classes=5,
-                    stem_type="fixed", conv_layer=partial(StdConv2d, eps=1e-8),
-                    norm_layer=partial(GroupNormAct, num_groups=32))
+    return ResNetV2(
+        layers=[1, 1, 1, 1],
+        channels=(128, 128, 128, 128),
+        stem_chs=32,
+        num_classes=5,
+        stem_type="fixed",
+        conv_layer=partial(StdConv2d, eps=1e-8),
+        norm_layer=partial(GroupNormAct, num_groups=32),
+    )
 
 
 def _export_bit_npz(model: nn.Module, path: str) -> None:
     """Write ``model`` in Google's BiT .npz layout (HWIO kernels, gamma/beta), as the releases are."""
+
     def hwio(t):
         t = t.detach().numpy()
         return t.transpose(2, 3, 1, 0) if t.ndim == 4 else t
 
-    w = {"resnet/root_block/standardized_conv2d/kernel": hwio(model.stem.conv.weight),
-         "resnet/group_norm/gamma": hwio(model.norm.weight), "resnet/group_norm/beta": hwio(model.norm.bias),
-         "resnet/head/conv2d/kernel": hwio(model.head.fc.weight), "resnet/head/conv2d/bias": hwio(model.head.fc.bias)}
+    w = {
+        "resnet/root_block/standardized_conv2d/kernel": hwio(model.stem.conv.weight),
+        "resnet/group_norm/gamma": hwio(model.norm.weight),
+        "resnet/group_norm/beta": hwio(model.norm.bias),
+        "resnet/head/conv2d/kernel": hwio(model.head.fc.weight),
+        "resnet/head/conv2d/bias": hwio(model.head.fc.bias),
+    }
     for i, stage in enumerate(model.stages):
         for j, block in enumerate(stage.blocks):
             p = f"resnet/block{i + 1}/unit{j + 1:02d}/"
-            for letter, conv, norm in (("a", block.conv1, block.norm1), ("b", block.conv2, block.norm2),
-                                       ("c", block.conv3, block.norm3)):
+            for letter, conv, norm in (
+                ("a", block.conv1, block.norm1),
+                ("b", block.conv2, block.norm2),
+                ("c", block.conv3, block.norm3),
+            ):
                 w[f"{p}{letter}/standardized_conv2d/kernel"] = hwio(conv.weight)
                 w[f"{p}{letter}/group_norm/gamma"] = hwio(norm.weight)
                 w[f"{p}{letter}/group_norm/beta"] = hwio(norm.bias)
@@ -234,9 +281,9 @@ def test_bit_npz_through_timms_loader(tmp_path):
     for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
         assert torch.equal(a, b), k
     np.savez(tmp_path / "other.npz", foo=np.zeros(2))
-    with pytest.raises(ValueError, match="other.npz"):
+    with pytest.raises(ValueError, match=r"other.npz"):
         load_checkpoint(_tiny_resnetv2(), tmp_path / "other.npz")
-    with pytest.raises(ValueError, match="cannot read .npz"):
+    with pytest.raises(ValueError, match=r"cannot read .npz"):
         load_checkpoint(nn.Linear(2, 2), tmp_path / "other.npz")
     assert os.path.isfile(tmp_path / "BiT-M-tiny.npz")
 
@@ -245,9 +292,13 @@ def test_bit_pytorch_layout_is_renamed(tmp_path):
     """Google's PyTorch BiT names (the MOS/GradNorm/RankFeat checkpoints), spelled out by hand."""
     torch.manual_seed(0)
     src = _tiny_resnetv2()
-    theirs = {"root.conv.weight": src.stem.conv.weight, "before_head.gn.weight": src.norm.weight,
-              "before_head.gn.bias": src.norm.bias, "head.conv.weight": src.head.fc.weight,
-              "head.conv.bias": src.head.fc.bias}
+    theirs = {
+        "root.conv.weight": src.stem.conv.weight,
+        "before_head.gn.weight": src.norm.weight,
+        "before_head.gn.bias": src.norm.bias,
+        "head.conv.weight": src.head.fc.weight,
+        "head.conv.bias": src.head.fc.bias,
+    }
     for i, stage in enumerate(src.stages):
         for j, block in enumerate(stage.blocks):
             p = f"body.block{i + 1}.unit{j + 1:02d}."

@@ -19,7 +19,7 @@ def test_eval_mode_restores_the_flag_of_every_submodule_even_on_error(training):
         assert m is net and not any(sub.training for sub in net.modules())
         raise RuntimeError("boom")
     assert all(sub.training == training for sub in net.modules())
-    with pytest.raises(TypeError, match="nn.Module"), eval_mode(lambda x: x):
+    with pytest.raises(TypeError, match=r"nn.Module"), eval_mode(lambda x: x):
         pass
 
 

@@ -41,7 +41,7 @@ def test_mnist_splits_are_stratified_disjoint_and_complete() -> None:
         # Shuffled, not in class blocks.
         assert (y[1:] != y[:-1]).float().mean() > 0.5
     union = torch.cat([x for x, _ in parts.values()]).flatten(1)
-    everything, labels = offline.mnist_digits("all")
+    everything, _labels = offline.mnist_digits("all")
     assert everything.shape == (5000, 1, 28, 28)
     # The three splits partition the 5,000 digits: same multiset of rows (MNIST has no duplicates).
     assert torch.unique(everything.flatten(1), dim=0).shape[0] == 5000

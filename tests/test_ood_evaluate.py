@@ -8,10 +8,10 @@ import io
 import numpy as np
 import pytest
 import torch
+from test_ood_detectors import images, tiny_resnetv2
 from torch.utils.data import DataLoader, TensorDataset
 
 from samnorm import ood
-from test_ood_detectors import images, tiny_resnetv2
 
 
 def _loader(x, batch_size=8):
@@ -36,8 +36,14 @@ def _count_trunk_passes(model):
 def test_scores_metrics_and_shared_forward(setup):
     model, id_x, ood_x, train = setup
     react = ood.ReAct(model).fit(train)
-    scorers = {"MSP": "msp", "MaxLogit": "max_logit", "Energy": ood.Energy(model), "ReAct": react,
-               "GradNorm": "gradnorm", "ODIN": "odin"}
+    scorers = {
+        "MSP": "msp",
+        "MaxLogit": "max_logit",
+        "Energy": ood.Energy(model),
+        "ReAct": react,
+        "GradNorm": "gradnorm",
+        "ODIN": "odin",
+    }
     calls, handle = _count_trunk_passes(model)
     model.train()
     try:
@@ -53,8 +59,9 @@ def test_scores_metrics_and_shared_forward(setup):
     for name in scorers:
         scorer = scorers[name] if isinstance(scorers[name], ood.Scorer) else ood.make_scorer(scorers[name], model)
         for set_name, x in [("ID", id_x), *ood_x.items()]:
-            np.testing.assert_allclose(res.scores[name][set_name], scorer.score(x).double().numpy(),
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                res.scores[name][set_name], scorer.score(x).double().numpy(), rtol=1e-5, atol=1e-6
+            )
         for set_name in ood_x:
             want = ood.ood_metrics(res.scores[name]["ID"], res.scores[name][set_name])
             assert res.metrics[name][set_name] == want
@@ -66,22 +73,30 @@ def test_own_pass_scorers_and_fitting_on_fit_data(setup):
     model, id_x, ood_x, train = setup
     calls, handle = _count_trunk_passes(model)
     try:
-        res = ood.evaluate(model, _loader(id_x), {"far": _loader(ood_x["far"])},
-                           ["energy", "rankfeat", "mahalanobis"], fit_data=train)
+        res = ood.evaluate(
+            model, _loader(id_x), {"far": _loader(ood_x["far"])}, ["energy", "rankfeat", "mahalanobis"], fit_data=train
+        )
     finally:
         handle.remove()
     fit_batches, check = 1, 2  # the scorers named by string share evaluate's adapter: one check
     assert len(calls) == check + fit_batches + 2 * (2 + 2)  # shared pass + RankFeat's pass per batch
-    np.testing.assert_allclose(res.scores["RankFeat"]["far"],
-                               ood.RankFeat(model).score(ood_x["far"]).double().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        res.scores["RankFeat"]["far"], ood.RankFeat(model).score(ood_x["far"]).double().numpy(), rtol=1e-5
+    )
     with pytest.raises(ood.NotFittedError, match="fit_data"):
         ood.evaluate(model, _loader(id_x), {"far": _loader(ood_x["far"])}, ["knn"])
 
 
 def test_tables_name_the_convention_and_can_be_recomputed(setup, tmp_path):
     model, id_x, ood_x, _ = setup
-    res = ood.evaluate(model, _loader(id_x), {k: _loader(v) for k, v in ood_x.items()},
-                       ["msp", "energy"], convention="pytorch_ood", tpr=0.9)
+    res = ood.evaluate(
+        model,
+        _loader(id_x),
+        {k: _loader(v) for k, v in ood_x.items()},
+        ["msp", "energy"],
+        convention="pytorch_ood",
+        tpr=0.9,
+    )
     md = res.to_markdown()
     assert ood.CONVENTIONS["pytorch_ood"].describe() in md and "FPR90 ↓" in md
     assert md.count("**Average**") == 2 and md.count("| MSP |") == 3
@@ -99,7 +114,8 @@ def test_tables_name_the_convention_and_can_be_recomputed(setup, tmp_path):
     assert other.convention.name == "rankfeat" and other.columns[0] == "FPR95"
     assert other.metrics["MSP"]["far"].auroc == msp_far.auroc  # AUROC is convention-free
     assert other.metrics["MSP"]["far"] == ood.ood_metrics(
-        res.scores["MSP"]["ID"], res.scores["MSP"]["far"], convention="rankfeat")
+        res.scores["MSP"]["ID"], res.scores["MSP"]["far"], convention="rankfeat"
+    )
     assert f"{msp_far.auroc * 100:.2f}" in md
 
 
@@ -128,9 +144,8 @@ def test_tpr_and_convention_are_checked_before_any_forward_pass(setup, bad):
     model, id_x, ood_x, train = setup
     calls, handle = _count_trunk_passes(model)
     try:
-        with pytest.raises(ValueError, match="tpr must be a fraction|unknown convention"):
-            ood.evaluate(model, _loader(id_x), {"far": _loader(ood_x["far"])}, ["msp", "react"],
-                         fit_data=train, **bad)
+        with pytest.raises(ValueError, match=r"tpr must be a fraction|unknown convention"):
+            ood.evaluate(model, _loader(id_x), {"far": _loader(ood_x["far"])}, ["msp", "react"], fit_data=train, **bad)
     finally:
         handle.remove()
     assert calls == []

@@ -58,18 +58,10 @@ def _rankfeat_fpr(labels, examples, recall_level):
 @given(score_lists, score_lists, tprs)
 def test_defaults_agree_with_sklearn(id_scores, ood_scores, tpr):
     scores, is_id = _labelled(id_scores, ood_scores)
-    assert M.auroc(id_scores, ood_scores) == pytest.approx(
-        skm.roc_auc_score(is_id, scores), abs=1e-9
-    )
-    assert M.fpr_at_tpr(id_scores, ood_scores, tpr) == pytest.approx(
-        _sk_fpr_first(is_id, scores, tpr), abs=1e-9
-    )
-    assert M.aupr_in(id_scores, ood_scores) == pytest.approx(
-        skm.average_precision_score(is_id, scores), abs=1e-9
-    )
-    assert M.aupr_out(id_scores, ood_scores) == pytest.approx(
-        skm.average_precision_score(1 - is_id, -scores), abs=1e-9
-    )
+    assert M.auroc(id_scores, ood_scores) == pytest.approx(skm.roc_auc_score(is_id, scores), abs=1e-9)
+    assert M.fpr_at_tpr(id_scores, ood_scores, tpr) == pytest.approx(_sk_fpr_first(is_id, scores, tpr), abs=1e-9)
+    assert M.aupr_in(id_scores, ood_scores) == pytest.approx(skm.average_precision_score(is_id, scores), abs=1e-9)
+    assert M.aupr_out(id_scores, ood_scores) == pytest.approx(skm.average_precision_score(1 - is_id, -scores), abs=1e-9)
 
 
 @SETTINGS
@@ -83,9 +75,7 @@ def test_other_conventions_agree_with_their_references(id_scores, ood_scores, tp
     assert M.fpr_at_tpr(id_scores, ood_scores, tpr, point="closest") == pytest.approx(
         _rankfeat_fpr(is_id, scores, tpr), abs=1e-12
     )
-    assert M.aupr_in(id_scores, ood_scores, method="trapezoid") == pytest.approx(
-        _sk_trapezoid(is_id, scores), abs=1e-9
-    )
+    assert M.aupr_in(id_scores, ood_scores, method="trapezoid") == pytest.approx(_sk_trapezoid(is_id, scores), abs=1e-9)
     assert M.aupr_out(id_scores, ood_scores, method="trapezoid") == pytest.approx(
         _sk_trapezoid(1 - is_id, -scores), abs=1e-9
     )
@@ -112,8 +102,9 @@ def test_ood_metrics_matches_single_functions(id_scores, ood_scores, name):
     got = M.ood_metrics(id_scores, ood_scores, convention=name, tpr=0.9)
     assert got.convention is conv and got.fpr_name == "FPR90"
     assert (got.n_id, got.n_ood) == (len(id_scores), len(ood_scores))
-    assert got.fpr == M.fpr_at_tpr(id_scores, ood_scores, 0.9, positive=conv.positive, point=conv.point,
-                                   drop_intermediate=conv.drop_intermediate)
+    assert got.fpr == M.fpr_at_tpr(
+        id_scores, ood_scores, 0.9, positive=conv.positive, point=conv.point, drop_intermediate=conv.drop_intermediate
+    )
     assert got.auroc == M.auroc(id_scores, ood_scores)
     assert got.aupr_in == M.aupr_in(id_scores, ood_scores, method=conv.aupr)
     assert got.aupr_out == M.aupr_out(id_scores, ood_scores, method=conv.aupr)
@@ -147,7 +138,8 @@ def test_tensors_of_any_real_dtype_and_inf_when_allowed():
     id_t = torch.tensor([3.0, 2.0, float("inf")], dtype=torch.float16, requires_grad=True)
     ood_t = torch.tensor([1, 2, -(10**6)])
     assert M.auroc(id_t, ood_t, allow_inf=True) == pytest.approx(
-        M.auroc([3.0, 2.0, np.inf], [1.0, 2.0, -1e6], allow_inf=True))
+        M.auroc([3.0, 2.0, np.inf], [1.0, 2.0, -1e6], allow_inf=True)
+    )
     assert M.auroc(np.array([1, 2], np.int8), np.array([True, False])) == 0.875  # one tie
 
 
@@ -222,4 +214,5 @@ def test_dropping_intermediate_points_changes_the_fpr_only_under_ties():
     id_scores, ood_scores = rng.normal(1.0, 1.0, 300), rng.normal(0.0, 1.0, 200)
     for tpr in (0.5, 0.9, 0.95):
         assert M.fpr_at_tpr(id_scores, ood_scores, tpr, drop_intermediate=True) == M.fpr_at_tpr(
-            id_scores, ood_scores, tpr)
+            id_scores, ood_scores, tpr
+        )

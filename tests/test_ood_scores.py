@@ -98,8 +98,7 @@ def test_odin_works_under_inference_mode_and_is_batch_size_invariant():
         (lambda: S.odin(torch.ones(1, 3), epsilon=0.1), ValueError, "cannot perturb"),
         (lambda: S.odin(_net(), [[1.0]]), TypeError, "floating-point"),
         (lambda: S.odin("model", torch.ones(1, 3)), TypeError, "logits or a model"),
-        (lambda: S.odin(_net(), torch.rand(1, 3, 6, 6), epsilon=0.1, input_std=[1, 2]), ValueError,
-         "per channel"),
+        (lambda: S.odin(_net(), torch.rand(1, 3, 6, 6), epsilon=0.1, input_std=[1, 2]), ValueError, "per channel"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, error, match):

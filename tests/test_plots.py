@@ -1,4 +1,4 @@
-"""samnorm.plots: files written, non-empty, of the expected pixel size; titles carry the metrics."""
+"""samnorm.viz.plots: files written, non-empty, of the expected pixel size; titles carry the metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from samnorm import plots
+from samnorm.viz import plots
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 
@@ -19,7 +19,9 @@ def _results(seed, shift):
     return {
         "ID": {"grad_norm": rng.gamma(3, 1, 300), "max_logit": rng.normal(8, 2, 300), "msp": rng.beta(5, 1, 300)},
         "far": {
-            "grad_norm": rng.gamma(2, 1, 200), "max_logit": rng.normal(6 - shift, 2, 200), "msp": rng.beta(2, 2, 200)
+            "grad_norm": rng.gamma(2, 1, 200),
+            "max_logit": rng.normal(6 - shift, 2, 200),
+            "msp": rng.beta(2, 2, 200),
         },
         "near": {"grad_norm": rng.gamma(2.5, 1, 100), "max_logit": rng.normal(7, 2, 100), "msp": rng.beta(3, 1, 100)},
     }
@@ -40,10 +42,12 @@ def test_plot_distributions_writes_png_of_figsize_times_dpi_with_auroc_in_title(
     assert _pixels(path) == (200, 300)
     ax = fig.axes[0]
     assert ax.get_xlabel() == "maximum logit" and ax.get_ylabel() == "density"
-    mean = np.mean([
-        roc_auc_score(np.r_[np.ones(300), np.zeros(values[n].size)], np.r_[values["ID"], values[n]])
-        for n in ("far", "near")
-    ])
+    mean = np.mean(
+        [
+            roc_auc_score(np.r_[np.ones(300), np.zeros(values[n].size)], np.r_[values["ID"], values[n]])
+            for n in ("far", "near")
+        ]
+    )
     assert f"mean AUROC {100 * mean:.1f}%" in ax.get_title()
     reversed_title = plots.plot_distributions({"ID": [0.0, 1.0], "far": [5.0, 6.0]}, dpi=20).axes[0].get_title()
     assert reversed_title.endswith("AUROC 0.0% (OOD larger)")
@@ -54,8 +58,9 @@ def test_plot_distributions_writes_png_of_figsize_times_dpi_with_auroc_in_title(
 def test_plot_before_after_and_grad_norm_max_logit_sizes(tmp_path):
     before, after = _results(1, 0.0), _results(2, 2.0)
     pick = lambda r, q: {name: v[q] for name, v in r.items()}  # noqa: E731
-    fig = plots.plot_before_after(pick(before, "msp"), pick(after, "msp"), quantity="msp", dpi=40,
-                                  path=tmp_path / "ba.png")
+    fig = plots.plot_before_after(
+        pick(before, "msp"), pick(after, "msp"), quantity="msp", dpi=40, path=tmp_path / "ba.png"
+    )
     assert _pixels(tmp_path / "ba.png") == (180, 480)
     assert "before" in fig.axes[0].get_title() and "after" in fig.axes[1].get_title()
     plots.plot_grad_norm_max_logit(after, before=before, ood_names=["far"], dpi=40, path=tmp_path / "gm.png")
@@ -100,7 +105,7 @@ def test_plots_reject_bad_input():
 
 def test_importing_plots_and_diagnostics_loads_neither_matplotlib_nor_timm():
     code = (
-        "import sys, samnorm.plots, samnorm.diagnostics; "
+        "import sys, samnorm.viz.plots, samnorm.diagnostics; "
         "print([m for m in ('matplotlib', 'timm', 'torchvision') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -82,8 +82,9 @@ def test_jigsaw_permutes_patches_and_keeps_the_remainder():
     assert torch.equal(out[..., 8:, :], x[..., 8:, :]) and torch.equal(out[..., :, 12:], x[..., :, 12:])
 
     def patches(t):
-        return sorted(tuple(t[:, i * 2:(i + 1) * 2, j * 3:(j + 1) * 3].flatten().tolist())
-                      for i in range(4) for j in range(4))
+        return sorted(
+            tuple(t[:, i * 2 : (i + 1) * 2, j * 3 : (j + 1) * 3].flatten().tolist()) for i in range(4) for j in range(4)
+        )
 
     for i in range(3):
         assert patches(out[i]) == patches(x[i])
@@ -146,8 +147,13 @@ def test_blur_equals_circular_gaussian_convolution_float64():
     norm = sum(ky) * sum(kx)
     xs = x[0, 0].tolist()
     ref = torch.tensor(
-        [[sum(xs[a][b] * ky[(i - a) % h] * kx[(j - b) % w] for a in range(h) for b in range(w)) / norm
-          for j in range(w)] for i in range(h)],
+        [
+            [
+                sum(xs[a][b] * ky[(i - a) % h] * kx[(j - b) % w] for a in range(h) for b in range(w)) / norm
+                for j in range(w)
+            ]
+            for i in range(h)
+        ],
         dtype=torch.float64,
     )
     torch.testing.assert_close(out[0, 0], ref, rtol=1e-8, atol=1e-8)
@@ -235,8 +241,14 @@ def test_bad_arguments():
         PseudoOOD()(torch.rand(3, 8, 8))
     with pytest.raises(ValueError, match="labels"):
         PseudoOOD()(torch.rand(3, 1, 8, 8), torch.tensor([0, 1]))
-    for bad in (lambda: Jigsaw(1), lambda: PatchMix(fraction=1.0), lambda: Rotate(angles=(45,)),
-                lambda: Blur(sigma=(0.2, 0.1)), lambda: Noise(std=-1), lambda: FourierMix("colour")):
+    for bad in (
+        lambda: Jigsaw(1),
+        lambda: PatchMix(fraction=1.0),
+        lambda: Rotate(angles=(45,)),
+        lambda: Blur(sigma=(0.2, 0.1)),
+        lambda: Noise(std=-1),
+        lambda: FourierMix("colour"),
+    ):
         with pytest.raises(ValueError):
             bad()
     assert set(TRANSFORMS) == {"jigsaw", "patch_mix", "rotate", "blur", "noise", "fourier"}
@@ -248,8 +260,15 @@ def test_save_example_grid_writes_a_png(tmp_path, channels):
     sampler = PseudoOOD(seed=0)
     before = sampler.state_dict()
     x = torch.rand(5, channels, 17, 23)
-    path = save_example_grid(x, tmp_path / "sub" / "grid.png", labels=torch.arange(5) % 2, sampler=sampler,
-                             mean=[0.5] * channels, std=[0.25] * channels, title="pseudo-OOD")
+    path = save_example_grid(
+        x,
+        tmp_path / "sub" / "grid.png",
+        labels=torch.arange(5) % 2,
+        sampler=sampler,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+        title="pseudo-OOD",
+    )
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert sampler.state_dict() == before

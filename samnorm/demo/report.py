@@ -144,7 +144,7 @@ def markdown(report: Mapping[str, Any], per_set: bool) -> str:
 
 def plots(out: Path, before: Any, after: Mapping[str, tuple[int, Any]], scorers: Sequence[str]) -> list[str]:
     """Score distributions, pretrained vs each arm's first seed, one PNG per (scorer, arm)."""
-    from samnorm.plots import plot_before_after
+    from samnorm.viz.plots import plot_before_after
 
     written = []
     for arm, (seed, results) in after.items():

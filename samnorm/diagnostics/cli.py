@@ -276,9 +276,9 @@ def write_report(
     """
     import numpy as np
 
-    from samnorm import plots
     from samnorm.diagnostics.quantities import summarize
     from samnorm.io import atomic_write, remove_stale_temps
+    from samnorm.viz import plots
 
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)

@@ -6,41 +6,42 @@ them for any classifier that :class:`samnorm.ood.ModelAdapter` can split into fe
 head, and summarises each quantity per OOD set (AUROC, overlap coefficient, histograms).
 
 Results are plain nested dicts, ``results[set_name][quantity] -> 1-D numpy array``, so that the plots
-(:mod:`samnorm.plots`), the JSON summary and user code all read the same thing.
+(:mod:`samnorm.viz.plots`), the JSON summary and user code all read the same thing.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samnorm.distributions import finite_1d, histograms, overlap_coefficient  # re-exported
 from samnorm.nn_utils import batches, eval_mode
 from samnorm.ood.adapter import ModelAdapter  # the OOD toolkit owns the feature/head split
 from samnorm.ood.metrics import auroc  # one AUROC for the whole library (ties count half)
 from samnorm.ood.scores import check_temperature, head_grad_norm, max_logit  # max_logit re-exported
+from samnorm.viz.histograms import finite_1d, histograms, overlap_coefficient  # re-exported
 
 __all__ = [
     "Target",
-    "fc_grad_norm",
-    "max_logit",
-    "per_sample_quantities",
     "collect",
     "collect_sets",
-    "overlap_coefficient",
+    "fc_grad_norm",
     "histograms",
+    "max_logit",
+    "overlap_coefficient",
+    "per_sample_quantities",
     "summarize",
 ]
 
 Target = Literal["label", "pred", "uniform"]
+"""The class the gradient-norm loss uses: the label, the prediction (eq. 13) or uniform (GradNorm's loss)."""
 #: A scorer: a callable ``inputs -> (B,) scores`` or an object with ``score(inputs)`` (samnorm.ood).
-Scorer = Union[Callable[[Tensor], Tensor], Any]
+Scorer = Callable[[Tensor], Tensor] | Any
 Results = Mapping[str, Mapping[str, Any]]
 
 _TARGETS = ("label", "pred", "uniform")
@@ -51,8 +52,7 @@ def _linear_weight_bias(fc: nn.Module) -> tuple[Tensor, Tensor | None]:
     weight = getattr(fc, "weight", None)
     if not isinstance(weight, Tensor):
         raise TypeError(
-            f"fc must be a linear layer with a .weight tensor (nn.Linear or a 1x1 nn.Conv2d), "
-            f"got {type(fc).__name__}"
+            f"fc must be a linear layer with a .weight tensor (nn.Linear or a 1x1 nn.Conv2d), got {type(fc).__name__}"
         )
     if isinstance(fc, nn.Conv2d):
         if fc.kernel_size != (1, 1) or fc.groups != 1:
@@ -144,8 +144,9 @@ def fc_grad_norm(
         h = features.to(dtype)
         logits = F.linear(h, weight.to(dtype), None if bias is None else bias.to(dtype))
         t = _target_distribution(logits, target, labels)
-        return head_grad_norm(h, logits, t, p=p, include_bias=include_bias and bias is not None,
-                              temperature=temperature)
+        return head_grad_norm(
+            h, logits, t, p=p, include_bias=include_bias and bias is not None, temperature=temperature
+        )
 
 
 def _adapter(model: Any) -> Any:
@@ -246,8 +247,13 @@ def collect(
                 inputs = inputs.to(device)
                 labels = None if labels is None else labels.to(device)
             values = per_sample_quantities(
-                adapter, inputs, labels=labels if target == "label" else None, scorers=scorers,
-                target=target, p=p, include_bias=include_bias,
+                adapter,
+                inputs,
+                labels=labels if target == "label" else None,
+                scorers=scorers,
+                target=target,
+                p=p,
+                include_bias=include_bias,
             )
             for name, value in values.items():
                 parts.setdefault(name, []).append(value)

@@ -16,7 +16,9 @@ change above the bound is possible and is reported as such, not hidden.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,13 +34,13 @@ from samnorm.ood.scores import energy, max_logit
 from samnorm.optim import SAM
 
 __all__ = [
-    "PowerIteration",
-    "hessian_spectral_norm",
-    "estimate_smoothness",
-    "per_sample_grad_sq_norms",
-    "estimate_M",
     "Eq12Bound",
+    "PowerIteration",
     "StepReport",
+    "estimate_M",
+    "estimate_smoothness",
+    "hessian_spectral_norm",
+    "per_sample_grad_sq_norms",
     "sam_on_bound_check",
 ]
 
@@ -62,7 +64,8 @@ class PowerIteration:
 
 
 def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(xs, ys))
+    # reduce, not sum(): the same additions without sum's int 0 start (the sequences are never empty)
+    return functools.reduce(operator.add, ((x * y).sum() for x, y in zip(xs, ys, strict=True)))
 
 
 def _math_attention() -> Any:
@@ -80,11 +83,11 @@ def _hvp(pieces: Sequence[Callable[[], Tensor]], params: Sequence[Tensor], vec: 
         with _math_attention():
             loss = piece()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        dot = sum((g * v).sum() for g, v in zip(grads, vec) if g is not None and g.requires_grad)
+        dot = sum((g * v).sum() for g, v in zip(grads, vec, strict=True) if g is not None and g.requires_grad)
         if not isinstance(dot, Tensor):  # the piece is at most linear in params: zero Hessian
             continue
         hv = torch.autograd.grad(dot, params, allow_unused=True)
-        for acc, part in zip(out, hv):
+        for acc, part in zip(out, hv, strict=True):
             if part is not None:
                 acc.add_(part.detach())
     return out
@@ -152,6 +155,7 @@ def hessian_spectral_norm(
 
 
 def _ce_labels(outputs: Tensor, labels: Tensor | None) -> Tensor:
+    assert labels is not None  # _objective pairs this loss with labels, given or predicted
     return F.cross_entropy(outputs, labels, reduction="none")
 
 
@@ -298,8 +302,7 @@ def _vmap_grad_sq_norms(
             grads = vmap(grad(sample_loss), in_dims=in_dims, chunk_size=chunk_size)(selected, inputs, labels)
     except RuntimeError as err:
         raise RuntimeError(
-            f"per-sample gradients by torch.func failed ({err}); put the model in eval() mode or use "
-            "method='loop'"
+            f"per-sample gradients by torch.func failed ({err}); put the model in eval() mode or use method='loop'"
         ) from err
     return sum(g.flatten(1).pow(2).sum(dim=1) for g in grads.values())
 
@@ -511,11 +514,19 @@ def sam_on_bound_check(
 
             grads = torch.autograd.grad(loss_of(model(inputs), fixed).mean(), trainable, allow_unused=True)
             grad_sq = float(sum(g.pow(2).sum() for g in grads if g is not None))
-            step_L = L if L is not None else estimate_smoothness(
-                model, inputs, fixed, criterion=loss_of, chunk_size=chunk_size, iters=power_iters, tol=power_tol
-            ).value
-            step_M = M if M is not None else float(
-                per_sample_grad_sq_norms(model, inputs, fixed, criterion=loss_of, chunk_size=chunk_size).max()
+            step_L = (
+                L
+                if L is not None
+                else estimate_smoothness(
+                    model, inputs, fixed, criterion=loss_of, chunk_size=chunk_size, iters=power_iters, tol=power_tol
+                ).value
+            )
+            step_M = (
+                M
+                if M is not None
+                else float(
+                    per_sample_grad_sq_norms(model, inputs, fixed, criterion=loss_of, chunk_size=chunk_size).max()
+                )
             )
             bound = Eq12Bound(h=h, rho=rho, L=float(step_L), M=float(step_M), grad_sq_norm=grad_sq)
             if not bound.step_size_ok:
@@ -543,8 +554,12 @@ def sam_on_bound_check(
                     energy_change={k: after[k][0] - before[k][0] for k in before},
                     max_logit_change={k: after[k][1] - before[k][1] for k in before},
                     # float rounding of the measured values, not a modelling allowance
-                    slack=16 * eps * max([1.0, abs(loss_before), abs(loss_after)]
-                                         + [abs(v) for pair in (*before.values(), *after.values()) for v in pair]),
+                    slack=16
+                    * eps
+                    * max(
+                        [1.0, abs(loss_before), abs(loss_after)]
+                        + [abs(v) for pair in (*before.values(), *after.values()) for v in pair]
+                    ),
                 )
             )
     return reports

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -28,17 +27,18 @@ from samnorm.models.state_dicts import check_state_dict, extract_state_dict  # r
 from samnorm.models.t2t_vit import T2TViT, checkpoint_filter_fn
 
 __all__ = [
-    "read_checkpoint",
-    "extract_state_dict",
-    "check_state_dict",
-    "load_state_dict",
-    "load_checkpoint",
-    "create_model",
-    "recorded_model_kwargs",
     "RECORDED_MODEL_KWARGS",
+    "check_state_dict",
+    "create_model",
+    "extract_state_dict",
+    "load_checkpoint",
+    "load_state_dict",
+    "read_checkpoint",
+    "recorded_model_kwargs",
 ]
 
 DEFAULT_MODEL = "resnetv2_101x1_bit.goog_in21k_ft_in1k"
+"""The timm model of :func:`create_model` and the CLI when none is named: BiT ResNetV2-101x1 (the paper's CNN)."""
 
 
 def read_checkpoint(path: str | os.PathLike[str], trusted: bool = False) -> Any:
@@ -67,7 +67,7 @@ def read_checkpoint(path: str | os.PathLike[str], trusted: bool = False) -> Any:
     try:
         with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure gets the same advice
+    except Exception as err:
         if not trusted:
             raise ValueError(
                 f"cannot read {path!r} as a weights-only checkpoint ({type(err).__name__}: {err}); "
@@ -184,15 +184,41 @@ def load_checkpoint(
     return load_state_dict(model, state_dict, new_head=new_head, what=f"checkpoint {path!r}")
 
 
-#: Model arguments a checkpoint may carry to ``timm.create_model``: the architecture's shape and
-#: regularisation, never file paths, hub options or callables (a recorded ``checkpoint_path`` or
-#: ``pretrained_cfg_overlay`` would make timm open or download other files).
-RECORDED_MODEL_KWARGS = frozenset({
-    "num_classes", "img_size", "in_chans", "patch_size", "embed_dim", "depth", "depths", "num_heads", "mlp_ratio",
-    "qkv_bias", "class_token", "global_pool", "drop_rate", "drop_path_rate", "attn_drop_rate",
-    "proj_drop_rate", "pos_drop_rate", "init_values", "token_dim", "tokens_type", "layers", "channels",
-    "dims", "widths", "width_factor", "stem_type", "output_stride", "num_features",
-})
+RECORDED_MODEL_KWARGS = frozenset(
+    {
+        "num_classes",
+        "img_size",
+        "in_chans",
+        "patch_size",
+        "embed_dim",
+        "depth",
+        "depths",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "class_token",
+        "global_pool",
+        "drop_rate",
+        "drop_path_rate",
+        "attn_drop_rate",
+        "proj_drop_rate",
+        "pos_drop_rate",
+        "init_values",
+        "token_dim",
+        "tokens_type",
+        "layers",
+        "channels",
+        "dims",
+        "widths",
+        "width_factor",
+        "stem_type",
+        "output_stride",
+        "num_features",
+    }
+)
+"""Model arguments a checkpoint may carry to ``timm.create_model``: the architecture's shape and
+regularisation, never file paths, hub options or callables (a recorded ``checkpoint_path`` or
+``pretrained_cfg_overlay`` would make timm open or download other files)."""
 _LITERALS = (bool, int, float, str, type(None))
 
 
@@ -216,8 +242,11 @@ def recorded_model_kwargs(raw: Mapping[str, Any]) -> dict[str, Any]:
     kept = {k: v for k, v in recorded.items() if k in RECORDED_MODEL_KWARGS and _plain(v)}
     dropped = sorted(str(k) for k in recorded if k not in kept)
     if dropped:
-        warnings.warn(f"ignoring model argument(s) {dropped} recorded in the checkpoint (not architecture "
-                      "settings samnorm passes on); give them explicitly if you need them", stacklevel=2)
+        warnings.warn(
+            f"ignoring model argument(s) {dropped} recorded in the checkpoint (not architecture "
+            "settings samnorm passes on); give them explicitly if you need them",
+            stacklevel=2,
+        )
     return kept
 
 
@@ -256,6 +285,8 @@ def create_model(
 
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained=True (hub download) or checkpoint=<local file>, not both")
+    path: str | None
+    raw: Mapping[str, Any] | None
     if isinstance(checkpoint, Mapping):
         path, raw = "", checkpoint
     else:
@@ -281,7 +312,8 @@ def create_model(
     head = _classifier_prefix(model)
     if num_classes is None and head is not None and head + ".weight" in state_dict:
         found = int(state_dict[head + ".weight"].shape[0])
-        if found != getattr(model, "num_classes", found) and hasattr(model, "reset_classifier"):
-            model.reset_classifier(found)
+        reset_classifier = getattr(model, "reset_classifier", None)
+        if found != getattr(model, "num_classes", found) and callable(reset_classifier):
+            reset_classifier(found)
     what = f"checkpoint {path!r}" if path else "the checkpoint"
     return load_state_dict(model, state_dict, new_head=new_head, what=what)

@@ -15,7 +15,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from timm.models import clean_state_dict
 from torch import Tensor, nn
 
@@ -69,6 +68,7 @@ def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> d
     ResNetV2 keys.
 
     Example:
+        >>> import torch
         >>> ckpt = {"epoch": 3, "state_dict": {"module.fc.weight": torch.zeros(2, 2)}}
         >>> list(extract_state_dict(ckpt))
         ['fc.weight']
@@ -93,6 +93,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], what: s
     """Raise one ``ValueError`` naming every missing, unexpected and wrongly shaped key.
 
     Example:
+        >>> import torch
         >>> check_state_dict(nn.Linear(2, 3), {"weight": torch.zeros(3, 2)})
         Traceback (most recent call last):
         ...
@@ -109,7 +110,9 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], what: s
     problems = [
         f"{label}: {_listing(names)}"
         for label, names in (
-            ("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
         )
         if names
     ]

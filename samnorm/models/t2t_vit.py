@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.layers import Attention as TimmAttention
@@ -33,11 +33,11 @@ from torch import Tensor, nn
 from samnorm.models.state_dicts import extract_state_dict
 
 __all__ = [
-    "T2TViT",
-    "T2TModule",
-    "TokenPerformer",
     "Attention",
     "Block",
+    "T2TModule",
+    "T2TViT",
+    "TokenPerformer",
     "sinusoid_table",
     "t2t_vit_7",
     "t2t_vit_10",
@@ -98,9 +98,11 @@ class TokenPerformer(nn.Module):
         torch.Size([2, 10, 64])
     """
 
+    w: Tensor  # the buffer of random-feature rows
+
     def __init__(self, in_dim: int, out_dim: int = 64, kernel_ratio: float = 0.5, drop: float = 0.1) -> None:
         super().__init__()
-        if not 0 < kernel_ratio:
+        if not kernel_ratio > 0:
             raise ValueError(f"kernel_ratio must be > 0, got {kernel_ratio}")
         self.out_dim = out_dim
         self.num_features = max(1, int(out_dim * kernel_ratio))
@@ -110,9 +112,7 @@ class TokenPerformer(nn.Module):
         self.proj = nn.Linear(out_dim, out_dim)
         self.norm2 = nn.LayerNorm(out_dim)
         # Indices 0 and 2 are the checkpoint's `mlp.0` / `mlp.2` keys.
-        self.mlp = nn.Sequential(
-            nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.Dropout(drop)
-        )
+        self.mlp = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.Dropout(drop))
         w = nn.init.orthogonal_(torch.empty(self.num_features, out_dim)) * math.sqrt(self.num_features)
         self.register_buffer("w", w)
         self.eps = 1e-8  # keeps the normaliser away from 0
@@ -120,9 +120,7 @@ class TokenPerformer(nn.Module):
     def random_features(self, x: Tensor) -> Tensor:
         """``phi(x) = exp(w x - |x|^2/2) / sqrt(m)``, shape ``(B, T, m)``, computed in float32."""
         x = x.float()
-        return torch.exp(x @ self.w.float().t() - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(
-            self.num_features
-        )
+        return torch.exp(x @ self.w.float().t() - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(self.num_features)
 
     def attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Performer attention of normalised tokens and the values ``v`` (the residual branch)."""
@@ -233,7 +231,10 @@ class Attention(TimmAttention):
 
 def _use_scale(attn: TimmAttention, scale: float) -> None:
     """Scale timm's attention logits ``q k^T`` by ``scale`` instead of ``head_dim ** -0.5``."""
-    attn.scale, attn.fused_attn = scale, False  # the fused kernel has the default scale only
+    attn.scale = scale
+    # the fused kernel has the default scale only; timm marks the flag Final for TorchScript, which
+    # does not compile this model
+    attn.fused_attn = False  # type: ignore[misc]
 
 
 class Block(VitBlock):
@@ -260,11 +261,17 @@ class Block(VitBlock):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         super().__init__(
-            dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop, attn_drop=attn_drop,
-            drop_path=drop_path, norm_layer=nn.LayerNorm,
+            dim,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            proj_drop=drop,
+            attn_drop=attn_drop,
+            drop_path=drop_path,
+            norm_layer=nn.LayerNorm,
         )
         if qk_scale is not None:
-            _use_scale(self.attn, qk_scale)
+            _use_scale(cast(TimmAttention, self.attn), qk_scale)  # timm's Block builds an Attention
 
 
 class T2TViT(nn.Module):
@@ -292,6 +299,8 @@ class T2TViT(nn.Module):
         >>> model.forward_features(torch.rand(4, 1, 28, 28)).shape  # 2x2 tokens + class token
         torch.Size([4, 5, 32])
     """
+
+    pos_embed: Tensor  # the buffer of the fixed sinusoid table
 
     def __init__(
         self,
@@ -330,10 +339,7 @@ class T2TViT(nn.Module):
         # Stochastic depth grows linearly over the blocks (plain floats: also works on the meta device).
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.Sequential(
-            *(
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, r)
-                for r in rates
-            )
+            *(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, r) for r in rates)
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()

@@ -10,7 +10,9 @@ Convention everywhere: a higher score means more in-distribution.
 - :mod:`samnorm.ood.detectors`: scorers with ``fit`` / ``score`` / ``score_loader``: MSP,
   MaxLogit, Energy, ODIN, ReAct, GradNorm, RankFeat, RankWeight, Mahalanobis, KNN, ViM; by name
   with :func:`make_scorer` / :func:`scorer_class` (:func:`canonical_name` is the spelling rule).
-- :func:`evaluate`: tables of FPR95 / AUROC / AUPR-In / AUPR-Out per OOD set.
+- :func:`evaluate` (:mod:`samnorm.ood.harness`): tables of FPR95 / AUROC / AUPR-In / AUPR-Out per
+  OOD set.
+- :mod:`samnorm.ood.svd`: the rank-1 arithmetic behind RankFeat (:func:`rank1`, :func:`remove_rank1`).
 
 Example:
     >>> from samnorm.ood import auroc
@@ -41,7 +43,7 @@ from samnorm.ood.detectors import (
     make_scorer,
     scorer_class,
 )
-from samnorm.ood.evaluate import OODResults, evaluate
+from samnorm.ood.harness import OODResults, evaluate
 from samnorm.ood.metrics import (
     CONVENTIONS,
     Convention,
@@ -52,8 +54,13 @@ from samnorm.ood.metrics import (
     fpr_at_tpr,
     ood_metrics,
 )
-from samnorm.ood.rankfeat import rank1, remove_rank1
 from samnorm.ood.scores import energy, max_logit, msp, odin
+from samnorm.ood.svd import rank1, remove_rank1
+from samnorm.utils.deprecation import alias_module
+
+# The harness was the module samnorm.ood.evaluate, shadowed by the function: the old path stays
+# importable (with a warning) without a file that would rebind the package's `evaluate`.
+alias_module("samnorm.ood.evaluate", "samnorm.ood.harness")
 
 __all__ = [
     "CONVENTIONS",

@@ -9,12 +9,15 @@ A classifier is seen as ``embed -> blocks[0] -> ... -> blocks[-1] -> pool -> fc`
 - ``fc``: the final linear layer, ``nn.Linear`` or a 1x1 ``nn.Conv2d`` (timm's ResNetV2 head).
 
 Every scorer in :mod:`samnorm.ood.detectors` goes through this interface, so supporting a new
-architecture means writing one adapter, not touching the scorers.
+architecture means writing one split, not touching the scorers; registered with
+:meth:`ModelAdapter.register`, :meth:`ModelAdapter.from_model` finds it for the class and its subclasses.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,56 +27,57 @@ from samnorm.nn_utils import eval_mode
 
 __all__ = ["ModelAdapter"]
 
+#: A registered split: ``factory(model) -> ModelAdapter`` (see :meth:`ModelAdapter.register`).
+Factory = TypeVar("Factory", bound=Callable[..., "ModelAdapter"])
 
-def _check_fc(fc: nn.Module) -> None:
+# Registered splits, by class (a user's architecture) or by qualified name (timm's and torchvision's
+# classes, so that registering them imports neither).
+_SPLITS: dict[type | str, Callable[[Any], ModelAdapter]] = {}
+
+
+def _checked_fc(fc: nn.Module) -> nn.Linear | nn.Conv2d:
     if isinstance(fc, nn.Linear):
-        return
+        return fc
     if isinstance(fc, nn.Conv2d) and fc.kernel_size == (1, 1) and fc.groups == 1:
-        return
+        return fc
     raise TypeError(
         f"the final layer must be an nn.Linear or a 1x1 nn.Conv2d, got {type(fc).__name__}; "
         "a model without a classification head (num_classes=0) cannot be scored"
     )
 
 
-def _qualified(model: nn.Module) -> str:
-    return f"{type(model).__module__}.{type(model).__name__}"
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-#: timm classes laid out ``stem -> stages -> tail -> forward_head`` whose ``forward_features`` is
-#: exactly that (checked against timm's source), with the modules of the tail in order. Only these
-#: exact classes are split this way: a look-alike may hide another tail (NFNet's final_conv) or a
-#: second head (distillation), which would corrupt every score silently.
-_STEM_STAGES: dict[str, tuple[str, ...]] = {
-    "timm.models.resnetv2.ResNetV2": ("norm",),
-    "timm.models.convnext.ConvNeXt": ("norm_pre",),
-    "timm.models.nfnet.NormFreeNet": ("final_conv", "final_act"),
-    "timm.models.byobnet.ByobNet": ("final_conv",),
-    "timm.models.fastvit.FastVit": ("final_conv",),
-    "timm.models.maxxvit.MaxxVit": ("norm",),
-    "timm.models.cspnet.CspNet": (),
-    "timm.models.davit.DaVit": ("norm_pre",),
-    "timm.models.edgenext.EdgeNeXt": ("norm_pre",),
-    "timm.models.metaformer.MetaFormer": (),
-    "timm.models.mambaout.MambaOut": (),
-    "timm.models.gcvit.GlobalContextVit": (),
-    "timm.models.vovnet.VovNet": (),
-    "timm.models.hgnet.HighPerfGpuNet": (),
-    "timm.models.nextvit.NextViT": ("norm",),
-    "timm.models.sequencer.Sequencer2d": ("norm",),
-    "timm.models.cspnext.CspNext": (),
-}
-_VIT = "timm.models.vision_transformer.VisionTransformer"
-_T2T = "samnorm.models.t2t_vit.T2TViT"
-_RESNETS = ("timm.models.resnet.ResNet", "torchvision.models.resnet.ResNet")
+def _registered(cls: type) -> tuple[type, Callable[[Any], ModelAdapter]] | None:
+    """The nearest class of ``cls``'s MRO with a registered split, and that split."""
+    for klass in cls.__mro__:
+        factory = _SPLITS.get(klass) or _SPLITS.get(_qualified(klass))
+        if factory is not None:
+            return klass, factory
+    return None
+
+
+def _overridden(cls: type, base: type) -> list[str]:
+    """The methods and properties of ``base`` that its subclass ``cls`` redefines (``__init__`` and
+    the other dunders aside): a split registered for ``base`` follows ``base``'s forward pass."""
+    found: set[str] = set()
+    for klass in cls.__mro__[: cls.__mro__.index(base)]:
+        for name, value in vars(klass).items():
+            routine = inspect.isfunction(value) or isinstance(value, (staticmethod, classmethod, property))
+            if routine and not (name.startswith("__") and name.endswith("__")) and hasattr(base, name):
+                found.add(name)
+    return sorted(found)
 
 
 def _unsupported(model: nn.Module, why: str) -> TypeError:
+    known = sorted({k.rsplit(".", 1)[-1] if isinstance(k, str) else k.__qualname__ for k in _SPLITS})
     return TypeError(
-        f"ModelAdapter.from_model cannot split {_qualified(model)} into features and head: {why}. "
-        "Supported: timm VisionTransformer, samnorm T2TViT, torchvision/timm ResNet, and the timm "
-        f"stem/stages families {sorted(n.rsplit('.', 1)[1] for n in _STEM_STAGES)}. Build "
-        "ModelAdapter(model, embed=..., blocks=..., pool=..., fc=...) explicitly (see its docstring)"
+        f"ModelAdapter.from_model cannot split {_qualified(type(model))} into features and head: {why}. "
+        f"Registered: {known} and their subclasses that override none of their methods. Build "
+        "ModelAdapter(model, embed=..., blocks=..., pool=..., fc=...) explicitly (see its docstring), "
+        "or register a split for the class with @ModelAdapter.register"
     )
 
 
@@ -121,29 +125,69 @@ class ModelAdapter:
         blocks = tuple(blocks)
         if not blocks or not all(callable(b) for b in blocks):
             raise ValueError("blocks must be a non-empty sequence of modules (callables)")
-        _check_fc(fc)
         self.model = model
         self.embed = embed
         self.blocks = blocks
         self.pool = pool
-        self.fc = fc
+        self.fc = _checked_fc(fc)
         self.name = name
         #: False until the split has been checked against ``model(x)`` (never checked when False)
         self.verified = not auto_verify
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_model(cls, model: nn.Module | "ModelAdapter") -> "ModelAdapter":
-        """The split of a supported architecture, recognised by its exact class.
+    def register(cls, *classes: type[nn.Module] | str) -> Callable[[Factory], Factory]:
+        """Decorator: ``factory(model) -> ModelAdapter`` becomes the split :meth:`from_model` uses for
+        ``classes`` (class objects, or qualified names such as ``"timm.models.resnet.ResNet"`` that
+        need no import) and for their subclasses that redefine none of their methods.
 
-        Supported: timm ``VisionTransformer`` (not DeiT's distilled variant: two heads), samnorm's
-        ``T2TViT``, torchvision/timm ``ResNet`` and the timm stem/stages families listed in the
-        error message (ResNetV2/BiT, ConvNeXt, NFNet, ByobNet/GENet, FastViT, ...). Any other
-        class, including subclasses that may override ``forward``, raises ``TypeError`` naming it:
-        build the adapter explicitly then. One exception: a model with exactly the torchvision
-        ResNet attributes (``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1``-``layer4``,
-        ``avgpool``, ``fc``) is split like one, and the first-batch check catches a mismatch.
-        DistributedDataParallel, DataParallel and ``torch.compile`` wrappers are looked through.
+        A subclass that overrides a method (``forward``, ``forward_head``, ...) may compute other
+        logits than the split, so it is refused unless it is registered itself; the first-batch check
+        (:meth:`verify`) stays the last guard. A class is registered once (``ValueError`` otherwise).
+
+        Example:
+            >>> class Net(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.body, self.fc = torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)
+            ...     def forward(self, x):
+            ...         return self.fc(self.body(x.flatten(1)))
+            >>> @ModelAdapter.register(Net)
+            ... def split_net(model):
+            ...     return ModelAdapter(model, embed=torch.nn.Flatten(), blocks=[model.body],
+            ...                         pool=lambda h: h, fc=model.fc, name="net")
+            >>> class Wider(Net):  # a new constructor, the same forward pass
+            ...     pass
+            >>> ModelAdapter.from_model(Wider()).name
+            'net'
+        """
+        for klass in classes:
+            if not isinstance(klass, str) and not (isinstance(klass, type) and issubclass(klass, nn.Module)):
+                raise TypeError(f"register takes nn.Module classes or their qualified names, got {klass!r}")
+            if klass in _SPLITS:
+                raise ValueError(f"{klass!r} already has a registered split; register a subclass instead")
+
+        def decorate(factory: Factory) -> Factory:
+            if not callable(factory):
+                raise TypeError(f"register decorates a function model -> ModelAdapter, got {factory!r}")
+            for klass in classes:
+                _SPLITS[klass] = factory
+            return factory
+
+        return decorate
+
+    @classmethod
+    def from_model(cls, model: nn.Module | ModelAdapter) -> ModelAdapter:
+        """The registered split of ``model``'s class (see :meth:`register`), found along its MRO.
+
+        Registered here: timm ``VisionTransformer`` (not DeiT's distilled subclass: it overrides
+        the head), samnorm's ``T2TViT``, torchvision/timm ``ResNet`` and the timm stem/stages families
+        (ResNetV2/BiT, ConvNeXt, NFNet, ByobNet/GENet, FastViT, ...: the error message lists them).
+        Any other class raises ``TypeError`` naming it: build the adapter explicitly then, or
+        register one. One exception: a model with exactly the torchvision ResNet attributes
+        (``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1``-``layer4``, ``avgpool``, ``fc``) is
+        split like one, and the first-batch check catches a mismatch. DistributedDataParallel,
+        DataParallel and ``torch.compile`` wrappers are looked through.
 
         Example:
             >>> import timm  # doctest: +SKIP
@@ -152,51 +196,21 @@ class ModelAdapter:
         """
         if isinstance(model, ModelAdapter):
             return model
-        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(
-            model, "_orig_mod"
-        ):
-            model = model.module if hasattr(model, "module") else model._orig_mod
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module or a ModelAdapter, got {type(model).__name__}")
-        kind = _qualified(model)
-
-        def pre_logits_after(*tail: nn.Module) -> Callable[[Tensor], Tensor]:
-            return lambda h: model.forward_head(nn.Sequential(*tail)(h), pre_logits=True)
-
-        if kind == _T2T:
-            return cls(model, embed=model.prepare_tokens, blocks=list(model.blocks),
-                       pool=pre_logits_after(model.norm), fc=model.head, name="t2t_vit")
-        if kind == _VIT:
-
-            def embed(x: Tensor) -> Tensor:
-                x = model._pos_embed(model.patch_embed(x))
-                return model.norm_pre(model.patch_drop(x))
-
-            return cls(model, embed=embed, blocks=list(model.blocks),
-                       pool=pre_logits_after(model.norm), fc=model.head, name="vit")
-        if kind in _STEM_STAGES:
-            if getattr(model, "fork_feat", False):
-                raise _unsupported(model, "it is built as a feature pyramid (fork_feat=True)")
-            fc = getattr(getattr(model, "head", None), "fc", None)
-            if not isinstance(fc, nn.Module):
-                raise _unsupported(model, "its head has no final layer head.fc")
-            tail = [getattr(model, n) for n in _STEM_STAGES[kind]]
-            name = "resnetv2" if type(model).__name__ == "ResNetV2" else type(model).__name__.lower()
-            return cls(model, embed=model.stem, blocks=list(model.stages), pool=pre_logits_after(*tail),
-                       fc=fc, name=name)
-        resnet_layout = ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4", "fc")
-        if kind in _RESNETS or (
-            all(hasattr(model, n) for n in (*resnet_layout, "relu", "avgpool")) and not hasattr(model, "forward_head")
-        ):
-            act = model.relu if hasattr(model, "relu") else model.act1  # torchvision / timm
-            if hasattr(model, "forward_head"):
-                pool = pre_logits_after()
-            else:
-                pool = lambda h: torch.flatten(model.avgpool(h), 1)  # noqa: E731
-            return cls(model, embed=nn.Sequential(model.conv1, model.bn1, act, model.maxpool),
-                       blocks=[model.layer1, model.layer2, model.layer3, model.layer4],
-                       pool=pool, fc=model.fc, name="resnet")
-        raise _unsupported(model, "its class is not one whose forward pass is known")
+        net: Any = model
+        while isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(net, "_orig_mod"):
+            net = net.module if hasattr(net, "module") else net._orig_mod
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"model must be an nn.Module or a ModelAdapter, got {type(net).__name__}")
+        found = _registered(type(net))
+        if found is not None:
+            base, factory = found
+            overridden = _overridden(type(net), base)
+            if overridden:
+                raise _unsupported(net, f"it overrides {overridden} of {_qualified(base)}, whose split is registered")
+            return factory(net)
+        if _looks_like_torchvision_resnet(net):
+            return _resnet(net)
+        raise _unsupported(net, "its class is not one whose forward pass is known")
 
     # ------------------------------------------------------------------ head
     @property
@@ -205,7 +219,7 @@ class ModelAdapter:
         return self.fc.weight.flatten(1)
 
     @property
-    def fc_bias(self) -> Optional[Tensor]:
+    def fc_bias(self) -> Tensor | None:
         """The final layer's ``(K,)`` bias, or ``None``."""
         return self.fc.bias
 
@@ -219,7 +233,7 @@ class ModelAdapter:
         """K, the number of logits."""
         return int(self.fc.weight.shape[0])
 
-    def head(self, features: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    def head(self, features: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Logits ``(B, K)`` from penultimate features ``(B, D)``; computed in ``dtype`` (the
         features and the layer's parameters cast to it) when given, else as the layer runs."""
         if dtype is not None:
@@ -230,7 +244,7 @@ class ModelAdapter:
         return F.linear(features, self.fc_weight, self.fc_bias)
 
     # ------------------------------------------------------------------ inputs
-    def placement(self) -> tuple[torch.device, Optional[torch.dtype]]:
+    def placement(self) -> tuple[torch.device, torch.dtype | None]:
         """The model's device and the dtype of its first floating-point parameter (None without one)."""
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -246,10 +260,8 @@ class ModelAdapter:
         if not isinstance(inputs, Tensor):
             raise TypeError(f"inputs must be a tensor batch, got {type(inputs).__name__}")
         device, dtype = self.placement()
-        if inputs.is_floating_point() and dtype is not None:
-            inputs = inputs.to(device, dtype)
-        else:
-            inputs = inputs.to(device)
+        floating = inputs.is_floating_point() and dtype is not None
+        inputs = inputs.to(device, dtype) if floating else inputs.to(device)
         self._check_once(inputs)
         return inputs
 
@@ -265,7 +277,7 @@ class ModelAdapter:
             raise ValueError(f"block index must be an int in [{-n}, {n - 1}] ({n} blocks), got {index!r}")
         return index % n
 
-    def run_blocks(self, hidden: Tensor, start: int = 0, stop: Optional[int] = None) -> Tensor:
+    def run_blocks(self, hidden: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
         """Apply ``blocks[start:stop]`` to ``hidden`` (the input of ``blocks[start]``)."""
         for block in self.blocks[start:stop]:
             hidden = block(hidden)
@@ -290,7 +302,7 @@ class ModelAdapter:
         feats = self._features(x)
         return feats, self.head(feats)
 
-    def verify(self, x: Tensor, *, rtol: Optional[float] = None, atol: Optional[float] = None) -> None:
+    def verify(self, x: Tensor, *, rtol: float | None = None, atol: float | None = None) -> None:
         """Raise ``ValueError`` unless :meth:`logits` reproduces ``model(x)`` (in eval mode).
 
         The default tolerances follow the logits' dtype (``rtol`` 1e-4 in float32, a few
@@ -303,7 +315,7 @@ class ModelAdapter:
                 got = self.head(self._features(x))
             except RuntimeError as err:  # e.g. a head fed features of the wrong width
                 raise ValueError(
-                    f"adapter {self.name!r} fails on {_qualified(self.model)} ({err}); its split into "
+                    f"adapter {self.name!r} fails on {_qualified(type(self.model))} ({err}); its split into "
                     "embed/blocks/pool/fc is wrong: build ModelAdapter(model, embed=..., blocks=..., "
                     "pool=..., fc=...) for this model"
                 ) from err
@@ -323,7 +335,7 @@ class ModelAdapter:
                 return
             diff = float((got - want).abs().max())
         raise ValueError(
-            f"adapter {self.name!r} does not reproduce {_qualified(self.model)}: logits shape "
+            f"adapter {self.name!r} does not reproduce {_qualified(type(self.model))}: logits shape "
             f"{tuple(got.shape)} vs {tuple(want.shape)}, max |difference| {diff:.3g}; its split into "
             "embed/blocks/pool/fc is wrong: build ModelAdapter(model, embed=..., blocks=..., pool=..., "
             "fc=...) for this model"
@@ -334,3 +346,105 @@ class ModelAdapter:
             f"ModelAdapter({type(self.model).__name__}, name={self.name!r}, blocks={len(self.blocks)}, "
             f"features={self.num_features}, classes={self.num_classes})"
         )
+
+
+# ---------------------------------------------------------------------- the registered splits
+def _pre_logits_after(model: Any, *tail: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``pool`` of a timm model: the layers between the last block and the head, then its pre-logits."""
+    return lambda h: model.forward_head(nn.Sequential(*tail)(h), pre_logits=True)
+
+
+@ModelAdapter.register("samnorm.models.t2t_vit.T2TViT")
+def _t2t_vit(model: Any) -> ModelAdapter:
+    return ModelAdapter(
+        model,
+        embed=model.prepare_tokens,
+        blocks=list(model.blocks),
+        pool=_pre_logits_after(model, model.norm),
+        fc=model.head,
+        name="t2t_vit",
+    )
+
+
+@ModelAdapter.register("timm.models.vision_transformer.VisionTransformer")
+def _vit(model: Any) -> ModelAdapter:
+    def embed(x: Tensor) -> Tensor:
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+    return ModelAdapter(
+        model,
+        embed=embed,
+        blocks=list(model.blocks),
+        pool=_pre_logits_after(model, model.norm),
+        fc=model.head,
+        name="vit",
+    )
+
+
+def _stem_stages(name: str, tail: tuple[str, ...]) -> Callable[[Any], ModelAdapter]:
+    """The split of a timm family laid out ``stem -> stages -> tail -> forward_head``."""
+
+    def split(model: Any) -> ModelAdapter:
+        if getattr(model, "fork_feat", False):
+            raise _unsupported(model, "it is built as a feature pyramid (fork_feat=True)")
+        fc = getattr(getattr(model, "head", None), "fc", None)
+        if not isinstance(fc, nn.Module):
+            raise _unsupported(model, "its head has no final layer head.fc")
+        pool = _pre_logits_after(model, *(getattr(model, n) for n in tail))
+        return ModelAdapter(model, embed=model.stem, blocks=list(model.stages), pool=pool, fc=fc, name=name)
+
+    return split
+
+
+#: timm classes laid out ``stem -> stages -> tail -> forward_head`` whose ``forward_features`` is
+#: exactly that (checked against timm's source), with the modules of the tail in order. Only these
+#: classes (and subclasses redefining none of their methods) are split this way: a look-alike may
+#: hide another tail (NFNet's final_conv) or a second head (distillation), which would corrupt every
+#: score silently.
+_STEM_STAGES: dict[str, tuple[str, ...]] = {
+    "timm.models.resnetv2.ResNetV2": ("norm",),
+    "timm.models.convnext.ConvNeXt": ("norm_pre",),
+    "timm.models.nfnet.NormFreeNet": ("final_conv", "final_act"),
+    "timm.models.byobnet.ByobNet": ("final_conv",),
+    "timm.models.fastvit.FastVit": ("final_conv",),
+    "timm.models.maxxvit.MaxxVit": ("norm",),
+    "timm.models.cspnet.CspNet": (),
+    "timm.models.davit.DaVit": ("norm_pre",),
+    "timm.models.edgenext.EdgeNeXt": ("norm_pre",),
+    "timm.models.metaformer.MetaFormer": (),
+    "timm.models.mambaout.MambaOut": (),
+    "timm.models.gcvit.GlobalContextVit": (),
+    "timm.models.vovnet.VovNet": (),
+    "timm.models.hgnet.HighPerfGpuNet": (),
+    "timm.models.nextvit.NextViT": ("norm",),
+    "timm.models.sequencer.Sequencer2d": ("norm",),
+    "timm.models.cspnext.CspNext": (),
+}
+for _family, _tail in _STEM_STAGES.items():
+    ModelAdapter.register(_family)(_stem_stages(_family.rsplit(".", 1)[1].lower(), _tail))
+
+_RESNET_LAYOUT = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+
+
+def _looks_like_torchvision_resnet(model: nn.Module) -> bool:
+    return all(hasattr(model, n) for n in _RESNET_LAYOUT) and not hasattr(model, "forward_head")
+
+
+@ModelAdapter.register("timm.models.resnet.ResNet", "torchvision.models.resnet.ResNet")
+def _resnet(model: Any) -> ModelAdapter:
+    act = model.relu if hasattr(model, "relu") else model.act1  # torchvision / timm
+    if hasattr(model, "forward_head"):
+        pool = _pre_logits_after(model)
+    else:
+
+        def pool(h: Tensor) -> Tensor:
+            return torch.flatten(model.avgpool(h), 1)
+
+    return ModelAdapter(
+        model,
+        embed=nn.Sequential(model.conv1, model.bn1, act, model.maxpool),
+        blocks=[model.layer1, model.layer2, model.layer3, model.layer4],
+        pool=pool,
+        fc=model.fc,
+        name="resnet",
+    )

@@ -17,8 +17,9 @@ unless ``allow_inf=True``: then they rank above / below every finite score.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ __all__ = [
     "resolve_convention",
 ]
 
-Scores = Union[np.ndarray, torch.Tensor, Sequence[float]]
+Scores = np.ndarray | torch.Tensor | Sequence[float]
 Positive = Literal["id", "ood"]
 Point = Literal["first", "closest"]
 AuprMethod = Literal["average_precision", "trapezoid"]
@@ -95,8 +96,10 @@ class Convention:
 
     def describe(self) -> str:
         """One line naming the convention, for table captions."""
-        point = "the first ROC point whose TPR reaches the target" if self.point == "first" else (
-            "the ROC point closest to the target TPR"
+        point = (
+            "the first ROC point whose TPR reaches the target"
+            if self.point == "first"
+            else ("the ROC point closest to the target TPR")
         )
         if self.drop_intermediate:
             point += " (among the points roc_curve keeps by default)"
@@ -104,7 +107,6 @@ class Convention:
         return f"{self.name}: {self.positive.upper()} positive, FPR at {point}, AUPR = {aupr}"
 
 
-#: Named conventions. ``"samnorm"`` is the default everywhere.
 CONVENTIONS: dict[str, Convention] = {
     c.name: c
     for c in (
@@ -115,6 +117,7 @@ CONVENTIONS: dict[str, Convention] = {
         Convention("rankfeat", "id", "closest", "average_precision"),
     )
 }
+"""Named conventions. ``"samnorm"`` is the default everywhere."""
 
 
 def _as_scores(scores: Scores, name: str, allow_inf: bool = False) -> np.ndarray:
@@ -396,9 +399,7 @@ def resolve_convention(convention: str | Convention) -> Convention:
     if isinstance(convention, Convention):
         return convention
     if convention not in CONVENTIONS:
-        raise ValueError(
-            f"unknown convention {convention!r}; use one of {sorted(CONVENTIONS)} or a Convention"
-        )
+        raise ValueError(f"unknown convention {convention!r}; use one of {sorted(CONVENTIONS)} or a Convention")
     return CONVENTIONS[convention]
 
 
@@ -432,4 +433,3 @@ def ood_metrics(
         n_id=int(data.id.size),
         n_ood=int(data.ood.size),
     )
-

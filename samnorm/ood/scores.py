@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +110,7 @@ def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
 def head_grad_norm(
     features: Tensor,
     logits: Tensor,
-    target: Optional[Tensor] = None,
+    target: Tensor | None = None,
     *,
     p: float = 1.0,
     include_bias: bool = False,
@@ -154,12 +154,12 @@ def head_grad_norm(
 
 
 def odin(
-    logits_or_model: Union[Tensor, Callable[[Tensor], Tensor]],
-    inputs: Optional[Tensor] = None,
+    logits_or_model: Tensor | Callable[[Tensor], Tensor],
+    inputs: Tensor | None = None,
     *,
     temperature: float = 1000.0,
     epsilon: float = 0.0,
-    input_std: Optional[Sequence[float]] = None,
+    input_std: Sequence[float] | None = None,
 ) -> Tensor:
     """ODIN score: MSP at temperature ``T``, optionally of inputs moved to raise that MSP.
 
@@ -186,9 +186,7 @@ def odin(
         raise ValueError(f"epsilon must be a finite number >= 0 (0 disables the step), got {epsilon}")
     if isinstance(logits_or_model, Tensor):
         if inputs is not None or epsilon > 0:
-            raise ValueError(
-                "odin(logits) cannot perturb inputs; call odin(model, inputs, epsilon=...) instead"
-            )
+            raise ValueError("odin(logits) cannot perturb inputs; call odin(model, inputs, epsilon=...) instead")
         return msp(logits_or_model, t)
     if not callable(logits_or_model):
         raise TypeError(f"odin takes logits or a model, got {type(logits_or_model).__name__}")
@@ -209,8 +207,7 @@ def odin(
         std = torch.as_tensor(input_std, dtype=step.dtype, device=step.device).reshape(-1)
         if step.dim() < 2 or std.numel() not in (1, step.shape[1]):
             raise ValueError(
-                f"input_std needs one value per channel ({step.shape[1] if step.dim() > 1 else '?'}),"
-                f" got {std.numel()}"
+                f"input_std needs one value per channel ({step.shape[1] if step.dim() > 1 else '?'}), got {std.numel()}"
             )
         step = step / std.reshape(1, -1, *([1] * (step.dim() - 2)))
     with torch.no_grad():

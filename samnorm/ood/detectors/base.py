@@ -9,7 +9,8 @@ score is a function of the plain forward pass's penultimate features and logits 
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -20,9 +21,10 @@ from samnorm.ood.adapter import ModelAdapter
 
 __all__ = ["NotFittedError", "OutputScorer", "Outputs", "Passes", "Scorer", "TemperedScorer"]
 
-Outputs = tuple[Tensor, Tensor, Optional[Tensor]]  # features, logits, labels
-#: ``passes()`` starts one pass over the fit data, yielding :data:`Outputs` per batch.
+Outputs = tuple[Tensor, Tensor, Tensor | None]
+"""One batch of the fit data as a scorer's ``_fit`` sees it: ``(features, logits, labels or None)``."""
 Passes = Callable[[], Iterator[Outputs]]
+"""``passes()`` starts one pass over the fit data, yielding :data:`Outputs` per batch."""
 
 
 class NotFittedError(ValueError):
@@ -44,7 +46,8 @@ class Scorer(abc.ABC):
 
     The model is in eval mode while a scorer runs and restored afterwards. A subclass sets
     ``name`` and implements :meth:`_score_inputs`; one with ``needs_fit = True`` also implements
-    :meth:`_fit` (checked when the class is defined).
+    :meth:`_fit` (checked when the class is defined). One with ``needs_labels = True`` (Mahalanobis)
+    gets labels in every batch of ``_fit``: ``fit`` refuses data without them.
 
     Example:
         >>> from samnorm.ood import Energy
@@ -59,6 +62,8 @@ class Scorer(abc.ABC):
     name: ClassVar[str] = "scorer"
     #: whether ``score`` needs statistics from ``fit`` first
     needs_fit: ClassVar[bool] = False
+    #: whether ``fit`` needs class labels (checked here, for every batch, before ``_fit`` sees it)
+    needs_labels: ClassVar[bool] = False
     #: whether the score is a function of the plain forward's (features, logits)
     uses_outputs: bool = False
     #: how many times ``fit`` reads its data
@@ -68,8 +73,10 @@ class Scorer(abc.ABC):
         super().__init_subclass__(**kwargs)
         if cls.needs_fit and cls._fit is Scorer._fit:
             raise TypeError(f"{cls.__name__} sets needs_fit = True but does not implement _fit")
+        if cls.needs_labels and not cls.needs_fit:
+            raise TypeError(f"{cls.__name__} sets needs_labels = True but not needs_fit: labels are only read by fit")
 
-    def __init__(self, model: Union[nn.Module, ModelAdapter]) -> None:
+    def __init__(self, model: nn.Module | ModelAdapter) -> None:
         self.adapter = ModelAdapter.from_model(model)
         self._fitted = not self.needs_fit
 
@@ -91,7 +98,7 @@ class Scorer(abc.ABC):
             )
 
     # ------------------------------------------------------------ fitting
-    def fit(self, data: Any = None, *, batch_size: int = 256) -> "Scorer":
+    def fit(self, data: Any = None, *, batch_size: int = 256) -> Scorer:
         """Fit on ID training data (a no-op for scorers without statistics); returns ``self``."""
         if not self.needs_fit:
             return self
@@ -106,6 +113,7 @@ class Scorer(abc.ABC):
 
         def passes() -> Iterator[Outputs]:
             for x, y in batches(data, batch_size):
+                self._check_labels(y)
                 x = adapter.prepare(x)
                 feats, logits = adapter.features_and_logits(x)
                 yield feats, logits, None if y is None else y.to(x.device)
@@ -115,9 +123,7 @@ class Scorer(abc.ABC):
         self._fitted = True
         return self
 
-    def fit_features(
-        self, features: Tensor, labels: Optional[Tensor] = None, *, batch_size: int = 8192
-    ) -> "Scorer":
+    def fit_features(self, features: Tensor, labels: Tensor | None = None, *, batch_size: int = 8192) -> Scorer:
         """Fit from precomputed ``(N, D)`` penultimate features (and ``(N,)`` labels)."""
         if not self.needs_fit:
             return self
@@ -125,9 +131,9 @@ class Scorer(abc.ABC):
             raise ValueError("features must be an (N, D) tensor of penultimate features")
         if features.shape[1] != self.adapter.num_features:
             raise ValueError(
-                f"features have D={features.shape[1]}, the model's head expects "
-                f"{self.adapter.num_features}"
+                f"features have D={features.shape[1]}, the model's head expects {self.adapter.num_features}"
             )
+        self._check_labels(labels)
         if labels is not None and labels.shape != (features.shape[0],):
             raise ValueError(f"labels must have shape ({features.shape[0]},), got {tuple(labels.shape)}")
         adapter, device = self.adapter, self.adapter.placement()[0]
@@ -143,6 +149,10 @@ class Scorer(abc.ABC):
             self._fit(passes)
         self._fitted = True
         return self
+
+    def _check_labels(self, labels: Tensor | None) -> None:
+        if labels is None and self.needs_labels:
+            raise ValueError(f"{self.name}.fit needs class labels: pass (images, labels) batches")
 
     def _fit(self, passes: Passes) -> None:
         """Compute the statistics from ``passes`` (scorers with ``needs_fit = True``)."""
@@ -215,7 +225,7 @@ class OutputScorer(Scorer):
 class TemperedScorer(OutputScorer):
     """An output scorer with one ``temperature`` T applied to the logits (default 1)."""
 
-    def __init__(self, model: Union[nn.Module, ModelAdapter], temperature: float = 1.0) -> None:
+    def __init__(self, model: nn.Module | ModelAdapter, temperature: float = 1.0) -> None:
         super().__init__(model)
         self.temperature = S.check_temperature(temperature)
 

@@ -3,7 +3,7 @@ features) and ViM (residual outside the principal ID subspace)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +31,9 @@ class Mahalanobis(OutputScorer):
 
     name = "Mahalanobis"
     needs_fit = True
+    needs_labels = True
 
-    def __init__(self, model: Union[nn.Module, ModelAdapter], jitter: float = 1e-6) -> None:
+    def __init__(self, model: nn.Module | ModelAdapter, jitter: float = 1e-6) -> None:
         super().__init__(model)
         if not jitter >= 0:
             raise ValueError(f"jitter must be >= 0, got {jitter}")
@@ -40,18 +41,18 @@ class Mahalanobis(OutputScorer):
 
     def _fit(self, passes: Passes) -> None:
         k, d = self.adapter.num_classes, self.adapter.num_features
-        means = counts = scatter = None  # float64, on the device of the features
+        # class means, class counts and the pooled within-class scatter: float64, on the features' device
+        stats: tuple[Tensor, Tensor, Tensor] | None = None
         for feats, _, labels in passes():
-            if labels is None:
-                raise ValueError("Mahalanobis.fit needs class labels: pass (images, labels) batches")
+            assert labels is not None  # needs_labels: the base refuses data without them
             f, y = feats.double(), labels.to(feats.device).long()
             if y.numel() == 0:
                 continue
             if y.min() < 0 or y.max() >= k:
                 raise ValueError(f"labels must be class indices in [0, {k}), got {y.min()}..{y.max()}")
-            if scatter is None:
-                means, counts = f.new_zeros(k, d), f.new_zeros(k)
-                scatter = f.new_zeros(d, d)  # pooled within-class scatter
+            if stats is None:
+                stats = f.new_zeros(k, d), f.new_zeros(k), f.new_zeros(d, d)
+            means, counts, scatter = stats  # updated in place
             # Chan et al.'s pairwise update: scatter around the batch's class means, plus the
             # shift between batch and running means; E[hh^T] - mu mu^T would cancel
             # catastrophically when features vary little around a large mean
@@ -64,8 +65,9 @@ class Mahalanobis(OutputScorer):
             scatter += centred.T @ centred + (delta * (counts[cls] * cnt / total)[:, None]).T @ delta
             means[cls] += delta * (cnt / total)[:, None]
             counts[cls] = total
-        if counts is None or counts.sum() < 2:
+        if stats is None or stats[1].sum() < 2:
             raise ValueError("Mahalanobis.fit needs at least 2 labelled samples")
+        means, counts, scatter = stats
         present = counts > 0
         means = means[present]
         cov = scatter / counts.sum()
@@ -107,12 +109,12 @@ class KNN(OutputScorer):
 
     def __init__(
         self,
-        model: Union[nn.Module, ModelAdapter],
+        model: nn.Module | ModelAdapter,
         k: int = 50,
         fraction: float = 1.0,
         chunk_size: int = 16384,
-        bank_dtype: Optional[torch.dtype] = None,
-        bank_device: Optional[Union[str, torch.device]] = None,
+        bank_dtype: torch.dtype | None = None,
+        bank_device: str | torch.device | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(model)
@@ -179,7 +181,7 @@ class ViM(OutputScorer):
     needs_fit = True
     fit_passes = 2
 
-    def __init__(self, model: Union[nn.Module, ModelAdapter], dim: Optional[int] = None) -> None:
+    def __init__(self, model: nn.Module | ModelAdapter, dim: int | None = None) -> None:
         super().__init__(model)
         d = self.adapter.num_features
         if dim is None:

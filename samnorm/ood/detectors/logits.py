@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from torch import Tensor, nn
@@ -67,10 +68,10 @@ class ODIN(OutputScorer):
 
     def __init__(
         self,
-        model: Union[nn.Module, ModelAdapter],
+        model: nn.Module | ModelAdapter,
         temperature: float = 1000.0,
         epsilon: float = 0.0,
-        input_std: Optional[Sequence[float]] = None,
+        input_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__(model)
         self.temperature, self.epsilon = S.check_temperature(temperature), float(epsilon)
@@ -85,8 +86,9 @@ class ODIN(OutputScorer):
     def _score_inputs(self, inputs: Tensor) -> Tensor:
         if self.uses_outputs:
             return super()._score_inputs(inputs)
-        return S.odin(self.adapter.logits, inputs, temperature=self.temperature,
-                      epsilon=self.epsilon, input_std=self.input_std)
+        return S.odin(
+            self.adapter.logits, inputs, temperature=self.temperature, epsilon=self.epsilon, input_std=self.input_std
+        )
 
     def _params(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "epsilon": self.epsilon}

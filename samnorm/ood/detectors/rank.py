@@ -4,7 +4,8 @@ component (of a block's output, or of one weight matrix), then score with Energy
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +14,7 @@ from samnorm.ood import scores as S
 from samnorm.ood.adapter import ModelAdapter
 from samnorm.ood.detectors.base import Scorer
 from samnorm.ood.detectors.logits import Energy
-from samnorm.ood.rankfeat import Method, check_method, remove_rank1
+from samnorm.ood.svd import Method, check_method, remove_rank1
 
 __all__ = ["RankFeat", "RankWeight"]
 
@@ -27,7 +28,7 @@ class RankFeat(Scorer):
     "block 4", ``-2`` "block 3 then block 4", ``(-2, -1)`` both. For ViT / T2T-ViT, ``-1`` edits
     the tokens after the last block, before the final norm. ``method="power"`` uses ``iters``
     steps of seeded power iteration (stopping per sample at ``tol``) instead of the full SVD
-    (:mod:`samnorm.ood.rankfeat`).
+    (:mod:`samnorm.ood.svd`).
 
     Example:
         >>> RankFeat(model, blocks=(-2, -1), method="power").score(images)  # doctest: +SKIP
@@ -38,8 +39,8 @@ class RankFeat(Scorer):
 
     def __init__(
         self,
-        model: Union[nn.Module, ModelAdapter],
-        blocks: Union[int, Sequence[int]] = -1,
+        model: nn.Module | ModelAdapter,
+        blocks: int | Sequence[int] = -1,
         method: Method = "svd",
         iters: int = 20,
         tol: float = 1e-6,
@@ -60,13 +61,15 @@ class RankFeat(Scorer):
     def _score_inputs(self, inputs: Tensor) -> Tensor:
         a = self.adapter
         with torch.no_grad():
-            hidden, done, total = a.embed(inputs), 0, 0.0
+            hidden, done, total = a.embed(inputs), 0, None
             for index in self.blocks:  # the clean prefix is shared by all removals
                 hidden = a.run_blocks(hidden, done, index + 1)
                 done = index + 1
                 edited = remove_rank1(hidden, self.method, iters=self.iters, tol=self.tol, seed=self.seed)
                 feats = a.pool(a.run_blocks(edited, done))
-                total = total + a.head(feats, S.widen(feats.dtype))
+                logits = a.head(feats, S.widen(feats.dtype))
+                total = logits if total is None else total + logits
+            assert total is not None  # blocks is not empty (checked in __init__)
             return S.energy(total / len(self.blocks), self.temperature)
 
     def _params(self) -> dict[str, Any]:
@@ -92,9 +95,9 @@ class RankWeight(Scorer):
 
     def __init__(
         self,
-        model: Union[nn.Module, ModelAdapter],
-        layer: Optional[str] = None,
-        then: Optional[Callable[[nn.Module], Scorer]] = None,
+        model: nn.Module | ModelAdapter,
+        layer: str | None = None,
+        then: Callable[[nn.Module], Scorer] | None = None,
     ) -> None:
         # the copy is re-adapted with from_model, so a custom adapter's closures (which would still
         # point at the original) are never used; DDP / compile wrappers are looked through
@@ -122,7 +125,7 @@ class RankWeight(Scorer):
         candidates = [
             names[id(m)]
             for m in last_block.modules()
-            if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() >= 2 and id(m) in names
+            if isinstance(w := getattr(m, "weight", None), Tensor) and w.dim() >= 2 and id(m) in names
         ]
         if not candidates:
             raise ValueError("the last block has no weight matrix; pass layer='<module name>'")
@@ -133,14 +136,12 @@ class RankWeight(Scorer):
         """True once the inner scorer can score."""
         return self.inner.is_fitted
 
-    def fit(self, data: Any = None, *, batch_size: int = 256) -> "RankWeight":
+    def fit(self, data: Any = None, *, batch_size: int = 256) -> RankWeight:
         """Fit the inner scorer (``then``) on the edited copy; a no-op for Energy."""
         self.inner.fit(data, batch_size=batch_size)
         return self
 
-    def fit_features(
-        self, features: Tensor, labels: Optional[Tensor] = None, *, batch_size: int = 8192
-    ) -> "RankWeight":
+    def fit_features(self, features: Tensor, labels: Tensor | None = None, *, batch_size: int = 8192) -> RankWeight:
         """Fit the inner scorer from features of the *edited* copy (see ``fit_features``)."""
         self.inner.fit_features(features, labels, batch_size=batch_size)
         return self

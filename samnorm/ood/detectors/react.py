@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,9 +71,9 @@ class ReAct(OutputScorer):
 
     def __init__(
         self,
-        model: Union[nn.Module, ModelAdapter],
+        model: nn.Module | ModelAdapter,
         percentile: float = 90.0,
-        threshold: Optional[float] = None,
+        threshold: float | None = None,
         temperature: float = 1.0,
         max_values: int = 2**24,
         seed: int = 0,

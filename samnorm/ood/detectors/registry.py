@@ -8,9 +8,9 @@ A name is matched ignoring case, ``-`` and ``_`` (``"max_logit"``, ``"Max-Logit"
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from typing import Any
 
-import torch
 from torch import nn
 
 from samnorm.ood.adapter import ModelAdapter
@@ -28,11 +28,11 @@ def _key(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "")
 
 
-#: Scorer classes by lower-case name, for :func:`make_scorer` and :func:`samnorm.ood.evaluate`.
 SCORERS: dict[str, type[Scorer]] = {
     _key(cls.name): cls
     for cls in (MSP, MaxLogit, Energy, ODIN, ReAct, GradNorm, RankFeat, RankWeight, Mahalanobis, KNN, ViM)
 }
+"""Scorer classes by lower-case name, for :func:`make_scorer` and :func:`samnorm.ood.evaluate`."""
 
 
 def canonical_name(name: str) -> str:
@@ -78,11 +78,12 @@ def check_scorer_options(name: str, options: Mapping[str, Any]) -> None:
             raise ValueError(f"scorer {cls.name} has no option {key!r}; its options: {', '.join(known) or 'none'}")
 
 
-def make_scorer(name: str, model: Union[nn.Module, ModelAdapter], **kwargs: Any) -> Scorer:
+def make_scorer(name: str, model: nn.Module | ModelAdapter, **kwargs: Any) -> Scorer:
     """Build a scorer by name (case, ``-`` and ``_`` ignored), e.g. ``"max_logit"``, ``"ReAct"``;
     ``kwargs`` are its options (``ValueError`` naming the valid ones for a misspelt one).
 
     Example:
+        >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
         >>> adapter = ModelAdapter(net, embed=torch.nn.Flatten(), blocks=[torch.nn.Identity()],
         ...                        pool=lambda h: h, fc=net[1])

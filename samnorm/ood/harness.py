@@ -5,22 +5,23 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from samnorm.ood.adapter import ModelAdapter
 from samnorm.io import atomic_write
 from samnorm.nn_utils import eval_mode, split_batch
+from samnorm.ood.adapter import ModelAdapter
 from samnorm.ood.detectors import NotFittedError, Scorer, make_scorer
-from samnorm.ood.metrics import Convention, OODMetrics, check_tpr, resolve_convention, ood_metrics
+from samnorm.ood.metrics import Convention, OODMetrics, check_tpr, ood_metrics, resolve_convention
 
 __all__ = ["OODResults", "evaluate"]
 
-ScorerSpec = Union[str, Scorer]
+ScorerSpec = str | Scorer
 AVERAGE = "Average"
 
 
@@ -77,16 +78,23 @@ class OODResults:
             out.append({"scorer": scorer, "ood_set": AVERAGE, **self.average(scorer)})
         return out
 
-    def with_convention(self, convention: Union[str, Convention], tpr: Optional[float] = None) -> "OODResults":
+    def with_convention(self, convention: str | Convention, tpr: float | None = None) -> OODResults:
         """The same scores, with the metrics recomputed under another convention (or TPR)."""
-        return OODResults(self.scores, self.id_name, list(self.ood_names),
-                          self.tpr if tpr is None else tpr, resolve_convention(convention),
-                          self.images_per_second)
+        return OODResults(
+            self.scores,
+            self.id_name,
+            list(self.ood_names),
+            self.tpr if tpr is None else tpr,
+            resolve_convention(convention),
+            self.images_per_second,
+        )
 
     def caption(self) -> str:
         """The line that says which convention the table uses."""
-        return (f"ID set: {self.id_name}. Convention {self.convention.describe()}; "
-                f"TPR = {self.tpr:g}; higher score = more in-distribution.")
+        return (
+            f"ID set: {self.id_name}. Convention {self.convention.describe()}; "
+            f"TPR = {self.tpr:g}; higher score = more in-distribution."
+        )
 
     def to_markdown(self, *, percent: bool = True, digits: int = 2) -> str:
         """A markdown table (values in % by default) preceded by its convention caption."""
@@ -105,7 +113,7 @@ class OODResults:
             lines.append(f"| {row['scorer']} | {name} | {values} |")
         return "\n".join(lines) + "\n"
 
-    def to_csv(self, path: Optional[str] = None) -> str:
+    def to_csv(self, path: str | None = None) -> str:
         """CSV text (metrics as fractions, a ``convention`` column); also written to ``path``."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, ["scorer", "ood_set", *self.columns, "convention"], lineterminator="\n")
@@ -119,7 +127,7 @@ class OODResults:
 
 
 def _build_scorers(
-    scorers: Union[Sequence[ScorerSpec], Mapping[str, ScorerSpec]], adapter: ModelAdapter
+    scorers: Sequence[ScorerSpec] | Mapping[str, ScorerSpec], adapter: ModelAdapter
 ) -> dict[str, Scorer]:
     items = list(scorers.items()) if isinstance(scorers, Mapping) else [(None, s) for s in scorers]
     if not items:
@@ -142,14 +150,14 @@ def _build_scorers(
 
 
 def evaluate(
-    model: Union[nn.Module, ModelAdapter],
+    model: nn.Module | ModelAdapter,
     id_loader: Iterable[Any],
     ood_loaders: Mapping[str, Iterable[Any]],
-    scorers: Union[Sequence[ScorerSpec], Mapping[str, ScorerSpec]] = ("MSP", "MaxLogit", "Energy"),
+    scorers: Sequence[ScorerSpec] | Mapping[str, ScorerSpec] = ("MSP", "MaxLogit", "Energy"),
     *,
     fit_data: Any = None,
     tpr: float = 0.95,
-    convention: Union[str, Convention] = "samnorm",
+    convention: str | Convention = "samnorm",
     id_name: str = "ID",
 ) -> OODResults:
     """Score the ID test set and every OOD set with every scorer; FPR, AUROC, AUPR-In/Out.
@@ -207,7 +215,6 @@ def evaluate(
                 raise ValueError(f"the loader of {set_name!r} yielded no samples")
     elapsed = time.perf_counter() - start
     scores = {
-        name: {s: torch.cat(chunks).double().numpy() for s, chunks in sets.items()}
-        for name, sets in parts.items()
+        name: {s: torch.cat(chunks).double().numpy() for s, chunks in sets.items()} for name, sets in parts.items()
     }
     return OODResults(scores, id_name, list(ood_loaders), tpr, conv, n_images / elapsed)
