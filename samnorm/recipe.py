@@ -54,10 +54,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, T
 from samnorm.data.pseudo_ood import PseudoOOD
 from samnorm.io import atomic_save, atomic_write, remove_stale_temps
 from samnorm.losses import OOD_LOSSES, SFTLoss
-from samnorm.optim import SAM
+from samnorm.sam.optimizer import SAM
 from samnorm.sam import registry
 from samnorm.sam.protocol import run_passes
-from samnorm.variants import VARIANTS, make
+from samnorm.sam.variants import VARIANTS, make
 
 __all__ = [
     "FinetuneConfig",

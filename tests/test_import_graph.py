@@ -147,8 +147,9 @@ def test_no_private_names_imported_across_modules():
 
 
 def test_core_modules_import_without_timm_or_torchvision():
-    core = ["samnorm", "samnorm.optim", "samnorm.select", "samnorm.nn_utils", "samnorm.losses",
-            "samnorm.distributions", "samnorm.ood", "samnorm.ood.detectors", "samnorm.diagnostics.quantities"]
+    core = ["samnorm", "samnorm.sam.optimizer", "samnorm.sam.variants", "samnorm.select", "samnorm.nn_utils",
+            "samnorm.losses", "samnorm.distributions", "samnorm.ood", "samnorm.ood.detectors",
+            "samnorm.diagnostics.quantities"]
     code = f"import sys; import {', '.join(core)}; print([m for m in ('timm', 'torchvision') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

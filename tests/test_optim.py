@@ -752,7 +752,7 @@ def _tensor_lists(draw, dtypes=("float32", "float64")):
 def test_perturb_functions_match_float64_reference(lists, eps, path):
     from unittest import mock
 
-    from samnorm import optim
+    from samnorm.sam import functional as optim
 
     ws, gs, rhos, etas = lists
     params = [w.clone() for w in ws]
@@ -777,7 +777,7 @@ def test_perturb_functions_match_float64_reference(lists, eps, path):
 
 @given(lists=_tensor_lists(dtypes=tuple(_DTYPES)), sparse=st.booleans())
 def test_grouped_equals_per_tensor_on_mixed_dtypes(lists, sparse):
-    from samnorm import optim
+    from samnorm.sam import functional as optim
 
     ws, gs, rhos, etas = lists
     if sparse:  # an embedding-like float32 tensor with a sparse gradient (duplicate rows summed)
@@ -804,7 +804,7 @@ def test_grouped_equals_per_tensor_on_mixed_dtypes(lists, sparse):
 
 
 def test_perturb_keeps_its_buffers_and_skips_non_finite():
-    from samnorm import optim
+    from samnorm.sam import functional as optim
 
     ws = [torch.randn(4), torch.randn(3, 2)]
     gs = [torch.randn(4), torch.randn(3, 2)]

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..optim import SAM
+from ..sam.optimizer import SAM
 from . import find_sam, require
 
 pl = require("pytorch_lightning", "lightning")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..optim import SAM
+from ..sam.optimizer import SAM
 from ..select import Selection
 from . import find_sam, require, sam_passes
 

@@ -8,8 +8,8 @@ so the number of passes, the BatchNorm statistics and DDP's all-reduce follow on
 
 - SAM: an *ascent* pass at ``w`` (BatchNorm statistics updated, no DDP all-reduce), then the
   *descent* pass at ``w + e`` (statistics frozen, all-reduced);
-- :class:`~samnorm.variants.IntervalSAM`/:class:`~samnorm.variants.LookSAM` on plain steps: one
-  descent pass at ``w``; :class:`~samnorm.variants.OnePassSAM`: one descent pass at ``w + e`` (its
+- :class:`~samnorm.sam.variants.IntervalSAM`/:class:`~samnorm.sam.variants.LookSAM` on plain steps: one
+  descent pass at ``w``; :class:`~samnorm.sam.variants.OnePassSAM`: one descent pass at ``w + e`` (its
   ascent comes before, from the optimizer's state);
 - BatchNorm running statistics move in the step's first pass only, so once per step for every class.
 
@@ -45,7 +45,7 @@ from . import fsdp
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from ..optim import SAM
+    from .optimizer import SAM
 
 __all__ = ["ASCENT", "DESCENT_PERTURBED", "ONE_PASS", "PLAIN", "Pass", "Phase", "ascent_gradients", "begin_window", "run_passes"]
 

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..optim import SAM, all_reduce_mean
 from ..select import Selection
 from . import fsdp
+from .functional import all_reduce_mean
+from .optimizer import SAM
 from .settings import GroupSetting
 
 __all__ = ["Variant", "Vectors"]
@@ -112,7 +113,7 @@ class Variant(SAM):
             raise ValueError(
                 f"the state dict was saved by the {variant.get('name')!r} SAM variant, and this is "
                 f"{type(self).__name__} ({self.NAME!r}): build the same variant "
-                "(samnorm.variants.make(name, ...)) to load it"
+                "(samnorm.sam.variants.make(name, ...)) to load it"
             )
         super().load_state_dict(state_dict)
         if variant is None:

@@ -46,12 +46,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .optim import SAM, is_distributed
-from .sam import fsdp, registry
-from .sam.gsam import GSAM
-from .sam.protocol import ASCENT, DESCENT_PERTURBED, ONE_PASS, PLAIN, Pass
-from .sam.variant import Variant
-from .select import Selection
+from ..select import Selection
+from . import fsdp, registry
+from .functional import is_distributed
+from .gsam import GSAM
+from .optimizer import SAM
+from .protocol import ASCENT, DESCENT_PERTURBED, ONE_PASS, PLAIN, Pass
+from .variant import Variant
 
 __all__ = ["GSAM", "VARIANTS", "IntervalSAM", "LookSAM", "OnePassSAM", "Variant", "make"]
 
@@ -325,6 +326,8 @@ def _check_keeps_momentum(optimizer: Optimizer) -> None:
 VARIANTS: Mapping[str, type[SAM]] = registry.RegistryView(
     lambda kind: kind.name in registry.schedules(), registry.Kind.load
 )
+"""The schedules by name (``"sam"``, ``"interval"``, ``"looksam"``, ``"onepass"``, ``"gsam"``), each
+to its class: a live view of :mod:`samnorm.sam.registry`, so a kind registered later appears here."""
 
 
 def make(
