@@ -146,6 +146,32 @@ def test_no_private_names_imported_across_modules():
     assert not stale, f"fixed, remove from KNOWN_PRIVATE_IMPORTS: {stale}"
 
 
+def _deprecated_paths() -> set[str]:
+    """Old module paths, read from the source: shim files (``moved_module_getattr``) and ``alias_module`` calls."""
+    found: set[str] = set()
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id == "moved_module_getattr" and module != "samnorm.utils.deprecation":
+                    found.add(module)
+                elif node.func.id == "alias_module" and isinstance(node.args[0], ast.Constant):
+                    found.add(node.args[0].value)
+    return found
+
+
+def test_the_package_imports_no_deprecated_path():
+    deprecated = _deprecated_paths()
+    assert {"samnorm.optim", "samnorm.variants"} <= deprecated
+    found = sorted(
+        (module, target)
+        for module in MODULES
+        if module not in deprecated
+        for target, _ in _imports(module)
+        if any(target == old or target.startswith(old + ".") for old in deprecated)
+    )
+    assert not found, f"samnorm imports its own deprecated paths (importer, old path): {found}; import the new one"
+
+
 def test_core_modules_import_without_timm_or_torchvision():
     core = ["samnorm", "samnorm.sam.optimizer", "samnorm.sam.variants", "samnorm.select", "samnorm.nn_utils",
             "samnorm.losses", "samnorm.distributions", "samnorm.ood", "samnorm.ood.detectors",

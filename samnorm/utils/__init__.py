@@ -1,0 +1,1 @@
+"""Helpers shared across samnorm's subpackages (no samnorm imports of their own)."""
