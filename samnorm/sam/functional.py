@@ -16,12 +16,20 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from . import fsdp
 
 __all__ = ["all_reduce_mean", "is_distributed", "perturb_", "restore_"]
+
+# (params, backups) list pairs: what restore_ copies back
+Saved = list[tuple[list[torch.Tensor], list[torch.Tensor]]]
+# (gradient, direction v = T g, T or None) of one tensor
+_Direction = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+_ShardSum = Callable[[torch.Tensor], torch.Tensor]
+_Tensors = list[torch.Tensor] | tuple[torch.Tensor, ...]  # what torch._foreach_* take and return
 
 
 def is_distributed() -> bool:
@@ -52,7 +60,7 @@ def all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
         flat = torch.cat([g.reshape(-1) for g in group])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        for g, v in zip(group, flat.split([g.numel() for g in group])):
+        for g, v in zip(group, torch.split(flat, [g.numel() for g in group])):
             reduced[id(g)] = v.view_as(g)
     return [reduced[id(g)] for g in gs]
 
@@ -69,8 +77,8 @@ def perturb_(
     etas: list[float | None],
     eps: float,
     foreach: bool | None = None,
-    state: dict | None = None,
-) -> tuple[torch.Tensor, list[tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+    state: dict[Any, Any] | None = None,
+) -> tuple[torch.Tensor, Saved]:
     """SAM's ascent, in place: save each parameter's value, then ``w_i += e_i``.
 
     ``e_i = rhos[i] * T_i^2 g_i / (||T g|| + eps)`` with one global L2 norm over every tensor
@@ -113,7 +121,7 @@ def perturb_(
     return _multi_tensor_perturb_(params, grads, rhos, etas, eps, state, shard_sum)
 
 
-def restore_(saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]], *, foreach: bool | None = None) -> None:
+def restore_(saved: Saved, *, foreach: bool | None = None) -> None:
     """Copy the backups of :func:`perturb_` back into their parameters, bit-exact (one
     ``torch._foreach_copy_`` per pair of lists unless ``foreach=False``)."""
     for params, backups in saved:
@@ -124,7 +132,15 @@ def restore_(saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]], *, fore
             torch._foreach_copy_(params, backups)
 
 
-def _single_tensor_perturb_(params, grads, rhos, etas, eps, state, shard_sum=None):
+def _single_tensor_perturb_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    rhos: list[float],
+    etas: list[float | None],
+    eps: float,
+    state: dict[Any, Any],
+    shard_sum: _ShardSum | None = None,
+) -> tuple[torch.Tensor, Saved]:
     acc = _accumulation_dtype({p.dtype for p in params})
     backups = [_save(state, p) for p in params]
     directions = [_direction(p, g, eta, acc) for p, g, eta in zip(params, grads, etas)]
@@ -135,10 +151,18 @@ def _single_tensor_perturb_(params, grads, rhos, etas, eps, state, shard_sum=Non
     return norm, [(params, backups)]
 
 
-def _multi_tensor_perturb_(params, grads, rhos, etas, eps, state, shard_sum=None):
+def _multi_tensor_perturb_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    rhos: list[float],
+    etas: list[float | None],
+    eps: float,
+    state: dict[Any, Any],
+    shard_sum: _ShardSum | None = None,
+) -> tuple[torch.Tensor, Saved]:
     # Buckets of dense tensors by (device, dtype, rho, eta, small); a sparse gradient goes per tensor
-    buckets: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
-    sparse_items = []
+    buckets: dict[_BucketKey, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
+    sparse_items: list[tuple[torch.Tensor, torch.Tensor, float, float | None]] = []
     for p, g, rho, eta in zip(params, grads, rhos, etas):
         if g.is_sparse:
             sparse_items.append((p, g, rho, eta))
@@ -147,14 +171,15 @@ def _multi_tensor_perturb_(params, grads, rhos, etas, eps, state, shard_sum=None
             ps.append(p)
             gs.append(g)
     acc = _accumulation_dtype({key[1] for key in buckets} | {p.dtype for p, *_ in sparse_items})
-    sparse: tuple[list, list, list] = ([], [], [])
+    sparse: tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[float, _Direction]]] = ([], [], [])
     for p, g, rho, eta in sparse_items:
         sparse[0].append(p)
         sparse[1].append(_save(state, p))
         sparse[2].append((rho, _direction(p, g, eta, acc)))
     norms = [torch.linalg.vector_norm(v, dtype=acc) for _, (_, v, _) in sparse[2]]
-    saved, directions = [], []
-    ordinal: dict[tuple, int] = defaultdict(int)
+    saved: Saved = []
+    directions: list[tuple[_Tensors, _Tensors | None, _BucketBuffers]] = []
+    ordinal: dict[tuple[torch.device, torch.dtype], int] = defaultdict(int)
     for (device, dtype, _, eta, small), (ps, gs) in buckets.items():
         # buffers keyed by the n-th bucket of a device and dtype: stable while a scheduler changes rho
         buf = _bucket_buffers(state, ("bucket", device, dtype, ordinal[(device, dtype)]), ps, acc if small else None)
@@ -183,6 +208,10 @@ def _multi_tensor_perturb_(params, grads, rhos, etas, eps, state, shard_sum=None
     return norm, saved
 
 
+# (device, dtype, rho, eta, small) of a bucket of the grouped path
+_BucketKey = tuple[torch.device, torch.dtype, float, float | None, bool]
+
+
 class _BucketBuffers:
     """A bucket's buffers, kept between steps (allocating, and on CPU page-faulting, model-sized
     buffers every step costs more than the arithmetic): the backups in the parameters' dtype and,
@@ -199,41 +228,49 @@ class _BucketBuffers:
         sizes = [math.prod(s) for s in self.shapes]
         backup = torch.empty(sum(sizes), device=ps[0].device, dtype=ps[0].dtype)
         self.flat = torch.empty(sum(sizes), device=ps[0].device, dtype=acc)
-        self.backups = [v.view(s) for v, s in zip(backup.split(sizes), self.shapes)]
-        self.views = [v.view(s) for v, s in zip(self.flat.split(sizes), self.shapes)]
+        self.backups = [v.view(s) for v, s in zip(torch.split(backup, sizes), self.shapes)]
+        self.views = [v.view(s) for v, s in zip(torch.split(self.flat, sizes), self.shapes)]
 
 
-def _bucket_buffers(state: dict, key: tuple, ps: list[torch.Tensor], acc: torch.dtype | None) -> _BucketBuffers:
+def _bucket_buffers(
+    state: dict[Any, Any], key: tuple[Any, ...], ps: list[torch.Tensor], acc: torch.dtype | None
+) -> _BucketBuffers:
     """The buffers of a bucket (the device and dtype are in ``key``), rebuilt if its shapes changed."""
     buf = state.get(key)
-    if buf is None or buf.acc != acc or buf.shapes != [p.shape for p in ps]:
+    if not isinstance(buf, _BucketBuffers) or buf.acc != acc or buf.shapes != [p.shape for p in ps]:
         buf = state[key] = _BucketBuffers(ps, acc)
     return buf
 
 
-def _save(state: dict, p: torch.Tensor) -> torch.Tensor:
+def _save(state: dict[Any, Any], p: torch.Tensor) -> torch.Tensor:
     """Copy ``p`` into its own persistent backup (the per-tensor path)."""
     key = ("tensor", id(p))
     b = state.get(key)
-    if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+    if not isinstance(b, torch.Tensor) or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
         b = state[key] = torch.empty_like(p, memory_format=torch.preserve_format)
     b.copy_(p)
     return b
 
 
-def _flat_direction(ps, gs, eta, buf: _BucketBuffers, acc):
+def _flat_direction(
+    ps: list[torch.Tensor], gs: list[torch.Tensor], eta: float | None, buf: _BucketBuffers, acc: torch.dtype
+) -> tuple[_Tensors, _Tensors | None]:
     """``([v], [T] or None)`` with ``v = T g`` gathered into the bucket's flat vector."""
+    flat = buf.flat
+    assert flat is not None  # a bucket of small tensors has one
     t = None
     if eta is not None:
         torch._foreach_copy_(buf.views, ps)
-        t = buf.flat.abs().add_(eta)
+        t = flat.abs().add_(eta)
     torch._foreach_copy_(buf.views, gs)
     if t is not None:
-        buf.flat.mul_(t)
-    return [buf.flat], None if t is None else [t]
+        flat.mul_(t)
+    return [flat], None if t is None else [t]
 
 
-def _foreach_direction(ps, gs, eta, buf, acc):
+def _foreach_direction(
+    ps: list[torch.Tensor], gs: list[torch.Tensor], eta: float | None, buf: _BucketBuffers, acc: torch.dtype
+) -> tuple[_Tensors, _Tensors | None]:
     """``(vs, ts or None)`` with ``v = T g`` per tensor: the gradient itself when no copy is needed."""
     dtype = ps[0].dtype
     if eta is None:
@@ -243,7 +280,7 @@ def _foreach_direction(ps, gs, eta, buf, acc):
     return torch._foreach_mul(ts, gs), ts
 
 
-def _direction(p: torch.Tensor, g: torch.Tensor, eta: float | None, acc: torch.dtype):
+def _direction(p: torch.Tensor, g: torch.Tensor, eta: float | None, acc: torch.dtype) -> _Direction:
     """``(g, v, T)`` for one tensor: ``v = T g`` on the gradient's support (the values of a sparse
     gradient, coalesced), in ``acc`` (``v`` is the gradient itself when that has dtype ``acc``)."""
     if g.is_sparse:
@@ -255,7 +292,7 @@ def _direction(p: torch.Tensor, g: torch.Tensor, eta: float | None, acc: torch.d
     return g, t * values, t
 
 
-def _add_ascent_(p: torch.Tensor, g: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, scale) -> None:
+def _add_ascent_(p: torch.Tensor, g: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, scale: torch.Tensor) -> None:
     """``p += scale * T v`` for one tensor, in the grouped path's order."""
     _guard_([v])
     if t is not None:
@@ -266,7 +303,7 @@ def _add_ascent_(p: torch.Tensor, g: torch.Tensor, v: torch.Tensor, t: torch.Ten
         p.addcmul_(v, scale)
 
 
-def _guard_(vs: list[torch.Tensor]) -> None:
+def _guard_(vs: _Tensors) -> None:
     """Zero the non-finite entries of the directions in place. The scale is 0 when the norm is not
     finite, but NaN * 0 is still NaN; when it is finite this is the identity (and cheaper than a
     select). A direction may be the first-pass gradient itself, which the ascent consumes."""
@@ -282,8 +319,7 @@ def _accumulation_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _total_norm(norms: list[torch.Tensor], shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
-                ) -> torch.Tensor:
+def _total_norm(norms: list[torch.Tensor], shard_sum: _ShardSum | None = None) -> torch.Tensor:
     """The L2 norm of per-tensor norms that may live on several devices (as clip_grad_norm_); with
     ``shard_sum`` (FSDP2), of the norms of every rank's shards."""
     first = norms[0].device
@@ -299,9 +335,9 @@ def _scales(norm: torch.Tensor, rhos: list[float], eps: float) -> dict[float, to
     return {rho: torch.where(ok, rho / denom, 0.0) for rho in set(rhos)}
 
 
-def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
     """``tensors`` split by (device, dtype), order kept (a collective takes one of each)."""
-    out: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    out: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for t in tensors:
         out[(t.device, t.dtype)].append(t)
     return out

@@ -56,6 +56,7 @@ class GSAM(Variant):
 
     NAME = "gsam"
     SETTINGS: ClassVar[dict[str, Any]] = {"alpha": 0.3}
+    alpha: float  # a GroupSetting (Variant.__init_subclass__): every group's value
     SLOTS = ("g", "gp")  # first-pass gradient, perturbed gradient
 
     def __init__(
@@ -88,4 +89,5 @@ class GSAM(Variant):
         # gp <- gp - alpha * (g - coef * gp) = (1 + alpha * coef) gp - alpha g
         vec.scale_into("gp", "gp", 1 + alpha * coef)
         vec.axpy("gp", "g", torch.full_like(coef, -alpha))
-        torch._foreach_copy_([fsdp.local(vec.params[i].grad) for i in have], [vec.view("gp", i) for i in have])
+        grads = [fsdp.local(g) for g in (vec.params[i].grad for i in have) if g is not None]
+        torch._foreach_copy_(grads, [vec.view("gp", i) for i in have])

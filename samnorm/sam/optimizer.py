@@ -27,7 +27,8 @@ gradients and per-group settings, keeps the backups and buffers between steps, a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -36,7 +37,7 @@ from torch.optim import Optimizer
 
 from ..select import PerturbedSet, Selection, bias_ids
 from . import _compat, amp
-from .functional import all_reduce_mean, is_distributed, perturb_, restore_
+from .functional import Saved, all_reduce_mean, is_distributed, perturb_, restore_
 from .nonfinite import NonFinite
 from .protocol import ASCENT, DESCENT_PERTURBED, Pass, Phase, ascent_gradients, run_passes
 from .settings import GroupSetting, check_nonnegative
@@ -146,6 +147,7 @@ class SAM(Optimizer):
     # GradScaler.step(sam) hands SAM the scale and the inf flag instead of unscaling and skipping
     # itself (torch's hook for optimizers that handle scaling): SAM also needs the first pass's flag.
     _step_supports_amp_scaling = True
+    base_optimizer: Optimizer  # set once Optimizer.__init__ has run (see add_param_group)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -182,7 +184,6 @@ class SAM(Optimizer):
             check_nonnegative(name, value)
         # Optimizer.__init__ sets up hooks and profiling for whatever torch version runs; its empty
         # group is replaced at once by the base optimizer's own list (shared, never copied).
-        self.base_optimizer: Optimizer | None = None
         super().__init__([{"params": []}], {})
         self.base_optimizer = base_optimizer
         # SAM's defaults join the base optimizer's, so a group added later (through SAM or the
@@ -197,11 +198,11 @@ class SAM(Optimizer):
         self.model = model if model is not None else perturb if isinstance(perturb, nn.Module) else None
         self._bias_ids = set() if self.normalize_bias else bias_ids(perturb, self.model)
         self._phase = Phase.IDLE
-        self._saved: list = []  # (params, backups) lists of what the ascent moved
-        self._buffers: dict = {}  # perturb_'s backups and flat buffers, kept between steps
+        self._saved: Saved = []  # (params, backups) lists of what the ascent moved
+        self._buffers: dict[Any, Any] = {}  # perturb_'s backups and flat buffers, kept between steps
         self._nonfinite = NonFinite()
         self._zeroed = False
-        self._group_of: tuple[tuple, dict[int, int]] = ((), {})
+        self._group_of: tuple[tuple[tuple[int, int], ...], dict[int, int]] = ((), {})
         self.last_grad_norm: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -215,7 +216,8 @@ class SAM(Optimizer):
                 g.setdefault(key, self.defaults[key])
 
     _GROUP_KEYS: tuple[str, ...] = ("rho", "adaptive", "eta")  # settings kept in every param group
-    _settings: ClassVar[dict[str, Any]] = {}  # a variant's own group settings (k, alpha, ...), set before __init__
+    # a variant's own group settings (k, alpha, ...), set on the instance before __init__
+    _settings: Mapping[str, Any] = MappingProxyType({})
 
     def _owned(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -295,8 +297,9 @@ class SAM(Optimizer):
         and this is the window's last micro-batch; BatchNorm statistics frozen unless it updates them."""
         step_pass = self.passes()[index]
         with contextlib.ExitStack() as stack:
-            if (not step_pass.sync or not last_micro_batch) and hasattr(model, "no_sync"):
-                stack.enter_context(model.no_sync())
+            no_sync = getattr(model, "no_sync", None)  # DDP's
+            if (not step_pass.sync or not last_micro_batch) and no_sync is not None:
+                stack.enter_context(no_sync())
             if not step_pass.update_bn:
                 stack.enter_context(disable_running_stats(model))
             yield
@@ -361,7 +364,7 @@ class SAM(Optimizer):
             self.end_pass(0, loss, zero_grad=zero_grad)
         elif first.at == "w" and loss is not None:
             with torch.enable_grad():
-                loss.backward()  # a plain step: this gradient of every parameter is the descent's
+                loss.backward()  # type: ignore[no-untyped-call]  # a plain step: the descent's gradient
         elif first.at == "w+e" and zero_grad:  # (a plain step's .grad is the descent's: kept)
             self.zero_grad(set_to_none=True)
 
@@ -511,7 +514,8 @@ class SAM(Optimizer):
                 raise ValueError(_ACCUMULATION_IN_CLOSURE)
             return loss
 
-        return run_passes(self, self._model(), [None], call, backward=False, fresh=False)[0]
+        loss: torch.Tensor = run_passes(self, self._model(), [None], call, backward=False, fresh=False)[0]
+        return loss
 
     @torch.no_grad()
     def _descend(self, handshake: amp.Handshake | None, closure_mode: bool) -> None:
@@ -576,7 +580,7 @@ class SAM(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the base optimizer (perturbed too when ``perturb=None``; with
         ``perturb=model`` its norm-layer parameters that require grad)."""
-        if self.base_optimizer is None:  # Optimizer.__init__'s placeholder group
+        if "base_optimizer" not in self.__dict__:  # Optimizer.__init__'s placeholder group
             super().add_param_group(param_group)
         else:
             self.base_optimizer.add_param_group(param_group)  # base.defaults holds SAM's too

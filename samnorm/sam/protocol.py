@@ -95,7 +95,7 @@ def run_passes(
     batches: Sequence[B],
     fn: Callable[[B], Any],
     *,
-    backward: Callable[[torch.Tensor], Any] | bool | None = None,
+    backward: Callable[[torch.Tensor], Any] | Literal[False] | None = None,
     loss_of: Callable[[Any], torch.Tensor] | None = None,
     start: int = 0,
     fresh: bool = True,

@@ -39,7 +39,8 @@ class Kind:
     def load(self) -> type:
         """The class (imported now)."""
         module, _, attr = self.cls.rpartition(".")
-        return getattr(importlib.import_module(module), attr)
+        cls: type = getattr(importlib.import_module(module), attr)
+        return cls
 
 
 KINDS: dict[str, Kind] = {}

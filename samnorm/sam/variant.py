@@ -152,7 +152,7 @@ class Vectors:
             for idx in self.parts:
                 sizes = [shards[i].numel() for i in idx]
                 flat = torch.zeros(sum(sizes), device=self.params[idx[0]].device, dtype=acc)
-                for i, v in zip(idx, flat.split(sizes)):
+                for i, v in zip(idx, torch.split(flat, sizes)):
                     views[i] = v.view(shards[i].shape)
                 self.flats[name].append(flat)
             self._views[name] = views
@@ -171,7 +171,7 @@ class Vectors:
         views = self._views[name]
         have = [i for i, t in enumerate(tensors) if t is not None]
         missing = [views[i] for i, t in enumerate(tensors) if t is None]
-        dense = [t.to_dense() if t.is_sparse else fsdp.local(t) for t in (tensors[i] for i in have)]
+        dense = [t.to_dense() if t.is_sparse else fsdp.local(t) for t in tensors if t is not None]
         if have:
             torch._foreach_copy_([views[i] for i in have], dense)
         if missing:

@@ -93,6 +93,7 @@ class IntervalSAM(Variant):
 
     NAME = "interval"
     SETTINGS: ClassVar[dict[str, Any]] = {"k": 4}
+    k: int  # a GroupSetting (Variant.__init_subclass__): every group's value
 
     def __init__(
         self,
@@ -152,6 +153,7 @@ class LookSAM(IntervalSAM):
 
     NAME = "looksam"
     SETTINGS: ClassVar[dict[str, Any]] = {"k": 5, "alpha": 0.7}
+    alpha: float  # a GroupSetting (Variant.__init_subclass__): every group's value
     SLOTS = ("g", "gv", "tmp")  # first-pass gradient, stored g_v, scratch
     SAVED = ("gv",)
 
@@ -200,7 +202,8 @@ class LookSAM(IntervalSAM):
         g_norm, gv_norm = vec.dot("tmp", "tmp").sqrt(), vec.dot("gv", "gv").sqrt()
         coef = torch.where(gv_norm > 0, self.alpha * g_norm / gv_norm, 0.0)
         vec.scale_into("tmp", "gv", coef)  # tmp = coef * g_v
-        torch._foreach_add_([fsdp.local(vec.params[i].grad) for i in have], [vec.view("tmp", i) for i in have])
+        grads = [fsdp.local(g) for g in (vec.params[i].grad for i in have) if g is not None]
+        torch._foreach_add_(grads, [vec.view("tmp", i) for i in have])
 
 
 class OnePassSAM(Variant):
@@ -244,6 +247,7 @@ class OnePassSAM(Variant):
 
     NAME = "onepass"
     SETTINGS: ClassVar[dict[str, Any]] = {"direction": "momentum"}
+    direction: str  # a GroupSetting (Variant.__init_subclass__): every group's value
     SLOTS = ("d", "tmp")  # direction="grad": the kept gradient, scratch
     SAVED = ("d",)
 
