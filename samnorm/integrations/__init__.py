@@ -84,7 +84,7 @@ def find_sam(optimizer: Any) -> SAM:
 
 # Micro-batches of the accumulation window under way, per SAM: their later passes run once the
 # first is done over the whole window, at its last micro-batch.
-_PENDING: weakref.WeakKeyDictionary[SAM, list] = weakref.WeakKeyDictionary()
+_PENDING: weakref.WeakKeyDictionary[SAM, list[Any]] = weakref.WeakKeyDictionary()
 
 
 def sam_passes(
