@@ -331,9 +331,7 @@ class PerturbedSet:
         2
     """
 
-    def __init__(
-        self, perturb: object, owned: Callable[[], list[torch.Tensor]], *, allow_empty: bool = False
-    ) -> None:
+    def __init__(self, perturb: object, owned: Callable[[], list[torch.Tensor]], *, allow_empty: bool = False) -> None:
         self._owned = owned
         self.module: nn.Module | None = None
         self.fixed: list[torch.Tensor] | None = None

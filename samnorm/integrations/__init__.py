@@ -49,9 +49,7 @@ def require(module: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(
-            f"this samnorm integration needs {module}: pip install 'samnorm[{extra}]'"
-        ) from err
+        raise ImportError(f"this samnorm integration needs {module}: pip install 'samnorm[{extra}]'") from err
 
 
 def find_sam(optimizer: Any) -> SAM:

@@ -117,7 +117,7 @@ def localize(
     if reduce is None:
         return params, grads, None
     local_params, local_grads = [], []
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         assert is_dtensor(p)  # shard_sum refused a mix of DTensors and plain tensors
         if is_dtensor(g):
             if g.placements != p.placements:
@@ -152,5 +152,5 @@ def backward_grads(
             loss.backward()  # type: ignore[no-untyped-call]
         return [p.grad for p in wanted]
     finally:
-        for p, g in zip(params, kept):
+        for p, g in zip(params, kept, strict=True):
             p.grad = g

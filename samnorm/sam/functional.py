@@ -60,7 +60,7 @@ def all_reduce_mean(gs: list[torch.Tensor]) -> list[torch.Tensor]:
         flat = torch.cat([g.reshape(-1) for g in group])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        for g, v in zip(group, torch.split(flat, [g.numel() for g in group])):
+        for g, v in zip(group, torch.split(flat, [g.numel() for g in group]), strict=True):
             reduced[id(g)] = v.view_as(g)
     return [reduced[id(g)] for g in gs]
 
@@ -126,7 +126,7 @@ def restore_(saved: Saved, *, foreach: bool | None = None) -> None:
     ``torch._foreach_copy_`` per pair of lists unless ``foreach=False``)."""
     for params, backups in saved:
         if foreach is False:
-            for p, b in zip(params, backups):
+            for p, b in zip(params, backups, strict=True):
                 p.copy_(b)
         else:
             torch._foreach_copy_(params, backups)
@@ -143,10 +143,10 @@ def _single_tensor_perturb_(
 ) -> tuple[torch.Tensor, Saved]:
     acc = _accumulation_dtype({p.dtype for p in params})
     backups = [_save(state, p) for p in params]
-    directions = [_direction(p, g, eta, acc) for p, g, eta in zip(params, grads, etas)]
+    directions = [_direction(p, g, eta, acc) for p, g, eta in zip(params, grads, etas, strict=True)]
     norm = _total_norm([torch.linalg.vector_norm(v, dtype=acc) for _, v, _ in directions], shard_sum)
     scales = _scales(norm, rhos, eps)
-    for p, (g, v, t), rho in zip(params, directions, rhos):
+    for p, (g, v, t), rho in zip(params, directions, rhos, strict=True):
         _add_ascent_(p, g, v, t, scales[rho].to(v.device))
     return norm, [(params, backups)]
 
@@ -163,7 +163,7 @@ def _multi_tensor_perturb_(
     # Buckets of dense tensors by (device, dtype, rho, eta, small); a sparse gradient goes per tensor
     buckets: dict[_BucketKey, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
     sparse_items: list[tuple[torch.Tensor, torch.Tensor, float, float | None]] = []
-    for p, g, rho, eta in zip(params, grads, rhos, etas):
+    for p, g, rho, eta in zip(params, grads, rhos, etas, strict=True):
         if g.is_sparse:
             sparse_items.append((p, g, rho, eta))
         else:
@@ -191,7 +191,7 @@ def _multi_tensor_perturb_(
         norms.extend(torch._foreach_norm(vs, 2, dtype=acc))
     norm = _total_norm(norms, shard_sum)
     scales = _scales(norm, rhos, eps)
-    for (device, _, rho, _, small), (ps, _), (vs, ts, buf) in zip(buckets, buckets.values(), directions):
+    for (device, _, rho, _, small), (ps, _), (vs, ts, buf) in zip(buckets, buckets.values(), directions, strict=True):
         scale = scales[rho].to(device)
         _guard_(vs)
         if ts is not None:  # e = rho * T (T g) / ||T g||
@@ -201,7 +201,7 @@ def _multi_tensor_perturb_(
             torch._foreach_add_(ps, buf.views)
         else:
             torch._foreach_addcmul_(ps, vs, [scale] * len(vs))
-    for p, (rho, (g, v, t)) in zip(sparse[0], sparse[2]):
+    for p, (rho, (g, v, t)) in zip(sparse[0], sparse[2], strict=True):
         _add_ascent_(p, g, v, t, scales[rho].to(v.device))
     if sparse[0]:
         saved.append(sparse[:2])
@@ -228,16 +228,16 @@ class _BucketBuffers:
         sizes = [math.prod(s) for s in self.shapes]
         backup = torch.empty(sum(sizes), device=ps[0].device, dtype=ps[0].dtype)
         self.flat = torch.empty(sum(sizes), device=ps[0].device, dtype=acc)
-        self.backups = [v.view(s) for v, s in zip(torch.split(backup, sizes), self.shapes)]
-        self.views = [v.view(s) for v, s in zip(torch.split(self.flat, sizes), self.shapes)]
+        self.backups = [v.view(s) for v, s in zip(torch.split(backup, sizes), self.shapes, strict=True)]
+        self.views = [v.view(s) for v, s in zip(torch.split(self.flat, sizes), self.shapes, strict=True)]
 
 
 def _bucket_buffers(
     state: dict[Any, Any], key: tuple[Any, ...], ps: list[torch.Tensor], acc: torch.dtype | None
 ) -> _BucketBuffers:
     """The buffers of a bucket (the device and dtype are in ``key``), rebuilt if its shapes changed."""
-    buf = state.get(key)
-    if not isinstance(buf, _BucketBuffers) or buf.acc != acc or buf.shapes != [p.shape for p in ps]:
+    buf: _BucketBuffers | None = state.get(key)
+    if buf is None or buf.acc != acc or buf.shapes != [p.shape for p in ps]:
         buf = state[key] = _BucketBuffers(ps, acc)
     return buf
 
@@ -245,8 +245,8 @@ def _bucket_buffers(
 def _save(state: dict[Any, Any], p: torch.Tensor) -> torch.Tensor:
     """Copy ``p`` into its own persistent backup (the per-tensor path)."""
     key = ("tensor", id(p))
-    b = state.get(key)
-    if not isinstance(b, torch.Tensor) or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+    b: torch.Tensor | None = state.get(key)
+    if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
         b = state[key] = torch.empty_like(p, memory_format=torch.preserve_format)
     b.copy_(p)
     return b
@@ -292,7 +292,9 @@ def _direction(p: torch.Tensor, g: torch.Tensor, eta: float | None, acc: torch.d
     return g, t * values, t
 
 
-def _add_ascent_(p: torch.Tensor, g: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, scale: torch.Tensor) -> None:
+def _add_ascent_(
+    p: torch.Tensor, g: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, scale: torch.Tensor
+) -> None:
     """``p += scale * T v`` for one tensor, in the grouped path's order."""
     _guard_([v])
     if t is not None:

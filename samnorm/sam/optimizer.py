@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,6 +68,8 @@ _ACCUMULATION_IN_CLOSURE = (
     "samnorm.integrations.accelerate.sam_backward). If your closure "
     "zeroes the gradients itself, zero them with sam.zero_grad()."
 )
+
+
 @contextlib.contextmanager
 def disable_running_stats(model: nn.Module) -> Iterator[None]:
     """Keep BatchNorm running statistics unchanged inside the block (SAM's perturbed pass).
@@ -82,11 +84,7 @@ def disable_running_stats(model: nn.Module) -> Iterator[None]:
         >>> bn.running_mean.abs().sum().item(), int(bn.num_batches_tracked)
         (0.0, 0)
     """
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     for m in layers:
         m.track_running_stats = False  # training forward then passes no running buffers
     try:
@@ -280,8 +278,12 @@ class SAM(Optimizer):
         if self.passes()[index].use != "ascent":
             return
         try:
-            pairs = ascent_gradients(self.perturbed_parameters(), loss,
-                                     zero_missing=self.sync_first_pass and is_distributed(), owned=self._owned())
+            pairs = ascent_gradients(
+                self.perturbed_parameters(),
+                loss,
+                zero_missing=self.sync_first_pass and is_distributed(),
+                owned=self._owned(),
+            )
         except ValueError:
             self.restore()
             raise
@@ -383,8 +385,9 @@ class SAM(Optimizer):
             return
         if self.sync_first_pass:
             grads = all_reduce_mean(grads)
-        norm, self._saved = perturb_(params, grads, rhos=rhos, etas=etas, eps=self.eps, foreach=self.foreach,
-                                     state=self._buffers)
+        norm, self._saved = perturb_(
+            params, grads, rhos=rhos, etas=etas, eps=self.eps, foreach=self.foreach, state=self._buffers
+        )
         self._phase = Phase.PERTURBED
         self.last_grad_norm = norm
         self._nonfinite.record(torch.isfinite(norm))
@@ -526,8 +529,14 @@ class SAM(Optimizer):
             if handshake is None:
                 self.base_optimizer.step()
             else:
-                amp.step_skipping_inf(self, self.base_optimizer, self._owned(), handshake, self._nonfinite.current,
-                                      trust_found_inf=not closure_mode)
+                amp.step_skipping_inf(
+                    self,
+                    self.base_optimizer,
+                    self._owned(),
+                    handshake,
+                    self._nonfinite.current,
+                    trust_found_inf=not closure_mode,
+                )
         finally:
             self._phase = Phase.IDLE
             self._nonfinite.current = None
@@ -555,8 +564,14 @@ class SAM(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state, legacy, count, selection = upgrade_pickle(state)
-        defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {}),
-                    "_phase": Phase.IDLE, "_saved": []}
+        defaults = {
+            "normalize_bias": True,
+            "_bias_ids": set(),
+            "_zeroed": False,
+            "_group_of": ((), {}),
+            "_phase": Phase.IDLE,
+            "_saved": [],
+        }
         self.__dict__.update({**defaults, **state})
         if count is not None or "_nonfinite" not in state:
             self._nonfinite = NonFinite(count or 0)

@@ -47,7 +47,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .optimizer import SAM
 
-__all__ = ["ASCENT", "DESCENT_PERTURBED", "ONE_PASS", "PLAIN", "Pass", "Phase", "ascent_gradients", "begin_window", "run_passes"]
+__all__ = [
+    "ASCENT",
+    "DESCENT_PERTURBED",
+    "ONE_PASS",
+    "PLAIN",
+    "Pass",
+    "Phase",
+    "ascent_gradients",
+    "begin_window",
+    "run_passes",
+]
 
 B = TypeVar("B")
 
@@ -221,7 +231,7 @@ def ascent_gradients(
         elif wanted:
             with torch.enable_grad():
                 grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-        pairs = list(zip(wanted, grads))
+        pairs = list(zip(wanted, grads, strict=True))
         missing = sum(g is None for g in grads)
         if missing and _reentrant_checkpoint_in(loss):
             raise ValueError(_REENTRANT.format(n=missing))

@@ -70,8 +70,9 @@ class RegistryView(Mapping[str, Any]):
         {'sam-on': 0.5, 'asam-on': 10.0, 'sgd': None}
     """
 
-    def __init__(self, keep: Callable[[Kind], bool], value: Callable[[Kind], Any],
-                 extra: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, keep: Callable[[Kind], bool], value: Callable[[Kind], Any], extra: Mapping[str, Any] | None = None
+    ) -> None:
         self._keep, self._value, self._extra = keep, value, dict(extra or {})
 
     def __getitem__(self, name: str) -> Any:

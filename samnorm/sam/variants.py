@@ -56,6 +56,7 @@ from .variant import Variant
 
 __all__ = ["GSAM", "VARIANTS", "IntervalSAM", "LookSAM", "OnePassSAM", "Variant", "make"]
 
+
 class IntervalSAM(Variant):
     """SAM every ``k`` steps, plain base-optimizer steps in between.
 
@@ -288,7 +289,7 @@ class OnePassSAM(Variant):
 
     def _ascend_before_forward(self) -> None:
         params = self.perturbed_parameters()
-        pairs = [(p, d) for p, d in zip(params, self._directions(params)) if d is not None]
+        pairs = [(p, d) for p, d in zip(params, self._directions(params), strict=True) if d is not None]
         # MSAM's d = -m: the momentum is negated in place around the ascent and back (a sign flip
         # is exact), which spares a copy of it. SAM's per-tensor path may zero non-finite entries
         # of d in place (nan_to_num_): the identity for a healthy run's finite momentum.
