@@ -821,3 +821,16 @@ def test_perturb_keeps_its_buffers_and_skips_non_finite():
         norm, _ = optim.perturb_(params, gs, rhos=[0.1, 0.1], etas=[None, 0.01], eps=0.0, foreach=foreach)
         assert not torch.isfinite(norm)
         assert all(torch.equal(p, w) for p, w in zip(params, ws))  # nothing moved
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("short", ["grads", "rhos", "etas"])
+def test_perturb_refuses_lists_of_different_lengths_before_anything_moves(short, foreach):
+    from samnorm.sam.functional import perturb_
+
+    params = [torch.ones(3), torch.ones(2)]
+    lists = {"grads": [torch.ones(3), torch.ones(2)], "rhos": [0.1, 0.1], "etas": [None, None]}
+    lists[short] = lists[short][:1]  # silently truncated by zip before
+    with pytest.raises(ValueError, match=r"one gradient, rho and eta per parameter: got 2 params"):
+        perturb_(params, lists["grads"], rhos=lists["rhos"], etas=lists["etas"], eps=0.0, foreach=foreach)
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params)

@@ -112,6 +112,11 @@ def perturb_(
         >>> restore_(saved); w.tolist()
         [1.0, 1.0, 1.0]
     """
+    if not len(params) == len(grads) == len(rhos) == len(etas):
+        raise ValueError(
+            f"perturb_ takes one gradient, rho and eta per parameter: got {len(params)} params, "
+            f"{len(grads)} grads, {len(rhos)} rhos and {len(etas)} etas"
+        )
     if not params:
         return torch.zeros(()), []
     state = {} if state is None else state
