@@ -134,7 +134,7 @@ def _implementations(model, which):
     """perturb+restore callables over the same parameters and gradients. "flat" and "plain
     foreach" are samnorm's grouped path with and without its flat buffers (the size limit set to 0,
     so every tensor takes the ``_foreach`` kernels); "before issue 12" is the previous SAM."""
-    import samnorm.optim as optim
+    import samnorm.sam.functional as optim
 
     perturb = model if which == "sam_on" else None
     sams = {"flat": samnorm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), perturb),

@@ -32,7 +32,7 @@ from torch import nn
 
 import samnorm
 from samnorm.io import atomic_write
-from samnorm.variants import IntervalSAM, LookSAM, OnePassSAM
+from samnorm.sam.variants import IntervalSAM, LookSAM, OnePassSAM
 
 Step = Callable[[], None]
 

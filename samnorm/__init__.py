@@ -18,22 +18,22 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    "SAM": "optim",
-    "disable_running_stats": "optim",
+    "SAM": "sam.optimizer",
+    "disable_running_stats": "sam.optimizer",
     "Selection": "select",
     "all_params": "select",
     "by_name": "select",
     "by_type": "select",
     "norm_layers": "select",
     "register_norm_type": "select",
-    "GSAM": "variants",
-    "IntervalSAM": "variants",
-    "LookSAM": "variants",
-    "OnePassSAM": "variants",
+    "GSAM": "sam.variants",
+    "IntervalSAM": "sam.variants",
+    "LookSAM": "sam.variants",
+    "OnePassSAM": "sam.variants",
 }
 _SUBMODULES = {
     "data", "demo", "diagnostics", "distributions", "figures", "integrations", "io", "losses", "models",
-    "nn_utils", "ood", "optim", "plots", "recipe", "sam", "select", "variants",
+    "nn_utils", "ood", "optim", "plots", "recipe", "sam", "select", "utils", "variants", "viz",
 }
 
 __all__ = [
@@ -53,9 +53,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .optim import SAM, disable_running_stats
+    from .sam.optimizer import SAM, disable_running_stats
     from .select import Selection, all_params, by_name, by_type, norm_layers, register_norm_type
-    from .variants import GSAM, IntervalSAM, LookSAM, OnePassSAM
+    from .sam.variants import GSAM, IntervalSAM, LookSAM, OnePassSAM
 
 
 def __getattr__(name: str) -> Any:

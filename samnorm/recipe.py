@@ -10,7 +10,7 @@ Defaults and why (:class:`FinetuneConfig`):
 * ``optimizer="sam-on"``, ``rho=0.5``: the paper's method; Mueller et al. report plain SAM-ON working
   with rho around 0.5-1 (``"asam-on"`` defaults to their rho=10, ``"sam"`` to Foret et al.'s 0.05,
   ``"asam"`` to Kwon et al.'s 0.5, and ``"sgd"`` is the no-SAM ablation). ``variant=None``: every step
-  is SAM's two passes; ``"onepass"``, ``"interval"``, ``"looksam"`` (:mod:`samnorm.variants`) cost less,
+  is SAM's two passes; ``"onepass"``, ``"interval"``, ``"looksam"`` (:mod:`samnorm.sam.variants`) cost less,
   and benchmarks/RESULTS.md section 7 measures how much of SAM-ON's OOD gain each keeps.
 * ``epochs=1``: the paper reports the gain within one epoch of fine-tuning.
 * SGD with momentum 0.9, ``lr=1e-3``, cosine decay, no weight decay: a short fine-tune of a pretrained
@@ -55,12 +55,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, T
 from samnorm.data.pseudo_ood import PseudoOOD
 from samnorm.io import atomic_save, atomic_write, remove_stale_temps
 from samnorm.losses import OOD_LOSSES, SFTLoss
-from samnorm.optim import SAM
+from samnorm.sam.optimizer import SAM
 from samnorm.sam import registry
 from samnorm.sam.protocol import run_passes
 from samnorm.runs import deferred_signals, hold, signals_blocked, worker_ignores_signals
+from samnorm.sam.variants import VARIANTS, make
 from samnorm.validate import check_fields
-from samnorm.variants import VARIANTS, make
 
 __all__ = [
     "FinetuneConfig",
@@ -124,7 +124,7 @@ class FinetuneConfig:
 
     optimizer: str = "sam-on"
     rho: float | None = None  # None: the optimizer's default (OPTIMIZERS)
-    # a cheaper schedule of the SAM optimizer (samnorm.variants.make: "interval", "looksam", "onepass");
+    # a cheaper schedule of the SAM optimizer (samnorm.sam.variants.make: "interval", "looksam", "onepass");
     # None: plain SAM. variant_k: the interval of "interval"/"looksam" (None: the class's default).
     variant: str | None = None
     variant_k: int | None = None

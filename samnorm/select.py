@@ -221,7 +221,12 @@ def _check_module(model: object, fn: str) -> nn.Module:
     return model
 
 
-def _select(model: nn.Module, keep_module, keep_param=lambda name: True, trainable: bool = True) -> Selection:
+def _select(
+    model: nn.Module,
+    keep_module: Callable[[nn.Module], bool],
+    keep_param: Callable[[str], bool] = lambda name: True,
+    trainable: bool = True,
+) -> Selection:
     entries = []
     for mname, module in model.named_modules():
         if not keep_module(module):
@@ -300,7 +305,8 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
         >>> m = nn.Linear(2, 2); unwrap_ddp(m) is m
         True
     """
-    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+    inner = getattr(model, "module", None) if hasattr(model, "no_sync") else None
+    return inner if isinstance(inner, nn.Module) else model
 
 
 class PerturbedSet:
@@ -325,14 +331,12 @@ class PerturbedSet:
         2
     """
 
-    def __init__(
-        self, perturb: object, owned: Callable[[], list[torch.Tensor]], *, allow_empty: bool = False
-    ) -> None:
+    def __init__(self, perturb: object, owned: Callable[[], list[torch.Tensor]], *, allow_empty: bool = False) -> None:
         self._owned = owned
         self.module: nn.Module | None = None
         self.fixed: list[torch.Tensor] | None = None
         self.named: list[tuple[str, torch.Tensor]] = []
-        self._cache: tuple[tuple, list[torch.Tensor]] = ((), [])
+        self._cache: tuple[tuple[tuple[int, ...], tuple[bool, ...]] | tuple[()], list[torch.Tensor]] = ((), [])
         if perturb is None:
             return
         if isinstance(perturb, nn.Module):
@@ -358,8 +362,8 @@ class PerturbedSet:
                 f"nothing to perturb: {what}. Pass perturb=None for plain SAM, or choose parameters "
                 "with samnorm.select (by_type, by_name, ...)"
             )
-        owned = {id(p) for p in owned()}
-        foreign = [n or f"tensor{tuple(p.shape)}" for n, p in sel.named_parameters() if id(p) not in owned]
+        owned_ids = {id(p) for p in owned()}
+        foreign = [n or f"tensor{tuple(p.shape)}" for n, p in sel.named_parameters() if id(p) not in owned_ids]
         if foreign:
             raise ValueError(
                 f"{len(foreign)} perturbed parameter(s) are not optimized by the base optimizer "

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from samnorm import SAM
-from samnorm.variants import GSAM, IntervalSAM, LookSAM, OnePassSAM
+from samnorm.sam.variants import GSAM, IntervalSAM, LookSAM, OnePassSAM
 
 try:
     from torch.distributed.fsdp import fully_shard

@@ -1,4 +1,4 @@
-"""The private torch internals in samnorm/_compat.py, each checked against the installed torch."""
+"""The private torch internals in samnorm/sam/_compat.py, each checked against the installed torch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from samnorm import _compat
+from samnorm.sam import _compat
 
 
 class _Recorder(torch.optim.SGD):

@@ -463,7 +463,7 @@ def test_ablation_chooses_rho_on_validation_and_pairs_runs() -> None:
 def test_variant_arms_train_through_the_recipe_with_their_pass_counts(arm, cls, k, passes) -> None:
     """Each cheaper arm is SAM-ON (GroupNorm only) under its schedule: 5 steps cost one forward each,
     plus a second one on SAM steps (interval/LookSAM k=4: steps 0 and 4)."""
-    from samnorm import variants
+    from samnorm.sam import variants
     from samnorm.recipe import _build_optimizer, finetune
 
     ab = _ablation_module()

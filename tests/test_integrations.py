@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from samnorm import SAM, disable_running_stats
-from samnorm.variants import make
+from samnorm.sam.variants import make
 
 
 def _mlp(norm=nn.LayerNorm, dtype=torch.float32, seed=0):

@@ -752,7 +752,7 @@ def _tensor_lists(draw, dtypes=("float32", "float64")):
 def test_perturb_functions_match_float64_reference(lists, eps, path):
     from unittest import mock
 
-    from samnorm import optim
+    from samnorm.sam import functional as optim
 
     ws, gs, rhos, etas = lists
     params = [w.clone() for w in ws]
@@ -777,7 +777,7 @@ def test_perturb_functions_match_float64_reference(lists, eps, path):
 
 @given(lists=_tensor_lists(dtypes=tuple(_DTYPES)), sparse=st.booleans())
 def test_grouped_equals_per_tensor_on_mixed_dtypes(lists, sparse):
-    from samnorm import optim
+    from samnorm.sam import functional as optim
 
     ws, gs, rhos, etas = lists
     if sparse:  # an embedding-like float32 tensor with a sparse gradient (duplicate rows summed)
@@ -804,7 +804,7 @@ def test_grouped_equals_per_tensor_on_mixed_dtypes(lists, sparse):
 
 
 def test_perturb_keeps_its_buffers_and_skips_non_finite():
-    from samnorm import optim
+    from samnorm.sam import functional as optim
 
     ws = [torch.randn(4), torch.randn(3, 2)]
     gs = [torch.randn(4), torch.randn(3, 2)]
@@ -821,3 +821,16 @@ def test_perturb_keeps_its_buffers_and_skips_non_finite():
         norm, _ = optim.perturb_(params, gs, rhos=[0.1, 0.1], etas=[None, 0.01], eps=0.0, foreach=foreach)
         assert not torch.isfinite(norm)
         assert all(torch.equal(p, w) for p, w in zip(params, ws))  # nothing moved
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("short", ["grads", "rhos", "etas"])
+def test_perturb_refuses_lists_of_different_lengths_before_anything_moves(short, foreach):
+    from samnorm.sam.functional import perturb_
+
+    params = [torch.ones(3), torch.ones(2)]
+    lists = {"grads": [torch.ones(3), torch.ones(2)], "rhos": [0.1, 0.1], "etas": [None, None]}
+    lists[short] = lists[short][:1]  # silently truncated by zip before
+    with pytest.raises(ValueError, match=r"one gradient, rho and eta per parameter: got 2 params"):
+        perturb_(params, lists["grads"], rhos=lists["rhos"], etas=lists["etas"], eps=0.0, foreach=foreach)
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from samnorm.data.folders import ImageFolder, ImageTransform
-from samnorm.optim import SAM
+from samnorm.sam.optimizer import SAM
 from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig, _build_optimizer, finetune, save_atomic
 
 timm = pytest.importorskip("timm")

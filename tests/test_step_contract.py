@@ -15,7 +15,7 @@ from torch import nn
 
 from samnorm.integrations import sam_passes
 from samnorm.sam.protocol import run_passes
-from samnorm.variants import make
+from samnorm.sam.variants import make
 
 KINDS = {"sam": {}, "interval": {"k": 2}, "looksam": {"k": 2, "alpha": 0.7}, "onepass": {"direction": "momentum"},
          "gsam": {"alpha": 0.3}}

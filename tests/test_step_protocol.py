@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 import samnorm
 from samnorm import SAM
 from samnorm.integrations import sam_passes
-from samnorm.variants import IntervalSAM, LookSAM, OnePassSAM, make
+from samnorm.sam.variants import IntervalSAM, LookSAM, OnePassSAM, make
 
 ALL = ["sam", "interval", "looksam", "onepass"]
 
@@ -288,7 +288,7 @@ def test_the_registry_is_what_the_recipe_cli_and_variants_read():
     from samnorm.sam import registry
 
     assert set(recipe.OPTIMIZERS) == {*registry.ascents(), "sgd"}
-    assert set(samnorm.variants.VARIANTS) == set(registry.schedules())
+    assert set(samnorm.sam.variants.VARIANTS) == set(registry.schedules())
     parser = cli.build_parser() if hasattr(cli, "build_parser") else None
     if parser is not None:
         sub = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
@@ -360,7 +360,7 @@ def test_second_step_hands_its_scaler_over_without_a_frame_lookup(monkeypatch):
     """The GradScaler handshake takes the scaler explicitly where the caller holds it: with the
     frame lookup disabled, an inf in the first pass (SAM's own flag) still skips the step and
     backs the scale off."""
-    from samnorm import _compat
+    from samnorm.sam import _compat
 
     monkeypatch.setattr(_compat, "calling_grad_scaler", lambda *a, **k: None)
     model = _two_norm_net()

@@ -1,4 +1,4 @@
-"""samnorm.variants (every-k SAM, LookSAM, one-pass ascent) against float64 per-parameter references."""
+"""samnorm.sam.variants (every-k SAM, LookSAM, one-pass ascent) against float64 per-parameter references."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from test_optim import _batch, _ce, _closure, _mlp, _reference_problem, _RefSGD
 from torch import nn
 
 import samnorm
-from samnorm.variants import IntervalSAM, LookSAM, OnePassSAM, make
+from samnorm.sam.variants import IntervalSAM, LookSAM, OnePassSAM, make
 
 EPS = 1e-12  # SAM's default eps, in the reference too
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from samnorm.diagnostics.quantities import Target
 from samnorm.nn_utils import eval_mode
 from samnorm.ood.scores import energy, max_logit
-from samnorm.optim import SAM
+from samnorm.sam.optimizer import SAM
 
 __all__ = [
     "Eq12Bound",

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..optim import SAM
+from ..sam.optimizer import SAM
 from ..sam.protocol import begin_window, run_passes
 
 __all__ = ["find_sam", "require", "sam_passes"]
@@ -49,9 +49,7 @@ def require(module: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(
-            f"this samnorm integration needs {module}: pip install 'samnorm[{extra}]'"
-        ) from err
+        raise ImportError(f"this samnorm integration needs {module}: pip install 'samnorm[{extra}]'") from err
 
 
 def find_sam(optimizer: Any) -> SAM:
@@ -84,7 +82,7 @@ def find_sam(optimizer: Any) -> SAM:
 
 # Micro-batches of the accumulation window under way, per SAM: their later passes run once the
 # first is done over the whole window, at its last micro-batch.
-_PENDING: weakref.WeakKeyDictionary[SAM, list] = weakref.WeakKeyDictionary()
+_PENDING: weakref.WeakKeyDictionary[SAM, list[Any]] = weakref.WeakKeyDictionary()
 
 
 def sam_passes(
@@ -103,8 +101,8 @@ def sam_passes(
     gets the step's first pass at once, accumulating into ``.grad``, and is kept. At the window's
     ``last`` micro-batch the first pass is closed (SAM's ascent along the accumulated gradient),
     then the step's later passes run over every kept micro-batch (SAM's second, at the perturbed
-    point; none for :class:`~samnorm.variants.OnePassSAM` or a plain step of
-    :class:`~samnorm.variants.IntervalSAM`). The parameters are then where the descent pass left
+    point; none for :class:`~samnorm.sam.variants.OnePassSAM` or a plain step of
+    :class:`~samnorm.sam.variants.IntervalSAM`). The parameters are then where the descent pass left
     them and ``.grad`` holds the descent gradient of the whole window: the framework's usual
     clipping and ``optimizer.step()`` finish the step (restore, then the base optimizer).
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..optim import SAM
+from ..sam.optimizer import SAM
 from . import find_sam, require
 
 pl = require("pytorch_lightning", "lightning")
@@ -45,7 +45,7 @@ __all__ = ["sam_training_step"]
 B = TypeVar("B")
 
 # micro-batches of the window under way, per SAM; both passes run at the window's end
-_WINDOWS: weakref.WeakKeyDictionary[SAM, list] = weakref.WeakKeyDictionary()
+_WINDOWS: weakref.WeakKeyDictionary[SAM, list[Any]] = weakref.WeakKeyDictionary()
 
 
 def sam_training_step(
@@ -120,4 +120,5 @@ def sam_training_step(
     # fp32/bf16: the plugin hands the closure to SAM.step, which runs it once per pass
     # (samnorm.sam.protocol.run_passes, in each pass's context)
     passes = iter(range(last + 1))
-    return opt.step(closure=lambda: run(next(passes), own_context=False))
+    loss: torch.Tensor | None = opt.step(closure=lambda: run(next(passes), own_context=False))
+    return loss

@@ -16,16 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..optim import SAM
+from ..sam.optimizer import SAM
 from ..select import Selection
 from . import find_sam, require, sam_passes
 
-_transformers = require("transformers", "transformers")
+# Any: transformers' own annotations would make mypy read the whole library to check this module.
+_Trainer: Any = require("transformers", "transformers").Trainer
 
 __all__ = ["SAMTrainer"]
 
 
-class SAMTrainer(_transformers.Trainer):
+class SAMTrainer(_Trainer):  # type: ignore[misc]  # a subclass of Any (above)
     """A ``transformers.Trainer`` whose optimizer step is a SAM step.
 
     Either pass a SAM (``optimizers=(samnorm.SAM(...), scheduler_or_None)``), or let the trainer
@@ -47,6 +48,8 @@ class SAMTrainer(_transformers.Trainer):
         >>> trainer.train()  # doctest: +SKIP
     """
 
+    optimizer: torch.optim.Optimizer | None  # Trainer's attribute: None until create_optimizer
+
     def __init__(
         self,
         *args: Any,
@@ -58,7 +61,7 @@ class SAMTrainer(_transformers.Trainer):
     ) -> None:
         if isinstance(perturb, str) and perturb not in ("norm", "all"):
             raise ValueError(f"perturb must be 'norm', 'all', a Selection or parameters; got {perturb!r}")
-        self.sam_kwargs = {"rho": rho, "adaptive": adaptive, "eta": eta}
+        self.sam_kwargs: dict[str, Any] = {"rho": rho, "adaptive": adaptive, "eta": eta}
         self.sam_perturb = perturb
         super().__init__(*args, **kwargs)
         optimizer = kwargs.get("optimizers", (None, None))[0]
@@ -74,8 +77,9 @@ class SAMTrainer(_transformers.Trainer):
         perturb = self.sam_perturb
         if isinstance(perturb, str):
             perturb = model if perturb == "norm" else None
-        self.optimizer = SAM(base, perturb, model=model, **self.sam_kwargs)
-        return self.optimizer
+        sam = SAM(base, perturb, model=model, **self.sam_kwargs)
+        self.optimizer = sam
+        return sam
 
     def training_step(
         self,

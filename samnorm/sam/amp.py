@@ -4,7 +4,7 @@
 inf flag (as the ``grad_scale``/``found_inf`` attributes, for the call) instead of unscaling and
 skipping itself: SAM unscales, joins the flag of its own ascent and skips the whole step on an inf.
 Where an integration holds the scaler it passes it explicitly (:func:`scaled_step`); under a bare
-``scaler.step(sam)`` the scaler is found in the calling frame (:func:`samnorm._compat.calling_grad_scaler`).
+``scaler.step(sam)`` the scaler is found in the calling frame (:func:`samnorm.sam._compat.calling_grad_scaler`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .. import _compat
+from . import _compat
 
 __all__ = ["Handshake", "refuse_unscale_before_closure", "scaled_step", "step_skipping_inf", "take_handshake"]
 

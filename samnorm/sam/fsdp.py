@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["backward_grads", "is_dtensor", "local", "localize", "shard_sum"]
 
 
-def is_dtensor(t: object) -> bool:
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
     """Whether ``t`` is a DTensor (FSDP2's parameters and gradients).
 
     Costs no import: a DTensor can only exist once torch's DTensor module is loaded.
@@ -112,8 +116,9 @@ def localize(
     reduce = shard_sum(params)
     if reduce is None:
         return params, grads, None
-    local_grads = []
-    for p, g in zip(params, grads):
+    local_params, local_grads = [], []
+    for p, g in zip(params, grads, strict=True):
+        assert is_dtensor(p)  # shard_sum refused a mix of DTensors and plain tensors
         if is_dtensor(g):
             if g.placements != p.placements:
                 g = g.redistribute(p.device_mesh, p.placements)
@@ -123,8 +128,9 @@ def localize(
                 f"SAM under FSDP: a plain tensor of shape {tuple(g.shape)} given as the gradient of a "
                 f"DTensor whose local shard has shape {tuple(p.to_local().shape)}"
             )
+        local_params.append(p.to_local())
         local_grads.append(g)
-    return [p.to_local() for p in params], local_grads, reduce
+    return local_params, local_grads, reduce
 
 
 def backward_grads(
@@ -143,8 +149,8 @@ def backward_grads(
         p.grad = None
     try:
         with torch.enable_grad():
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
         return [p.grad for p in wanted]
     finally:
-        for p, g in zip(params, kept):
+        for p, g in zip(params, kept, strict=True):
             p.grad = g

@@ -8,7 +8,7 @@ perturbed tensors, as whole vectors, the descent gradient is
 (``g_orth = g`` when ``g_p = 0``): the component of ``g`` orthogonal to ``g_p`` points along the
 surrogate gap's gradient, and descending against it (``-alpha``) lowers the gap while keeping the
 perturbed loss's descent. ``alpha=0`` is SAM. Tensors outside the selection descend with their
-``g_p``, as in :class:`~samnorm.variants.LookSAM`; under ``torch.distributed`` ``g`` is averaged
+``g_p``, as in :class:`~samnorm.sam.variants.LookSAM`; under ``torch.distributed`` ``g`` is averaged
 across ranks so that every replica applies the same correction (under FSDP2 it already is, and
 the dot products sum over the shards: :mod:`samnorm.sam.fsdp`).
 
@@ -36,9 +36,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..optim import is_distributed
 from ..select import Selection
 from . import fsdp
+from .functional import is_distributed
 from .variant import Variant
 
 __all__ = ["GSAM"]
@@ -56,6 +56,7 @@ class GSAM(Variant):
 
     NAME = "gsam"
     SETTINGS: ClassVar[dict[str, Any]] = {"alpha": 0.3}
+    alpha: float  # a GroupSetting (Variant.__init_subclass__): every group's value
     SLOTS = ("g", "gp")  # first-pass gradient, perturbed gradient
 
     def __init__(
@@ -88,4 +89,5 @@ class GSAM(Variant):
         # gp <- gp - alpha * (g - coef * gp) = (1 + alpha * coef) gp - alpha g
         vec.scale_into("gp", "gp", 1 + alpha * coef)
         vec.axpy("gp", "g", torch.full_like(coef, -alpha))
-        torch._foreach_copy_([fsdp.local(vec.params[i].grad) for i in have], [vec.view("gp", i) for i in have])
+        grads = [fsdp.local(g) for g in (vec.params[i].grad for i in have) if g is not None]
+        torch._foreach_copy_(grads, [vec.view("gp", i) for i in have])

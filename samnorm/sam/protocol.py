@@ -8,8 +8,8 @@ so the number of passes, the BatchNorm statistics and DDP's all-reduce follow on
 
 - SAM: an *ascent* pass at ``w`` (BatchNorm statistics updated, no DDP all-reduce), then the
   *descent* pass at ``w + e`` (statistics frozen, all-reduced);
-- :class:`~samnorm.variants.IntervalSAM`/:class:`~samnorm.variants.LookSAM` on plain steps: one
-  descent pass at ``w``; :class:`~samnorm.variants.OnePassSAM`: one descent pass at ``w + e`` (its
+- :class:`~samnorm.sam.variants.IntervalSAM`/:class:`~samnorm.sam.variants.LookSAM` on plain steps: one
+  descent pass at ``w``; :class:`~samnorm.sam.variants.OnePassSAM`: one descent pass at ``w + e`` (its
   ascent comes before, from the optimizer's state);
 - BatchNorm running statistics move in the step's first pass only, so once per step for every class.
 
@@ -45,9 +45,19 @@ from . import fsdp
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from ..optim import SAM
+    from .optimizer import SAM
 
-__all__ = ["ASCENT", "DESCENT_PERTURBED", "ONE_PASS", "PLAIN", "Pass", "Phase", "ascent_gradients", "begin_window", "run_passes"]
+__all__ = [
+    "ASCENT",
+    "DESCENT_PERTURBED",
+    "ONE_PASS",
+    "PLAIN",
+    "Pass",
+    "Phase",
+    "ascent_gradients",
+    "begin_window",
+    "run_passes",
+]
 
 B = TypeVar("B")
 
@@ -95,7 +105,7 @@ def run_passes(
     batches: Sequence[B],
     fn: Callable[[B], Any],
     *,
-    backward: Callable[[torch.Tensor], Any] | bool | None = None,
+    backward: Callable[[torch.Tensor], Any] | Literal[False] | None = None,
     loss_of: Callable[[Any], torch.Tensor] | None = None,
     start: int = 0,
     fresh: bool = True,
@@ -221,7 +231,7 @@ def ascent_gradients(
         elif wanted:
             with torch.enable_grad():
                 grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-        pairs = list(zip(wanted, grads))
+        pairs = list(zip(wanted, grads, strict=True))
         missing = sum(g is None for g in grads)
         if missing and _reentrant_checkpoint_in(loss):
             raise ValueError(_REENTRANT.format(n=missing))

@@ -1,5 +1,5 @@
 """One registry of SAM kinds: the recipe's ``optimizer`` and ``variant`` choices, the CLI's
-``--optimizer`` choices and :data:`samnorm.variants.VARIANTS` all read it.
+``--optimizer`` choices and :data:`samnorm.sam.variants.VARIANTS` all read it.
 
 A :class:`Kind` is a name, the class it builds (a dotted path, imported on first use, so that this
 module, and ``samnorm --help`` with it, imports no torch), the constructor defaults and whether it
@@ -39,7 +39,8 @@ class Kind:
     def load(self) -> type:
         """The class (imported now)."""
         module, _, attr = self.cls.rpartition(".")
-        return getattr(importlib.import_module(module), attr)
+        cls: type = getattr(importlib.import_module(module), attr)
+        return cls
 
 
 KINDS: dict[str, Kind] = {}
@@ -69,8 +70,9 @@ class RegistryView(Mapping[str, Any]):
         {'sam-on': 0.5, 'asam-on': 10.0, 'sgd': None}
     """
 
-    def __init__(self, keep: Callable[[Kind], bool], value: Callable[[Kind], Any],
-                 extra: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, keep: Callable[[Kind], bool], value: Callable[[Kind], Any], extra: Mapping[str, Any] | None = None
+    ) -> None:
         self._keep, self._value, self._extra = keep, value, dict(extra or {})
 
     def __getitem__(self, name: str) -> Any:
@@ -103,13 +105,13 @@ def schedules() -> list[str]:
 
 
 for _kind in (
-    Kind("sam-on", "samnorm.optim.SAM", {"rho": 0.5, "adaptive": False}, norm_only=True),
-    Kind("asam-on", "samnorm.optim.SAM", {"rho": 10.0, "adaptive": True}, norm_only=True),
-    Kind("sam", "samnorm.optim.SAM", {"rho": 0.05, "adaptive": False}, norm_only=False),
-    Kind("asam", "samnorm.optim.SAM", {"rho": 0.5, "adaptive": True}, norm_only=False),
-    Kind("interval", "samnorm.variants.IntervalSAM", {"k": 4}),
-    Kind("looksam", "samnorm.variants.LookSAM", {"k": 5, "alpha": 0.7}),
-    Kind("onepass", "samnorm.variants.OnePassSAM", {"direction": "momentum"}),
+    Kind("sam-on", "samnorm.sam.optimizer.SAM", {"rho": 0.5, "adaptive": False}, norm_only=True),
+    Kind("asam-on", "samnorm.sam.optimizer.SAM", {"rho": 10.0, "adaptive": True}, norm_only=True),
+    Kind("sam", "samnorm.sam.optimizer.SAM", {"rho": 0.05, "adaptive": False}, norm_only=False),
+    Kind("asam", "samnorm.sam.optimizer.SAM", {"rho": 0.5, "adaptive": True}, norm_only=False),
+    Kind("interval", "samnorm.sam.variants.IntervalSAM", {"k": 4}),
+    Kind("looksam", "samnorm.sam.variants.LookSAM", {"k": 5, "alpha": 0.7}),
+    Kind("onepass", "samnorm.sam.variants.OnePassSAM", {"direction": "momentum"}),
     Kind("gsam", "samnorm.sam.gsam.GSAM", {"alpha": 0.3}),
 ):
     register(_kind)

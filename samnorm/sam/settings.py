@@ -1,11 +1,12 @@
 """Settings that live in the parameter groups (``rho``, ``adaptive``, ``eta``, a variant's ``k``,
-``alpha``, ``direction``), read and written for all groups at once through :class:`GroupSetting`."""
+``alpha``, ``direction``), read and written for all groups at once through :class:`GroupSetting`, and
+checked by :func:`check_nonnegative`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["GroupSetting"]
+__all__ = ["GroupSetting", "check_nonnegative"]
 
 
 class GroupSetting:
@@ -41,3 +42,17 @@ class GroupSetting:
         opt.defaults[self.key] = value
         for g in opt.param_groups:
             g[self.key] = value
+
+
+def check_nonnegative(name: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number >= 0 (a hyper-
+    parameter such as rho or eta; bools are refused).
+
+    Example:
+        >>> check_nonnegative("rho", 0.05)
+        >>> check_nonnegative("rho", -1)
+        Traceback (most recent call last):
+        ValueError: rho must be a finite number >= 0, got -1
+    """
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -51,7 +51,7 @@ def upgrade_pickle(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
         ({'_buffers': {}}, {'rho': 0.1}, 2, ())
     """
     state = dict(state)
-    legacy = {k: state.pop(k) for k in ("rho", "adaptive", "eta") if k in state}  # before per-group settings
+    legacy: dict[str, Any] = {k: state.pop(k) for k in ("rho", "adaptive", "eta") if k in state}  # per-group since
     state.pop("_backups", None)  # before issue 12
     state["_buffers"] = {}
     state.pop("_perturbed", None)  # before issue 17: the phase, and loose non-finite fields

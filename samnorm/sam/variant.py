@@ -26,9 +26,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..optim import SAM, all_reduce_mean
 from ..select import Selection
 from . import fsdp
+from .functional import all_reduce_mean
+from .optimizer import SAM
 from .settings import GroupSetting
 
 __all__ = ["Variant", "Vectors"]
@@ -96,8 +97,7 @@ class Variant(SAM):
         """:meth:`SAM.state_dict` (the settings travel in ``param_groups``) plus the step count and
         the ``SAVED`` vectors under ``"sam_variant"``."""
         state = super().state_dict()
-        saved = {name: None if self._vec is None else [v.clone() for v in self._vec.views(name)]
-                 for name in self.SAVED}
+        saved = {name: None if self._vec is None else [v.clone() for v in self._vec.views(name)] for name in self.SAVED}
         state[_VARIANT_KEY] = {"name": self.NAME, "steps": self.steps, **saved}
         return state
 
@@ -112,7 +112,7 @@ class Variant(SAM):
             raise ValueError(
                 f"the state dict was saved by the {variant.get('name')!r} SAM variant, and this is "
                 f"{type(self).__name__} ({self.NAME!r}): build the same variant "
-                "(samnorm.variants.make(name, ...)) to load it"
+                "(samnorm.sam.variants.make(name, ...)) to load it"
             )
         super().load_state_dict(state_dict)
         if variant is None:
@@ -151,7 +151,7 @@ class Vectors:
             for idx in self.parts:
                 sizes = [shards[i].numel() for i in idx]
                 flat = torch.zeros(sum(sizes), device=self.params[idx[0]].device, dtype=acc)
-                for i, v in zip(idx, flat.split(sizes)):
+                for i, v in zip(idx, torch.split(flat, sizes), strict=True):
                     views[i] = v.view(shards[i].shape)
                 self.flats[name].append(flat)
             self._views[name] = views
@@ -170,7 +170,7 @@ class Vectors:
         views = self._views[name]
         have = [i for i, t in enumerate(tensors) if t is not None]
         missing = [views[i] for i, t in enumerate(tensors) if t is None]
-        dense = [t.to_dense() if t.is_sparse else fsdp.local(t) for t in (tensors[i] for i in have)]
+        dense = [t.to_dense() if t.is_sparse else fsdp.local(t) for t in tensors if t is not None]
         if have:
             torch._foreach_copy_([views[i] for i in have], dense)
         if missing:
@@ -185,34 +185,34 @@ class Vectors:
                 f"saved, {len(self.params)} now): load into an optimizer built on the same model "
                 "and selection"
             )
-        torch._foreach_copy_(self._views[name], [t.to(v.device) for t, v in zip(tensors, self._views[name])])
+        torch._foreach_copy_(
+            self._views[name], [t.to(v.device) for t, v in zip(tensors, self._views[name], strict=True)]
+        )
 
     def dot(self, a: str, b: str) -> torch.Tensor:
         """``<a, b>`` over every tensor, on the first device."""
         first = self.flats[a][0].device
-        parts = [torch.dot(x, y).to(first) for x, y in zip(self.flats[a], self.flats[b])]
+        parts = [torch.dot(x, y).to(first) for x, y in zip(self.flats[a], self.flats[b], strict=True)]
         total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         return total if self._shard_sum is None else self._shard_sum(total)
 
     def axpy(self, out: str, x: str, coef: torch.Tensor) -> None:
         """``out += coef * x``."""
-        for o, v in zip(self.flats[out], self.flats[x]):
+        for o, v in zip(self.flats[out], self.flats[x], strict=True):
             o.addcmul_(v, coef.to(o.device, o.dtype))
 
     def scale_into(self, out: str, x: str, coef: torch.Tensor) -> None:
         """``out = coef * x``."""
-        for o, v in zip(self.flats[out], self.flats[x]):
+        for o, v in zip(self.flats[out], self.flats[x], strict=True):
             torch.mul(v, coef.to(o.device, o.dtype), out=o)
 
     def select(self, out: str, keep: torch.Tensor, new: str) -> None:
         """``out = new`` where ``keep`` (a device bool) is True, else unchanged: no host sync."""
-        for o, n in zip(self.flats[out], self.flats[new]):
+        for o, n in zip(self.flats[out], self.flats[new], strict=True):
             o.copy_(torch.where(keep.to(o.device), n, o))
 
     def all_reduce_mean(self, name: str) -> None:
         if self._shard_sum is not None:  # shards of FSDP2's gradients, already averaged over the ranks
             return
-        for flat, reduced in zip(self.flats[name], all_reduce_mean(self.flats[name])):
+        for flat, reduced in zip(self.flats[name], all_reduce_mean(self.flats[name]), strict=True):
             flat.copy_(reduced)
-
-

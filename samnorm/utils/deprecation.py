@@ -13,14 +13,15 @@ import importlib
 import sys
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["alias_module", "moved_module_getattr"]
 
 
-def moved_module_getattr(old: str, new: str) -> Callable[[str], Any]:
-    """A module ``__getattr__`` (PEP 562) for the module ``old`` that moved to ``new``.
+def moved_module_getattr(old: str, new: str, elsewhere: Mapping[str, str] | None = None) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for the module ``old`` that moved to ``new``; ``elsewhere``
+    maps the names of a module split in two that went to another module than ``new``.
 
     Example:
         >>> import warnings
@@ -31,16 +32,18 @@ def moved_module_getattr(old: str, new: str) -> Callable[[str], Any]:
         >>> f.__module__, str(caught[0].message)
         ('samnorm.viz.plots', 'samnorm.plots is deprecated: import plot_summary from samnorm.viz.plots')
     """
+    homes = dict(elsewhere or {})
 
     def __getattr__(name: str) -> Any:
         # Dunder look-ups come from the import system and introspection (__path__, __wrapped__), not
         # from user code: no warning, and no such attribute. __all__ is a user's `import *`.
         if name.startswith("__") and name != "__all__":
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
-        target = importlib.import_module(new)
+        home = homes.get(name, new)
+        target = importlib.import_module(home)
         if not hasattr(target, name):
             raise AttributeError(f"module {old!r} (moved to {new!r}) has no attribute {name!r}")
-        warnings.warn(f"{old} is deprecated: import {name} from {new}", DeprecationWarning, stacklevel=2)
+        warnings.warn(f"{old} is deprecated: import {name} from {home}", DeprecationWarning, stacklevel=2)
         return getattr(target, name)
 
     return __getattr__

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
+from types import FrameType
 from typing import Any
 
 import torch
@@ -36,14 +37,14 @@ __all__ = [
 def calling_grad_scaler(optimizer: object, depth: int = 12) -> GradScaler | None:
     """The ``GradScaler`` whose ``step(optimizer)`` is running, looked up in the caller frames
     (wrappers such as accelerate's patched step may sit in between)."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1).f_back
     for _ in range(depth):
-        frame = frame.f_back
         if frame is None:
             return None
         scaler = frame.f_locals.get("self")
         if isinstance(scaler, GradScaler) and frame.f_locals.get("optimizer") is optimizer:
             return scaler
+        frame = frame.f_back
     return None
 
 
@@ -54,14 +55,14 @@ def accelerate_accumulation_steps(depth: int = 12) -> int:
     module = sys.modules.get("accelerate.optimizer")
     if module is None:
         return 1
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1).f_back
     for _ in range(depth):
-        frame = frame.f_back
         if frame is None:
             return 1
         wrapper = frame.f_locals.get("self")
         if isinstance(wrapper, module.AcceleratedOptimizer):
             return int(wrapper.gradient_state.num_steps)
+        frame = frame.f_back
     return 1
 
 
