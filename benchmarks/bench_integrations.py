@@ -22,8 +22,12 @@ timm = pytest.importorskip("timm")
 def _setup():
     torch.manual_seed(0)
     model = timm.models.resnetv2.ResNetV2(
-        layers=[1, 1, 1, 1], channels=(64, 128, 256, 512), num_classes=10, conv_layer=timm.layers.StdConv2d,
-        norm_layer=functools.partial(timm.layers.GroupNormAct, num_groups=8))
+        layers=[1, 1, 1, 1],
+        channels=(64, 128, 256, 512),
+        num_classes=10,
+        conv_layer=timm.layers.StdConv2d,
+        norm_layer=functools.partial(timm.layers.GroupNormAct, num_groups=8),
+    )
     x, y = torch.randn(32, 3, 64, 64), torch.randint(0, 10, (32,))
     opt = SAM(torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), model, rho=0.5)
     return model, opt, x, y
@@ -74,8 +78,13 @@ def test_integration_overhead(benchmark, variant):
                 (_ce(model, xs, ys) / 2).backward()
         opt.second_step(zero_grad=True)
 
-    fn = {"plain": plain, "grad_scaler": grad_scaler, "scaler_step_sam": scaler_step_sam,
-          "accumulate_2": accumulate_2, "no_context": no_context}[variant]
+    fn = {
+        "plain": plain,
+        "grad_scaler": grad_scaler,
+        "scaler_step_sam": scaler_step_sam,
+        "accumulate_2": accumulate_2,
+        "no_context": no_context,
+    }[variant]
     scaler_pair = "GradScaler step vs plain SAM-ON step"
     accum_pair = "2 accumulated micro-batches (full first backward) vs plain SAM-ON step"
     context_pair = "second_pass(model) context vs bare second pass"

@@ -132,10 +132,13 @@ def test_rankfeat_removal(benchmark, feature_maps, impl):
     benchmark.group = "rankfeat: rank-1 removal, 32 x 2048 x 15 x 15"
     benchmark.pedantic(REMOVALS[impl], args=(id_maps[0],), rounds=5)
     if impl != "svd":
-        scores = {m: [torch.cat([_energy_after(REMOVALS[m], b, head) for b in s]) for s in (id_maps, ood_maps)]
-                  for m in ("svd", impl)}
-        ratios = torch.cat([(sv[:, 1] / sv[:, 0]) for sv in
-                            (torch.linalg.svdvals(m.flatten(2)) for m in id_maps + ood_maps)])
+        scores = {
+            m: [torch.cat([_energy_after(REMOVALS[m], b, head) for b in s]) for s in (id_maps, ood_maps)]
+            for m in ("svd", impl)
+        }
+        ratios = torch.cat(
+            [(sv[:, 1] / sv[:, 0]) for sv in (torch.linalg.svdvals(m.flatten(2)) for m in id_maps + ood_maps)]
+        )
         benchmark.extra_info.update(
             gap_ratio_median=float(ratios.median()),
             gap_ratio_max=float(ratios.max()),

@@ -62,8 +62,9 @@ def test_perturb_restore(benchmark, device, which, impl):
             _loop_perturb_restore(params)
         _sync(device)
 
-    benchmark.extra_info["pairs"] = [(f"perturb+restore {which} resnetv2_50 {device}",
-                                      "candidate" if impl == "samnorm" else "baseline")]
+    benchmark.extra_info["pairs"] = [
+        (f"perturb+restore {which} resnetv2_50 {device}", "candidate" if impl == "samnorm" else "baseline")
+    ]
     benchmark.pedantic(run, rounds=30 if which == "sam_on" else 8, warmup_rounds=2, iterations=1)
 
 
@@ -101,7 +102,8 @@ def test_training_step(benchmark, device, step):
     pair = f"train step {{}} vs sgd resnetv2_50 {device}"
     benchmark.extra_info["pairs"] = (
         [(pair.format(s), "baseline") for s in ("sam_on_loss", "sam_on_full_backward")]
-        if step == "sgd" else [(pair.format(step), "candidate")]
+        if step == "sgd"
+        else [(pair.format(step), "candidate")]
     )
     benchmark.pedantic(fn, rounds=12 if device == "cpu" else 20, warmup_rounds=2, iterations=1)
 
@@ -121,8 +123,13 @@ def _flat_sam_class():
     import types
     from pathlib import Path
 
-    code = subprocess.run(["git", "show", f"{FLAT_COMMIT}:samnorm/optim.py"], capture_output=True, text=True,
-                          check=True, cwd=Path(__file__).parent).stdout
+    code = subprocess.run(
+        ["git", "show", f"{FLAT_COMMIT}:samnorm/optim.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent,
+    ).stdout
     module = types.ModuleType("samnorm.optim_flat")
     module.__package__ = "samnorm"
     sys.modules[module.__name__] = module
@@ -137,11 +144,12 @@ def _implementations(model, which):
     import samnorm.sam.functional as optim
 
     perturb = model if which == "sam_on" else None
-    sams = {"flat": samnorm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), perturb),
-            "plain foreach": samnorm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), perturb),
-            "per-tensor (foreach=False)": samnorm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), perturb,
-                                                      foreach=False),
-            "SAM before issue 12": _flat_sam_class()(torch.optim.SGD(model.parameters(), lr=0.1), perturb)}
+    sams = {
+        "flat": samnorm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), perturb),
+        "plain foreach": samnorm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), perturb),
+        "per-tensor (foreach=False)": samnorm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), perturb, foreach=False),
+        "SAM before issue 12": _flat_sam_class()(torch.optim.SGD(model.parameters(), lr=0.1), perturb),
+    }
     params = sams["flat"].perturbed_parameters()
     limit = optim._FLAT_MAX_NUMEL
 
@@ -155,6 +163,7 @@ def _implementations(model, which):
                 sam.restore()
             finally:
                 optim._FLAT_MAX_NUMEL = limit
+
         return run
 
     impls = {name: via(name) for name in sams}
@@ -193,8 +202,17 @@ def _interleaved(rounds: int, reps: dict[str, int]) -> list[dict]:
             q1, med, q3 = statistics.quantiles(ts, n=4)
             # per-round ratio to flat (same round, so the same load), then its median
             over_flat = statistics.median(t / f for t, f in zip(ts, times["flat"]))
-            rows.append({"selection": which, "tensors": n, "impl": name, "median_ms": med,
-                         "iqr_ms": q3 - q1, "loop_over_impl": base / med, "over_flat": over_flat})
+            rows.append(
+                {
+                    "selection": which,
+                    "tensors": n,
+                    "impl": name,
+                    "median_ms": med,
+                    "iqr_ms": q3 - q1,
+                    "loop_over_impl": base / med,
+                    "over_flat": over_flat,
+                }
+            )
     rows.append({"load": os.getloadavg()})
     return rows
 
@@ -210,7 +228,9 @@ if __name__ == "__main__":
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     for row in result:
         if "impl" in row:
-            print(f"{row['selection']:9s} {row['tensors']:4d} {row['impl']:28s} median {row['median_ms']:8.3f} ms  "
-                  f"IQR {row['iqr_ms']:7.3f} ms  loop/impl {row['loop_over_impl']:.2f}x  "
-                  f"impl/flat {row['over_flat']:.2f}x")
+            print(
+                f"{row['selection']:9s} {row['tensors']:4d} {row['impl']:28s} median {row['median_ms']:8.3f} ms  "
+                f"IQR {row['iqr_ms']:7.3f} ms  loop/impl {row['loop_over_impl']:.2f}x  "
+                f"impl/flat {row['over_flat']:.2f}x"
+            )
     print(json.dumps(result))

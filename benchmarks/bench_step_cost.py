@@ -21,8 +21,8 @@ import argparse
 import json
 import os
 import platform
-import sys
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,8 +49,9 @@ CANDIDATES: dict[str, str] = {
 }
 
 
-def build_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str],
-                rho: float = 0.5, lr: float = 1e-3) -> dict[str, Step]:
+def build_steps(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], rho: float = 0.5, lr: float = 1e-3
+) -> dict[str, Step]:
     """One step function per candidate name; each owns its optimizer over the shared ``model``."""
     loss_fn = nn.CrossEntropyLoss()
 
@@ -59,6 +60,7 @@ def build_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             opt.step()
+
         return step
 
     def loss_path(opt):  # SAM's two-step form; variants skip the second pass on plain steps
@@ -70,6 +72,7 @@ def build_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[
                 with opt.second_pass(model):
                     loss_fn(model(x), y).backward()
             opt.second_step(zero_grad=True)
+
         return step
 
     def grad_path(opt):
@@ -80,6 +83,7 @@ def build_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[
             with opt.second_pass(model):
                 loss_fn(model(x), y).backward()
             opt.second_step(zero_grad=True)
+
         return step
 
     def one_pass(opt):
@@ -88,6 +92,7 @@ def build_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[
             with opt.second_pass(model):
                 loss_fn(model(x), y).backward()
             opt.second_step(zero_grad=True)
+
         return step
 
     def base():
@@ -121,8 +126,9 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def interleaved(steps: dict[str, Step], rounds: int, block: int, warmup: int = 1,
-                progress: bool = False) -> dict[str, Any]:
+def interleaved(
+    steps: dict[str, Step], rounds: int, block: int, warmup: int = 1, progress: bool = False
+) -> dict[str, Any]:
     """Per round, ``block`` steps of every candidate, interleaved step by step (candidate order
     rotating); the per-step wall and process-CPU seconds of each candidate in each round."""
     if rounds < 1 or block < 1 or block % 4:
@@ -144,8 +150,7 @@ def interleaved(steps: dict[str, Step], rounds: int, block: int, warmup: int = 1
                     times[clock][name].append(spent[clock][name] / block)
         if progress:
             print(f"round {r + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
-    return {name: {clock: _summary(times[clock][name], times[clock]["sgd"]) for clock in CLOCKS}
-            for name in names}
+    return {name: {clock: _summary(times[clock][name], times[clock]["sgd"]) for clock in CLOCKS} for name in names}
 
 
 def _summary(ts: list[float], sgd: list[float]) -> dict[str, Any]:
@@ -189,10 +194,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = interleaved(steps, args.rounds, args.block, progress=True)
     report = {
         "command": " ".join(["python benchmarks/bench_step_cost.py", *(sys.argv[1:] if argv is None else argv)]),
-        "model": args.model, "batch": args.batch, "size": args.size, "rounds": args.rounds,
-        "block": args.block, "threads": args.threads, "torch": torch.__version__,
+        "model": args.model,
+        "batch": args.batch,
+        "size": args.size,
+        "rounds": args.rounds,
+        "block": args.block,
+        "threads": args.threads,
+        "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "loadavg_before": load_before, "loadavg_after": _load(),
+        "loadavg_before": load_before,
+        "loadavg_after": _load(),
         "candidates": {n: {"what": CANDIDATES[n], **results[n]} for n in args.candidates},
     }
     atomic_write(args.out, json.dumps(report, indent=1))
@@ -202,15 +213,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     """The markdown table of RESULTS.md: wall-clock and process-CPU time, relative to SGD."""
-    rows = ["| step | wall ms, median (IQR) | wall / SGD per round, median (IQR) | "
-            "CPU ms, median (IQR) | CPU / SGD per round, median (IQR) |", "|---|---|---|---|---|"]
+    rows = [
+        "| step | wall ms, median (IQR) | wall / SGD per round, median (IQR) | "
+        "CPU ms, median (IQR) | CPU / SGD per round, median (IQR) |",
+        "|---|---|---|---|---|",
+    ]
     for name, c in report["candidates"].items():
         cells = []
         for clock in CLOCKS:
             s = c[clock]
             cells.append(f"{s['median_ms']:.0f} ({s['iqr_ms'][0]:.0f}-{s['iqr_ms'][1]:.0f})")
-            cells.append(f"{s['paired_ratio_median']:.2f}x ({s['paired_ratio_iqr'][0]:.2f}-"
-                         f"{s['paired_ratio_iqr'][1]:.2f})")
+            cells.append(
+                f"{s['paired_ratio_median']:.2f}x ({s['paired_ratio_iqr'][0]:.2f}-{s['paired_ratio_iqr'][1]:.2f})"
+            )
         rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -1,8 +1,8 @@
 """Benchmarks report ratios against a baseline measured in the same run.
 
 Each benchmark sets ``benchmark.extra_info["pairs"] = [(name, role), ...]`` with role "candidate" or
-"baseline" (a baseline may serve several pairs); at the end the median of each candidate is divided by its baseline's and printed, and
-written to ``benchmarks/.ratios.json`` for RESULTS.md.
+"baseline" (a baseline may serve several pairs); at the end the median of each candidate is divided by its
+baseline's and printed, and written to ``benchmarks/.ratios.json`` for RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,16 +28,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # pragma: no
     rows = []
     for name, d in sorted(_medians.items()):
         if "candidate" in d and "baseline" in d:
-            rows.append({"pair": name, "candidate_ms": d["candidate"] * 1e3,
-                         "baseline_ms": d["baseline"] * 1e3, "ratio": d["candidate"] / d["baseline"]})
+            rows.append(
+                {
+                    "pair": name,
+                    "candidate_ms": d["candidate"] * 1e3,
+                    "baseline_ms": d["baseline"] * 1e3,
+                    "ratio": d["candidate"] / d["baseline"],
+                }
+            )
     tr = terminalreporter
     tr.section("samnorm ratios (candidate median / baseline median; < 1 is faster)")
     for r in rows:
-        tr.write_line(f"{r['pair']:<55} {r['candidate_ms']:10.3f} ms / {r['baseline_ms']:10.3f} ms"
-                      f" = {r['ratio']:.3f}")
-    machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(),
-               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        tr.write_line(f"{r['pair']:<55} {r['candidate_ms']:10.3f} ms / {r['baseline_ms']:10.3f} ms = {r['ratio']:.3f}")
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
     out = Path(__file__).with_name(".ratios.json")
     old = json.loads(out.read_text()) if out.exists() else {}
     old.update({r["pair"]: {**r, "machine": machine} for r in rows})

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import samnorm  # noqa: E402
-from samnorm import SAM  # noqa: E402
+import samnorm
+from samnorm import SAM
 
 
 def _sync(device: str) -> None:
@@ -65,9 +65,17 @@ def loop_perturb_restore(params, rho=0.05):
 
 def small_net(device):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).to(device)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.GroupNorm(4, 16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).to(device)
 
 
 def check_foreach_equals_single(device):
@@ -77,16 +85,20 @@ def check_foreach_equals_single(device):
     for foreach in (None, False):
         for adaptive in (False, True):
             model = small_net(device)
-            opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5,
-                      adaptive=adaptive, foreach=foreach)
+            opt = SAM(
+                torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                model,
+                rho=0.5,
+                adaptive=adaptive,
+                foreach=foreach,
+            )
             for _ in range(3):
                 opt.first_step(nn.functional.cross_entropy(model(x), y))
                 with opt.second_pass(model):
                     nn.functional.cross_entropy(model(x), y).backward()
                 opt.second_step(zero_grad=True)
             outs[(foreach, adaptive)] = [p.detach().clone() for p in model.parameters()]
-    diff = max(float((a - b).abs().max()) for ad in (False, True)
-               for a, b in zip(outs[(None, ad)], outs[(False, ad)]))
+    diff = max(float((a - b).abs().max()) for ad in (False, True) for a, b in zip(outs[(None, ad)], outs[(False, ad)]))
     return {"foreach_vs_single_max_abs_diff": diff, "ok": diff < 1e-5}
 
 
@@ -147,12 +159,19 @@ def check_amp(device):
             handle.remove()
         opt.second_step(scaler=scaler, zero_grad=True)
         scaler.update()
-        changed = any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()
-                      if v.is_floating_point() and "running" not in k)
+        changed = any(
+            not torch.equal(v, before[k])
+            for k, v in model.state_dict().items()
+            if v.is_floating_point() and "running" not in k
+        )
         out[str(inject)] = {"params_changed": changed, "scale_after": scaler.get_scale()}
-    out["ok"] = (out["None"]["params_changed"] and not out["first"]["params_changed"]
-                 and not out["second"]["params_changed"] and out["first"]["scale_after"] == 2.0**13
-                 and out["second"]["scale_after"] == 2.0**13)
+    out["ok"] = (
+        out["None"]["params_changed"]
+        and not out["first"]["params_changed"]
+        and not out["second"]["params_changed"]
+        and out["first"]["scale_after"] == 2.0**13
+        and out["second"]["scale_after"] == 2.0**13
+    )
     return out
 
 
@@ -174,8 +193,7 @@ def bench_perturb(device, quick):
 
         t_ours = timeit(ours, device, reps)
         t_loop = timeit(lambda: loop_perturb_restore(params), device, reps)
-        out[name] = {"samnorm_ms": t_ours, "loop_ms": t_loop, "speedup": t_loop / t_ours,
-                     "tensors": len(params)}
+        out[name] = {"samnorm_ms": t_ours, "loop_ms": t_loop, "speedup": t_loop / t_ours, "tensors": len(params)}
     return out
 
 
@@ -219,13 +237,16 @@ def bench_train(device, quick):
             sam.second_step(zero_grad=True)
 
         reps = 3 if quick else 20
-        t = {k: timeit(f, device, reps) for k, f in (("sgd", sgd), ("sam_on_loss", sam_loss),
-                                                     ("sam_on_full_backward", sam_full))}
+        t = {
+            k: timeit(f, device, reps)
+            for k, f in (("sgd", sgd), ("sam_on_loss", sam_loss), ("sam_on_full_backward", sam_full))
+        }
         out["bf16" if amp else "fp32"] = {
             **{f"{k}_ms": v for k, v in t.items()},
             "sam_on_loss_vs_sgd": t["sam_on_loss"] / t["sgd"],
             "sam_on_full_backward_vs_sgd": t["sam_on_full_backward"] / t["sgd"],
-            "batch": batch, "size": size,
+            "batch": batch,
+            "size": size,
         }
     return out
 
@@ -238,10 +259,16 @@ def main() -> None:
     args = ap.parse_args()
     dev = args.device
     torch.backends.cudnn.benchmark = True
-    res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-           "torch": torch.__version__, "samnorm": samnorm.__version__}
-    for name, fn in (("foreach_equals_single", check_foreach_equals_single), ("no_sync", check_no_sync),
-                     ("amp_grad_scaler", check_amp)):
+    res = {
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "samnorm": samnorm.__version__,
+    }
+    for name, fn in (
+        ("foreach_equals_single", check_foreach_equals_single),
+        ("no_sync", check_no_sync),
+        ("amp_grad_scaler", check_amp),
+    ):
         res[name] = fn(dev)
         print(name, json.dumps(res[name]), flush=True)
     for name, fn in (("perturb_restore", bench_perturb), ("train_step", bench_train)):

@@ -48,8 +48,15 @@ def main() -> None:
     model.to(device)
 
     before = evaluate_datasets(model, val, ood, SCORERS, batch_size=args.batch_size).results
-    result = finetune(model, train, output_dir=args.output, steps=args.steps, batch_size=args.batch_size,
-                      device=device, model_name=args.model)
+    result = finetune(
+        model,
+        train,
+        output_dir=args.output,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        device=device,
+        model_name=args.model,
+    )
     after = evaluate_datasets(result.model, val, ood, SCORERS, batch_size=args.batch_size).results
 
     print("## Before fine-tuning\n\n" + before.to_markdown())

@@ -45,13 +45,16 @@ def main() -> None:
     torch.manual_seed(0)
 
     train = ImageFolder(args.train, flat=False)
-    model = create_model("t2t_vit_24", checkpoint=args.weights, num_classes=len(train.classes), new_head=True,
-                         img_size=args.img_size).to(device)
+    model = create_model(
+        "t2t_vit_24", checkpoint=args.weights, num_classes=len(train.classes), new_head=True, img_size=args.img_size
+    ).to(device)
     train.transform = transform = transform_for_model(model, size=args.img_size)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=2)
     val = DataLoader(ImageFolder(args.val, transform, classes=train.classes), batch_size=args.batch_size)
-    ood = {name: DataLoader(ImageFolder(path, transform, flat=True), batch_size=args.batch_size)
-           for name, path in (o.split("=", 1) for o in args.ood)}
+    ood = {
+        name: DataLoader(ImageFolder(path, transform, flat=True), batch_size=args.batch_size)
+        for name, path in (o.split("=", 1) for o in args.ood)
+    }
     before = evaluate(model, val, ood, ["msp", "energy", "rankfeat"])
 
     # SAM-ON: perturb=model selects the normalization layers; SGD updates every parameter.
@@ -67,7 +70,7 @@ def main() -> None:
 
         def loss_terms():
             logits = model(inputs)
-            return loss_fn(logits[: len(y)], y, logits[len(y):])
+            return loss_fn(logits[: len(y)], y, logits[len(y) :])
 
         with opt.first_pass(model):  # no DDP all-reduce for the ascent gradient
             terms = loss_terms()

@@ -32,16 +32,33 @@ _EXPORTS = {
     "OnePassSAM": "sam.variants",
 }
 _SUBMODULES = {
-    "data", "demo", "diagnostics", "distributions", "figures", "integrations", "io", "losses", "models",
-    "nn_utils", "ood", "optim", "plots", "recipe", "sam", "select", "utils", "variants", "viz",
+    "data",
+    "demo",
+    "diagnostics",
+    "distributions",
+    "figures",
+    "integrations",
+    "io",
+    "losses",
+    "models",
+    "nn_utils",
+    "ood",
+    "optim",
+    "plots",
+    "recipe",
+    "sam",
+    "select",
+    "utils",
+    "variants",
+    "viz",
 }
 
 __all__ = [
     "GSAM",
+    "SAM",
     "IntervalSAM",
     "LookSAM",
     "OnePassSAM",
-    "SAM",
     "Selection",
     "__version__",
     "all_params",
@@ -54,8 +71,8 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .sam.optimizer import SAM, disable_running_stats
-    from .select import Selection, all_params, by_name, by_type, norm_layers, register_norm_type
     from .sam.variants import GSAM, IntervalSAM, LookSAM, OnePassSAM
+    from .select import Selection, all_params, by_name, by_type, norm_layers, register_norm_type
 
 
 def __getattr__(name: str) -> Any:

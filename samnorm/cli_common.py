@@ -183,7 +183,7 @@ def error_line(err: BaseException) -> str:
     if text.startswith("Caught ") and "DataLoader worker" in text.splitlines()[0]:
         last = text.splitlines()[-1].strip()
         prefix = type(err).__name__ + ": "
-        return last[len(prefix):] if last.startswith(prefix) else last
+        return last[len(prefix) :] if last.startswith(prefix) else last
     return text.splitlines()[0] if text else type(err).__name__
 
 
@@ -226,18 +226,35 @@ def say(rank: int, text: str, stream: Any = None) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model options shared by ``finetune``, ``evaluate`` and ``diagnose``."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="timm model name, e.g. resnetv2_101x1_bit.goog_in21k_ft_in1k (default) or "
-                   "t2t_vit_24; taken from --checkpoint when it records one")
+    g.add_argument(
+        "--model",
+        help="timm model name, e.g. resnetv2_101x1_bit.goog_in21k_ft_in1k (default) or "
+        "t2t_vit_24; taken from --checkpoint when it records one",
+    )
     g.add_argument("--checkpoint", help="local weights: .pth/.pth.tar/.safetensors/.npz, or a samnorm checkpoint")
-    g.add_argument("--model-arg", action="append", type=key_value, metavar="KEY=VALUE",
-                   help="extra model argument, repeatable (e.g. img_size=384, drop_path_rate=0.1)")
-    g.add_argument("--img-size", type=int, help="input side in pixels (default: the model's, or the one a "
-                   "samnorm checkpoint records)")
-    g.add_argument("--random-init", action="store_true",
-                   help="start from random weights on purpose (without it, a command with no --checkpoint or "
-                   "--pretrained is refused)")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle a checkpoint that stores Python objects (only for files you trust)")
+    g.add_argument(
+        "--model-arg",
+        action="append",
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="extra model argument, repeatable (e.g. img_size=384, drop_path_rate=0.1)",
+    )
+    g.add_argument(
+        "--img-size",
+        type=int,
+        help="input side in pixels (default: the model's, or the one a samnorm checkpoint records)",
+    )
+    g.add_argument(
+        "--random-init",
+        action="store_true",
+        help="start from random weights on purpose (without it, a command with no --checkpoint or "
+        "--pretrained is refused)",
+    )
+    g.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle a checkpoint that stores Python objects (only for files you trust)",
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: LOCAL_RANK)")
     g.add_argument("--batch-size", type=int, default=64, help="images per step and process (default 64)")
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (default 4)")
@@ -263,24 +280,26 @@ def build_model(args: argparse.Namespace, raw: dict[str, Any] | None, **extra: A
     from samnorm.models.loading import recorded_model_kwargs
 
     kwargs = dict(args.model_arg or [])
-    recorded = raw is not None and "model_name" in raw
-    name = args.model or (raw["model_name"] if recorded else DEFAULT_MODEL)
-    if recorded and not args.model:
-        kwargs = {**recorded_model_kwargs(raw), **kwargs}
+    recorded = raw if raw is not None and "model_name" in raw else None
+    name = args.model or (recorded["model_name"] if recorded is not None else DEFAULT_MODEL)
+    if recorded is not None and not args.model:
+        kwargs = {**recorded_model_kwargs(recorded), **kwargs}
     source = raw if raw is not None else args.checkpoint
     pretrained = getattr(args, "pretrained", False)
     if source is None and not pretrained and not args.random_init:
         sources = ["--checkpoint FILE", *(["--pretrained"] if hasattr(args, "pretrained") else [])]
-        raise UsageError(f"no weights for {name}: pass {' or '.join(sources)}, or --random-init to start from "
-                         "random weights on purpose")
+        raise UsageError(
+            f"no weights for {name}: pass {' or '.join(sources)}, or --random-init to start from "
+            "random weights on purpose"
+        )
     try:
-        model = create_model(name, checkpoint=source, pretrained=pretrained, trusted=args.trust_checkpoint,
-                             **extra, **kwargs)
+        model = create_model(
+            name, checkpoint=source, pretrained=pretrained, trusted=args.trust_checkpoint, **extra, **kwargs
+        )
     except (TypeError, ValueError) as err:  # a TypeError: a --model-arg the model does not take
         raise UsageError(f"{args.checkpoint}: {err}" if args.checkpoint else str(err)) from err
     if source is None and not pretrained:
-        say(int(os.environ.get("RANK", "0")), f"samnorm: {name} starts from random weights (--random-init)",
-            sys.stderr)
+        say(int(os.environ.get("RANK", "0")), f"samnorm: {name} starts from random weights (--random-init)", sys.stderr)
     return model, name, kwargs
 
 
@@ -309,9 +328,11 @@ def _check_input(model: Any, transform: Any) -> None:
     except (AssertionError, RuntimeError, ValueError) as err:
         if isinstance(err, RuntimeError) and "out of memory" in str(err).lower():
             raise
-        raise UsageError(f"the model does not take {transform.channels} x {transform.size} x {transform.size} "
-                         f"images ({error_line(err)}): pass an --img-size (or --model-arg img_size/in_chans) it "
-                         "takes") from err
+        raise UsageError(
+            f"the model does not take {transform.channels} x {transform.size} x {transform.size} "
+            f"images ({error_line(err)}): pass an --img-size (or --model-arg img_size/in_chans) it "
+            "takes"
+        ) from err
     finally:
         model.train(training)
 
@@ -352,6 +373,8 @@ def fit_folder(path: str, transform: Any, classes: Sequence[str] | None, scorers
         return ImageFolder(path, transform, classes=classes, flat=False if labelled else None)
     except ValueError as err:
         if labelled and "no class sub-folders" in str(err):
-            raise UsageError(f"--fit {path}: {', '.join(labelled)} needs labelled ID training images, one "
-                             f"sub-folder per class ({os.path.join(path, '<class>', '<image>')})") from err
+            raise UsageError(
+                f"--fit {path}: {', '.join(labelled)} needs labelled ID training images, one "
+                f"sub-folder per class ({os.path.join(path, '<class>', '<image>')})"
+            ) from err
         raise

@@ -68,7 +68,7 @@ def _atomic(path: str | os.PathLike[str], mode: str) -> Iterator[IO[Any]]:
     tmp = _tmp_name(path)
     stage = _STAGE.get()
     try:
-        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -175,8 +175,10 @@ def check_outside(output: str, inputs: Mapping[str, Any], option: str = "--outpu
             for candidate in [folder, *subs]:
                 inside = os.path.realpath(candidate)
                 if os.path.commonpath([real, inside]) == inside:
-                    raise ValueError(f"{option} {output} is inside {name} {folder}: choose an output folder "
-                                     "outside it (its files would be read as images on the next run)")
+                    raise ValueError(
+                        f"{option} {output} is inside {name} {folder}: choose an output folder "
+                        "outside it (its files would be read as images on the next run)"
+                    )
 
 
 # ------------------------------------------------------------------ the lock
@@ -207,8 +209,9 @@ def _open_locked(path: str, option: str, output: str) -> int:
         except BlockingIOError:
             holder = _describe(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
             os.close(fd)
-            raise FolderBusy(f"{option} {output} is in use by {holder}: wait for it to end, or choose "
-                             f"another output") from None
+            raise FolderBusy(
+                f"{option} {output} is in use by {holder}: wait for it to end, or choose another output"
+            ) from None
         # the holder may have removed the file between our open and flock: lock the file now there
         try:
             now = os.stat(path)
@@ -221,8 +224,14 @@ def _open_locked(path: str, option: str, output: str) -> int:
 
 
 @contextlib.contextmanager
-def hold(output: str | os.PathLike[str], command: str, *, option: str = "--output", file: bool = False,
-         say: Callable[[str], None] | None = None) -> Iterator[None]:
+def hold(
+    output: str | os.PathLike[str],
+    command: str,
+    *,
+    option: str = "--output",
+    file: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> Iterator[None]:
     """Hold the exclusive lock of the run in ``output`` (a folder, or with ``file`` an output file)
     for the block; create the folder, which is removed again at the end if the run left it empty.
 
@@ -257,9 +266,14 @@ def hold(output: str | os.PathLike[str], command: str, *, option: str = "--outpu
         if left.strip():  # a holder that ended without releasing: it was killed
             (say or (lambda text: print(text, file=sys.stderr, flush=True)))(
                 f"{option} {output}: taking over the lock of {_describe(left)}, which ended without "
-                "releasing it (killed?)")
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+                "releasing it (killed?)"
+            )
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp-*")):  # writers killed mid-write
@@ -315,7 +329,9 @@ def handle_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    wanted = {getattr(signal, n): _raise for n in _SIGNALS if hasattr(signal, n)}
+    wanted: dict[int, Callable[[int, Any], None] | signal.Handlers] = {
+        getattr(signal, n): _raise for n in _SIGNALS if hasattr(signal, n)
+    }
     if hasattr(signal, "SIGXFSZ"):
         wanted[signal.SIGXFSZ] = signal.SIG_IGN
     before = {s: signal.signal(s, h) for s, h in wanted.items()}
@@ -442,8 +458,7 @@ def _sha256(path: str) -> str:
 
 
 @contextlib.contextmanager
-def result_set(folder: str | os.PathLike[str], command: str, info: Mapping[str, Any] | None = None
-               ) -> Iterator[None]:
+def result_set(folder: str | os.PathLike[str], command: str, info: Mapping[str, Any] | None = None) -> Iterator[None]:
     """Write the files of one result into ``folder`` as a unit.
 
     Every :func:`samnorm.io.atomic_write`/``atomic_save`` inside the block writes a temporary file;
@@ -472,8 +487,9 @@ def result_set(folder: str | os.PathLike[str], command: str, info: Mapping[str, 
         for target in pending:
             if os.path.dirname(os.path.abspath(target)) != os.path.abspath(folder):
                 raise ValueError(f"result_set({folder!r}) wrote {target!r}, outside its folder")
-        files = {os.path.basename(t): {"bytes": os.path.getsize(tmp), "sha256": _sha256(tmp)}
-                 for t, tmp in pending.items()}
+        files = {
+            os.path.basename(t): {"bytes": os.path.getsize(tmp), "sha256": _sha256(tmp)} for t, tmp in pending.items()
+        }
         manifest_path = os.path.join(folder, manifest_name(command))
         previous = read_manifest(folder, command) or {"files": {}}
     with deferred_signals():  # every file written: swap the set in (the manifest, written last, is not staged)
@@ -489,8 +505,18 @@ def result_set(folder: str | os.PathLike[str], command: str, info: Mapping[str, 
             if os.path.basename(name) == name:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(folder, name))
-        atomic_write(manifest_path, json.dumps({
-            "run": uuid.uuid4().hex, "command": command, "pid": os.getpid(), "host": socket.gethostname(),
-            "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            **({"info": dict(info)} if info else {}), "files": files}, indent=2))
-
+        atomic_write(
+            manifest_path,
+            json.dumps(
+                {
+                    "run": uuid.uuid4().hex,
+                    "command": command,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                    **({"info": dict(info)} if info else {}),
+                    "files": files,
+                },
+                indent=2,
+            ),
+        )

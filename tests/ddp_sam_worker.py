@@ -21,8 +21,9 @@ from samnorm import SAM
 def make():
     torch.manual_seed(0)
     # the 300 x 300 layer is above SAM's flat-buffer size: both of SAM's paths are exercised
-    return nn.Sequential(nn.Linear(6, 300), nn.LayerNorm(300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(),
-                         nn.Linear(300, 4)).double()
+    return nn.Sequential(
+        nn.Linear(6, 300), nn.LayerNorm(300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 4)
+    ).double()
 
 
 def step(model, opt, x, y):
@@ -48,12 +49,17 @@ def run(out: str, sync: bool, rank: int, world: int) -> None:
     model = DDP(make())
     model.register_comm_hook(None, counting_hook)
     # synchronised: plain SAM, so large tensors are averaged too; local: SAM-ON
-    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), None if sync else model, rho=0.3,
-              sync_first_pass=sync, model=model)
+    opt = SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        None if sync else model,
+        rho=0.3,
+        sync_first_pass=sync,
+        model=model,
+    )
     per_pass = []
     for _ in range(3):
         before = calls["n"]
-        xs, ys = x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8]
+        xs, ys = x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
         with opt.first_pass(model):
             loss = nn.functional.cross_entropy(model(xs), ys)
         opt.first_step(loss)

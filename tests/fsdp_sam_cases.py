@@ -49,8 +49,9 @@ CASES = {
 def make() -> nn.Module:
     torch.manual_seed(0)
     # 9 and 3 rows split 5/4 and 2/1 over 2 ranks: uneven shards
-    return nn.Sequential(nn.Linear(6, 9), nn.LayerNorm(9), nn.ReLU(), nn.Linear(9, 9), nn.GroupNorm(3, 9),
-                         nn.ReLU(), nn.Linear(9, 3)).double()
+    return nn.Sequential(
+        nn.Linear(6, 9), nn.LayerNorm(9), nn.ReLU(), nn.Linear(9, 9), nn.GroupNorm(3, 9), nn.ReLU(), nn.Linear(9, 3)
+    ).double()
 
 
 def build(case: str, model: nn.Module) -> SAM:
@@ -59,8 +60,9 @@ def build(case: str, model: nn.Module) -> SAM:
     return cls(base, model if on else None, rho=0.3, model=model, **kwargs)
 
 
-def train(case: str, model: nn.Module, opt: SAM, x: torch.Tensor, y: torch.Tensor, holds_first_row: bool = True
-          ) -> list[float | None]:
+def train(
+    case: str, model: nn.Module, opt: SAM, x: torch.Tensor, y: torch.Tensor, holds_first_row: bool = True
+) -> list[float | None]:
     """3 steps; the ascent's norm (``last_grad_norm``) after each step's ascent (None: no ascent).
 
     Paths "scaler" and "scaler-inf": the loss path through a GradScaler; "scaler-inf" puts an inf
@@ -135,9 +137,12 @@ def run(out: str, rank: int, world: int) -> None:
         return
     from torch.distributed.device_mesh import init_device_mesh
 
-    meshes = {False: init_device_mesh("cpu", (world,)), True: init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))}
+    meshes = {
+        False: init_device_mesh("cpu", (world,)),
+        True: init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")),
+    }
     x, y = batch(world)
-    xs, ys = x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8]
+    xs, ys = x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
     results: dict = {}
     for case in CASES:
         mesh = meshes["hsdp" in case]
@@ -149,7 +154,7 @@ def run(out: str, rank: int, world: int) -> None:
         try:
             norms = train(case, model, build(case, model), xs, ys, holds_first_row=rank == 0)
             result = {"params": [p.full_tensor().detach().clone() for p in model.parameters()], "norms": norms}
-        except Exception as e:  # noqa: BLE001 - recorded, so that one case's failure does not hide the others'
+        except Exception as e:  # recorded, so that one case's failure does not hide the others'
             result = {"error": f"{type(e).__name__}: {e}"}
         results[case] = result
     results["mixed"] = mixed(meshes[False], xs, ys)
@@ -167,6 +172,6 @@ def mixed(mesh: object, x: torch.Tensor, y: torch.Tensor) -> str:
     nn.functional.cross_entropy(model(x), y).backward()
     try:
         opt.first_step()
-    except Exception as e:  # noqa: BLE001 - the test checks its type and message
+    except Exception as e:  # the test checks its type and message
         return f"{type(e).__name__}: {e}"
     return ""

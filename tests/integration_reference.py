@@ -45,7 +45,7 @@ def reference(model, x, y, *, k=K, steps=STEPS, clip=CLIP, momentum=0.9, autocas
         return nn.functional.cross_entropy(out.float(), yb) / k
 
     for s in range(steps):
-        window = micro[s * k:(s + 1) * k]
+        window = micro[s * k : (s + 1) * k]
         for xb, yb in window:
             loss(xb, yb).backward()
         sam.first_step(zero_grad=True)

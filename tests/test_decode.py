@@ -110,15 +110,27 @@ def case_LAB():
     # sRGB colours to Pillow's LAB with littleCMS: decoding must give the colours back, up to the
     # 8-bit L*a*b* quantization (steepest in dark channels, through the sRGB curve)
     rgb = u8(3)
-    lab = ImageCms.applyTransform(Image.fromarray(rgb), ImageCms.buildTransform(
-        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"))
+    lab = ImageCms.applyTransform(
+        Image.fromarray(rgb),
+        ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"),
+    )
     return lab, rgb / 255
 
 
 CASES = {
-    "1": (case_1, 0), "L": (case_L, 0), "LA": (case_LA, 0), "P": (case_P, 0), "PA": (case_PA, 0),
-    "RGB": (case_RGB, 0), "RGBA": (case_RGBA, 0), "I": (case_I, 1e-9), "I (16-bit TIFF)": (case_I_16bit_tiff, 0),
-    "F": (case_F, 0), "CMYK": (case_CMYK, 1e-6), "YCbCr": (case_YCbCr, 1e-6), "HSV": (case_HSV, 1e-6),
+    "1": (case_1, 0),
+    "L": (case_L, 0),
+    "LA": (case_LA, 0),
+    "P": (case_P, 0),
+    "PA": (case_PA, 0),
+    "RGB": (case_RGB, 0),
+    "RGBA": (case_RGBA, 0),
+    "I": (case_I, 1e-9),
+    "I (16-bit TIFF)": (case_I_16bit_tiff, 0),
+    "F": (case_F, 0),
+    "CMYK": (case_CMYK, 1e-6),
+    "YCbCr": (case_YCbCr, 1e-6),
+    "HSV": (case_HSV, 1e-6),
     "LAB": (case_LAB, 8 / 255),
     **{m: ((lambda m=m: case_I16(m)), 0) for m in ("I;16", "I;16L", "I;16B", "I;16N")},
 }
@@ -137,7 +149,7 @@ def test_every_mode_gives_its_true_values(name):
     else:  # one channel from colour: ITU-R 601 luma
         luma = expected @ np.array([0.299, 0.587, 0.114])
         np.testing.assert_allclose(decode(image, channels=1)[..., 0], luma, atol=tol + 1e-6)
-    assert 0 <= rgb.min() and rgb.max() <= 1
+    assert rgb.min() >= 0 and rgb.max() <= 1
     assert np.abs(got - expected).mean() <= max(tol / 8, 1e-6)  # LAB: a few dark channels off, not all
 
 

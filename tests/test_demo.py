@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import subprocess
 import sys
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,9 @@ pytest.importorskip("timm")
 pytest.importorskip("mlxtend")
 pytest.importorskip("skimage")
 
-from samnorm import demo  # noqa: E402
-from samnorm.cli_common import UsageError  # noqa: E402
-from samnorm.demo import stats  # noqa: E402
-from samnorm.demo import ARMS, SCORER_NAMES, DemoConfig  # noqa: E402
+from samnorm import demo
+from samnorm.cli_common import UsageError
+from samnorm.demo import ARMS, SCORER_NAMES, DemoConfig, stats
 
 TINY = dict(
     seeds=(0, 1),
@@ -63,8 +62,11 @@ def test_report_structure_and_every_figure_is_finite(tiny) -> None:
     assert list(data["arms"]) == list(config.arms)
     sets = ["textures", "photos", "faces", "noise"]
     assert data["ood_sets"] == sets
-    for block in [data["pretrained"], *(run for arm in data["arms"].values() for run in arm["seeds"].values()),
-                  *(arm[k] for arm in data["arms"].values() for k in ("mean", "std"))]:
+    for block in [
+        data["pretrained"],
+        *(run for arm in data["arms"].values() for run in arm["seeds"].values()),
+        *(arm[k] for arm in data["arms"].values() for k in ("mean", "std")),
+    ]:
         assert set(block["metrics"]) == set(SCORER_NAMES)
         for per_set in block["metrics"].values():
             assert list(per_set) == [*sets, "average"]
@@ -89,8 +91,18 @@ def test_markdown_tables_and_files(tiny) -> None:
     assert text == report.markdown
     for scorer in SCORER_NAMES:
         assert text.count(f"| {scorer} |") == 2 * (1 + 4)  # FPR95 and AUROC, average and 4 sets
-    for name in ("SAM-ON", "SGD", "full SAM", "SAM-ON − SGD", "ID accuracy", "Convention", "How the defaults",
-                 "samnorm.recipe.finetune", "95% Student-t interval", "appendix's quantities"):
+    for name in (
+        "SAM-ON",
+        "SGD",
+        "full SAM",
+        "SAM-ON − SGD",
+        "ID accuracy",
+        "Convention",
+        "How the defaults",
+        "samnorm.recipe.finetune",
+        "95% Student-t interval",
+        "appendix's quantities",
+    ):
         assert name in text
     assert "Target" not in text  # conclusions are intervals, not a pass/fail target
     # Each difference cell is "mean [low, high]" from the report's data.
@@ -116,10 +128,14 @@ def test_metrics_match_sklearn_on_the_cached_model(tiny) -> None:
     data = load_data(config)
     logits_id = logits(model, data.test[0])
     assert report.data["pretrained"]["id_accuracy"] == pytest.approx(
-        float((logits_id.argmax(1) == data.test[1]).double().mean()))
+        float((logits_id.argmax(1) == data.test[1]).double().mean())
+    )
     for name, x in data.ood.items():
         logits_ood = logits(model, x)
-        for scorer, fn in (("MSP", lambda z: z.double().softmax(1).amax(1)), ("Energy", lambda z: z.double().logsumexp(1))):
+        for scorer, fn in (
+            ("MSP", lambda z: z.double().softmax(1).amax(1)),
+            ("Energy", lambda z: z.double().logsumexp(1)),
+        ):
             s_id, s_ood = fn(logits_id).numpy(), fn(logits_ood).numpy()
             labels = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]
             scores = np.r_[s_id, s_ood]
@@ -147,7 +163,7 @@ def test_metrics_match_sklearn_on_the_cached_model(tiny) -> None:
 
 def test_cache_is_keyed_by_configuration_and_survives_corruption(tiny, tmp_path) -> None:
     config, _ = tiny
-    model, info = demo.pretrain(config)
+    _, info = demo.pretrain(config)
     assert info["cached"] and Path(info["path"]).is_file()
     other = DemoConfig(**{**TINY, "pretrain_lr": 0.05}, cache_dir=config.cache_dir)
     assert other.pretrain_key() != config.pretrain_key()
@@ -225,8 +241,9 @@ def test_arm_config_maps_arms_onto_recipe_optimizers() -> None:
 
 
 def test_sam_on_perturbs_only_groupnorm_parameters(tiny) -> None:
-    import samnorm
     from timm.layers import GroupNormAct
+
+    import samnorm
 
     config, _ = tiny
     model = demo.build_backbone(config)
@@ -267,7 +284,9 @@ def test_bootstrap_interval_matches_a_plain_loop_and_paired_differences() -> Non
     rng = np.random.default_rng(5)
     idx = rng.integers(0, len(x), size=(2000, len(x)))
     means = sorted(sum(x[j] for j in row) / len(x) for row in idx)
-    assert got["low"] == pytest.approx(np.quantile(means, 0.05)) and got["high"] == pytest.approx(np.quantile(means, 0.95))
+    assert got["low"] == pytest.approx(np.quantile(means, 0.05)) and got["high"] == pytest.approx(
+        np.quantile(means, 0.95)
+    )
     a, b = [0.5, 0.6, 0.7], [0.4, 0.4, 0.4]
     assert stats.paired(a, b)["mean"] == pytest.approx(0.2)
     assert stats.paired(a, b)["low"] == pytest.approx(stats.t_interval([0.1, 0.2, 0.3])["low"])
@@ -280,7 +299,10 @@ def test_bootstrap_interval_matches_a_plain_loop_and_paired_differences() -> Non
 
 def _synthetic(pre_fpr: float, sgd: list[float], sam_on: list[float]) -> dict:
     def block(fpr: float) -> dict:
-        return {"id_accuracy": 0.95, "metrics": {s: {"average": {"FPR95": fpr, "AUROC": 1 - fpr}} for s in ("MSP", "Energy")}}
+        return {
+            "id_accuracy": 0.95,
+            "metrics": {s: {"average": {"FPR95": fpr, "AUROC": 1 - fpr}} for s in ("MSP", "Energy")},
+        }
 
     report = {"pretrained": block(pre_fpr), "arms": {}}
     for arm, fprs in (("sgd", sgd), ("sam_on", sam_on)):
@@ -375,9 +397,21 @@ def test_transform_names_match_the_sampler() -> None:
 
 def test_t2t_vit_backbone_runs_end_to_end(tmp_path) -> None:
     config = DemoConfig(
-        backbone="t2t_vit", out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), seeds=(0,),
-        arms=("sam_on",), n_train=64, n_test=40, n_ood=20, widths=(8, 16), depths=(1, 1), pretrain_epochs=1,
-        batch_size=32, plots=False, progress=False, quiet=True,
+        backbone="t2t_vit",
+        out_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        seeds=(0,),
+        arms=("sam_on",),
+        n_train=64,
+        n_test=40,
+        n_ood=20,
+        widths=(8, 16),
+        depths=(1, 1),
+        pretrain_epochs=1,
+        batch_size=32,
+        plots=False,
+        progress=False,
+        quiet=True,
     )
     assert config.size == 42
     report = demo.run_demo(config)
@@ -390,8 +424,13 @@ def test_selection_uses_validation_data_and_picks_the_best_eligible(tiny) -> Non
     config, _ = tiny
     lines: list[str] = []
     result = demo.select_hyperparameters(
-        config, grid={"lr": (0.01, 0.05)}, rhos={"sam_on": (0.05,), "sam": (0.02,)},
-        adaptive_rhos={"sam_on": (0.5,)}, seeds=(100,), out=lines.append)
+        config,
+        grid={"lr": (0.01, 0.05)},
+        rhos={"sam_on": (0.05,), "sam": (0.02,)},
+        adaptive_rhos={"sam_on": (0.5,)},
+        seeds=(100,),
+        out=lines.append,
+    )
     table = result["table"]
     assert [e["arm"] for e in table] == ["sgd", "sgd", "sam_on", "sam_on", "sam"]
     assert len(lines) == 1 + len(table) + 1 and lines[-1].startswith("chosen")
@@ -420,14 +459,31 @@ def _ablation_module():
 
 def test_ablation_chooses_rho_on_validation_and_pairs_runs() -> None:
     ab = _ablation_module()
-    args = ab.parser().parse_args(["--backbones", "0,1", "--seeds", "0,1,2", "--lrs", "0.1", "--ood", "on",
-                                   "--optimizers", "sgd,sam-on", "--rhos", "sam-on=0.1,0.5,1"])
+    args = ab.parser().parse_args(
+        [
+            "--backbones",
+            "0,1",
+            "--seeds",
+            "0,1,2",
+            "--lrs",
+            "0.1",
+            "--ood",
+            "on",
+            "--optimizers",
+            "sgd,sam-on",
+            "--rhos",
+            "sam-on=0.1,0.5,1",
+        ]
+    )
     rng = np.random.default_rng(0)
 
     def figures(fpr: float, criterion: float, accuracy: float) -> dict:
-        return {"id_accuracy": accuracy, "val": {"criterion": criterion, "accuracy": accuracy},
-                "test": {s: {"FPR95": fpr, "AUROC": 1 - fpr} for s in ab.SCORERS},
-                "theory": {w: {"grad_norm": fpr, "max_logit": 1 + fpr} for w in ("id", "ood")}}
+        return {
+            "id_accuracy": accuracy,
+            "val": {"criterion": criterion, "accuracy": accuracy},
+            "test": {s: {"FPR95": fpr, "AUROC": 1 - fpr} for s in ab.SCORERS},
+            "theory": {w: {"grad_norm": fpr, "max_logit": 1 + fpr} for w in ("id", "ood")},
+        }
 
     states = {b: {"pretrained": figures(0.5, 0.5, 0.95), "runs": {}} for b in (0, 1)}
     # rho 1 has the best validation criterion but loses 5 points of validation accuracy: not eligible;
@@ -441,7 +497,9 @@ def test_ablation_chooses_rho_on_validation_and_pairs_runs() -> None:
             states[b]["runs"][ab._key({**run, "optimizer": "sgd", "rho": None})] = figures(base, 0.3, 0.95)
             for rho, (fpr, crit, acc) in quality.items():
                 if seed == 0 or rho == 0.5:  # the sweep on seed 0, the chosen rho on the others
-                    states[b]["runs"][ab._key({**run, "optimizer": "sam-on", "rho": rho})] = figures(base + fpr, crit, acc)
+                    states[b]["runs"][ab._key({**run, "optimizer": "sam-on", "rho": rho})] = figures(
+                        base + fpr, crit, acc
+                    )
             expected.append(0.40)
     selection = ab.choose_rhos(states, args)
     assert selection["chosen"] == {"on|0.1|sam-on": 0.5}
@@ -457,31 +515,39 @@ def test_ablation_chooses_rho_on_validation_and_pairs_runs() -> None:
         ab.choose_rhos(states, args)
 
 
-@pytest.mark.parametrize("arm, cls, k, passes", [("onepass-on", "OnePassSAM", None, 5),
-                                                 ("interval-on", "IntervalSAM", 4, 7),
-                                                 ("looksam-on", "LookSAM", 4, 7)])
+@pytest.mark.parametrize(
+    "arm, cls, k, passes",
+    [("onepass-on", "OnePassSAM", None, 5), ("interval-on", "IntervalSAM", 4, 7), ("looksam-on", "LookSAM", 4, 7)],
+)
 def test_variant_arms_train_through_the_recipe_with_their_pass_counts(arm, cls, k, passes) -> None:
     """Each cheaper arm is SAM-ON (GroupNorm only) under its schedule: 5 steps cost one forward each,
     plus a second one on SAM steps (interval/LookSAM k=4: steps 0 and 4)."""
-    from samnorm.sam import variants
     from samnorm.recipe import _build_optimizer, finetune
+    from samnorm.sam import variants
 
     ab = _ablation_module()
     run = {"seed": 0, "ood": "on", "lr": 0.1, "optimizer": arm, "rho": 0.1}
     recipe = ab.recipe_of(run, DemoConfig())
-    assert (recipe.optimizer, recipe.variant, recipe.variant_k, recipe.rho, recipe.ood_ratio) == \
-        ("sam-on", ab.VARIANT_ARMS[arm][0], k, 0.1, 1.0)
+    assert (recipe.optimizer, recipe.variant, recipe.variant_k, recipe.rho, recipe.ood_ratio) == (
+        "sam-on",
+        ab.VARIANT_ARMS[arm][0],
+        k,
+        0.1,
+        1.0,
+    )
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.GroupNorm(2, 8),
-                                torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.GroupNorm(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
     opt = _build_optimizer(model, recipe)
     assert type(opt) is getattr(variants, cls) and getattr(opt, "k", None) == k
     assert {id(p) for p in opt.perturbed_parameters()} == {id(p) for p in model[2].parameters()}
     forwards = []
     model[1].register_forward_hook(lambda *_: forwards.append(1))
     data = (torch.rand(40, 1, 4, 4), torch.arange(40) % 3)
-    finetune(model, data, dataclasses.replace(recipe, batch_size=8, transforms=None), progress=False,
-             log=lambda _: None)
+    finetune(
+        model, data, dataclasses.replace(recipe, batch_size=8, transforms=None), progress=False, log=lambda _: None
+    )
     assert len(forwards) == passes
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -489,26 +555,51 @@ def test_variant_arms_train_through_the_recipe_with_their_pass_counts(arm, cls, 
 def test_recipe_rejects_a_variant_without_sam_or_a_bad_k() -> None:
     from samnorm.recipe import FinetuneConfig
 
-    for bad in (dict(optimizer="sgd", variant="onepass"), dict(variant="lookahead"),
-                dict(variant="onepass", variant_k=4), dict(variant="interval", variant_k=0)):
+    for bad in (
+        dict(optimizer="sgd", variant="onepass"),
+        dict(variant="lookahead"),
+        dict(variant="onepass", variant_k=4),
+        dict(variant="interval", variant_k=0),
+    ):
         with pytest.raises(ValueError, match="variant"):
             FinetuneConfig(**bad)
 
 
 def test_ablation_reports_variant_minus_sam_on_paired() -> None:
     ab = _ablation_module()
-    args = ab.parser().parse_args(["--backbones", "0", "--seeds", "0,1,2", "--lrs", "0.1", "--ood", "on",
-                                   "--optimizers", "sgd,sam-on,onepass-on", "--rhos", "sam-on=0.1;onepass-on=0.1"])
+    args = ab.parser().parse_args(
+        [
+            "--backbones",
+            "0",
+            "--seeds",
+            "0,1,2",
+            "--lrs",
+            "0.1",
+            "--ood",
+            "on",
+            "--optimizers",
+            "sgd,sam-on,onepass-on",
+            "--rhos",
+            "sam-on=0.1;onepass-on=0.1",
+        ]
+    )
 
     def figures(fpr: float, accuracy: float = 0.95) -> dict:
-        return {"id_accuracy": accuracy, "val": {"criterion": fpr, "accuracy": accuracy},
-                "test": {s: {"FPR95": fpr, "AUROC": 1 - fpr} for s in ab.SCORERS},
-                "theory": {w: {"grad_norm": fpr, "max_logit": 1 + fpr} for w in ("id", "ood")}}
+        return {
+            "id_accuracy": accuracy,
+            "val": {"criterion": fpr, "accuracy": accuracy},
+            "test": {s: {"FPR95": fpr, "AUROC": 1 - fpr} for s in ab.SCORERS},
+            "theory": {w: {"grad_norm": fpr, "max_logit": 1 + fpr} for w in ("id", "ood")},
+        }
 
     runs = {}
     gaps = [0.04, 0.05, 0.06]  # onepass − SAM-ON per seed
     for seed, gap in enumerate(gaps):
-        for opt, rho, fpr in (("sgd", None, 0.3), ("sam-on", 0.1, 0.2 + seed / 100), ("onepass-on", 0.1, 0.2 + seed / 100 + gap)):
+        for opt, rho, fpr in (
+            ("sgd", None, 0.3),
+            ("sam-on", 0.1, 0.2 + seed / 100),
+            ("onepass-on", 0.1, 0.2 + seed / 100 + gap),
+        ):
             runs[ab._key({"seed": seed, "ood": "on", "lr": 0.1, "optimizer": opt, "rho": rho})] = figures(fpr)
     result = ab.analyse({0: {"pretrained": figures(0.5), "runs": runs}}, args)
     entry = result["cells"]["OOD term on, lr 0.1"]["arms"]["onepass-on"]
@@ -528,12 +619,24 @@ def test_a_variant_run_resumes_bit_identically(tmp_path, variant, k) -> None:
 
     def model():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.GroupNorm(2, 8),
-                                   torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        return torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.GroupNorm(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+        )
 
     data = torch.utils.data.TensorDataset(torch.rand(64, 1, 4, 4), torch.arange(64) % 3)
-    kw = dict(steps=7, checkpoint_every=2, batch_size=8, optimizer="sam-on", rho=0.5, lr=0.1, variant=variant,
-              variant_k=k, ood_ratio=0.0, progress=False, log=lambda _: None)
+    kw = dict(
+        steps=7,
+        checkpoint_every=2,
+        batch_size=8,
+        optimizer="sam-on",
+        rho=0.5,
+        lr=0.1,
+        variant=variant,
+        variant_k=k,
+        ood_ratio=0.0,
+        progress=False,
+        log=lambda _: None,
+    )
     straight = finetune(model(), data, output_dir=tmp_path / "a", **kw).model
     with pytest.raises(KeyboardInterrupt):
         finetune(model(), CrashAfter(data, 5 * 8 + 3), output_dir=tmp_path / "b", **kw)

@@ -313,8 +313,7 @@ def test_collect_through_model_adapter_matches_autograd_and_restores_mode():
     torch.manual_seed(4)
     model = _TinyResNet().double().train()
     x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
-    got = collect(model, [(x[:4], torch.zeros(4)), (x[4:], torch.zeros(2))], target="uniform", p=1,
-                  include_bias=False)
+    got = collect(model, [(x[:4], torch.zeros(4)), (x[4:], torch.zeros(2))], target="uniform", p=1, include_bias=False)
     assert model.training
     model.eval()
     want = []
@@ -371,10 +370,33 @@ def test_diagnose_command_writes_figures_and_json(tmp_path, capsys):
     _checkpoint(tmp_path / "before.pth", 1)
     out = tmp_path / "out"
     argv = [
-        "diagnose", "--checkpoint", str(tmp_path / "after.pth"), "--baseline", str(tmp_path / "before.pth"),
-        "--id", str(tmp_path / "id"), "--ood", f"flat grey={tmp_path / 'ood'}", "--scorers", "energy,max_logit",
-        "--batch-size", "4", "--workers", "0", "--device", "cpu", "--max-images", "8", "--theory", "3",
-        "--theory-iters", "3", "--dpi", "30", "--output", str(out),
+        "diagnose",
+        "--checkpoint",
+        str(tmp_path / "after.pth"),
+        "--baseline",
+        str(tmp_path / "before.pth"),
+        "--id",
+        str(tmp_path / "id"),
+        "--ood",
+        f"flat grey={tmp_path / 'ood'}",
+        "--scorers",
+        "energy,max_logit",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--max-images",
+        "8",
+        "--theory",
+        "3",
+        "--theory-iters",
+        "3",
+        "--dpi",
+        "30",
+        "--output",
+        str(out),
     ]
     with pytest.warns(RuntimeWarning, match="unreadable"):
         assert main(argv) == 0

@@ -161,7 +161,13 @@ def _deprecated_paths() -> set[str]:
 
 def test_the_package_imports_no_deprecated_path():
     deprecated = _deprecated_paths()
-    assert {"samnorm.plots", "samnorm.ood.rankfeat", "samnorm.ood.evaluate", "samnorm.optim", "samnorm.variants"} <= deprecated
+    assert {
+        "samnorm.plots",
+        "samnorm.ood.rankfeat",
+        "samnorm.ood.evaluate",
+        "samnorm.optim",
+        "samnorm.variants",
+    } <= deprecated
     found = sorted(
         (module, target)
         for module in MODULES
@@ -173,9 +179,18 @@ def test_the_package_imports_no_deprecated_path():
 
 
 def test_core_modules_import_without_timm_or_torchvision():
-    core = ["samnorm", "samnorm.sam.optimizer", "samnorm.sam.variants", "samnorm.select", "samnorm.nn_utils",
-            "samnorm.losses", "samnorm.viz.histograms", "samnorm.ood", "samnorm.ood.detectors",
-            "samnorm.diagnostics.quantities"]
+    core = [
+        "samnorm",
+        "samnorm.sam.optimizer",
+        "samnorm.sam.variants",
+        "samnorm.select",
+        "samnorm.nn_utils",
+        "samnorm.losses",
+        "samnorm.viz.histograms",
+        "samnorm.ood",
+        "samnorm.ood.detectors",
+        "samnorm.diagnostics.quantities",
+    ]
     code = f"import sys; import {', '.join(core)}; print([m for m in ('timm', 'torchvision') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

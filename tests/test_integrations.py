@@ -324,8 +324,14 @@ def test_lightning_manual_optimization_two_pass_idiom_advances_global_step():
 
     module, ref = Module(), _mlp(dtype=torch.float64)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader)
     assert trainer.global_step == 2  # so max_steps stops training
     _manual_sam_sgd(ref, x, y, 0.3, 0.1, 2)
@@ -340,8 +346,14 @@ def test_step_without_closure_or_first_step_names_the_supported_paths():
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError) as err:
         opt.step()
-    for path in ("step(closure)", "first_step", "SAMTrainer", "integrations.lightning",
-                 "integrations.timm", "integrations.accelerate"):
+    for path in (
+        "step(closure)",
+        "first_step",
+        "SAMTrainer",
+        "integrations.lightning",
+        "integrations.timm",
+        "integrations.accelerate",
+    ):
         assert path in str(err.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     scaler = torch.amp.GradScaler("cpu")  # the same error through GradScaler, and no stale attributes
@@ -391,7 +403,7 @@ def test_closure_step_refuses_accumulated_gradients():
         return loss
 
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="accumulat.*first_step"):
+    with pytest.raises(ValueError, match=r"accumulat.*first_step"):
         opt.step(accumulating)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -454,8 +466,15 @@ def _lightning(norm=nn.LayerNorm, max_steps=2, **trainer_kwargs):
     module = Module()
     before = copy.deepcopy(module.state_dict())
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
     return module, before, calls, lambda: trainer.fit(module, loader)
 
 
@@ -465,16 +484,16 @@ def test_lightning_automatic_accumulation_and_fp16_are_refused(case):
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     # on CPU "16-mixed" silently becomes bf16; the plugin forces the GradScaler path of a GPU
-    extra = ({"accumulate_grad_batches": 2} if case.startswith("acc") else
-             {"plugins": [MixedPrecision("16-mixed", "cpu")]})
+    extra = (
+        {"accumulate_grad_batches": 2} if case.startswith("acc") else {"plugins": [MixedPrecision("16-mixed", "cpu")]}
+    )
     module, before, _, fit = _lightning(**extra)
     # Lightning's 16-mixed runs the closure itself, then scaler.step(sam): one pass only
-    with pytest.raises(ValueError, match="accumulate_grad_batches" if case.startswith("acc") else
-                       "integrations.lightning"):
+    with pytest.raises(
+        ValueError, match="accumulate_grad_batches" if case.startswith("acc") else "integrations.lightning"
+    ):
         fit()
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
-
-
 
 
 @pytest.mark.parametrize("perturb", ["norm", "all"])
@@ -483,8 +502,7 @@ def test_gradient_accumulation_equals_large_batch(perturb):
     big, acc = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
 
     def make(m):
-        return SAM(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-                   m if perturb == "norm" else None, rho=0.4)
+        return SAM(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m if perturb == "norm" else None, rho=0.4)
 
     ob, oa = make(big), make(acc)
     k = 3
@@ -564,7 +582,9 @@ def test_clipping_the_second_pass_gradient():
     grads = [p.grad.clone() for p in model.parameters()]
     opt.second_step()
     assert float(total) > max_norm
-    assert abs(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) - max_norm) < 1e-5 * max_norm  # clip divides by norm + 1e-6
+    assert (
+        abs(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) - max_norm) < 1e-5 * max_norm
+    )  # clip divides by norm + 1e-6
     for p, w, g in zip(model.parameters(), before, grads):
         torch.testing.assert_close(p.detach(), w - lr * g)
 

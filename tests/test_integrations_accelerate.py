@@ -10,7 +10,16 @@ accelerate = pytest.importorskip("accelerate")
 
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from integration_reference import (  # noqa: E402
-    BATCH, CLIP, K, STEPS, assert_same_params, data, linear_schedule, make_sam, mlp, reference,
+    BATCH,
+    CLIP,
+    STEPS,
+    K,
+    assert_same_params,
+    data,
+    linear_schedule,
+    make_sam,
+    mlp,
+    reference,
 )
 
 from samnorm.integrations.accelerate import find_sam, sam_backward  # noqa: E402
@@ -88,7 +97,7 @@ def test_fp16_inf_in_either_pass_skips_the_step(inject):
 
     model[1].weight.register_hook(poison)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    acc, opt = _train(model, x, y, steps=1, scaler=scaler)
+    _, opt = _train(model, x, y, steps=1, scaler=scaler)
     assert scaler.get_scale() == 2.0**11  # backed off
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert not find_sam(opt).state  # the base optimizer never stepped
@@ -105,7 +114,7 @@ def test_save_state_load_state_resumes_exactly(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     resumed = mlp(seed=5)  # different weights: all must come from the checkpoint
-    _train(resumed, x[STEPS * BATCH * K:], y[STEPS * BATCH * K:], state_in=tmp_path / "ckpt")
+    _train(resumed, x[STEPS * BATCH * K :], y[STEPS * BATCH * K :], state_in=tmp_path / "ckpt")
     assert_same_params(straight, resumed, rtol=0, atol=0)
 
 
@@ -143,6 +152,7 @@ def test_closure_step_under_accumulate_names_sam_backward():
     with pytest.raises(ValueError, match="sam_backward"):
         for xb, yb in zip(x.split(BATCH), y.split(BATCH)):
             with acc.accumulate(model):
+
                 def closure(xb=xb, yb=yb):
                     opt.zero_grad()
                     loss = nn.functional.cross_entropy(model(xb), yb)

@@ -10,7 +10,16 @@ from torch import nn
 pl = pytest.importorskip("pytorch_lightning")
 
 from integration_reference import (  # noqa: E402
-    BATCH, CLIP, K, STEPS, assert_same_params, data, linear_schedule, make_sam, mlp, reference,
+    BATCH,
+    CLIP,
+    STEPS,
+    K,
+    assert_same_params,
+    data,
+    linear_schedule,
+    make_sam,
+    mlp,
+    reference,
 )
 from pytorch_lightning.plugins.precision import MixedPrecision  # noqa: E402
 
@@ -32,8 +41,14 @@ class Manual(pl.LightningModule):
         self.losses = []
 
     def training_step(self, batch, batch_idx):
-        loss = sam_training_step(self, batch, batch_idx, lambda b: _ce(self.net, b), accumulate_grad_batches=self.k,
-                                 gradient_clip_val=self.clip)
+        loss = sam_training_step(
+            self,
+            batch,
+            batch_idx,
+            lambda b: _ce(self.net, b),
+            accumulate_grad_batches=self.k,
+            gradient_clip_val=self.clip,
+        )
         if loss is not None:
             self.lr_schedulers().step()
             self.losses.append(loss)
@@ -58,8 +73,14 @@ class Automatic(pl.LightningModule):
 def _fit(module, x, y, **kw):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
     kw = {"max_steps": STEPS, **kw}
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, **kw)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
     trainer.fit(module, loader)
     return trainer
 
@@ -107,13 +128,13 @@ def test_automatic_optimization_matches_reference(precision):
 
 def test_automatic_optimization_with_accumulation_is_refused():
     x, y = data()
-    with pytest.raises(ValueError, match="samnorm.integrations.lightning"):
+    with pytest.raises(ValueError, match=r"samnorm\.integrations\.lightning"):
         _fit(Automatic(), x, y, accumulate_grad_batches=2)
 
 
 def test_automatic_optimization_with_16_mixed_is_refused():
     x, y = data()
-    with pytest.raises(ValueError, match="samnorm.integrations.lightning"):
+    with pytest.raises(ValueError, match=r"samnorm\.integrations\.lightning"):
         _fit(Automatic(), x, y, plugins=[_fp16_plugin()])
 
 

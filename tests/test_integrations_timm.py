@@ -9,7 +9,17 @@ from torch import nn
 timm_utils = pytest.importorskip("timm.utils")
 
 from integration_reference import (  # noqa: E402
-    BATCH, CLIP, K, LR, RHO, STEPS, assert_same_params, data, make_sam, mlp, reference,
+    BATCH,
+    CLIP,
+    LR,
+    RHO,
+    STEPS,
+    K,
+    assert_same_params,
+    data,
+    make_sam,
+    mlp,
+    reference,
 )
 from timm.optim import Lookahead  # noqa: E402
 
@@ -71,8 +81,15 @@ def test_sam_step_accumulates_over_the_window(scaled):
     loss_scaler = _native_scaler() if scaled else None
     micro = list(zip(x.split(BATCH), y.split(BATCH)))
     for s in range(STEPS):
-        sam_step(sam, model, lambda b: _ce(model, *b) / K, micro[s * K:(s + 1) * K],
-                 loss_scaler=loss_scaler, clip_grad=CLIP, parameters=model.parameters())
+        sam_step(
+            sam,
+            model,
+            lambda b: _ce(model, *b) / K,
+            micro[s * K : (s + 1) * K],
+            loss_scaler=loss_scaler,
+            clip_grad=CLIP,
+            parameters=model.parameters(),
+        )
         sched.step()
     assert_same_params(model, reference(mlp(), x, y), rtol=1e-6, atol=1e-7)
 
@@ -120,7 +137,7 @@ def test_native_scaler_without_first_step_names_the_integration():
     x, y = data(BATCH)
     model = mlp()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match="samnorm.integrations.timm"):
+    with pytest.raises(ValueError, match=r"samnorm\.integrations\.timm"):
         _native_scaler()(_ce(model, x, y), make_sam(model), clip_grad=CLIP, parameters=model.parameters())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 

@@ -9,7 +9,18 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from integration_reference import (  # noqa: E402
-    BATCH, CLIP, K, LR, RHO, STEPS, assert_same_params, data, linear_schedule, make_sam, mlp, reference,
+    BATCH,
+    CLIP,
+    LR,
+    RHO,
+    STEPS,
+    K,
+    assert_same_params,
+    data,
+    linear_schedule,
+    make_sam,
+    mlp,
+    reference,
 )
 
 from samnorm import SAM  # noqa: E402
@@ -35,11 +46,24 @@ def _dataset():
 
 def _args(tmp_path, **kw):
     base = dict(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
-        per_device_train_batch_size=BATCH, gradient_accumulation_steps=K, max_steps=STEPS,
-        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, optim="sgd",
-        max_grad_norm=CLIP, train_sampling_strategy="sequential", dataloader_num_workers=0,
-        disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=K,
+        max_steps=STEPS,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="sgd",
+        max_grad_norm=CLIP,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
     )
     return transformers.TrainingArguments(**{**base, **kw})
 
@@ -61,8 +85,7 @@ def test_samtrainer_with_given_sam_scheduler_and_bf16(tmp_path):
     x, y, ds = _dataset()
     model = Tiny()
     sam = make_sam(model.net)
-    trainer = SAMTrainer(model, _args(tmp_path, bf16=True), train_dataset=ds,
-                         optimizers=(sam, linear_schedule(sam)))
+    trainer = SAMTrainer(model, _args(tmp_path, bf16=True), train_dataset=ds, optimizers=(sam, linear_schedule(sam)))
     trainer.train()
     assert trainer.state.global_step == STEPS
     # the same bf16 autocast in both: only summation order may differ
@@ -73,7 +96,7 @@ def test_samtrainer_rejects_a_plain_optimizer_or_unknown_perturb(tmp_path):
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     ds = _dataset()[2]
-    with pytest.raises(TypeError, match="samnorm.SAM"):
+    with pytest.raises(TypeError, match=r"samnorm\.SAM"):
         SAMTrainer(model, _args(tmp_path), train_dataset=ds, optimizers=(opt, None))
     with pytest.raises(ValueError, match="perturb"):
         SAMTrainer(model, _args(tmp_path), train_dataset=ds, perturb="bias")
@@ -83,7 +106,7 @@ def test_plain_trainer_with_sam_names_samtrainer(tmp_path):
     model = Tiny()
     sam = make_sam(model.net)
     trainer = transformers.Trainer(model, _args(tmp_path), train_dataset=_dataset()[2], optimizers=(sam, None))
-    with pytest.raises(ValueError, match="samnorm.integrations.transformers.SAMTrainer"):
+    with pytest.raises(ValueError, match=r"samnorm\.integrations\.transformers\.SAMTrainer"):
         trainer.train()  # Trainer's optimizer.step() after one backward: no second pass to finish
 
 

@@ -124,9 +124,13 @@ def test_matches_float64_reference(seed, width, rho, adaptive, which, opt, forea
             sam.first_step(zero_grad=True)
         loss_fn(model(x), y).backward()
         sam.second_step(zero_grad=True)
+
     def reference(net, base):
-        chosen = {"all": list(net.parameters()), "norm": list(samnorm.norm_layers(net)),
-                  "first": list(net[0].parameters())}[which]
+        chosen = {
+            "all": list(net.parameters()),
+            "norm": list(samnorm.norm_layers(net)),
+            "first": list(net[0].parameters()),
+        }[which]
         _reference_run(net, chosen, x, y, 3, rho, adaptive, 0.01, base)
 
     reference(ref, ref_base)
@@ -182,13 +186,16 @@ def _closure(sam, model, x, y):
     return closure
 
 
-@given(seed=st.integers(0, 1000), rho=st.floats(1e-3, 5.0), which=st.sampled_from(["all", "norm"]),
-       foreach=st.sampled_from([None, False]))
+@given(
+    seed=st.integers(0, 1000),
+    rho=st.floats(1e-3, 5.0),
+    which=st.sampled_from(["all", "norm"]),
+    foreach=st.sampled_from([None, False]),
+)
 def test_perturbation_norm_is_rho_and_unselected_never_move(seed, rho, which, foreach):
     torch.manual_seed(seed)
     model = _mlp(dtype=torch.float64)
-    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), None if which == "all" else model,
-              rho=rho, foreach=foreach)
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), None if which == "all" else model, rho=rho, foreach=foreach)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = _batch(torch.float64)
     sam.first_step(nn.functional.cross_entropy(model(x), y))
@@ -214,8 +221,9 @@ def test_asam_scaled_perturbation_norm_is_rho(seed, rho, eta):
     before = [p.detach().clone() for p in sam.perturbed_parameters()]
     x, y = _batch(torch.float64)
     sam.first_step(nn.functional.cross_entropy(model(x), y))
-    sq = sum(float((((p.detach() - w) / (w.abs() + eta)) ** 2).sum())
-             for p, w in zip(sam.perturbed_parameters(), before))
+    sq = sum(
+        float((((p.detach() - w) / (w.abs() + eta)) ** 2).sum()) for p, w in zip(sam.perturbed_parameters(), before)
+    )
     assert math.isclose(math.sqrt(sq), rho, rel_tol=1e-9)
 
 
@@ -267,8 +275,13 @@ def test_foreach_equals_single_tensor(seed, adaptive, which):
     for foreach in (True, False):
         torch.manual_seed(seed)
         model = _mlp()
-        sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                  None if which == "all" else model, rho=0.5, adaptive=adaptive, foreach=foreach)
+        sam = SAM(
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            None if which == "all" else model,
+            rho=0.5,
+            adaptive=adaptive,
+            foreach=foreach,
+        )
         x, y = _batch()
         for _ in range(3):
             _two_step(sam, model, x, y)
@@ -621,7 +634,7 @@ def _ref_ascent(named, grads, settings, normalize_bias, eps):
     (1 for SAM groups, and for biases unless normalize_bias), one global norm of T g over every
     perturbed tensor, e_i = rho_g T_i^2 g_i / (norm + eps)."""
     ts = []
-    for (name, p), (rho, adaptive, eta) in zip(named, settings):
+    for (name, p), (_rho, adaptive, eta) in zip(named, settings):
         on = adaptive and (normalize_bias or not name.endswith("bias"))
         ts.append(p.detach().abs() + eta if on else torch.ones_like(p))
     norm = math.sqrt(sum(float(((t * g) ** 2).sum()) for t, g in zip(ts, grads)))
@@ -641,17 +654,23 @@ def test_per_group_settings_match_float64_reference(seed, rhos, adaptives, etas,
     model = _net(seed, 4, nn.LayerNorm)
     first = [*model[0].parameters(), *model[1].parameters()]  # group 0; the rest is group 1
     rest = [p for p in model.parameters() if all(p is not q for q in first)]
-    base = torch.optim.SGD([{"params": first, "rho": rhos[0], "adaptive": adaptives[0], "eta": etas[0]},
-                            {"params": rest, "rho": rhos[1], "adaptive": adaptives[1], "eta": etas[1]}], lr=0.1)
-    sam = SAM(base, model if which == "norm" else None, model=model, normalize_bias=normalize_bias,
-              foreach=foreach)
+    base = torch.optim.SGD(
+        [
+            {"params": first, "rho": rhos[0], "adaptive": adaptives[0], "eta": etas[0]},
+            {"params": rest, "rho": rhos[1], "adaptive": adaptives[1], "eta": etas[1]},
+        ],
+        lr=0.1,
+    )
+    sam = SAM(base, model if which == "norm" else None, model=model, normalize_bias=normalize_bias, foreach=foreach)
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
     selected = {id(p) for p in sam.perturbed_parameters()}
     named = [(n, p) for n, p in model.named_parameters() if id(p) in selected]
-    settings = [(rhos[0], adaptives[0], etas[0]) if any(p is q for q in first) else
-                (rhos[1], adaptives[1], etas[1]) for _, p in named]
+    settings = [
+        (rhos[0], adaptives[0], etas[0]) if any(p is q for q in first) else (rhos[1], adaptives[1], etas[1])
+        for _, p in named
+    ]
     expected = _ref_ascent(named, [p.grad for _, p in named], settings, normalize_bias, 1e-12)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     sam.first_step()
@@ -671,8 +690,7 @@ def test_a_scheduler_drives_rho_through_param_groups():
             group["rho"] = 0.5 * 0.5**step
         before = [p.detach().clone() for p in sam.perturbed_parameters()]
         sam.first_step(_ce(model, x, y))
-        moved = math.sqrt(sum(float(((p.detach() - b) ** 2).sum())
-                              for p, b in zip(sam.perturbed_parameters(), before)))
+        moved = math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(sam.perturbed_parameters(), before)))
         assert math.isclose(moved, 0.5 * 0.5**step, rel_tol=1e-9)
         _ce(model, x, y).backward()
         sam.step()
@@ -717,8 +735,7 @@ def test_group_settings_defaults_properties_and_state_dict():
 # per-parameter loop written from the definition.
 
 _SHAPES = st.sampled_from([(1,), (3,), (7,), (2, 3), (4, 1, 2), (16,), (5, 5)])
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _reference_perturb(ws, gs, rhos, etas, eps):
@@ -740,15 +757,19 @@ def _tensor_lists(draw, dtypes=("float32", "float64")):
     shapes = [draw(_SHAPES) for _ in range(n)]
     kinds = [_DTYPES[draw(st.sampled_from(dtypes))] for _ in range(n)]
     ws = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, kinds)]
-    gs = [(torch.randn(s, generator=gen) * draw(st.sampled_from([1e-3, 1.0, 30.0]))).to(d)
-          for s, d in zip(shapes, kinds)]
+    gs = [
+        (torch.randn(s, generator=gen) * draw(st.sampled_from([1e-3, 1.0, 30.0]))).to(d) for s, d in zip(shapes, kinds)
+    ]
     rhos = [draw(st.sampled_from([0.0, 0.05, 0.5, 2.0])) for _ in range(n)]
     etas = [draw(st.sampled_from([None, None, 0.0, 0.01, 0.5])) for _ in range(n)]
     return ws, gs, rhos, etas
 
 
-@given(lists=_tensor_lists(), eps=st.sampled_from([0.0, 1e-12, 1e-3]),
-       path=st.sampled_from(["flat", "foreach", "per-tensor"]))
+@given(
+    lists=_tensor_lists(),
+    eps=st.sampled_from([0.0, 1e-12, 1e-3]),
+    path=st.sampled_from(["flat", "foreach", "per-tensor"]),
+)
 def test_perturb_functions_match_float64_reference(lists, eps, path):
     from unittest import mock
 
@@ -782,14 +803,14 @@ def test_grouped_equals_per_tensor_on_mixed_dtypes(lists, sparse):
     ws, gs, rhos, etas = lists
     if sparse:  # an embedding-like float32 tensor with a sparse gradient (duplicate rows summed)
         ws = [*ws, torch.randn(6, 3)]
-        gs = [*gs, torch.sparse_coo_tensor(torch.tensor([[1, 4, 1]]), torch.randn(3, 3), (6, 3),
-                                               check_invariants=True)]
+        gs = [*gs, torch.sparse_coo_tensor(torch.tensor([[1, 4, 1]]), torch.randn(3, 3), (6, 3), check_invariants=True)]
         rhos, etas = [*rhos, 0.5], [*etas, 0.01]
     outs, norms = [], []
     for foreach in (None, False):
         params = [w.clone() for w in ws]
-        norms.append(optim.perturb_(params, [g.clone() for g in gs], rhos=rhos, etas=etas, eps=1e-12,
-                                    foreach=foreach)[0])
+        norms.append(
+            optim.perturb_(params, [g.clone() for g in gs], rhos=rhos, etas=etas, eps=1e-12, foreach=foreach)[0]
+        )
         outs.append(params)
     # The paths differ in how the global norm's sum is ordered (flat buffer vs per tensor) and in
     # the rounding of e: a relative difference of e of at most (n + 8) u_acc (n summed squares, a

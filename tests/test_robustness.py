@@ -14,18 +14,32 @@ import threading
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("timm")
-from samnorm.cli import main  # noqa: E402
-from samnorm.data.folders import ImageFolder, ImageTransform  # noqa: E402
-from samnorm.recipe import CHECKPOINT_NAME, DivergedError, FinetuneConfig, finetune  # noqa: E402
+from samnorm.cli import main
+from samnorm.data.folders import ImageFolder, ImageTransform
+from samnorm.recipe import CHECKPOINT_NAME, DivergedError, FinetuneConfig, finetune
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
 
-TINY = ["--model", "t2t_vit_7", "--model-arg", "img_size=16", "--model-arg", "in_chans=1", "--model-arg",
-        "embed_dim=16", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--workers", "0", "--random-init"]
+TINY = [
+    "--model",
+    "t2t_vit_7",
+    "--model-arg",
+    "img_size=16",
+    "--model-arg",
+    "in_chans=1",
+    "--model-arg",
+    "embed_dim=16",
+    "--model-arg",
+    "depth=1",
+    "--model-arg",
+    "num_heads=2",
+    "--workers",
+    "0",
+    "--random-init",
+]
 FAST = dict(batch_size=4, progress=False, log=lambda _: None)
 
 
@@ -54,8 +68,20 @@ def finished(data, tmp_path_factory):
 
 
 def train_args(data, out, *extra):
-    return ["finetune", "--train", str(data), "--output", str(out), *TINY, "--batch-size", "4", "--no-progress",
-            "--log-every", "1", *extra]
+    return [
+        "finetune",
+        "--train",
+        str(data),
+        "--output",
+        str(out),
+        *TINY,
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def cli(args, capsys):
@@ -66,8 +92,11 @@ def cli(args, capsys):
 
 def one_line(code, err, message, status=2):
     """Exit ``status`` and one error line (after finetune's "fine-tuning ... -> OUT" line, if any)."""
-    lines = [line for line in err.strip().splitlines()
-             if not line.startswith("fine-tuning ") and not line.endswith("starts from random weights (--random-init)")]
+    lines = [
+        line
+        for line in err.strip().splitlines()
+        if not line.startswith("fine-tuning ") and not line.endswith("starts from random weights (--random-init)")
+    ]
     assert code == status and len(lines) == 1 and lines[0].startswith("samnorm ") and message in lines[0], err
 
 
@@ -102,12 +131,15 @@ def test_1_a_run_in_the_output_folder_is_never_replaced_without_being_asked(data
 
 
 # ---------------------------------------------------------------- 2. divergence is never saved as success
-@pytest.mark.parametrize("extra, message", [
-    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
-    (["--ood-loss", "energy", "--m-in", "nan"], "--m-in must be a finite number, got nan"),
-    (["--grad-clip", "-1"], "--grad-clip must be a finite number > 0, got -1.0"),
-    (["--grad-clip", "0"], "--grad-clip must be a finite number > 0, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--ood-loss", "energy", "--m-in", "nan"], "--m-in must be a finite number, got nan"),
+        (["--grad-clip", "-1"], "--grad-clip must be a finite number > 0, got -1.0"),
+        (["--grad-clip", "0"], "--grad-clip must be a finite number > 0, got 0.0"),
+    ],
+)
 def test_2_non_finite_or_sign_flipping_settings_are_refused(data, tmp_path, capsys, extra, message):
     code, _, err = cli(train_args(data, tmp_path, *extra), capsys)
     one_line(code, err, message)
@@ -139,8 +171,23 @@ def test_2_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp
 
 
 def test_2_divergence_in_the_cli_exits_3_with_one_line(data, tmp_path, capsys):
-    code, _, err = cli(train_args(data, tmp_path, "--optimizer", "sgd", "--lr", "1e30", "--momentum", "0",
-                                  "--checkpoint-every", "1", "--log-every", "100"), capsys)
+    code, _, err = cli(
+        train_args(
+            data,
+            tmp_path,
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "1e30",
+            "--momentum",
+            "0",
+            "--checkpoint-every",
+            "1",
+            "--log-every",
+            "100",
+        ),
+        capsys,
+    )
     one_line(code, err, "samnorm finetune: stopped: training diverged", status=3)
 
 
@@ -149,8 +196,7 @@ def test_3_a_named_pipe_called_x_png_is_not_read(tmp_path):
     root = png_folder(tmp_path, classes=("a", "b"), per_class=2)
     os.mkfifo(root / "a" / "x.png")
     result = {}
-    reader = threading.Thread(target=lambda: result.update(ds=ImageFolder(root, ImageTransform(size=8))),
-                              daemon=True)
+    reader = threading.Thread(target=lambda: result.update(ds=ImageFolder(root, ImageTransform(size=8))), daemon=True)
     reader.start()
     reader.join(20)
     assert "ds" in result, "listing the folder hung"
@@ -183,7 +229,7 @@ def test_3_an_all_corrupt_folder_read_by_workers_names_the_real_problem(tmp_path
         os.makedirs(tmp_path / "d" / c)
         for i in range(4):
             (tmp_path / "d" / c / f"{i}.png").write_bytes(b"not a png")
-    code, _, err = cli(train_args(tmp_path / "d", tmp_path / "o")[:-2] + ["--workers", "2"], capsys)
+    code, _, err = cli([*train_args(tmp_path / "d", tmp_path / "o")[:-2], "--workers", "2"], capsys)
     one_line(code, err, "samnorm finetune: error: no readable image left")
 
 
@@ -192,8 +238,9 @@ def test_3_a_file_as_output_fails_before_the_work(data, tmp_path, capsys, comman
     (tmp_path / "file").write_text("x")
     # --model no_such_net would only fail once the model is built: the output is checked first
     args = {"evaluate": ["--id", data, "--ood", f"o={data}"], "finetune": ["--train", data]}[command]
-    code, _, err = cli([command, "--model", "no_such_net", *args, "--output", tmp_path / "file", "--workers", "0"],
-                       capsys)
+    code, _, err = cli(
+        [command, "--model", "no_such_net", *args, "--output", tmp_path / "file", "--workers", "0"], capsys
+    )
     one_line(code, err, "is a file, not a folder")
 
 
@@ -247,18 +294,62 @@ def test_5_resume_refuses_a_changed_training_folder(tmp_path, capsys):
 
 
 def test_5_the_recorded_image_size_is_honoured_or_the_conflict_named(data, tmp_path, capsys):
-    base = ["--model", "test_resnet", "--model-arg", "in_chans=1", "--workers", "0", "--batch-size", "4",
-            "--no-progress", "--steps", "1"]
-    code, _, err = cli(["finetune", "--train", data, "--output", tmp_path / "a", *base, "--img-size", "24",
-                        "--random-init"], capsys)
+    base = [
+        "--model",
+        "test_resnet",
+        "--model-arg",
+        "in_chans=1",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--steps",
+        "1",
+    ]
+    code, _, err = cli(
+        ["finetune", "--train", data, "--output", tmp_path / "a", *base, "--img-size", "24", "--random-init"], capsys
+    )
     assert code == 0, err
     ckpt = tmp_path / "a" / CHECKPOINT_NAME
-    code, _, err = cli(["finetune", "--train", data, "--output", tmp_path / "b", "--checkpoint", ckpt,
-                        "--workers", "0", "--batch-size", "4", "--no-progress", "--steps", "1"], capsys)
+    code, _, err = cli(
+        [
+            "finetune",
+            "--train",
+            data,
+            "--output",
+            tmp_path / "b",
+            "--checkpoint",
+            ckpt,
+            "--workers",
+            "0",
+            "--batch-size",
+            "4",
+            "--no-progress",
+            "--steps",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)["metadata"]["transform"]["size"] == 24
-    code, _, err = cli(["finetune", "--train", data, "--output", tmp_path / "c", "--checkpoint", ckpt,
-                        "--img-size", "32", "--workers", "0", "--no-progress"], capsys)
+    code, _, err = cli(
+        [
+            "finetune",
+            "--train",
+            data,
+            "--output",
+            tmp_path / "c",
+            "--checkpoint",
+            ckpt,
+            "--img-size",
+            "32",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        capsys,
+    )
     one_line(code, err, "image size 32 conflicts with the 24 px recorded")
 
 
@@ -276,14 +367,29 @@ def test_6_recorded_model_arguments_pass_an_allow_list(finished, data, tmp_path,
         model = create_model(None, checkpoint=tmp_path / "c.pt")
     assert torch.equal(model.state_dict()["head.weight"], ckpt["model"]["head.weight"])
     with pytest.warns(UserWarning, match="ignoring model argument"):
-        code, _, err = cli(["evaluate", "--checkpoint", tmp_path / "c.pt", "--id", data, "--ood", f"o={data}",
-                            "--output", tmp_path / "e", "--workers", "0"], capsys)
+        code, _, err = cli(
+            [
+                "evaluate",
+                "--checkpoint",
+                tmp_path / "c.pt",
+                "--id",
+                data,
+                "--ood",
+                f"o={data}",
+                "--output",
+                tmp_path / "e",
+                "--workers",
+                "0",
+            ],
+            capsys,
+        )
     assert code == 0, err
 
 
 # ---------------------------------------------------------------- 7. smaller findings
-def test_7_stale_temps_are_removed_and_every_result_file_is_replaced_atomically(data, finished, tmp_path,
-                                                                                capsys, monkeypatch):
+def test_7_stale_temps_are_removed_and_every_result_file_is_replaced_atomically(
+    data, finished, tmp_path, capsys, monkeypatch
+):
     run = tmp_path / "run"
     run.mkdir()
     stale = run / (CHECKPOINT_NAME + ".tmp-999999999")  # a writer killed mid-save
@@ -297,8 +403,22 @@ def test_7_stale_temps_are_removed_and_every_result_file_is_replaced_atomically(
     assert {"config.json", "log.jsonl", CHECKPOINT_NAME} <= set(replaced)
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev" / "scores.json.tmp-999999999").write_text("{")
-    code, _, err = cli(["evaluate", "--checkpoint", finished / CHECKPOINT_NAME, "--id", data, "--ood", f"o={data}",
-                        "--output", tmp_path / "ev", "--workers", "0"], capsys)
+    code, _, err = cli(
+        [
+            "evaluate",
+            "--checkpoint",
+            finished / CHECKPOINT_NAME,
+            "--id",
+            data,
+            "--ood",
+            f"o={data}",
+            "--output",
+            tmp_path / "ev",
+            "--workers",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert {"results.md", "results.csv", "scores.json"} <= set(replaced)
     assert sorted(os.listdir(tmp_path / "ev")) == ["evaluate.manifest.json", "results.csv", "results.md", "scores.json"]
@@ -307,9 +427,11 @@ def test_7_stale_temps_are_removed_and_every_result_file_is_replaced_atomically(
 def test_7_diagnose_gives_every_ood_set_its_own_files(tmp_path):
     from samnorm.diagnostics.cli import write_report
 
-    r = {"ID": {"grad_norm": np.array([1.0, 2.0]), "max_logit": np.array([3.0, 4.0])},
-         "a/b": {"grad_norm": np.array([0.5, 0.6]), "max_logit": np.array([1.0, 1.5])},
-         "a_b": {"grad_norm": np.array([0.7, 0.2]), "max_logit": np.array([2.0, 0.5])}}
+    r = {
+        "ID": {"grad_norm": np.array([1.0, 2.0]), "max_logit": np.array([3.0, 4.0])},
+        "a/b": {"grad_norm": np.array([0.5, 0.6]), "max_logit": np.array([1.0, 1.5])},
+        "a_b": {"grad_norm": np.array([0.7, 0.2]), "max_logit": np.array([2.0, 0.5])},
+    }
     files = write_report(r, tmp_path, dpi=20)["files"]
     pair = [f for f in files if f.startswith("grad_norm_max_logit_")]
     assert len(pair) == 2 and len(set(pair)) == 2 and all((tmp_path / f).exists() for f in pair)
@@ -321,7 +443,7 @@ def test_7_metrics_reject_inf_unless_allowed():
     from samnorm.ood import auroc, ood_metrics
 
     inf = float("inf")
-    with pytest.raises(ValueError, match="infinite scores .* allow_inf=True"):
+    with pytest.raises(ValueError, match=r"infinite scores .* allow_inf=True"):
         auroc([inf, inf], [inf])  # used to give 0.5 silently
     with pytest.raises(ValueError, match="ood_scores contains 1 infinite"):
         ood_metrics([1.0, 2.0], [0.0, -inf])
@@ -331,7 +453,8 @@ def test_7_metrics_reject_inf_unless_allowed():
     big = np.finfo(np.float64).max
     assert auroc([inf, 1.0], [0.0, -inf], allow_inf=True) == auroc([big, 1.0], [0.0, -big]) == 1.0
     assert auroc([inf, 0.0], [inf, 1.0], allow_inf=True) == pytest.approx(
-        roc_auc_score([1, 1, 0, 0], [big, 0.0, big, 1.0]))
+        roc_auc_score([1, 1, 0, 0], [big, 0.0, big, 1.0])
+    )
 
 
 def test_7_a_temperature_that_overflows_the_scores_warns():
@@ -353,8 +476,21 @@ def test_7_mahalanobis_needs_a_labelled_fit_folder(finished, data, tmp_path, cap
     flat.mkdir()
     for i, p in enumerate(sorted((data / "a").iterdir())):
         os.symlink(p, flat / f"{i}.png")
-    common = ["evaluate", "--checkpoint", finished / CHECKPOINT_NAME, "--id", data, "--ood", f"o={data}",
-              "--output", tmp_path / "e", "--workers", "0", "--scorers", "msp,mahalanobis"]
+    common = [
+        "evaluate",
+        "--checkpoint",
+        finished / CHECKPOINT_NAME,
+        "--id",
+        data,
+        "--ood",
+        f"o={data}",
+        "--output",
+        tmp_path / "e",
+        "--workers",
+        "0",
+        "--scorers",
+        "msp,mahalanobis",
+    ]
     code, _, err = cli([*common, "--fit", flat], capsys)
     one_line(code, err, "Mahalanobis needs labelled ID training images")
     code, _, err = cli([*common, "--fit", data], capsys)
@@ -369,18 +505,29 @@ def test_7_the_no_class_folders_hint_names_no_missing_option(tmp_path, capsys):
 
 
 def test_finetune_config_checks_every_number():
-    for bad in (dict(lr=math.inf), dict(lr=math.nan), dict(grad_clip=0.0), dict(rho=-1.0), dict(eta=math.nan),
-                dict(momentum=math.inf), dict(m_out=math.nan), dict(ood_weight=math.inf)):
+    for bad in (
+        dict(lr=math.inf),
+        dict(lr=math.nan),
+        dict(grad_clip=0.0),
+        dict(rho=-1.0),
+        dict(eta=math.nan),
+        dict(momentum=math.inf),
+        dict(m_out=math.nan),
+        dict(ood_weight=math.inf),
+    ):
         with pytest.raises(ValueError, match="must be a finite number"):
             FinetuneConfig(**bad)
     assert FinetuneConfig(grad_clip=1.0, rho=0.0).grad_clip == 1.0
 
 
 # ---------------------------------------------------------------- review of issue 11 (the CLI probed again)
-@pytest.mark.parametrize("old, new, message", [
-    ("img_size=16", "img_size=32", "model argument img_size: 16 -> 32"),
-    ("embed_dim=16", "embed_dim=32", "model argument embed_dim: 16 -> 32"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("img_size=16", "img_size=32", "model argument img_size: 16 -> 32"),
+        ("embed_dim=16", "embed_dim=32", "model argument embed_dim: 16 -> 32"),
+    ],
+)
 def test_r1_resume_refuses_another_model_or_image_size(data, finished, tmp_path, capsys, old, new, message):
     out = tmp_path / "o"
     out.mkdir()
@@ -405,14 +552,17 @@ def test_r8_resume_from_a_nan_checkpoint_is_refused(tmp_path):
     ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     ckpt["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / CHECKPOINT_NAME)
-    with pytest.raises(ValueError, match="the weights resumed from .* hold NaN/inf values"):
+    with pytest.raises(ValueError, match=r"the weights resumed from .* hold NaN/inf values"):
         finetune(tiny_t2t(), toy(), output_dir=tmp_path, steps=1, resume=True, **FAST)
 
 
-@pytest.mark.parametrize("error, status, message", [
-    (DivergedError("training diverged: non-finite loss"), 3, "samnorm demo: stopped: training diverged"),
-    (KeyboardInterrupt(), 130, "samnorm demo: interrupted"),
-])
+@pytest.mark.parametrize(
+    "error, status, message",
+    [
+        (DivergedError("training diverged: non-finite loss"), 3, "samnorm demo: stopped: training diverged"),
+        (KeyboardInterrupt(), 130, "samnorm demo: interrupted"),
+    ],
+)
 def test_r3_r7_divergence_and_ctrl_c_are_one_line_in_every_command(monkeypatch, capsys, error, status, message):
     import samnorm.demo.run
 
@@ -445,8 +595,22 @@ def test_r4_overwrite_removes_the_old_run_before_the_new_one_starts(data, finish
     (out / "notes.txt").write_text("mine")
     (out / f"{CHECKPOINT_NAME}.tmp-999999999").write_bytes(b"half")  # a killed writer's
     # the new run diverges before its first save: nothing of the old run may be left beside it
-    code, _, err = cli(train_args(data, out, "--overwrite", "--optimizer", "sgd", "--lr", "1e30", "--momentum", "0",
-                                  "--checkpoint-every", "100"), capsys)
+    code, _, err = cli(
+        train_args(
+            data,
+            out,
+            "--overwrite",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "1e30",
+            "--momentum",
+            "0",
+            "--checkpoint-every",
+            "100",
+        ),
+        capsys,
+    )
     assert code == 3 and "removed the previous run's checkpoint.pt, log.jsonl, config.json" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "log.jsonl", "notes.txt"]
     assert json.loads((out / "config.json").read_text())["lr"] == 1e30
@@ -459,8 +623,7 @@ def test_r5_a_file_link_may_not_put_an_image_under_another_label(tmp_path):
     os.symlink(root / "a" / "0.png", root / "a" / "again.png")  # its own class: fine
     assert len(ImageFolder(root)) == 8
     (root / "loose.png").write_bytes((root / "c" / "0.png").read_bytes())
-    for target, message in ((root / "b" / "0.png", "an image of class 'b'"),
-                            (root / "loose.png", "outside class 'a'")):
+    for target, message in ((root / "b" / "0.png", "an image of class 'b'"), (root / "loose.png", "outside class 'a'")):
         os.symlink(target, root / "a" / "zz.png")
         with pytest.raises(ValueError, match=f"zz.png' links to .*{message}: one label per image"):
             ImageFolder(root)
@@ -486,8 +649,21 @@ def test_r1_resume_without_model_options_takes_the_checkpoints(data, finished, t
     out.mkdir()
     for n in (CHECKPOINT_NAME, "log.jsonl"):
         (out / n).write_bytes((finished / n).read_bytes())
-    bare = ["finetune", "--train", data, "--output", out, "--workers", "0", "--batch-size", "4", "--no-progress",
-            "--log-every", "1", "--resume"]
+    bare = [
+        "finetune",
+        "--train",
+        data,
+        "--output",
+        out,
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--resume",
+    ]
     code, _, err = cli(bare, capsys)
     assert code == 0 and "fine-tuning t2t_vit_7" in err and "resuming from" in err, err
     code, _, err = cli([*bare, "--img-size", "32"], capsys)

@@ -26,11 +26,11 @@ import pytest
 import torch
 
 pytest.importorskip("timm")
-from test_robustness import TINY, cli, one_line, png_folder  # noqa: E402
+from test_robustness import TINY, cli, one_line, png_folder
 
-from samnorm import runs  # noqa: E402
-from samnorm.io import WriteError, atomic_save, atomic_write  # noqa: E402
-from samnorm.recipe import CHECKPOINT_NAME, finetune  # noqa: E402
+from samnorm import runs
+from samnorm.io import WriteError, atomic_save, atomic_write
+from samnorm.recipe import CHECKPOINT_NAME, finetune
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
 
@@ -39,8 +39,24 @@ STEPS = 120  # long enough that a signal sent at step <= 30 lands well before th
 
 
 def train_args(data, out, *extra):
-    return ["finetune", "--train", str(data), "--output", str(out), *TINY, "--batch-size", "4", "--no-progress",
-            "--log-every", "1", "--steps", str(STEPS), "--checkpoint-every", "7", *extra]
+    return [
+        "finetune",
+        "--train",
+        str(data),
+        "--output",
+        str(out),
+        *TINY,
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--steps",
+        str(STEPS),
+        "--checkpoint-every",
+        "7",
+        *extra,
+    ]
 
 
 def spawn(args, fsize=None):
@@ -50,9 +66,14 @@ def spawn(args, fsize=None):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    return subprocess.Popen([sys.executable, "-m", "samnorm", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=limit if fsize else None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "samnorm", *map(str, args)],
+        env=env,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=limit if fsize else None,
+    )
 
 
 def wait_for_step(proc, step):
@@ -80,8 +101,11 @@ def weights(folder):
 
 def same_run(a, b):
     wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa) and (
-        (Path(a) / "log.jsonl").read_text() == (Path(b) / "log.jsonl").read_text())
+    return (
+        wa.keys() == wb.keys()
+        and all(torch.equal(wa[k], wb[k]) for k in wa)
+        and ((Path(a) / "log.jsonl").read_text() == (Path(b) / "log.jsonl").read_text())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +148,28 @@ def test_a_second_run_on_one_output_fails_at_once_naming_the_first(terminated):
 
 def test_the_python_api_takes_the_same_lock(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from samnorm.runs import hold\n"
-         f"with hold({str(tmp_path)!r}, 'other'):\n print('held', flush=True); sys.stdin.read()"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from samnorm.runs import hold\n"
+            f"with hold({str(tmp_path)!r}, 'other'):\n print('held', flush=True); sys.stdin.read()",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(runs.FolderBusy, match=rf"in use by samnorm other \(pid {holder.pid} on "):
-            finetune(torch.nn.Linear(4, 2), (torch.rand(8, 4), torch.arange(8) % 2), output_dir=tmp_path, steps=1,
-                     batch_size=4, progress=False)
+            finetune(
+                torch.nn.Linear(4, 2),
+                (torch.rand(8, 4), torch.arange(8) % 2),
+                output_dir=tmp_path,
+                steps=1,
+                batch_size=4,
+                progress=False,
+            )
     finally:
         holder.communicate("")
     assert not (tmp_path / CHECKPOINT_NAME).exists() and not (tmp_path / runs.LOCK_NAME).exists()
@@ -140,8 +178,9 @@ def test_the_python_api_takes_the_same_lock(tmp_path):
 def test_a_stale_lock_is_named_and_taken_over(data, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
-    (out / runs.LOCK_NAME).write_text(json.dumps({"pid": 999999999, "host": "elsewhere", "command": "finetune",
-                                                  "started": "2026-01-01T00:00:00"}))
+    (out / runs.LOCK_NAME).write_text(
+        json.dumps({"pid": 999999999, "host": "elsewhere", "command": "finetune", "started": "2026-01-01T00:00:00"})
+    )
     code, _, err = cli(train_args(data, out, "--steps", "1"), capsys)
     assert code == 0, err
     assert "taking over the lock of samnorm finetune (pid 999999999 on elsewhere" in err
@@ -176,8 +215,9 @@ def test_sigterm_keeps_the_checkpoint_with_one_line_and_exit_143(data, terminate
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])  # SIGTERM: the module fixture
-def test_signal_matrix_at_a_random_step_then_resume_equals_the_uninterrupted_run(data, reference, tmp_path, capsys,
-                                                                                 sig):
+def test_signal_matrix_at_a_random_step_then_resume_equals_the_uninterrupted_run(
+    data, reference, tmp_path, capsys, sig
+):
     code, lines = stopped_by(spawn(train_args(data, tmp_path)), sig, random.Random(int(sig)).randint(8, 40))
     assert code == 128 + sig and len(lines) == 1, lines
     assert lines[0].startswith(f"samnorm finetune: interrupted by {sig.name}; the last checkpoint (step "), lines
@@ -192,10 +232,9 @@ def test_signals_raise_where_the_program_is_and_wait_for_a_checkpoint():
             os.kill(os.getpid(), signal.SIGHUP)
         assert runs.exit_status(caught.value) == 129
         done = []
-        with pytest.raises(runs.Signalled, match="SIGTERM"):
-            with runs.deferred_signals():
-                os.kill(os.getpid(), signal.SIGTERM)
-                done.append("the whole block ran")
+        with pytest.raises(runs.Signalled, match="SIGTERM"), runs.deferred_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("the whole block ran")
         assert done
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
@@ -210,11 +249,10 @@ def test_a_signal_inside_a_finalizer_is_delivered_after_it():
             time.sleep(0.01)  # the handler runs here, inside __del__
             finished.append(True)
 
-    with runs.handle_signals():
-        with pytest.raises(runs.Signalled, match="SIGTERM"):
-            Finalized()
-            for _ in range(500):
-                time.sleep(0.01)
+    with runs.handle_signals(), pytest.raises(runs.Signalled, match="SIGTERM"):
+        Finalized()
+        for _ in range(500):
+            time.sleep(0.01)
     assert finished
 
 
@@ -241,11 +279,16 @@ def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_keeps_the_previou
     assert len(before) > 64 * 1024
     proc = spawn(train_args(data, out, "--resume"), fsize=64 * 1024)
     _, err = proc.communicate(timeout=120)
-    lines = [line for line in err.splitlines()
-             if not line.startswith(("{", "fine-tuning ", "resuming ")) and not line.endswith("(--random-init)")]
+    lines = [
+        line
+        for line in err.splitlines()
+        if not line.startswith(("{", "fine-tuning ", "resuming ")) and not line.endswith("(--random-init)")
+    ]
     assert proc.returncode == runs.EXIT_IOERR and len(lines) == 1, err
-    assert lines[0] == (f"samnorm finetune: write error: cannot write {out / CHECKPOINT_NAME}: EFBIG (File too "
-                        "large); its previous version is kept"), lines
+    assert lines[0] == (
+        f"samnorm finetune: write error: cannot write {out / CHECKPOINT_NAME}: EFBIG (File too "
+        "large); its previous version is kept"
+    ), lines
     assert (out / CHECKPOINT_NAME).read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT_NAME, "config.json", "log.jsonl"]
 
@@ -271,8 +314,19 @@ def test_torch_save_errors_name_the_errno_and_the_path(tmp_path):
 # ---------------------------------------------------------------- result sets
 def test_an_evaluate_rerun_whose_write_fails_leaves_the_previous_set_whole(data, reference, tmp_path, capsys):
     ood = png_folder(tmp_path / "ood", classes=("x",), per_class=24)
-    args = ["evaluate", "--checkpoint", reference / CHECKPOINT_NAME, "--id", data, "--ood", f"o={ood}",
-            "--output", tmp_path / "ev", "--workers", "0"]
+    args = [
+        "evaluate",
+        "--checkpoint",
+        reference / CHECKPOINT_NAME,
+        "--id",
+        data,
+        "--ood",
+        f"o={ood}",
+        "--output",
+        tmp_path / "ev",
+        "--workers",
+        "0",
+    ]
     code, _, err = cli([*args, "--scorers", "msp"], capsys)
     assert code == 0, err
     before = {p.name: p.read_bytes() for p in (tmp_path / "ev").iterdir()}
@@ -283,8 +337,12 @@ def test_an_evaluate_rerun_whose_write_fails_leaves_the_previous_set_whole(data,
     proc = spawn([*args, "--id-name", "other"], fsize=limit)
     _, err = proc.communicate(timeout=120)
     assert {p.name: p.read_bytes() for p in (tmp_path / "ev").iterdir()} == before, err  # not a mix of two runs
-    one_line(proc.returncode, err, f"write error: cannot write {tmp_path / 'ev' / 'scores.json'}: EFBIG",
-             status=runs.EXIT_IOERR)
+    one_line(
+        proc.returncode,
+        err,
+        f"write error: cannot write {tmp_path / 'ev' / 'scores.json'}: EFBIG",
+        status=runs.EXIT_IOERR,
+    )
     assert runs.read_manifest(tmp_path / "ev", "evaluate")["command"] == "evaluate"
 
 
@@ -303,8 +361,14 @@ def test_a_result_set_replaces_the_previous_one_whole():
             atomic_write(os.path.join(out, name), "2")
     manifest = runs.read_manifest(out, "diagnose")
     assert manifest["info"] == {"run": 2} and sorted(manifest["files"]) == ["a.png", "summary.json"]
-    assert sorted(os.listdir(out)) == ["a.png", "diagnose.manifest.json", "evaluate.manifest.json", "mine.txt",
-                                       "results.md", "summary.json"]  # b.png was the first run's
+    assert sorted(os.listdir(out)) == [
+        "a.png",
+        "diagnose.manifest.json",
+        "evaluate.manifest.json",
+        "mine.txt",
+        "results.md",
+        "summary.json",
+    ]  # b.png was the first run's
     assert runs.read_manifest(out, "evaluate")["files"]["results.md"]["bytes"] == 5
     with open(os.path.join(out, "a.png"), "a") as f:
         f.write("changed")
@@ -312,10 +376,19 @@ def test_a_result_set_replaces_the_previous_one_whole():
 
 
 # ---------------------------------------------------------------- output inside an input
-@pytest.mark.parametrize("command, option", [
-    ("finetune", "--train"), ("evaluate", "--id"), ("evaluate", "--ood"), ("evaluate", "--fit"),
-    ("diagnose", "--id"), ("diagnose", "--ood"), ("diagnose", "--fit"), ("pseudo-ood", "--images"),
-])
+@pytest.mark.parametrize(
+    "command, option",
+    [
+        ("finetune", "--train"),
+        ("evaluate", "--id"),
+        ("evaluate", "--ood"),
+        ("evaluate", "--fit"),
+        ("diagnose", "--id"),
+        ("diagnose", "--ood"),
+        ("diagnose", "--fit"),
+        ("pseudo-ood", "--images"),
+    ],
+)
 def test_an_output_inside_any_input_folder_is_refused_before_any_work(tmp_path, capsys, command, option):
     folders = {name: png_folder(tmp_path / name, per_class=1) for name in ("id", "ood", "fit")}
     inside = {"--train": "id", "--images": "id", "--id": "id", "--ood": "ood", "--fit": "fit"}[option]
@@ -324,10 +397,30 @@ def test_an_output_inside_any_input_folder_is_refused_before_any_work(tmp_path, 
     model = ["--checkpoint", tmp_path / "no.pt", *(a for a in TINY if a != "--random-init")]
     args = {
         "finetune": ["finetune", "--train", folders["id"], "--output", out, *TINY],
-        "evaluate": ["evaluate", "--id", folders["id"], "--ood", f"o={folders['ood']}", "--fit", folders["fit"],
-                     "--output", out, *model],
-        "diagnose": ["diagnose", "--id", folders["id"], "--ood", f"o={folders['ood']}", "--fit", folders["fit"],
-                     "--output", out, *model],
+        "evaluate": [
+            "evaluate",
+            "--id",
+            folders["id"],
+            "--ood",
+            f"o={folders['ood']}",
+            "--fit",
+            folders["fit"],
+            "--output",
+            out,
+            *model,
+        ],
+        "diagnose": [
+            "diagnose",
+            "--id",
+            folders["id"],
+            "--ood",
+            f"o={folders['ood']}",
+            "--fit",
+            folders["fit"],
+            "--output",
+            out,
+            *model,
+        ],
         "pseudo-ood": ["pseudo-ood", "--images", folders["id"], "--output", out / "grid.png"],
     }[command]
     code, _, err = cli(args, capsys)
@@ -344,6 +437,7 @@ def test_demo_checks_its_cache_folder_before_pretraining(tmp_path, capsys, monke
     monkeypatch.setattr(samnorm.demo.backbone, "build_backbone", pretraining)
     cache = tmp_path / "cache"
     cache.write_text("a file, not a folder")
-    code, _, err = cli(["demo", "--cache-dir", cache, "--out", tmp_path / "out", "--seeds", "1", "--no-plots",
-                        "--no-progress"], capsys)
+    code, _, err = cli(
+        ["demo", "--cache-dir", cache, "--out", tmp_path / "out", "--seeds", "1", "--no-plots", "--no-progress"], capsys
+    )
     one_line(code, err, f"the cache folder (--cache-dir, DemoConfig.cache_dir) {cache / 'demo'}: cannot create")

@@ -39,28 +39,35 @@ def test_norm_count_equals_everything_but_conv_linear_and_embeddings(name):
     """Independent count: these models hold parameters only in conv/linear layers, token/position
     embeddings and norm layers, so the norm elements are the rest."""
     model = _meta(name)
-    other = sum(p.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-                for p in m.parameters(recurse=False))
+    other = sum(
+        p.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters(recurse=False)
+    )
     total = sum(p.numel() for p in model.parameters())
     sel = norm_layers(model)
     assert sel.numel() == total - other > 0
 
 
 def test_timm_module_only_norms_and_containers():
-    from timm.layers import (ConvNormAct, EvoNorm2dB0, FilterResponseNormAct2d,
-                             RmsNorm, SimpleNorm)
+    from timm.layers import ConvNormAct, EvoNorm2dB0, FilterResponseNormAct2d, RmsNorm, SimpleNorm
     from timm.layers.grn import GlobalResponseNorm
 
-    model = nn.Sequential(RmsNorm(4), SimpleNorm(4), EvoNorm2dB0(4), FilterResponseNormAct2d(4),
-                          GlobalResponseNorm(4), ConvNormAct(4, 4, 3))
+    model = nn.Sequential(
+        RmsNorm(4),
+        SimpleNorm(4),
+        EvoNorm2dB0(4),
+        FilterResponseNormAct2d(4),
+        GlobalResponseNorm(4),
+        ConvNormAct(4, 4, 3),
+    )
     assert all(is_norm_layer(m) for m in list(model)[:5])
     assert not is_norm_layer(model[5]) and is_norm_layer(model[5].bn)
     from timm.layers.mlp import GlobalResponseNormMlp
 
     assert not is_norm_layer(GlobalResponseNormMlp(4, 8))
     sel = norm_layers(model)
-    expected = sum(p.numel() for m in list(model)[:5] for p in m.parameters()) + \
-        sum(p.numel() for p in model[5].bn.parameters(recurse=False))
+    expected = sum(p.numel() for m in list(model)[:5] for p in m.parameters()) + sum(
+        p.numel() for p in model[5].bn.parameters(recurse=False)
+    )
     assert sel.numel() == expected
     assert not any(n.startswith("5.conv") for n in sel.names())
 

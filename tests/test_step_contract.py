@@ -17,16 +17,22 @@ from samnorm.integrations import sam_passes
 from samnorm.sam.protocol import run_passes
 from samnorm.sam.variants import make
 
-KINDS = {"sam": {}, "interval": {"k": 2}, "looksam": {"k": 2, "alpha": 0.7}, "onepass": {"direction": "momentum"},
-         "gsam": {"alpha": 0.3}}
+KINDS = {
+    "sam": {},
+    "interval": {"k": 2},
+    "looksam": {"k": 2, "alpha": 0.7},
+    "onepass": {"direction": "momentum"},
+    "gsam": {"alpha": 0.3},
+}
 LR, MOMENTUM, WD, RHO, ETA = 0.05, 0.9, 1e-3, 0.3, 0.01
 STEPS = 4
 
 
 def _net(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 6), nn.LayerNorm(6), nn.Tanh(),
-                         nn.Linear(6, 3)).double()
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
 
 
 def _sam(kind, model, groups, adaptive, settings):
@@ -53,14 +59,45 @@ def _batches(seed, step, window):
     unfreeze_at=st.sampled_from([None, 1, 2]),
     resume_at=st.sampled_from([None, 1, 3]),
 )
-@example(seed=0, kind="onepass", direction="momentum", adaptive=False, loop="sam_passes", window=2, scaler=False,
-         set_to_none=False, unfreeze_at=None, resume_at=None)
-@example(seed=0, kind="gsam", direction="grad", adaptive=False, loop="closure", window=1, scaler=True,
-         set_to_none=False, unfreeze_at=2, resume_at=1)
-@example(seed=1, kind="looksam", direction="grad", adaptive=True, loop="driver", window=1, scaler=True,
-         set_to_none=True, unfreeze_at=1, resume_at=3)
-def test_every_loop_matches_the_reference(seed, kind, direction, adaptive, loop, window, scaler, set_to_none,
-                                          unfreeze_at, resume_at):
+@example(
+    seed=0,
+    kind="onepass",
+    direction="momentum",
+    adaptive=False,
+    loop="sam_passes",
+    window=2,
+    scaler=False,
+    set_to_none=False,
+    unfreeze_at=None,
+    resume_at=None,
+)
+@example(
+    seed=0,
+    kind="gsam",
+    direction="grad",
+    adaptive=False,
+    loop="closure",
+    window=1,
+    scaler=True,
+    set_to_none=False,
+    unfreeze_at=2,
+    resume_at=1,
+)
+@example(
+    seed=1,
+    kind="looksam",
+    direction="grad",
+    adaptive=True,
+    loop="driver",
+    window=1,
+    scaler=True,
+    set_to_none=True,
+    unfreeze_at=1,
+    resume_at=3,
+)
+def test_every_loop_matches_the_reference(
+    seed, kind, direction, adaptive, loop, window, scaler, set_to_none, unfreeze_at, resume_at
+):
     if loop == "closure":
         window = 1  # step(closure) sees one batch (accumulation is the other loops')
     settings = dict(KINDS[kind], **({"direction": direction} if kind == "onepass" else {}))
@@ -80,6 +117,7 @@ def test_every_loop_matches_the_reference(seed, kind, direction, adaptive, loop,
     def hook(name):
         def count(*_):
             calls[name] += 1
+
         return count
 
     handles = [sam.register_step_pre_hook(hook("pre")), sam.register_step_post_hook(hook("post"))]
@@ -102,7 +140,7 @@ def test_every_loop_matches_the_reference(seed, kind, direction, adaptive, loop,
     for step in range(STEPS):
         batches = _batches(seed, step, window)
         if step == unfreeze_at:
-            for net, params in zip((model, ref_model), late):
+            for net in (model, ref_model):
                 net[4].requires_grad_(True)
             sam.add_param_group({"params": late[0]})
         if step == resume_at:  # checkpoint and resume into a fresh optimizer
@@ -113,24 +151,30 @@ def test_every_loop_matches_the_reference(seed, kind, direction, adaptive, loop,
             sam.load_state_dict(state)
             handles = [sam.register_step_pre_hook(hook("pre")), sam.register_step_post_hook(hook("post"))]
         if loop == "closure":
+
             def closure(sam=sam, batch=batches[0]):
                 sam.zero_grad(set_to_none=set_to_none)
                 loss = loss_of(model, batch)
                 backward(loss)
                 return loss
+
             if grad_scaler is None:
                 sam.step(closure)
             else:
                 grad_scaler.step(sam, closure)
                 grad_scaler.update()
         elif loop == "driver":
-            run_passes(sam, model, batches, lambda b: loss_of(model, b), backward=None if grad_scaler is None else backward)
+            run_passes(
+                sam, model, batches, lambda b: loss_of(model, b), backward=None if grad_scaler is None else backward
+            )
             finish()
         elif loop == "sam_passes":
+
             def forward_backward(b):
                 loss = loss_of(model, b)
                 backward(loss)
                 return loss
+
             for i, b in enumerate(batches):
                 sam_passes(sam, model, b, forward_backward, last=i == window - 1)
             finish()

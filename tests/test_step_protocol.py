@@ -52,10 +52,12 @@ def test_sam_passes_runs_the_passes_the_step_needs_and_moves_batchnorm_once(name
     steps = 4
     for _ in range(steps):
         for i in range(window):
+
             def fb(x):
                 loss = model(x).pow(2).mean() / window
                 loss.backward()
                 return loss
+
             sam_passes(sam, model, torch.randn(8, 4), fb, last=i == window - 1)
         sam.step()
         sam.zero_grad()
@@ -69,11 +71,13 @@ def test_closure_step_moves_batchnorm_once_per_step(name):
     model = _bn_net()
     sam = _build(name, model)
     for _ in range(4):
+
         def closure():
             sam.zero_grad()
             loss = model(torch.randn(8, 4)).pow(2).mean()
             loss.backward()
             return loss
+
         sam.step(closure)
     assert int(model[1].num_batches_tracked) == 4
 
@@ -106,9 +110,17 @@ def test_onepass_in_samtrainer_costs_one_forward(tmp_path):
     sam = OnePassSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model.net, rho=0.1)
     data = [{"x": torch.randn(4), "labels": torch.tensor(i % 3)} for i in range(32)]
     args = transformers.TrainingArguments(
-        str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
-        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3, disable_tqdm=True,
-        dataloader_num_workers=0)
+        str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     SAMTrainer(model, args, train_dataset=data, optimizers=(sam, None)).train()
     assert model.calls == 6 and int(model.net[1].num_batches_tracked) == 6
 
@@ -204,7 +216,7 @@ def test_state_dict_of_another_base_optimizer_is_one_clear_error():
     adam = SAM(torch.optim.Adam(model.parameters(), lr=0.1), model)
     adam.step(_closure(adam, model))
     sgd = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
-    with pytest.raises(ValueError, match="Adam.*SGD|SGD.*Adam"):
+    with pytest.raises(ValueError, match=r"Adam.*SGD|SGD.*Adam"):
         sgd.load_state_dict(adam.state_dict())
     with pytest.raises(ValueError, match="base optimizer class"):
         adam.load_state_dict(sgd.state_dict())
@@ -216,6 +228,7 @@ def _closure(sam, model):
         loss = model(torch.randn(5, 3)).pow(2).mean()
         loss.backward()
         return loss
+
     return closure
 
 
@@ -229,10 +242,12 @@ def test_zero_filled_gradients_are_accepted_and_leftovers_refused(name):
     x = torch.randn(8, 4)
     for net, opt, set_to_none in ((model, sam, False), (ref, ref_sam, True)):
         for _ in range(3):
+
             def fb(b, net=net):
                 loss = net(b).pow(2).mean()
                 loss.backward()
                 return loss
+
             sam_passes(opt, net, x, fb)
             opt.step()
             opt.zero_grad(set_to_none=set_to_none)
@@ -252,7 +267,7 @@ def test_a_scheduler_drives_looksam_alpha_through_param_groups():
     twin = copy.deepcopy(model)
     interval = IntervalSAM(torch.optim.SGD(twin.parameters(), lr=0.1), twin, k=2)
     assert all(g["alpha"] == 0.7 for g in look.param_groups)
-    for step in range(4):
+    for _ in range(4):
         for g in look.param_groups:  # what a scheduler does: alpha 0 is IntervalSAM
             g["alpha"] = 0.0
         x = torch.randn(5, 3)

@@ -113,8 +113,11 @@ def _train(opt, model, x, y, steps, form):
 def _setup(seed, width, which, opt="sgd"):
     model, x, y, base, ref_base, perturb = _reference_problem(seed, width, which, opt)
     ref = copy.deepcopy(model)
-    ref_sel = {"all": list(ref.parameters()), "norm": list(samnorm.norm_layers(ref)),
-               "first": list(ref[0].parameters())}[which]
+    ref_sel = {
+        "all": list(ref.parameters()),
+        "norm": list(samnorm.norm_layers(ref)),
+        "first": list(ref[0].parameters()),
+    }[which]
     sel = [any(p is s for s in ref_sel) for p in ref.parameters()]
     return model, ref, x, y, base, ref_base, perturb, sel
 
@@ -144,8 +147,7 @@ def test_interval_and_looksam_match_float64_reference(seed, width, rho, k, alpha
     # is then ill-conditioned by construction, so LookSAM is compared where g_s and g differ.
     assume(rho > 0 or alpha == 0)
     model, ref, x, y, base, ref_base, perturb, sel = _setup(seed, width, which)
-    opt = (LookSAM(base, perturb, k=k, alpha=alpha, rho=rho) if alpha
-           else IntervalSAM(base, perturb, k=k, rho=rho))
+    opt = LookSAM(base, perturb, k=k, alpha=alpha, rho=rho) if alpha else IntervalSAM(base, perturb, k=k, rho=rho)
     _train(opt, model, x, y, 2 * k + 1, form)
     _ref_interval(ref, sel, x, y, 2 * k + 1, ref_base, rho, k, alpha)
     _assert_same(model, ref)
@@ -172,8 +174,12 @@ def test_onepass_matches_float64_reference(seed, width, rho, direction, opt, whi
 # ----------------------------------------------------------------------------- properties
 
 
-@given(seed=st.integers(0, 1000), rho=st.floats(1e-3, 2.0), form=st.sampled_from(["loss", "grad", "closure"]),
-       adaptive=st.booleans())
+@given(
+    seed=st.integers(0, 1000),
+    rho=st.floats(1e-3, 2.0),
+    form=st.sampled_from(["loss", "grad", "closure"]),
+    adaptive=st.booleans(),
+)
 def test_interval_k1_is_sam_bit_exactly(seed, rho, form, adaptive):
     torch.manual_seed(seed)
     a = _mlp(nn.BatchNorm1d)
@@ -245,8 +251,15 @@ def test_onepass_with_zero_direction_is_the_base_step(seed, rho, direction):
     _assert_same(a, b, exact=True)
 
 
-@pytest.mark.parametrize("name, kw", [("interval", {"k": 2}), ("looksam", {"k": 2, "alpha": 0.7}),
-                                       ("onepass", {"direction": "momentum"}), ("onepass", {"direction": "grad"})])
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("interval", {"k": 2}),
+        ("looksam", {"k": 2, "alpha": 0.7}),
+        ("onepass", {"direction": "momentum"}),
+        ("onepass", {"direction": "grad"}),
+    ],
+)
 @pytest.mark.parametrize("form", ["loss", "closure"])
 def test_state_dict_round_trip_resumes_bit_identically(name, kw, form):
     x, y = _batch()
@@ -273,8 +286,9 @@ def test_state_dict_round_trip_resumes_bit_identically(name, kw, form):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name, kw", [("interval", {"k": 2}), ("looksam", {"k": 2}), ("onepass", {}),
-                                       ("onepass", {"direction": "grad"})])
+@pytest.mark.parametrize(
+    "name, kw", [("interval", {"k": 2}), ("looksam", {"k": 2}), ("onepass", {}), ("onepass", {"direction": "grad"})]
+)
 def test_no_host_sync_in_the_step(monkeypatch, name, kw):
     model = _mlp()
     opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.1, **kw)
@@ -299,8 +313,10 @@ def test_closure_runs_as_often_as_the_step_needs():
         inner = _closure(opt, model, x, y)
         return lambda: (calls.append(1), inner())[1]
 
-    for opt, want in [(IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=3), [2, 1, 1, 2]),
-                      (OnePassSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model), [1] * 4)]:
+    for opt, want in [
+        (IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=3), [2, 1, 1, 2]),
+        (OnePassSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model), [1] * 4),
+    ]:
         got = []
         for _ in range(4):
             calls.clear()
@@ -378,7 +394,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="unknown SAM variant 'msam'"):
         make("msam", sgd, model)
     for no_momentum in (sgd, torch.optim.Adagrad(model.parameters()), torch.optim.RMSprop(model.parameters())):
-        with pytest.raises(ValueError, match="keeps no momentum buffer.*direction='grad'"):
+        with pytest.raises(ValueError, match=r"keeps no momentum buffer.*direction='grad'"):
             OnePassSAM(no_momentum, model)
     opt = OnePassSAM(sgd, model, direction="grad")
     x, y = _batch()
@@ -404,8 +420,9 @@ def test_step_cost_benchmark_runs_every_candidate_interleaved():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(4, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)
+    )
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
     steps = bench.build_steps(model, x, y, list(bench.CANDIDATES))
     out = bench.interleaved(steps, rounds=2, block=4, warmup=0)
@@ -438,8 +455,9 @@ def test_onepass_perturbs_against_the_momentum_and_leaves_it_bit_identical():
     opt.restore()
 
 
-@pytest.mark.parametrize("name, kw", [("interval", {"k": 2}), ("looksam", {"k": 2, "alpha": 0.7}),
-                                       ("onepass", {"direction": "grad"})])
+@pytest.mark.parametrize(
+    "name, kw", [("interval", {"k": 2}), ("looksam", {"k": 2, "alpha": 0.7}), ("onepass", {"direction": "grad"})]
+)
 def test_step_without_closure_and_grad_scaler_finish_the_step_like_second_step(name, kw):
     """``step()`` after first_step (what frameworks call) and ``second_step(scaler=...)`` with a
     GradScaler (scaled losses) train as ``second_step()`` does."""
@@ -473,8 +491,9 @@ def test_step_without_closure_and_grad_scaler_finish_the_step_like_second_step(n
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name, kw", [("looksam", {"k": 2, "alpha": 0.7}), ("onepass", {"direction": "grad"}),
-                                       ("onepass", {})])
+@pytest.mark.parametrize(
+    "name, kw", [("looksam", {"k": 2, "alpha": 0.7}), ("onepass", {"direction": "grad"}), ("onepass", {})]
+)
 def test_low_precision_parameters_keep_float32_vectors(name, kw):
     model = _mlp(dtype=torch.bfloat16)
     x, y = _batch(torch.bfloat16)
@@ -595,8 +614,12 @@ def test_load_state_dict_refuses_another_variant_and_resumes_the_saved_settings(
         opt = build(name, **kw)
         _train(opt, model, x, y, 3, "loss")
         saved[name] = opt.state_dict()
-    for name, other in (("interval", "onepass"), ("interval", "looksam"), ("looksam", "interval"),
-                        ("onepass", "looksam")):
+    for name, other in (
+        ("interval", "onepass"),
+        ("interval", "looksam"),
+        ("looksam", "interval"),
+        ("onepass", "looksam"),
+    ):
         opt = build(name)
         with pytest.raises(ValueError, match=f"saved by the {other!r} SAM variant"):
             opt.load_state_dict(saved[other])

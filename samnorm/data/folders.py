@@ -38,7 +38,7 @@ import multiprocessing
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class ImageTransform:
         torch.Size([1, 8, 8])
     """
 
-    _RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
+    _RESAMPLE: ClassVar[dict[str, int]] = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
 
     def __init__(
         self,
@@ -118,8 +118,11 @@ class ImageTransform:
         sx, sy = nw / w, nh / h
         box = (left / sx, top / sy, (left + self.size) / sx, (top + self.size) / sy)
         planes = [
-            np.asarray(Image.fromarray(np.ascontiguousarray(values[..., c])).resize(
-                (self.size, self.size), resample=self._RESAMPLE[self.interpolation], box=box))
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(values[..., c])).resize(
+                    (self.size, self.size), resample=self._RESAMPLE[self.interpolation], box=box
+                )
+            )
             for c in range(self.channels)
         ]
         x = torch.from_numpy(np.clip(np.stack(planes), 0.0, 1.0))  # bicubic may overshoot
@@ -175,12 +178,16 @@ def _check_class_dirs(root: str, subdirs: Sequence[str]) -> None:
     reals = {c: os.path.realpath(os.path.join(root, c)) for c in subdirs}
     for c, real in reals.items():
         if _inside(real_root, real):
-            raise ValueError(f"class folder {os.path.join(root, c)!r} leads to {real!r}, which holds the image "
-                             "folder itself: its images would be counted twice; remove the link")
+            raise ValueError(
+                f"class folder {os.path.join(root, c)!r} leads to {real!r}, which holds the image "
+                "folder itself: its images would be counted twice; remove the link"
+            )
         for other, real_other in reals.items():
             if other != c and _inside(real, real_other):
-                raise ValueError(f"class folders {c!r} and {other!r} of {root!r} lead to the same images "
-                                 f"({real!r} is inside {real_other!r}): one label per image; remove the link")
+                raise ValueError(
+                    f"class folders {c!r} and {other!r} of {root!r} lead to the same images "
+                    f"({real!r} is inside {real_other!r}): one label per image; remove the link"
+                )
 
 
 def _check_file_links(root: str, subdirs: Sequence[str], links: Sequence[tuple[str, str]]) -> None:
@@ -197,10 +204,15 @@ def _check_file_links(root: str, subdirs: Sequence[str], links: Sequence[tuple[s
             continue
         owner = next((o for o, r in reals.items() if _inside(target, r)), None)
         if owner is not None or _inside(target, real_root):
-            whose = (f"an image of class {owner!r}" if owner is not None
-                     else f"a file of the image folder outside class {c!r}")
-            raise ValueError(f"{path!r} links to {target!r}, {whose}: one label per image; remove the link "
-                             "(or copy the image if it really belongs to both classes)")
+            whose = (
+                f"an image of class {owner!r}"
+                if owner is not None
+                else f"a file of the image folder outside class {c!r}"
+            )
+            raise ValueError(
+                f"{path!r} links to {target!r}, {whose}: one label per image; remove the link "
+                "(or copy the image if it really belongs to both classes)"
+            )
 
 
 class ImageFolder(Dataset):
@@ -245,11 +257,15 @@ class ImageFolder(Dataset):
             self.samples = [(p, 0) for p in self._images(root)]
         else:
             if not subdirs:
-                raise ValueError(f"{root!r} has no class sub-folders: expected {os.path.join(root, '<class>', '<image>')}")
+                raise ValueError(
+                    f"{root!r} has no class sub-folders: expected {os.path.join(root, '<class>', '<image>')}"
+                )
             _check_class_dirs(root, subdirs)
             if classes is None and len(subdirs) < 2:  # one class: the loss is 0 whatever the model does
-                raise ValueError(f"{root!r} has one class folder ({subdirs[0]!r}): a classifier needs at least two "
-                                 "classes, one sub-folder each; name the folder that holds the class folders")
+                raise ValueError(
+                    f"{root!r} has one class folder ({subdirs[0]!r}): a classifier needs at least two "
+                    "classes, one sub-folder each; name the folder that holds the class folders"
+                )
             found = subdirs
             self.samples = []
         self.classes = list(classes) if classes is not None else found
@@ -266,8 +282,10 @@ class ImageFolder(Dataset):
                 found_links: list[str] = []
                 images = self._images(os.path.join(root, c), found_links)
                 if not images:  # it would be a class no image can teach
-                    raise ValueError(f"class folder {os.path.join(root, c)!r} holds no images "
-                                     f"({', '.join(IMG_EXTENSIONS)}): add its images or remove the folder")
+                    raise ValueError(
+                        f"class folder {os.path.join(root, c)!r} holds no images "
+                        f"({', '.join(IMG_EXTENSIONS)}): add its images or remove the folder"
+                    )
                 self.samples += [(p, self.class_to_idx[c]) for p in images]
                 links += [(c, p) for p in found_links]
             _check_file_links(root, subdirs, links)
@@ -357,8 +375,7 @@ class ImageFolder(Dataset):
 
     def skipped_paths(self) -> list[str]:
         """Paths of the unreadable images met so far."""
-        return [p for (p, _), bad in zip(self.samples, self._bad) if bad]
+        return [p for (p, _), bad in zip(self.samples, self._bad, strict=True) if bad]
 
     def __repr__(self) -> str:
         return f"ImageFolder({self.root!r}, {len(self)} images, {len(self.classes)} classes)"
-

@@ -30,11 +30,19 @@ from samnorm.demo.config import ARMS, BACKBONE_DEFAULTS, SCORER_NAMES, SELECTION
 
 #: Public names defined in the submodules, imported on first use.
 _LAZY = {
-    "DemoReport": "run", "run_demo": "run", "arm_config": "run", "finetune_copy": "run", "evaluate": "run",
+    "DemoReport": "run",
+    "run_demo": "run",
+    "arm_config": "run",
+    "finetune_copy": "run",
+    "evaluate": "run",
     "theory_quantities": "run",
-    "pretrain": "backbone", "build_backbone": "backbone", "cache_path": "backbone",
+    "pretrain": "backbone",
+    "build_backbone": "backbone",
+    "cache_path": "backbone",
     "load_data": "data",
-    "select_hyperparameters": "select", "SELECTION_GRID": "select", "SELECTION_RHOS": "select",
+    "select_hyperparameters": "select",
+    "SELECTION_GRID": "select",
+    "SELECTION_RHOS": "select",
     "SELECTION_ADAPTIVE_RHOS": "select",
     "add_parser": "cli",
 }

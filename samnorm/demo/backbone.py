@@ -43,8 +43,16 @@ def build_backbone(config: DemoConfig, num_classes: int = 10) -> nn.Module:
         from samnorm.models import T2TViT
 
         dim = max(4, config.widths[-1] * 3 // 32) * 4  # divisible by the 4 heads
-        return T2TViT(img_size=config.size, in_chans=1, num_classes=num_classes, embed_dim=dim,
-                      depth=len(config.depths), num_heads=4, mlp_ratio=2.0, token_dim=16)
+        return T2TViT(
+            img_size=config.size,
+            in_chans=1,
+            num_classes=num_classes,
+            embed_dim=dim,
+            depth=len(config.depths),
+            num_heads=4,
+            mlp_ratio=2.0,
+            token_dim=16,
+        )
     from functools import partial
 
     from timm.layers import GroupNormAct, StdConv2d
@@ -129,10 +137,16 @@ def pretrain(config: DemoConfig, data: DemoData | None = None) -> tuple[nn.Modul
                 raise ValueError("configuration mismatch")
             model.load_state_dict(saved["state_dict"])
             model.eval()
-            return model, {"cached": True, "path": str(path), "seconds": time.perf_counter() - start,
-                           "val_accuracy": float(saved["val_accuracy"])}
+            return model, {
+                "cached": True,
+                "path": str(path),
+                "seconds": time.perf_counter() - start,
+                "val_accuracy": float(saved["val_accuracy"]),
+            }
         except Exception as exc:  # a corrupt or foreign file: retrain and overwrite it
             warnings.warn(f"ignoring the cached weights in {path} ({exc}); pretraining again", stacklevel=2)
+    # DemoConfig.__post_init__ fills the backbone's defaults into these (typed optional to mean "default")
+    assert config.pretrain_epochs is not None and config.pretrain_lr is not None
     x, y = data.train
     steps_per_epoch = math.ceil(len(x) / config.batch_size)
     total = config.pretrain_epochs * steps_per_epoch
@@ -140,8 +154,9 @@ def pretrain(config: DemoConfig, data: DemoData | None = None) -> tuple[nn.Modul
     if config.pretrain_optimizer == "adamw":  # what ViTs train with; SGD leaves this one at ~75%
         opt = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.05)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=config.pretrain_lr, momentum=0.9, nesterov=True,
-                              weight_decay=config.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=config.pretrain_lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+        )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.pretrain_lr, total_steps=total, pct_start=0.15)
     g = torch.Generator().manual_seed(config.pretrain_seed)
     model.train()
@@ -161,5 +176,9 @@ def pretrain(config: DemoConfig, data: DemoData | None = None) -> tuple[nn.Modul
     val_accuracy = accuracy(model, *data.val)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"key": key, "state_dict": model.state_dict(), "val_accuracy": val_accuracy}, path)
-    return model, {"cached": False, "path": str(path), "seconds": time.perf_counter() - start,
-                   "val_accuracy": val_accuracy}
+    return model, {
+        "cached": False,
+        "path": str(path),
+        "seconds": time.perf_counter() - start,
+        "val_accuracy": val_accuracy,
+    }

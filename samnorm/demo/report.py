@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from samnorm.demo.config import ARMS, SELECTION
 
@@ -45,8 +46,12 @@ def _table(report: Mapping[str, Any], where: str) -> list[str]:
     versus = [a for a in arms if a != "sgd"] if "sgd" in arms and where == "average" else []
     for metric, arrow in (("FPR95", "lower is better"), ("AUROC", "higher is better")):
         head = ["Scorer", "pretrained", *(ARMS[a] for a in arms), *(f"{ARMS[a]} − SGD" for a in versus)]
-        lines += [f"**{metric} (%)**, {arrow}:", "", "| " + " | ".join(head) + " |",
-                  "|---|" + "---:|" * (len(head) - 1)]
+        lines += [
+            f"**{metric} (%)**, {arrow}:",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|---|" + "---:|" * (len(head) - 1),
+        ]
         for scorer in report["pretrained"]["metrics"]:
             row = [scorer, _pct(report["pretrained"]["metrics"][scorer][where][metric])]
             for arm in arms:
@@ -62,15 +67,27 @@ def _table(report: Mapping[str, Any], where: str) -> list[str]:
 def _recipe_line(report: Mapping[str, Any]) -> str:
     recipes = {arm: res["recipe"] for arm, res in report["arms"].items()}
     r = next(iter(recipes.values()))
-    loss = {"uniform": "uniform-target cross-entropy", "energy": f"energy margin (m_in {r['m_in']}, m_out {r['m_out']})",
-            "maxlogit": "max-logit gap"}[r["ood_loss"]]
-    ascent = "; ".join(f"{ARMS[arm]}: {rec['optimizer']} rho {rec['rho']:g}" for arm, rec in recipes.items()
-                       if arm != "sgd")
-    pseudo = (f"{r['ood_ratio']:g} pseudo-OOD image(s) per ID image ({', '.join(r['transforms'])}), loss = "
-              f"cross-entropy + {r['ood_weight']:g} x {loss}") if r["ood_ratio"] > 0 else "no pseudo-OOD images"
-    return (f"Recipe (samnorm.recipe.finetune, shared by all arms): SGD momentum {r['momentum']:g}, lr {r['lr']:g} "
-            f"with cosine decay, weight decay {r['weight_decay']:g}, batch {r['batch_size']}, {pseudo}"
-            + (f"; {ascent}." if ascent else "."))
+    loss = {
+        "uniform": "uniform-target cross-entropy",
+        "energy": f"energy margin (m_in {r['m_in']}, m_out {r['m_out']})",
+        "maxlogit": "max-logit gap",
+    }[r["ood_loss"]]
+    ascent = "; ".join(
+        f"{ARMS[arm]}: {rec['optimizer']} rho {rec['rho']:g}" for arm, rec in recipes.items() if arm != "sgd"
+    )
+    pseudo = (
+        (
+            f"{r['ood_ratio']:g} pseudo-OOD image(s) per ID image ({', '.join(r['transforms'])}), loss = "
+            f"cross-entropy + {r['ood_weight']:g} x {loss}"
+        )
+        if r["ood_ratio"] > 0
+        else "no pseudo-OOD images"
+    )
+    return (
+        f"Recipe (samnorm.recipe.finetune, shared by all arms): SGD momentum {r['momentum']:g}, lr {r['lr']:g} "
+        f"with cosine decay, weight decay {r['weight_decay']:g}, batch {r['batch_size']}, {pseudo}"
+        + (f"; {ascent}." if ascent else ".")
+    )
 
 
 def _summary(report: Mapping[str, Any]) -> list[str]:
@@ -79,7 +96,8 @@ def _summary(report: Mapping[str, Any]) -> list[str]:
     for arm, cmp in report["differences"].items():
         if "vs_sgd" not in cmp:
             continue
-        better, worse = [], []
+        better: list[str] = []
+        worse: list[str] = []
         for scorer, metrics in cmp["vs_sgd"].items():
             if scorer == "id_accuracy":
                 continue
@@ -90,9 +108,11 @@ def _summary(report: Mapping[str, Any]) -> list[str]:
         if math.isnan(cmp["vs_sgd"]["id_accuracy"]["low"]):
             lines.append(f"- {ARMS[arm]} − SGD: one seed, no interval (run --seeds 2 or more).")
             continue
-        lines.append(f"- {ARMS[arm]} − SGD, average FPR95: interval below 0 (better) for "
-                     f"{', '.join(better) or 'no scorer'}; above 0 (worse) for {', '.join(worse) or 'no scorer'}; "
-                     f"containing 0 for {', '.join(rest) or 'no scorer'}. ID accuracy {acc} points.")
+        lines.append(
+            f"- {ARMS[arm]} − SGD, average FPR95: interval below 0 (better) for "
+            f"{', '.join(better) or 'no scorer'}; above 0 (worse) for {', '.join(worse) or 'no scorer'}; "
+            f"containing 0 for {', '.join(rest) or 'no scorer'}. ID accuracy {acc} points."
+        )
     return lines
 
 
@@ -115,9 +135,14 @@ def markdown(report: Mapping[str, Any], per_set: bool) -> str:
         "Student-t interval over the seeds, in percentage points. An interval that contains 0 means the seeds "
         "do not separate the two arms.",
         "",
-        "**ID accuracy (%)**: pretrained " + _pct(report["pretrained"]["id_accuracy"]) + "; " + "; ".join(
+        "**ID accuracy (%)**: pretrained "
+        + _pct(report["pretrained"]["id_accuracy"])
+        + "; "
+        + "; ".join(
             f"{ARMS[a]} {_cell(report['arms'][a]['mean']['id_accuracy'], report['arms'][a]['std']['id_accuracy'], n)}"
-            for a in arms) + ".",
+            for a in arms
+        )
+        + ".",
         "",
         f"### Average over the {len(report['ood_sets'])} OOD sets",
         "",
@@ -127,13 +152,19 @@ def markdown(report: Mapping[str, Any], per_set: bool) -> str:
     ]
     theory = report["pretrained"].get("theory")
     if theory:
-        lines += ["**The appendix's quantities** (means on ID test / pooled OOD; FC-gradient norm with the "
-                  "predicted class as target, eq. 13): pretrained grad-norm "
-                  f"{theory['id']['grad_norm']:.2f} / {theory['ood']['grad_norm']:.2f}, max logit "
-                  f"{theory['id']['max_logit']:.2f} / {theory['ood']['max_logit']:.2f}; " + "; ".join(
-                      f"{ARMS[a]} grad-norm {m['theory']['id']['grad_norm']:.2f} / {m['theory']['ood']['grad_norm']:.2f}, "
-                      f"max logit {m['theory']['id']['max_logit']:.2f} / {m['theory']['ood']['max_logit']:.2f}"
-                      for a, m in ((a, report["arms"][a]["mean"]) for a in arms)) + ".", ""]
+        lines += [
+            "**The appendix's quantities** (means on ID test / pooled OOD; FC-gradient norm with the "
+            "predicted class as target, eq. 13): pretrained grad-norm "
+            f"{theory['id']['grad_norm']:.2f} / {theory['ood']['grad_norm']:.2f}, max logit "
+            f"{theory['id']['max_logit']:.2f} / {theory['ood']['max_logit']:.2f}; "
+            + "; ".join(
+                f"{ARMS[a]} grad-norm {m['theory']['id']['grad_norm']:.2f} / {m['theory']['ood']['grad_norm']:.2f}, "
+                f"max logit {m['theory']['id']['max_logit']:.2f} / {m['theory']['ood']['max_logit']:.2f}"
+                for a, m in ((a, report["arms"][a]["mean"]) for a in arms)
+            )
+            + ".",
+            "",
+        ]
     if per_set:
         for name in report["ood_sets"]:
             lines += [f"### OOD set: {name}", "", *_table(report, name)]
@@ -151,7 +182,12 @@ def plots(out: Path, before: Any, after: Mapping[str, tuple[int, Any]], scorers:
         for scorer in scorers:
             path = Path(out) / f"scores_{scorer.lower()}_{arm}.png"
             plot_before_after(
-                before.scores[scorer], results.scores[scorer], id_name=_ID_NAME, quantity=scorer,
-                stage_names=("pretrained", f"after {ARMS[arm]} fine-tuning (seed {seed})"), path=path)
+                before.scores[scorer],
+                results.scores[scorer],
+                id_name=_ID_NAME,
+                quantity=scorer,
+                stage_names=("pretrained", f"after {ARMS[arm]} fine-tuning (seed {seed})"),
+                path=path,
+            )
             written.append(str(path))
     return written

@@ -8,22 +8,23 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from samnorm.demo.backbone import check_cache, pretrain, progress_bar
 from samnorm.demo.config import ARMS, SELECTION, DemoConfig
 from samnorm.demo.data import DemoData, accuracy, batches, load_data
 from samnorm.io import atomic_write
-from samnorm.demo.backbone import check_cache, pretrain, progress_bar
 from samnorm.recipe import FinetuneConfig
 from samnorm.recipe import finetune as recipe_finetune
 from samnorm.runs import ensure_folder, result_set
 
-__all__ = ["DemoReport", "ID_NAME", "arm_config", "evaluate", "finetune_copy", "run_demo", "theory_quantities"]
+__all__ = ["ID_NAME", "DemoReport", "arm_config", "evaluate", "finetune_copy", "run_demo", "theory_quantities"]
 
 ID_NAME = "MNIST"  # the ID set's name in tables and plots
 
@@ -40,15 +41,29 @@ def arm_config(config: DemoConfig, arm: str, **overrides: Any) -> FinetuneConfig
     """
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}: choose from {list(ARMS)}")
-    optimizer = {"sgd": "sgd",
-                 "sam_on": "asam-on" if config.adaptive_sam_on else "sam-on",
-                 "sam": "asam" if config.adaptive_sam else "sam"}[arm]
+    optimizer = {
+        "sgd": "sgd",
+        "sam_on": "asam-on" if config.adaptive_sam_on else "sam-on",
+        "sam": "asam" if config.adaptive_sam else "sam",
+    }[arm]
     rho = {"sam_on": config.rho_sam_on, "sam": config.rho_sam, "sgd": None}[arm]
+    # DemoConfig.__post_init__ fills the backbone's defaults into these (typed optional to mean "default")
+    assert config.lr is not None and config.ood_loss is not None
     base = FinetuneConfig(
-        optimizer=optimizer, rho=rho, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-        epochs=config.epochs, batch_size=config.batch_size, ood_loss=config.ood_loss,
-        ood_weight=config.ood_weight, ood_ratio=config.ood_ratio, transforms=list(config.transforms),
-        m_in=config.m_in, m_out=config.m_out)
+        optimizer=optimizer,
+        rho=rho,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        ood_loss=config.ood_loss,
+        ood_weight=config.ood_weight,
+        ood_ratio=config.ood_ratio,
+        transforms=list(config.transforms),
+        m_in=config.m_in,
+        m_out=config.m_out,
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -88,8 +103,14 @@ def evaluate(model: nn.Module, data: DemoData, scorers: Sequence[str]) -> tuple[
     from samnorm.ood import evaluate as ood_evaluate
 
     x, y = data.test
-    results = ood_evaluate(model, batches(x, y), {name: batches(v) for name, v in data.ood.items()},
-                           _scorers(model, scorers), fit_data=batches(*data.train), id_name=ID_NAME)
+    results = ood_evaluate(
+        model,
+        batches(x, y),
+        {name: batches(v) for name, v in data.ood.items()},
+        _scorers(model, scorers),
+        fit_data=batches(*data.train),
+        id_name=ID_NAME,
+    )
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     for scorer in results.metrics:
         metrics[scorer] = {name: m.as_dict() for name, m in results.metrics[scorer].items()}
@@ -131,7 +152,9 @@ class DemoReport:
 
 
 def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    )
 
 
 def _describe(model: nn.Module, config: DemoConfig) -> str:
@@ -140,10 +163,13 @@ def _describe(model: nn.Module, config: DemoConfig) -> str:
     params = sum(p.numel() for p in model.parameters())
     norm = samnorm.norm_layers(model).numel()
     if config.backbone == "t2t_vit":
-        kind = f"T2T-ViT (embed {model.num_features}, depth {len(model.blocks)})"
+        depth = len(list(model.get_submodule("blocks").children()))
+        kind = f"T2T-ViT (embed {model.num_features}, depth {depth})"
     else:
-        kind = (f"ResNetV2 with GroupNorm and StdConv2d (BiT family), widths {list(config.widths)}, "
-                f"blocks {list(config.depths)}")
+        kind = (
+            f"ResNetV2 with GroupNorm and StdConv2d (BiT family), widths {list(config.widths)}, "
+            f"blocks {list(config.depths)}"
+        )
     return f"{kind}, {params / 1e3:.0f}k parameters of which {norm / 1e3:.1f}k in normalization layers"
 
 

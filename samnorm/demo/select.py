@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from torch import Tensor, nn
 
+from samnorm.demo.backbone import pretrain
 from samnorm.demo.config import DemoConfig
 from samnorm.demo.data import load_data, logits
-from samnorm.demo.backbone import pretrain
 from samnorm.demo.run import arm_config, finetune_copy
 
-__all__ = ["SELECTION_ADAPTIVE_RHOS", "SELECTION_GRID", "SELECTION_RHOS", "select_hyperparameters",
-           "validation_metrics"]
+__all__ = [
+    "SELECTION_ADAPTIVE_RHOS",
+    "SELECTION_GRID",
+    "SELECTION_RHOS",
+    "select_hyperparameters",
+    "validation_metrics",
+]
 
 #: The grids of ``samnorm demo --select`` per backbone. Learning rates stop at the pretraining peak
 #: (ResNetV2: 0.1); above it fine-tuning is no longer a small step from the pretrained weights.
@@ -93,8 +99,10 @@ def select_hyperparameters(
     data = load_data(config, heldout=True)
     model, _ = pretrain(config, data)
     xv, yv = data.val
-    val_ood = {"heldout": data.ood["heldout"],
-               "pseudo": PseudoOOD(list(config.transforms), seed=10_000 + config.data_seed)(xv, yv)}
+    val_ood = {
+        "heldout": data.ood["heldout"],
+        "pseudo": PseudoOOD(list(config.transforms), seed=10_000 + config.data_seed)(xv, yv),
+    }
 
     def show(values: Mapping[str, Any]) -> str:
         return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
@@ -111,7 +119,13 @@ def select_hyperparameters(
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         entry = {"arm": arm, **settings, **mean, "eligible": mean["accuracy"] >= base["accuracy"] - 0.01}
         table.append(entry)
-        out(f"{arm:6s} " + show(settings) + " | " + show(mean) + ("" if entry["eligible"] else "  (accuracy drop > 1 pt)"))
+        out(
+            f"{arm:6s} "
+            + show(settings)
+            + " | "
+            + show(mean)
+            + ("" if entry["eligible"] else "  (accuracy drop > 1 pt)")
+        )
         return entry
 
     def best(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -119,7 +133,7 @@ def select_hyperparameters(
         return min(pool, key=lambda e: e["criterion"])
 
     keys = list(grid)
-    winner = best([trial("sgd", dict(zip(keys, values))) for values in itertools.product(*grid.values())])
+    winner = best([trial("sgd", dict(zip(keys, values, strict=True))) for values in itertools.product(*grid.values())])
     shared = {k: winner[k] for k in keys}
     chosen: dict[str, Any] = dict(shared)
     for arm in [a for a in ("sam_on", "sam") if a in rhos or a in adaptive_rhos]:

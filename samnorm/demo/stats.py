@@ -9,14 +9,16 @@ needs no normality, the percentile bootstrap of the same mean (:func:`bootstrap_
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["bootstrap_interval", "differences", "mean_std", "paired", "t_interval"]
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
+def t_interval(values: Sequence[float] | npt.NDArray[np.float64], level: float = 0.95) -> dict[str, float]:
     """Mean of ``values`` and its two-sided Student-t confidence interval (NaN bounds for one value).
 
     Example:
@@ -39,8 +41,9 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]
     return {"mean": mean, "low": mean - half, "high": mean + half, "sd": sd, "n": n}
 
 
-def bootstrap_interval(values: Sequence[float], level: float = 0.95, n_boot: int = 10_000,
-                       seed: int = 0) -> dict[str, float]:
+def bootstrap_interval(
+    values: Sequence[float], level: float = 0.95, n_boot: int = 10_000, seed: int = 0
+) -> dict[str, float]:
     """Mean of ``values`` and the percentile-bootstrap interval of the mean (resampling with replacement).
 
     Example:
@@ -127,8 +130,11 @@ def differences(report: Mapping[str, Any], level: float = 0.95) -> dict[str, Any
 
             def diff(path: Sequence[str]) -> dict[str, float]:
                 mine = [_get(res["seeds"][s], path) for s in seeds]
-                ref = ([_get(arms["sgd"]["seeds"][s], path) for s in seeds] if other == "sgd"
-                       else [_get(report["pretrained"], path)] * len(seeds))
+                ref = (
+                    [_get(arms["sgd"]["seeds"][s], path) for s in seeds]
+                    if other == "sgd"
+                    else [_get(report["pretrained"], path)] * len(seeds)
+                )
                 return paired(mine, ref, level)
 
             cmp: dict[str, Any] = {s: {m: diff(p) for m, p in ms.items()} for s, ms in paths.items()}

@@ -23,30 +23,52 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    **{name: "quantities" for name in ("collect", "collect_sets", "fc_grad_norm", "histograms", "max_logit",
-                                       "overlap_coefficient", "per_sample_quantities", "summarize")},
-    **{name: "theory" for name in ("Eq12Bound", "PowerIteration", "StepReport", "estimate_M", "estimate_smoothness",
-                                   "hessian_spectral_norm", "per_sample_grad_sq_norms", "sam_on_bound_check")},
+    **{
+        name: "quantities"
+        for name in (
+            "collect",
+            "collect_sets",
+            "fc_grad_norm",
+            "histograms",
+            "max_logit",
+            "overlap_coefficient",
+            "per_sample_quantities",
+            "summarize",
+        )
+    },
+    **{
+        name: "theory"
+        for name in (
+            "Eq12Bound",
+            "PowerIteration",
+            "StepReport",
+            "estimate_M",
+            "estimate_smoothness",
+            "hessian_spectral_norm",
+            "per_sample_grad_sq_norms",
+            "sam_on_bound_check",
+        )
+    },
     "write_report": "cli",
 }
 
 __all__ = [
-    "collect",
-    "collect_sets",
-    "fc_grad_norm",
-    "histograms",
-    "max_logit",
-    "overlap_coefficient",
-    "per_sample_quantities",
-    "summarize",
     "Eq12Bound",
     "PowerIteration",
     "StepReport",
+    "collect",
+    "collect_sets",
     "estimate_M",
     "estimate_smoothness",
+    "fc_grad_norm",
     "hessian_spectral_norm",
+    "histograms",
+    "max_logit",
+    "overlap_coefficient",
     "per_sample_grad_sq_norms",
+    "per_sample_quantities",
     "sam_on_bound_check",
+    "summarize",
     "write_report",
 ]
 

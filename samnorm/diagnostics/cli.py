@@ -43,7 +43,7 @@ from samnorm.cli_common import (
 )
 from samnorm.runs import RunSpec, result_set, worker_ignores_signals
 
-__all__ = ["add_parser", "write_report", "run"]
+__all__ = ["add_parser", "run", "write_report"]
 
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")  # file names from user-given set and scorer names
 
@@ -60,7 +60,9 @@ def _slugs(names: list[str]) -> dict[str, str]:
     plain = {n: _SLUG.sub("_", n).strip("._") or "set" for n in names}
     taken = list(plain.values())
     return {
-        n: s if s == n or taken.count(s) == 1 else f"{s}-{hashlib.sha256(n.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+        n: s
+        if s == n or taken.count(s) == 1
+        else f"{s}-{hashlib.sha256(n.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
         for n, s in plain.items()
     }
 
@@ -87,28 +89,58 @@ def add_parser(subparsers: Any) -> None:
             "(the model before fine-tuning); write figures like the paper's appendix and a JSON summary."
         ),
     )
-    p.add_argument("--baseline", default=None,
-                   help="weights of the model before fine-tuning (same model options), for before/after figures")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="weights of the model before fine-tuning (same model options), for before/after figures",
+    )
     p.add_argument("--id", required=True, dest="id_dir", help="ID test folder (class sub-folders or flat)")
     p.add_argument("--id-name", default="ID", help="name of the ID set in figures and JSON (default: ID)")
-    p.add_argument("--ood", action="append", type=named_dir, required=True, metavar="NAME=DIR",
-                   help="OOD folder, repeatable; images anywhere below DIR")
-    p.add_argument("--scorers", default="msp,energy",
-                   help="comma-separated samnorm.ood scorers (msp, energy, odin, react, gradnorm, rankfeat, "
-                        "rankweight, mahalanobis, knn, vim; the max logit is always computed); '' for none "
-                        "(default: msp,energy)")
-    p.add_argument("--fit", default=None, dest="fit_dir",
-                   help="ID *training* folder, for scorers that need ID statistics (react, mahalanobis, ...)")
-    p.add_argument("--target", choices=("pred", "label", "uniform"), default="pred",
-                   help="cross-entropy target of the FC gradient norm: predicted class (eq. 13, default), the "
-                        "ID folder's label, or uniform (as GradNorm)")
-    p.add_argument("--grad-norm-p", type=float, default=2.0,
-                   help="entry-wise norm of the FC gradient: 2 = Frobenius (default), 1 = GradNorm's L1")
-    p.add_argument("--max-images", type=int, default=None,
-                   help="a seeded random subset of at most this many images per folder")
+    p.add_argument(
+        "--ood",
+        action="append",
+        type=named_dir,
+        required=True,
+        metavar="NAME=DIR",
+        help="OOD folder, repeatable; images anywhere below DIR",
+    )
+    p.add_argument(
+        "--scorers",
+        default="msp,energy",
+        help="comma-separated samnorm.ood scorers (msp, energy, odin, react, gradnorm, rankfeat, "
+        "rankweight, mahalanobis, knn, vim; the max logit is always computed); '' for none "
+        "(default: msp,energy)",
+    )
+    p.add_argument(
+        "--fit",
+        default=None,
+        dest="fit_dir",
+        help="ID *training* folder, for scorers that need ID statistics (react, mahalanobis, ...)",
+    )
+    p.add_argument(
+        "--target",
+        choices=("pred", "label", "uniform"),
+        default="pred",
+        help="cross-entropy target of the FC gradient norm: predicted class (eq. 13, default), the "
+        "ID folder's label, or uniform (as GradNorm)",
+    )
+    p.add_argument(
+        "--grad-norm-p",
+        type=float,
+        default=2.0,
+        help="entry-wise norm of the FC gradient: 2 = Frobenius (default), 1 = GradNorm's L1",
+    )
+    p.add_argument(
+        "--max-images", type=int, default=None, help="a seeded random subset of at most this many images per folder"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-images subsets")
-    p.add_argument("--theory", type=int, default=0, metavar="N",
-                   help="estimate L, M and the eq. 12 terms on N ID images (0: skip; costly on big models)")
+    p.add_argument(
+        "--theory",
+        type=int,
+        default=0,
+        metavar="N",
+        help="estimate L, M and the eq. 12 terms on N ID images (0: skip; costly on big models)",
+    )
     p.add_argument("--h", type=float, default=1e-3, help="learning rate h of the eq. 12 terms (with --theory)")
     p.add_argument("--rho", type=float, default=0.5, help="SAM radius rho of the eq. 12 terms (with --theory)")
     p.add_argument("--theory-iters", type=int, default=20, help="power iterations for L (with --theory)")
@@ -151,8 +183,13 @@ def _loader(dataset: Any, args: argparse.Namespace) -> Any:
         # a random subset, not the first N files: those would all come from the first classes
         gen = torch.Generator().manual_seed(args.seed)
         dataset = Subset(dataset, torch.randperm(len(dataset), generator=gen)[: args.max_images].tolist())
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                      worker_init_fn=worker_ignores_signals)
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.workers,
+        worker_init_fn=worker_ignores_signals,
+    )
 
 
 def _skipped(loader: Any) -> int:
@@ -203,8 +240,14 @@ def _diagnose(args: argparse.Namespace) -> dict[str, Any]:
                 scorer.fit(fit_loader)
             scorers[scorer.name] = scorer
         results[stage] = collect_sets(
-            model, id_loader, ood_loaders, id_name=args.id_name, scorers=scorers, target=args.target,
-            p=args.grad_norm_p, device=device,
+            model,
+            id_loader,
+            ood_loaders,
+            id_name=args.id_name,
+            scorers=scorers,
+            target=args.target,
+            p=args.grad_norm_p,
+            device=device,
         )
         if args.theory:
             theory[stage] = _theory(model, id_loader, args, device)
@@ -216,12 +259,20 @@ def _diagnose(args: argparse.Namespace) -> dict[str, Any]:
         "ood": dict(args.ood),
         "target": args.target,
         "grad_norm_p": args.grad_norm_p,
-        "skipped_images": {args.id_name: _skipped(id_loader), **{n: _skipped(l) for n, l in ood_loaders.items()}},
+        "skipped_images": {
+            args.id_name: _skipped(id_loader),
+            **{n: _skipped(loader) for n, loader in ood_loaders.items()},
+        },
         "seconds": round(time.perf_counter() - started, 1),
     }
     return write_report(
-        results["after"], args.output, id_name=args.id_name, before=results.get("before"),
-        theory=theory or None, meta=info, dpi=args.dpi,
+        results["after"],
+        args.output,
+        id_name=args.id_name,
+        before=results.get("before"),
+        theory=theory or None,
+        meta=info,
+        dpi=args.dpi,
     )
 
 
@@ -243,10 +294,19 @@ def _theory(model: Any, loader: Any, args: argparse.Namespace, device: Any) -> d
     labels = model(x).argmax(1)
     loss = torch.nn.functional.cross_entropy(model(x), labels)
     grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-    bound = Eq12Bound(h=args.h, rho=args.rho, L=L.value, M=float(sq_norms.max()),
-                      grad_sq_norm=float(sum(g.pow(2).sum() for g in grads)))
-    return {"images": int(x.shape[0]), "power_iterations": L.iterations, "converged": L.converged,
-            "eq12": bound.to_dict()}
+    bound = Eq12Bound(
+        h=args.h,
+        rho=args.rho,
+        L=L.value,
+        M=float(sq_norms.max()),
+        grad_sq_norm=float(sum(g.pow(2).sum() for g in grads)),
+    )
+    return {
+        "images": int(x.shape[0]),
+        "power_iterations": L.iterations,
+        "converged": L.converged,
+        "eq12": bound.to_dict(),
+    }
 
 
 def write_report(
@@ -304,21 +364,31 @@ def write_report(
             pick = {stage: {s: v[quantity] for s, v in res.items()} for stage, res in stages.items()}
             target = path(f"{slugs[quantity]}.png")
             if before is not None:
-                plots.plot_before_after(pick["before"], pick["after"], id_name=id_name, quantity=quantity, dpi=dpi,
-                                        path=target)
+                plots.plot_before_after(
+                    pick["before"], pick["after"], id_name=id_name, quantity=quantity, dpi=dpi, path=target
+                )
             else:
                 plots.plot_distributions(pick["after"], id_name=id_name, quantity=quantity, dpi=dpi, path=target)
         if {"grad_norm", "max_logit"} <= set(quantities):
             for ood in summary["ood_names"]:
-                plots.plot_grad_norm_max_logit(results, id_name=id_name, before=before, ood_names=[ood], dpi=dpi,
-                                               path=path(f"grad_norm_max_logit_{ood_slugs[ood]}.png"))
+                plots.plot_grad_norm_max_logit(
+                    results,
+                    id_name=id_name,
+                    before=before,
+                    ood_names=[ood],
+                    dpi=dpi,
+                    path=path(f"grad_norm_max_logit_{ood_slugs[ood]}.png"),
+                )
         plots.plot_summary(results, id_name=id_name, before=before, dpi=dpi, path=path("summary.png"))
         arrays = {
             f"{stage}/{s}/{q}": np.asarray(v, dtype=np.float64)
-            for stage, res in stages.items() for s, values in res.items() for q, v in values.items()
+            for stage, res in stages.items()
+            for s, values in res.items()
+            for q, v in values.items()
         }
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
+        # numpy's stub lets **kwds fill allow_pickle: bool; these keys hold '/', so none is that name
+        np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
         atomic_write(path("values.npz"), buffer.getvalue())
         if theory is not None:
             summary["theory"] = dict(theory)

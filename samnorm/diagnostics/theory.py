@@ -453,6 +453,53 @@ def _logit_stats(model: nn.Module, batches: Mapping[str, Tensor]) -> dict[str, t
     return stats
 
 
+def _check_bound_args(
+    inputs: Tensor,
+    labels: Tensor | None,
+    *,
+    steps: int,
+    h: float,
+    rho: float,
+    extra_inputs: Mapping[str, Tensor] | None,
+) -> None:
+    _check_batch(inputs, labels)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (h > 0 and math.isfinite(h)) or not (rho >= 0 and math.isfinite(rho)):
+        raise ValueError(f"h must be > 0 and rho >= 0 (finite), got h={h}, rho={rho}")
+    for name, x in (extra_inputs or {}).items():
+        if name == "train":
+            raise ValueError("'train' names the step's own batch; rename that entry of extra_inputs")
+        _check_batch(x, None)
+
+
+def _eq12_bound(
+    model: nn.Module,
+    inputs: Tensor,
+    fixed: Tensor | None,
+    loss_of: Criterion,
+    trainable: list[Tensor],
+    *,
+    h: float,
+    rho: float,
+    L: float | None,
+    M: float | None,
+    chunk_size: int | None,
+    power_iters: int,
+    power_tol: float,
+) -> Eq12Bound:
+    """Eq. 12's bound at the current weights: ``||grad f||^2`` measured, ``L`` and ``M`` estimated unless given."""
+    grads = torch.autograd.grad(loss_of(model(inputs), fixed).mean(), trainable, allow_unused=True)
+    grad_sq = float(sum(g.pow(2).sum() for g in grads if g is not None))
+    if L is None:
+        L = estimate_smoothness(
+            model, inputs, fixed, criterion=loss_of, chunk_size=chunk_size, iters=power_iters, tol=power_tol
+        ).value
+    if M is None:
+        M = float(per_sample_grad_sq_norms(model, inputs, fixed, criterion=loss_of, chunk_size=chunk_size).max())
+    return Eq12Bound(h=h, rho=rho, L=float(L), M=float(M), grad_sq_norm=grad_sq)
+
+
 def sam_on_bound_check(
     model: nn.Module,
     inputs: Tensor,
@@ -490,15 +537,7 @@ def sam_on_bound_check(
         >>> reports = sam_on_bound_check(model, x, h=0.01, rho=0.05, steps=2)  # doctest: +SKIP
         >>> [(r.loss_change, r.bound.total, r.holds) for r in reports]          # doctest: +SKIP
     """
-    _check_batch(inputs, labels)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not (h > 0 and math.isfinite(h)) or not (rho >= 0 and math.isfinite(rho)):
-        raise ValueError(f"h must be > 0 and rho >= 0 (finite), got h={h}, rho={rho}")
-    for name, x in (extra_inputs or {}).items():
-        if name == "train":
-            raise ValueError("'train' names the step's own batch; rename that entry of extra_inputs")
-        _check_batch(x, None)
+    _check_bound_args(inputs, labels, steps=steps, h=h, rho=rho, extra_inputs=extra_inputs)
     trainable = _trainable(model, None)
     eps = torch.finfo(trainable[0].dtype).eps
     reports = []
@@ -512,26 +551,23 @@ def sam_on_bound_check(
                 loss.backward()
                 return loss
 
-            grads = torch.autograd.grad(loss_of(model(inputs), fixed).mean(), trainable, allow_unused=True)
-            grad_sq = float(sum(g.pow(2).sum() for g in grads if g is not None))
-            step_L = (
-                L
-                if L is not None
-                else estimate_smoothness(
-                    model, inputs, fixed, criterion=loss_of, chunk_size=chunk_size, iters=power_iters, tol=power_tol
-                ).value
+            bound = _eq12_bound(
+                model,
+                inputs,
+                fixed,
+                loss_of,
+                trainable,
+                h=h,
+                rho=rho,
+                L=L,
+                M=M,
+                chunk_size=chunk_size,
+                power_iters=power_iters,
+                power_tol=power_tol,
             )
-            step_M = (
-                M
-                if M is not None
-                else float(
-                    per_sample_grad_sq_norms(model, inputs, fixed, criterion=loss_of, chunk_size=chunk_size).max()
-                )
-            )
-            bound = Eq12Bound(h=h, rho=rho, L=float(step_L), M=float(step_M), grad_sq_norm=grad_sq)
             if not bound.step_size_ok:
                 warnings.warn(
-                    f"step {step}: h*L = {h * step_L:.3g} > 1, outside the proposition's condition h <= 1/L",
+                    f"step {step}: h*L = {h * bound.L:.3g} > 1, outside the proposition's condition h <= 1/L",
                     stacklevel=2,
                 )
             batches = {"train": inputs, **(extra_inputs or {})}
