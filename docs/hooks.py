@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ API_DIR = ROOT / "docs" / "api"
 KNOWN_UNDOCUMENTED = ROOT / "docs" / "undocumented.txt"
 # Files outside docs/ that the guides link to, served at the same path as in the repository.
 EXTERNAL_FILES = ("examples/figures/*.png",)
+DOCS = ROOT / "docs"
+# A Markdown link or image target: ](target) or ](target "title")
+_LINK = re.compile(r"\]\(([^)\s]+)")
 
 
 def rendered_modules() -> list[str]:
@@ -112,6 +116,20 @@ def on_files(files, config):  # type: ignore[no-untyped-def]  # mkdocs' hook sig
         for path in sorted(ROOT.glob(pattern)):
             files.append(File(str(path.relative_to(ROOT)), str(ROOT), config["site_dir"], config["use_directory_urls"]))
     return files
+
+
+def _site_link(page_dir: Path, target: str) -> str:
+    """``target`` as the site serves it: a link that leaves docs/ for an external file (written so that it
+    works on GitHub, e.g. ``../../examples/figures/a.png`` from docs/guides/) to the file's served copy."""
+    path = (page_dir / target).resolve()
+    if DOCS in path.parents or not any(path.match(str(ROOT / p)) for p in EXTERNAL_FILES):
+        return target
+    return os.path.relpath(DOCS / path.relative_to(ROOT), page_dir)
+
+
+def on_page_markdown(markdown, page, config, files):  # type: ignore[no-untyped-def]  # mkdocs' hook signature
+    page_dir = (DOCS / page.file.src_uri).parent
+    return _LINK.sub(lambda m: "](" + _site_link(page_dir, m.group(1)), markdown)
 
 
 if __name__ == "__main__":

@@ -76,8 +76,10 @@ __all__ = [
     "worker_ignores_signals",
 ]
 
-EXIT_IOERR = 74  # sysexits.h EX_IOERR: a write failed (disk full, file-size limit, read-only folder)
+EXIT_IOERR = 74
+"""Exit status of a failed write (disk full, file-size limit, read-only folder): sysexits.h's ``EX_IOERR``."""
 LOCK_NAME = ".samnorm.lock"
+"""The lock file a run holds in its output folder (the holder's pid and host in it)."""
 
 
 class FolderBusy(ValueError):

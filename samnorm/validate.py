@@ -34,15 +34,15 @@ from typing import Any
 __all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "MAX_TENSOR_BYTES", "SPECS", "Spec", "check", "check_fields", "check_options",
            "label"]
 
-#: Largest image side (pixels) accepted anywhere: one 3 x 8192 x 8192 float32 image is 768 MiB, and a
-#: batch of them more; larger sides are refused with the memory one image would need.
 MAX_IMAGE_SIDE = 8192
-#: Largest tensor of images one option set may ask for (a batch, pseudo-ood's grid): 4 GiB.
+"""Largest image side (pixels) accepted anywhere: one 3 x 8192 x 8192 float32 image is 768 MiB, and a batch of them
+more; larger sides are refused with the memory one image would need."""
 MAX_TENSOR_BYTES = 4 * 2**30
+"""Largest tensor of images one option set may ask for (a batch, pseudo-ood's grid): 4 GiB."""
 # (count option, side option, images per count): the image tensors the options size together
 _TENSORS = (("batch_size", "img_size", 1), ("n", "size", 7))  # pseudo-ood: a row per transform (6) + the images
-#: Largest seed: the seeds of numpy's legacy generator, torch's and the DataLoader workers' all take it.
 MAX_SEED = 2**32 - 1
+"""Largest seed: the seeds of numpy's legacy generator, torch's and the DataLoader workers' all take it."""
 
 
 def _image_bytes(side: int) -> str:
@@ -94,7 +94,6 @@ def _positive(kind: type, **kw: Any) -> Spec:
 _SEED = Spec(int, low=0, high=MAX_SEED)
 _SIDE = Spec(int, low=1, high=MAX_IMAGE_SIDE, cost=_image_bytes)
 
-#: The rules by setting name (a FinetuneConfig/DemoConfig field or a ``samnorm`` option's destination).
 SPECS: dict[str, Spec] = {
     # counts
     "batch_size": Spec(int, low=1, high=2**20),
@@ -144,6 +143,7 @@ SPECS: dict[str, Spec] = {
     "precision": Spec(str, choices=("fp32", "bf16")),
     "base_optimizer": Spec(str, choices=("sgd", "adamw")),
 }
+"""The rules by setting name (a FinetuneConfig/DemoConfig field or a ``samnorm`` option's destination)."""
 
 # keys of --model-arg that samnorm sets itself (passing them too would be a TypeError deep in timm)
 _RESERVED_MODEL_ARGS = {

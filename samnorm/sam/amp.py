@@ -18,8 +18,8 @@ from . import _compat
 
 __all__ = ["Handshake", "refuse_unscale_before_closure", "scaled_step", "step_skipping_inf", "take_handshake"]
 
-#: (grad_scale, found_inf) that GradScaler.step set on the optimizer, or None outside it
 Handshake = tuple[Any, Any]
+"""``(grad_scale, found_inf)`` that ``GradScaler.step`` set on the optimizer (``None`` outside it)."""
 
 
 def take_handshake(optimizer: Optimizer) -> Handshake | None:

@@ -89,14 +89,14 @@ class Pass:
     sync: bool
 
 
-#: SAM's first pass: at w, for the ascent
 ASCENT = Pass(at="w", use="ascent", update_bn=True, sync=False)
-#: SAM's second pass: at w + e, for the descent
+"""SAM's first pass: at w, for the ascent."""
 DESCENT_PERTURBED = Pass(at="w+e", use="descent", update_bn=False, sync=True)
-#: a plain step's only pass (IntervalSAM/LookSAM between SAM steps)
+"""SAM's second pass: at w + e, for the descent."""
 PLAIN = Pass(at="w", use="descent", update_bn=True, sync=True)
-#: OnePassSAM's only pass, at the w + e its ascent set before the forward
+"""A plain step's only pass (IntervalSAM/LookSAM between SAM steps)."""
 ONE_PASS = Pass(at="w+e", use="descent", update_bn=True, sync=True)
+"""OnePassSAM's only pass, at the w + e its ascent set before the forward."""
 
 
 def run_passes(

@@ -44,6 +44,7 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {}
+"""Every SAM kind by name (``"sam"``, ``"interval"``, ...), in registration order; :func:`register` adds one."""
 
 
 def register(kind: Kind) -> Kind:

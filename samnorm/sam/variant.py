@@ -157,12 +157,15 @@ class Vectors:
             self._views[name] = views
 
     def fits(self, params: list[torch.Tensor]) -> bool:
+        """Whether these vectors were built for exactly ``params`` (the same tensors, in order)."""
         return [id(p) for p in params] == self._ids
 
     def view(self, name: str, i: int) -> torch.Tensor:
+        """Vector ``name``'s part shaped like the ``i``-th parameter (a view into its flat buffer)."""
         return self._views[name][i]
 
     def views(self, name: str) -> list[torch.Tensor]:
+        """Vector ``name`` as views shaped like the parameters."""
         return self._views[name]
 
     def load(self, name: str, tensors: list[torch.Tensor | None]) -> None:
@@ -212,6 +215,7 @@ class Vectors:
             o.copy_(torch.where(keep.to(o.device), n, o))
 
     def all_reduce_mean(self, name: str) -> None:
+        """Average vector ``name`` over the ranks in place (a no-op on FSDP2 shards, already averaged)."""
         if self._shard_sum is not None:  # shards of FSDP2's gradients, already averaged over the ranks
             return
         for flat, reduced in zip(self.flats[name], all_reduce_mean(self.flats[name]), strict=True):
