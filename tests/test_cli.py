@@ -306,3 +306,21 @@ def test_torch_free_parsers_offer_exactly_the_losses_the_library_has():
     demo = argparse.ArgumentParser().add_subparsers()
     add_parser(demo)
     assert choices(finetune) == choices(demo.choices["demo"]) == sorted(OOD_LOSSES)
+
+
+def _every_help() -> dict[str, str]:
+    """The rendered --help of samnorm and of each of its commands, as the user sees them."""
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    return {"samnorm": parser.format_help(), **{name: p.format_help() for name, p in commands.items()}}
+
+
+def test_every_help_renders_without_format_leftovers():
+    # issue 20: `samnorm demo --help` printed "95%%" (argparse %-formats a description only when it holds %(prog))
+    import re
+
+    helps = _every_help()
+    assert {"samnorm", "finetune", "evaluate", "diagnose", "pseudo-ood", "demo"} <= set(helps)
+    for name, text in helps.items():
+        leftovers = re.findall(r"%%|%\(|\{[A-Za-z_][A-Za-z0-9_]*\}|\\n", text)
+        assert not leftovers, f"{name} --help holds {leftovers}:\n{text}"

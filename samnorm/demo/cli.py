@@ -38,7 +38,7 @@ def add_parser(subparsers: Any) -> None:
         help="run the SAM-ON fine-tuning demo on offline data (MNIST vs textures/photos/faces/noise)",
         description="Pretrain a compact BiT-style ResNetV2 on 3,500 MNIST digits (cached), score OOD sets with "
         "7 scorers, fine-tune SAM-ON / SGD / full SAM through samnorm.recipe.finetune over several seeds, and "
-        "report every arm and the paired differences arm - SGD with 95%% intervals (Markdown, JSON) and "
+        "report every arm and the paired differences arm - SGD with 95% intervals (Markdown, JSON) and "
         "score-distribution plots. No download, CPU only, about a minute.",
     )
     p.add_argument("--backbone", choices=tuple(BACKBONE_DEFAULTS), default=d.backbone,
