@@ -39,9 +39,10 @@ Studies (issue 20; ``--study``, same design, same JSON files, runs shared betwee
 - ``arms`` (above). ``--family t2t_vit`` runs it on the demo's T2T-ViT (LayerNorm) at the demo's size,
   its files under ``benchmarks/ablation_runs/t2t_vit``; with more than one lr, each arm's lr is also
   chosen on validation (selection seeds, at its chosen rho) and compared at that lr with SGD at its own;
-- ``cli``: the recipe of ``samnorm finetune`` with every default (:class:`~samnorm.recipe.FinetuneConfig`:
-  weight decay 0, 0.5 pseudo-OOD images per ID image, uniform loss at its default weight) at lr 1e-3 (the
-  default), 0.01 and 0.1; arms SGD, SAM-ON at the default rho (``cli-default``) and SAM-ON at the rho
+- ``cli``: the recipe of ``samnorm finetune`` with the defaults of samnorm 0.1.0, the ones measured here
+  (:class:`~samnorm.recipe.FinetuneConfig` with :data:`~samnorm.recipe.DEFAULTS_0_1_0`: weight decay 0, 0.5
+  pseudo-OOD images per ID image, all six transforms, uniform loss at weight 0.5; the defaults chosen from
+  these studies, section 8.4 of RESULTS.md, came later) at lr 1e-3 (the default), 0.01 and 0.1; arms SGD, SAM-ON at the default rho (``cli-default``) and SAM-ON at the rho
   chosen on validation; also reported: every run minus the CLI's default (SAM-ON, lr 1e-3);
 - ``term``: the pseudo-OOD term of the ``arms`` study ("on") taken apart at lr 0.1: each transform alone
   (``only=T``), leave-one-out (``drop=T``), the ratio (``ratio=R``), the loss (``loss=L``, energy margin
@@ -238,16 +239,19 @@ def recipe_of(run: dict[str, Any], config: Any) -> Any:
     """The :class:`~samnorm.recipe.FinetuneConfig` of one run (a variant arm: SAM-ON with its schedule).
 
     The term ``cli`` keeps every field but the arm's optimizer, rho and the lr at ``samnorm finetune``'s
-    default; the others are the demo's fine-tuning with the pseudo-OOD term of :func:`parse_term`.
+    default of 0.1.0, the one these runs measured (pinned: :data:`~samnorm.recipe.DEFAULTS_0_1_0`, so the
+    recorded runs stay reproducible); the others are the demo's fine-tuning with the pseudo-OOD term of
+    :func:`parse_term`.
     """
-    from samnorm.recipe import FinetuneConfig
+    from samnorm.recipe import DEFAULTS_0_1_0, FinetuneConfig
 
     variant, k = VARIANT_ARMS.get(run["optimizer"], (None, None))
     optimizer = {"cli-default": FinetuneConfig.optimizer}.get(run["optimizer"], run["optimizer"])
     arm = {"optimizer": "sam-on" if variant else optimizer, "variant": variant, "variant_k": k, "rho": run["rho"],
            "lr": run["lr"]}
     if run["ood"] == "cli":
-        return FinetuneConfig(**arm)
+        return FinetuneConfig(**arm, transforms=list(DEFAULTS_0_1_0["transforms"]),
+                              ood_weight=DEFAULTS_0_1_0["ood_weight"][FinetuneConfig.ood_loss])
     term = parse_term(run["ood"])
     transforms = [t for t in config.transforms if term.get("only", t) == t and term.get("drop") != t]
     ratio = 0.0 if run["ood"] == "off" else float(term.get("ratio", 1))

@@ -44,6 +44,7 @@ from samnorm.cli_common import (
     setup,
 )
 from samnorm.sam import registry
+from samnorm.validate import SPECS
 from samnorm.runs import (
     EXIT_IOERR,
     RunSpec,
@@ -256,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training (defaults: samnorm.recipe.FinetuneConfig)")
     t.add_argument("--optimizer", choices=[*registry.ascents(), "sgd"], help="default sam-on")
     t.add_argument("--rho", type=float, help="SAM radius (default per optimizer: 0.5 for sam-on)")
+    t.add_argument("--variant", choices=registry.schedules(),
+                   help="a cheaper schedule of the SAM optimizer (default: every step is SAM's two passes); "
+                   "benchmarks/RESULTS.md sections 7 and 8 measure how much of SAM-ON's gain each keeps")
+    with_k = {name: kind.defaults["k"] for name, kind in registry.KINDS.items()
+              if name in registry.schedules() and "k" in kind.defaults}
+    t.add_argument("--variant-k", type=int, metavar="K",
+                   help=f"steps per SAM step of --variant {' or '.join(with_k)} "
+                   f"(default {', '.join(f'{n} {k}' for n, k in with_k.items())})")
     t.add_argument("--eta", type=float, help="ASAM offset (default 0.01)")
     t.add_argument("--base-optimizer", choices=["sgd", "adamw"], help="default sgd (momentum 0.9)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3, cosine decay)")
@@ -265,13 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, help="default 1")
     t.add_argument("--steps", type=int, help="number of steps (overrides --epochs)")
     t.add_argument("--ood-loss", choices=["uniform", "energy", "maxlogit"], help="default uniform")
-    t.add_argument("--ood-weight", type=float, help="weight of the OOD term (default per loss)")
+    t.add_argument("--ood-weight", type=float,
+                   help="weight of the OOD term (default: 0.25 for the uniform loss, chosen on validation data in "
+                   "benchmarks/RESULTS.md section 8.4; for the other losses the library's, samnorm.losses.OOD_LOSSES)")
     t.add_argument("--ood-ratio", type=float, help="pseudo-OOD images per ID image (default 0.5)")
-    t.add_argument("--transforms", help="pseudo-OOD transforms, comma-separated (default: all six)")
+    t.add_argument("--transforms",
+                   help="pseudo-OOD transforms, comma-separated (default: jigsaw alone, chosen on validation data "
+                   "over both backbone families in benchmarks/RESULTS.md section 8.4; until 0.1.0 all six)")
     t.add_argument("--m-in", type=float)
     t.add_argument("--m-out", type=float)
     t.add_argument("--grad-clip", type=float)
-    t.add_argument("--precision", choices=["fp32", "bf16"])
+    t.add_argument("--precision", choices=SPECS["precision"].allowed(),
+                   help="default fp32; bf16: bfloat16 autocast; fp16: float16 autocast with a GradScaler (for GPUs "
+                   "without bf16, e.g. T4, V100): steps with an inf/NaN gradient are skipped, and log.jsonl "
+                   "records loss_scale and skipped_steps")
     t.add_argument("--seed", type=int)
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
     t.add_argument("--log-every", type=int)

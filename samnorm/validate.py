@@ -25,11 +25,14 @@ image needs 112 GiB
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from samnorm.sam import registry
 
 __all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "MAX_TENSOR_BYTES", "SPECS", "Spec", "check", "check_fields", "check_options",
            "label"]
@@ -58,7 +61,8 @@ class Spec:
             string is refused, so ``"blur"`` never becomes ``['b', 'l', 'u', 'r']``).
         low, high: inclusive bounds (``low_open``: ``> low``).
         optional: ``None`` is accepted (the setting's default is taken elsewhere).
-        choices: the accepted values (of each item with ``each``).
+        choices: the accepted values (of each item with ``each``), or a function giving them now (a live
+            registry: a kind registered after import is accepted too).
         cost: for a value over ``high``: the figure that makes it unsafe (a resource bound).
     """
 
@@ -67,7 +71,7 @@ class Spec:
     high: float | None = None
     low_open: bool = False
     optional: bool = False
-    choices: tuple[Any, ...] | None = None
+    choices: tuple[Any, ...] | Callable[[], Sequence[Any]] | None = None
     each: bool = False
     cost: Callable[[Any], str] | None = None
 
@@ -83,8 +87,12 @@ class Spec:
         elif self.high is not None:
             noun += f" <= {self.high}"
         if self.choices is not None:
-            noun += f" from {list(self.choices)}"
+            noun += f" from {list(self.allowed())}"
         return noun
+
+    def allowed(self) -> tuple[Any, ...]:
+        """The accepted values now (``()`` when any value of the kind is)."""
+        return tuple(self.choices() if callable(self.choices) else self.choices or ())
 
 
 def _positive(kind: type, **kw: Any) -> Spec:
@@ -141,7 +149,10 @@ SPECS: dict[str, Spec] = {
     "grad_norm_p": Spec(float, low=1),
     # names
     "transforms": Spec(str, each=True, optional=True),
-    "precision": Spec(str, choices=("fp32", "bf16")),
+    # autocast dtype; "fp16" also scales the loss (GradScaler)
+    "precision": Spec(str, choices=("fp32", "bf16", "fp16")),
+    # a cheaper schedule of SAM (samnorm.sam.registry's schedules; None: plain SAM's two passes)
+    "variant": Spec(str, optional=True, choices=registry.schedules),
     "base_optimizer": Spec(str, choices=("sgd", "adamw")),
 }
 
@@ -180,7 +191,7 @@ def check(name: str, value: Any, spec: Spec | None = None, *, option: bool = Fal
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
             raise TypeError(f"{what} must be {spec.rule()}, got {value!r} (a {type(value).__name__}): "
                             f"pass a list, e.g. [{value!r}]")
-        item = Spec(spec.kind, spec.low, spec.high, spec.low_open, False, spec.choices, False, spec.cost)
+        item = dataclasses.replace(spec, optional=False, each=False)
         return [check(name, v, item, option=option) for v in value]
     ok_type = {
         int: isinstance(value, numbers.Integral) and not isinstance(value, bool),
@@ -199,7 +210,7 @@ def check(name: str, value: Any, spec: Spec | None = None, *, option: bool = Fal
     if spec.low is not None and not bad:
         bad = value <= spec.low if spec.low_open else value < spec.low
     over = spec.high is not None and not bad and value > spec.high
-    if bad or over or (spec.choices is not None and value not in spec.choices):
+    if bad or over or (spec.choices is not None and value not in spec.allowed()):
         why = f": {spec.cost(value)}" if over and spec.cost is not None else ""
         raise ValueError(f"{what} must be {spec.rule()}, got {value!r}{why}")
     return value

@@ -152,7 +152,8 @@ def test_sam_on_differs_from_sgd_and_logs_are_sane():
     # The first step is taken from identical weights and data: identical first-pass logs.
     assert sam.history[0]["loss"] == pytest.approx(sgd.history[0]["loss"], rel=1e-6)
     for r in sam.history:
-        assert 0 <= r["acc"] <= 1 and r["ood"] > 0 and r["loss"] == pytest.approx(r["ce"] + 0.5 * r["ood"], rel=1e-5)
+        # the recipe's default weight of the uniform loss: 0.25 (RESULTS.md section 8.4), not the library's 0.5
+        assert 0 <= r["acc"] <= 1 and r["ood"] > 0 and r["loss"] == pytest.approx(r["ce"] + 0.25 * r["ood"], rel=1e-5)
     assert sam.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to zero at the last step
 
 

@@ -36,7 +36,7 @@ def error_line(capsys):
     ("batch_size", 2.5, TypeError), ("steps", 2.5, TypeError), ("seed", 1.5, TypeError),
     ("checkpoint_every", 0.5, TypeError), ("num_workers", -1, ValueError), ("transforms", "blur", TypeError),
     ("seed", 2**64, ValueError), ("lr", float("nan"), ValueError), ("batch_size", True, TypeError),
-    ("warmup_steps", -1, ValueError), ("precision", "fp16", ValueError),
+    ("warmup_steps", -1, ValueError), ("precision", "fp8", ValueError),
 ])
 def test_finetune_config_refuses_what_it_used_to_accept(field, value, error):
     with pytest.raises(error, match=rf"^{field} must be .*got {value!r}"):
