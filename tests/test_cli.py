@@ -324,3 +324,59 @@ def test_every_help_renders_without_format_leftovers():
     for name, text in helps.items():
         leftovers = re.findall(r"%%|%\(|\{[A-Za-z_][A-Za-z0-9_]*\}|\\n", text)
         assert not leftovers, f"{name} --help holds {leftovers}:\n{text}"
+
+
+def test_finetune_fp16_and_a_variant_end_to_end_and_checked_on_resume(folders, tmp_path, capsys):
+    # issue 20: --precision fp16 (GradScaler), --variant and --variant-k on the command line
+    common = ["finetune", "--train", str(folders / "train"), "--output", str(tmp_path), *TINY, "--batch-size", "4",
+              "--steps", "3", "--log-every", "1", "--no-progress"]
+    chosen = ["--precision", "fp16", "--variant", "interval", "--variant-k", "2"]
+    code, _, err = run(common + chosen, capsys)
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert {k: ckpt["config"][k] for k in ("precision", "variant", "variant_k")} == \
+        {"precision": "fp16", "variant": "interval", "variant_k": 2}
+    assert ckpt["scaler"]["scale"] > 0 and ckpt["resolved"] == {"ood_weight": 0.25, "transforms": ["jigsaw"]}
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in logged] == [1, 2, 3] and all(r["skipped_steps"] == 0 for r in logged)
+    assert all(r["loss_scale"] == ckpt["scaler"]["scale"] for r in logged)
+    config = json.load(open(tmp_path / "config.json"))
+    assert (config["precision"], config["variant"], config["variant_k"]) == ("fp16", "interval", 2)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    for other, change in ((["--precision", "bf16", "--variant", "interval", "--variant-k", "2"],
+                           "precision: 'fp16' -> 'bf16'"),
+                          (["--precision", "fp16", "--variant", "looksam", "--variant-k", "2"],
+                           "variant: 'interval' -> 'looksam'"),
+                          (["--precision", "fp16", "--variant", "interval", "--variant-k", "3"], "variant_k: 2 -> 3"),
+                          (["--precision", "fp16"], "variant: 'interval' -> None")):
+        code, _, err = run(common + other + ["--resume"], capsys)
+        errors = [line for line in err.splitlines() if " error: " in line]
+        assert code == 2 and len(errors) == 1 and "cannot resume" in errors[0] and change in errors[0], err
+        assert err.strip().splitlines()[-1] == errors[0]
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    code, _, err = run(common + chosen + ["--resume"], capsys)  # the same settings: the finished run stays so
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--variant-k", "2"], "--variant-k must be an int >= 1 with a variant that takes k (interval or looksam)"),
+    (["--variant", "onepass", "--variant-k", "2"], "--variant-k must be"),
+    (["--variant", "interval", "--variant-k", "0"], "--variant-k must be an integer >= 1, got 0"),
+    (["--variant", "interval", "--optimizer", "sgd"], "--variant 'interval' is a schedule of a SAM optimizer"),
+])
+def test_bad_variant_settings_get_one_line(folders, tmp_path, capsys, extra, message):
+    code, _, err = run(["finetune", "--train", str(folders / "train"), "--output", str(tmp_path), *TINY,
+                        "--steps", "1", *extra], capsys)
+    lines = err.strip().splitlines()  # checked before a model is built: the error is the only line
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not os.listdir(tmp_path)
+
+
+def test_the_cli_offers_the_registry_variants_and_the_recipe_precisions():
+    from samnorm.recipe import _AUTOCAST
+    from samnorm.sam import registry
+
+    finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    choices = {a.dest: a.choices for a in finetune._actions if a.choices is not None}
+    assert list(choices["variant"]) == registry.schedules()
+    assert set(choices["precision"]) == set(_AUTOCAST) == {"fp32", "bf16", "fp16"}
