@@ -34,8 +34,17 @@ from typing import Any
 
 from samnorm.sam import registry
 
-__all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "MAX_TENSOR_BYTES", "SPECS", "Spec", "check", "check_fields", "check_options",
-           "label"]
+__all__ = [
+    "MAX_IMAGE_SIDE",
+    "MAX_SEED",
+    "MAX_TENSOR_BYTES",
+    "SPECS",
+    "Spec",
+    "check",
+    "check_fields",
+    "check_options",
+    "label",
+]
 
 #: Largest image side (pixels) accepted anywhere: one 3 x 8192 x 8192 float32 image is 768 MiB, and a
 #: batch of them more; larger sides are refused with the memory one image would need.
@@ -159,7 +168,9 @@ SPECS: dict[str, Spec] = {
 # keys of --model-arg that samnorm sets itself (passing them too would be a TypeError deep in timm)
 _RESERVED_MODEL_ARGS = {
     "num_classes": "the class count is the number of class folders (or the checkpoint's head)",
-    "pretrained": "pass --pretrained", "checkpoint": "pass --checkpoint", "checkpoint_path": "pass --checkpoint",
+    "pretrained": "pass --pretrained",
+    "checkpoint": "pass --checkpoint",
+    "checkpoint_path": "pass --checkpoint",
     "pretrained_cfg_overlay": "samnorm reads weights from --checkpoint",
 }
 
@@ -189,8 +200,9 @@ def check(name: str, value: Any, spec: Spec | None = None, *, option: bool = Fal
         raise TypeError(f"{what} must be {spec.rule()}, got None")
     if spec.each:
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise TypeError(f"{what} must be {spec.rule()}, got {value!r} (a {type(value).__name__}): "
-                            f"pass a list, e.g. [{value!r}]")
+            raise TypeError(
+                f"{what} must be {spec.rule()}, got {value!r} (a {type(value).__name__}): pass a list, e.g. [{value!r}]"
+            )
         item = dataclasses.replace(spec, optional=False, each=False)
         return [check(name, v, item, option=option) for v in value]
     ok_type = {
@@ -249,19 +261,27 @@ def check_options(args: Any) -> None:
     for count, side, per in _TENSORS:
         n, s = getattr(args, count, None), getattr(args, side, None)
         if n is not None and s is not None and per * n * 3 * 4 * s * s > MAX_TENSOR_BYTES:
-            raise ValueError(f"{label(count, True)} {n} with {label(side, True)} {s}: {per * n} images of "
-                             f"3 x {s} x {s} float32 need {per * n * 12 * s * s / 2**30:.1f} GiB at once "
-                             f"(limit {MAX_TENSOR_BYTES / 2**30:.0f} GiB); lower one of them")
+            raise ValueError(
+                f"{label(count, True)} {n} with {label(side, True)} {s}: {per * n} images of "
+                f"3 x {s} x {s} float32 need {per * n * 12 * s * s / 2**30:.1f} GiB at once "
+                f"(limit {MAX_TENSOR_BYTES / 2**30:.0f} GiB); lower one of them"
+            )
     model_args = dict(getattr(args, "model_arg", None) or [])
     for key, why in _RESERVED_MODEL_ARGS.items():
         if key in model_args:
             raise ValueError(f"--model-arg {key}={model_args[key]!r}: samnorm sets {key} itself ({why}); drop it")
     size = model_args.get("img_size")
-    for side in size if isinstance(size, (tuple, list)) else [size]:
-        if side is not None:
-            check("img_size", side, _SIDE, option=True)
+    for img_side in size if isinstance(size, (tuple, list)) else [size]:
+        if img_side is not None:
+            check("img_size", img_side, _SIDE, option=True)
     if getattr(args, "random_init", False):
-        given = [o for o, v in (("--checkpoint", getattr(args, "checkpoint", None)),
-                                ("--pretrained", getattr(args, "pretrained", False))) if v]
+        given = [
+            o
+            for o, v in (
+                ("--checkpoint", getattr(args, "checkpoint", None)),
+                ("--pretrained", getattr(args, "pretrained", False)),
+            )
+            if v
+        ]
         if given:
             raise ValueError(f"--random-init and {given[0]} contradict each other: pass one of them")

@@ -22,49 +22,125 @@ from PIL import Image
 
 from samnorm.cli import main
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
 
 EXAMPLES = max(4, settings.default.max_examples // 4)  # ci: 6 per command; deep: 62
 
 INT = ["0", "-1", "1", "2", "2.5", "1e3", "nan", "", "abc", str(2**64), str(2**31), "0x10", " 3"]
 REAL = ["0", "-1", "0.5", "1e-3", "nan", "inf", "-inf", "1e309", "", "abc", "2**64", "1e-320", "1"]
 NAMES = ["", ",", "blur", "blur,blur", "nope", "b,l,u,r", "ü", "x" * 300, "msp", "energy,msp", "react"]
-MODEL_ARGS = ["num_classes=7", "img_size=16", "img_size=100000", "img_size=(16, 16)", "img_size='a'",
-              "drop_rate=0.1", "nope=1", "embed_dim=0", "=1", "depth"]
-TINY = ["--model", "t2t_vit_7", "--model-arg", "img_size=16", "--model-arg", "in_chans=1", "--model-arg",
-        "embed_dim=16", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--workers", "0"]
+MODEL_ARGS = [
+    "num_classes=7",
+    "img_size=16",
+    "img_size=100000",
+    "img_size=(16, 16)",
+    "img_size='a'",
+    "drop_rate=0.1",
+    "nope=1",
+    "embed_dim=0",
+    "=1",
+    "depth",
+]
+TINY = [
+    "--model",
+    "t2t_vit_7",
+    "--model-arg",
+    "img_size=16",
+    "--model-arg",
+    "in_chans=1",
+    "--model-arg",
+    "embed_dim=16",
+    "--model-arg",
+    "depth=1",
+    "--model-arg",
+    "num_heads=2",
+    "--workers",
+    "0",
+]
 
 OPTIONS = {
     "finetune": {
-        "--lr": REAL, "--rho": REAL, "--eta": REAL, "--momentum": REAL, "--weight-decay": REAL,
-        "--warmup-steps": INT, "--steps": ["0", "-1", "2.5", "1", "2", "abc"], "--epochs": REAL,
-        "--batch-size": INT + [str(2**20)], "--ood-ratio": REAL, "--ood-weight": REAL, "--m-in": REAL, "--m-out": REAL,
-        "--grad-clip": REAL, "--seed": INT, "--checkpoint-every": INT, "--log-every": INT,
-        "--img-size": ["0", "-1", "8", "16", "32", "100000", "nan"], "--workers": ["0", "-1", "abc", "5000"],
-        "--transforms": NAMES, "--optimizer": ["sgd", "sam", "asam-on", "nope"], "--precision": ["bf16", "fp16"],
-        "--model-arg": MODEL_ARGS, "--ood-loss": ["energy", "maxlogit", "x"], "--base-optimizer": ["adamw", "x"],
+        "--lr": REAL,
+        "--rho": REAL,
+        "--eta": REAL,
+        "--momentum": REAL,
+        "--weight-decay": REAL,
+        "--warmup-steps": INT,
+        "--steps": ["0", "-1", "2.5", "1", "2", "abc"],
+        "--epochs": REAL,
+        "--batch-size": [*INT, str(2**20)],
+        "--ood-ratio": REAL,
+        "--ood-weight": REAL,
+        "--m-in": REAL,
+        "--m-out": REAL,
+        "--grad-clip": REAL,
+        "--seed": INT,
+        "--checkpoint-every": INT,
+        "--log-every": INT,
+        "--img-size": ["0", "-1", "8", "16", "32", "100000", "nan"],
+        "--workers": ["0", "-1", "abc", "5000"],
+        "--transforms": NAMES,
+        "--optimizer": ["sgd", "sam", "asam-on", "nope"],
+        "--precision": ["bf16", "fp16", "fp8"],
+        "--variant": ["interval", "looksam", "onepass", "gsam", "sam", "x"],
+        "--variant-k": INT,
+        "--model-arg": MODEL_ARGS,
+        "--ood-loss": ["energy", "maxlogit", "x"],
+        "--base-optimizer": ["adamw", "x"],
     },
     "evaluate": {
-        "--tpr": REAL, "--convention": ["samnorm", "openood", "", "x"], "--scorers": NAMES,
+        "--tpr": REAL,
+        "--convention": ["samnorm", "openood", "", "x"],
+        "--scorers": NAMES,
         "--scorer-opt": ["msp.temperature=2", "energy.temperature=nan", "rankfeat.blocks=-1", "x", "msp.x=1"],
-        "--batch-size": INT, "--workers": ["0", "-1"], "--img-size": ["0", "8", "16", "100000"],
-        "--id-name": NAMES, "--model-arg": MODEL_ARGS, "--random-init": None,
+        "--batch-size": INT,
+        "--workers": ["0", "-1"],
+        "--img-size": ["0", "8", "16", "100000"],
+        "--id-name": NAMES,
+        "--model-arg": MODEL_ARGS,
+        "--random-init": None,
     },
     "diagnose": {
-        "--target": ["pred", "label", "uniform", "x"], "--grad-norm-p": REAL, "--max-images": INT, "--seed": INT,
-        "--theory": ["0", "-1", "1", "abc"], "--h": REAL, "--rho": REAL, "--theory-iters": ["0", "1", "-2", "x"],
-        "--dpi": ["0", "-1", "1", "20", "1001", "nan", "abc"], "--scorers": NAMES, "--batch-size": INT,
-        "--img-size": ["0", "8", "16", "100000"], "--id-name": NAMES, "--model-arg": MODEL_ARGS,
+        "--target": ["pred", "label", "uniform", "x"],
+        "--grad-norm-p": REAL,
+        "--max-images": INT,
+        "--seed": INT,
+        "--theory": ["0", "-1", "1", "abc"],
+        "--h": REAL,
+        "--rho": REAL,
+        "--theory-iters": ["0", "1", "-2", "x"],
+        "--dpi": ["0", "-1", "1", "20", "1001", "nan", "abc"],
+        "--scorers": NAMES,
+        "--batch-size": INT,
+        "--img-size": ["0", "8", "16", "100000"],
+        "--id-name": NAMES,
+        "--model-arg": MODEL_ARGS,
     },
     "pseudo-ood": {
-        "--n": ["0", "-1", "1", "3", "5000", "abc", "2.5"], "--size": ["0", "-1", "8", "9000", "abc", "nan"],
-        "--channels": ["1", "3", "2", "x"], "--transforms": NAMES, "--seed": INT, "--title": NAMES,
+        "--n": ["0", "-1", "1", "3", "5000", "abc", "2.5"],
+        "--size": ["0", "-1", "8", "9000", "abc", "nan"],
+        "--channels": ["1", "3", "2", "x"],
+        "--transforms": NAMES,
+        "--seed": INT,
+        "--title": NAMES,
     },
     "demo": {
-        "--seeds": INT, "--pretrain-seed": INT, "--arms": NAMES + ["sam_on,sgd", "sgd"], "--lr": REAL,
-        "--ood-weight": REAL, "--ood-ratio": REAL, "--rho-sam-on": REAL, "--rho-sam": REAL, "--epochs": INT,
-        "--transforms": NAMES, "--backbone": ["resnetv2", "t2t_vit", "x"], "--ood-loss": ["energy", "x"],
+        "--seeds": INT,
+        "--pretrain-seed": INT,
+        "--arms": [*NAMES, "sam_on,sgd", "sgd"],
+        "--lr": REAL,
+        "--ood-weight": REAL,
+        "--ood-ratio": REAL,
+        "--rho-sam-on": REAL,
+        "--rho-sam": REAL,
+        "--epochs": INT,
+        "--transforms": NAMES,
+        "--backbone": ["resnetv2", "t2t_vit", "x"],
+        "--ood-loss": ["energy", "x"],
     },
 }
 
@@ -92,19 +168,61 @@ def world(tmp_path_factory):
             Image.fromarray((rng.random((10, 10)) * 255).astype(np.uint8)).save(root / "data" / c / f"{i}.png")
     train = root / "data"
     os.rename(train / "ood", root / "ood")
-    assert main(["finetune", "--train", str(train), "--output", str(root / "run"), *TINY, "--random-init",
-                 "--steps", "1", "--batch-size", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--train",
+                str(train),
+                "--output",
+                str(root / "run"),
+                *TINY,
+                "--random-init",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root
 
 
 def base(command, world, out):
     data, ood, ckpt = str(world / "data"), f"o={world / 'ood'}", str(world / "run" / "checkpoint.pt")
     return {
-        "finetune": ["finetune", "--train", data, "--output", out, *TINY, "--random-init", "--steps", "1",
-                     "--batch-size", "2", "--no-progress"],
+        "finetune": [
+            "finetune",
+            "--train",
+            data,
+            "--output",
+            out,
+            *TINY,
+            "--random-init",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ],
         "evaluate": ["evaluate", "--checkpoint", ckpt, "--id", data, "--ood", ood, "--output", out, "--workers", "0"],
-        "diagnose": ["diagnose", "--checkpoint", ckpt, "--id", data, "--ood", ood, "--output", out, "--workers", "0",
-                     "--dpi", "20"],
+        "diagnose": [
+            "diagnose",
+            "--checkpoint",
+            ckpt,
+            "--id",
+            data,
+            "--ood",
+            ood,
+            "--output",
+            out,
+            "--workers",
+            "0",
+            "--dpi",
+            "20",
+        ],
         "pseudo-ood": ["pseudo-ood", "--images", data, "--output", os.path.join(out, "grid.png"), "--size", "8"],
         "demo": ["demo", "--out", out, "--no-plots", "--no-progress"],
     }[command]
@@ -113,7 +231,8 @@ def base(command, world, out):
 def options(command):
     pools = OPTIONS[command]
     pick = st.sampled_from(sorted(pools)).flatmap(
-        lambda o: st.just([o]) if pools[o] is None else st.sampled_from(pools[o]).map(lambda v, o=o: [o, v]))
+        lambda o: st.just([o]) if pools[o] is None else st.sampled_from(pools[o]).map(lambda v, o=o: [o, v])
+    )
     return st.lists(pick, min_size=1, max_size=4).map(lambda items: [a for item in items for a in item])
 
 
