@@ -39,10 +39,12 @@ Studies (issue 20; ``--study``, same design, same JSON files, runs shared betwee
 - ``arms`` (above). ``--family t2t_vit`` runs it on the demo's T2T-ViT (LayerNorm) at the demo's size,
   its files under ``benchmarks/ablation_runs/t2t_vit``; with more than one lr, each arm's lr is also
   chosen on validation (selection seeds, at its chosen rho) and compared at that lr with SGD at its own;
-- ``cli``: the recipe of ``samnorm finetune`` with every default (:class:`~samnorm.recipe.FinetuneConfig`:
-  weight decay 0, 0.5 pseudo-OOD images per ID image, uniform loss at its default weight) at lr 1e-3 (the
-  default), 0.01 and 0.1; arms SGD, SAM-ON at the default rho (``cli-default``) and SAM-ON at the rho
-  chosen on validation; also reported: every run minus the CLI's default (SAM-ON, lr 1e-3);
+- ``cli``: the recipe of ``samnorm finetune`` with the defaults of samnorm 0.1.0, the ones measured here
+  (:class:`~samnorm.recipe.FinetuneConfig` with :data:`~samnorm.recipe.DEFAULTS_0_1_0`: weight decay 0, 0.5
+  pseudo-OOD images per ID image, all six transforms, uniform loss at weight 0.5; the defaults chosen from
+  these studies, section 8.4 of RESULTS.md, came later) at lr 1e-3 (the default), 0.01 and 0.1; arms SGD,
+  SAM-ON at the default rho (``cli-default``) and SAM-ON at the rho chosen on validation; also reported:
+  every run minus the CLI's default (SAM-ON, lr 1e-3);
 - ``term``: the pseudo-OOD term of the ``arms`` study ("on") taken apart at lr 0.1: each transform alone
   (``only=T``), leave-one-out (``drop=T``), the ratio (``ratio=R``), the loss (``loss=L``, energy margin
   with the demo's margins) and its weight (``weight=W``), joined by ``+``; SGD and SAM-ON; also reported:
@@ -65,21 +67,41 @@ from typing import Any
 from samnorm.demo.config import PSEUDO_OOD_TRANSFORMS  # torch-free
 
 SCORERS = ("MSP", "Energy", "MaxLogit", "RankFeat")
-OPTIMIZERS = {"sgd": "SGD", "sam-on": "SAM-ON", "asam-on": "ASAM-ON", "sam": "full SAM",
-              "onepass-on": "OnePass SAM-ON", "interval-on": "Interval SAM-ON (k=4)", "looksam-on": "LookSAM-ON (k=4)",
-              "cli-default": "SAM-ON at the CLI's rho"}
+OPTIMIZERS = {
+    "sgd": "SGD",
+    "sam-on": "SAM-ON",
+    "asam-on": "ASAM-ON",
+    "sam": "full SAM",
+    "onepass-on": "OnePass SAM-ON",
+    "interval-on": "Interval SAM-ON (k=4)",
+    "looksam-on": "LookSAM-ON (k=4)",
+    "cli-default": "SAM-ON at the CLI's rho",
+}
 # the cheaper schedules of samnorm.variants on SAM-ON: arm -> (variant, k); momentum direction for OnePass
 VARIANT_ARMS = {"onepass-on": ("onepass", None), "interval-on": ("interval", 4), "looksam-on": ("looksam", 4)}
-DEFAULT_RHOS = {"sam-on": (0.1, 0.5, 1.0), "asam-on": (0.1, 1.0), "sam": (0.02, 0.1),
-                **{arm: (0.1, 0.5, 1.0) for arm in VARIANT_ARMS}}  # arms not here run at one rho (None)
+DEFAULT_RHOS = {
+    "sam-on": (0.1, 0.5, 1.0),
+    "asam-on": (0.1, 1.0),
+    "sam": (0.02, 0.1),
+    **{arm: (0.1, 0.5, 1.0) for arm in VARIANT_ARMS},
+}  # arms not here run at one rho (None)
 OOD_WEIGHT = 0.25
 #: Stage widths per backbone family: the ResNetV2 at half the demo's width (issue 13), the T2T-ViT at
 #: the demo's size (embedding 96).
 FAMILY_WIDTHS = {"resnetv2": (16, 32, 64, 128), "t2t_vit": (32, 64, 128, 256)}
 #: The pseudo-OOD term taken apart: the full term ("on") first, the reference of every other cell.
-TERM_DECOMPOSITION = ("on", *(f"only={t}" for t in PSEUDO_OOD_TRANSFORMS), "ratio=0.25", "ratio=0.5", "loss=energy",
-                      "loss=maxlogit", "weight=0.5", "loss=energy+weight=0.1", "loss=maxlogit+weight=0.5",
-                      *(f"drop={t}" for t in PSEUDO_OOD_TRANSFORMS))
+TERM_DECOMPOSITION = (
+    "on",
+    *(f"only={t}" for t in PSEUDO_OOD_TRANSFORMS),
+    "ratio=0.25",
+    "ratio=0.5",
+    "loss=energy",
+    "loss=maxlogit",
+    "weight=0.5",
+    "loss=energy+weight=0.1",
+    "loss=maxlogit+weight=0.5",
+    *(f"drop={t}" for t in PSEUDO_OOD_TRANSFORMS),
+)
 #: Per study: pseudo-OOD terms, arms with the term (off: ``--off-optimizers``), learning rates (None: per family).
 STUDIES: dict[str, dict[str, Any]] = {
     "arms": {"terms": ("off", "on"), "optimizers": tuple(o for o in OPTIMIZERS if o != "cli-default"), "lrs": None},
@@ -121,8 +143,10 @@ def parse_term(term: str) -> dict[str, str]:
     for part in term.split("+"):
         key, sep, value = part.partition("=")
         if not sep or key not in ("only", "drop", "ratio", "loss", "weight") or key in settings:
-            raise ValueError(f"bad pseudo-OOD term {term!r}: expected off, on, cli or key=value parts joined by '+' "
-                             "with keys only, drop, ratio, loss, weight (each once)")
+            raise ValueError(
+                f"bad pseudo-OOD term {term!r}: expected off, on, cli or key=value parts joined by '+' "
+                "with keys only, drop, ratio, loss, weight (each once)"
+            )
         settings[key] = value
     bad = [v for k, v in settings.items() if k in ("only", "drop") and v not in PSEUDO_OOD_TRANSFORMS]
     if bad or ("only" in settings and "drop" in settings):
@@ -138,22 +162,47 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", choices=tuple(STUDIES), default="arms", help="which comparison (module docstring)")
     p.add_argument("--family", choices=tuple(FAMILY_WIDTHS), default="resnetv2", help="backbone family")
-    p.add_argument("--out", default=None, help="folder of the per-backbone JSON and the tables (default: "
-                   "benchmarks/ablation_runs, its t2t_vit sub-folder for --family t2t_vit)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder of the per-backbone JSON and the tables (default: "
+        "benchmarks/ablation_runs, its t2t_vit sub-folder for --family t2t_vit)",
+    )
     p.add_argument("--backbones", type=_ints, default=(0, 1), help="pretraining seeds (default 0,1)")
     p.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3, 4), help="fine-tuning seeds (default 0-4)")
-    p.add_argument("--lrs", type=_floats, default=None, help="fine-tuning learning rates (default per study: "
-                   "arms 0.01,0.1 (T2T-ViT 0.01,0.03,0.1), cli 0.001,0.01,0.1, term 0.1)")
-    p.add_argument("--terms", "--ood", dest="terms", default=None,
-                   help="pseudo-OOD terms, comma-separated (see parse_term; default per study)")
-    p.add_argument("--optimizers", default=None, help="arms with the pseudo-OOD term on, subset of "
-                   f"{','.join(OPTIMIZERS)} (default per study)")
+    p.add_argument(
+        "--lrs",
+        type=_floats,
+        default=None,
+        help="fine-tuning learning rates (default per study: "
+        "arms 0.01,0.1 (T2T-ViT 0.01,0.03,0.1), cli 0.001,0.01,0.1, term 0.1)",
+    )
+    p.add_argument(
+        "--terms",
+        "--ood",
+        dest="terms",
+        default=None,
+        help="pseudo-OOD terms, comma-separated (see parse_term; default per study)",
+    )
+    p.add_argument(
+        "--optimizers",
+        default=None,
+        help=f"arms with the pseudo-OOD term on, subset of {','.join(OPTIMIZERS)} (default per study)",
+    )
     p.add_argument("--off-optimizers", default="sgd,sam-on", help="arms with the pseudo-OOD term off")
     p.add_argument("--select-seeds", type=_ints, default=(0,), help="seeds of the rho sweep (default 0)")
-    p.add_argument("--rhos", type=_rhos, default=DEFAULT_RHOS,
-                   help="rho sweep per SAM arm, e.g. 'sam-on=0.1,0.5;asam-on=0.1,1;sam=0.02,0.1'")
-    p.add_argument("--widths", type=_ints, default=None, help="stage widths (default per family: ResNetV2 "
-                   "16,32,64,128, T2T-ViT 32,64,128,256)")
+    p.add_argument(
+        "--rhos",
+        type=_rhos,
+        default=DEFAULT_RHOS,
+        help="rho sweep per SAM arm, e.g. 'sam-on=0.1,0.5;asam-on=0.1,1;sam=0.02,0.1'",
+    )
+    p.add_argument(
+        "--widths",
+        type=_ints,
+        default=None,
+        help="stage widths (default per family: ResNetV2 16,32,64,128, T2T-ViT 32,64,128,256)",
+    )
     p.add_argument("--n-test", type=int, default=500, help="ID test digits scored")
     p.add_argument("--n-ood", type=int, default=200, help="images per OOD set (test and validation)")
     p.add_argument("--workers", type=int, default=1, help="processes, one backbone each (1 thread each)")
@@ -183,9 +232,19 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 def _demo_config(args: argparse.Namespace, backbone: int) -> Any:
     from samnorm.demo import DemoConfig
 
-    return DemoConfig(backbone=args.family, pretrain_seed=backbone, widths=tuple(args.widths),
-                      stem_width=args.widths[0] // 2, n_test=args.n_test, n_ood=args.n_ood, scorers=SCORERS,
-                      cache_dir=args.cache_dir, progress=False, plots=False, quiet=True)
+    return DemoConfig(
+        backbone=args.family,
+        pretrain_seed=backbone,
+        widths=tuple(args.widths),
+        stem_width=args.widths[0] // 2,
+        n_test=args.n_test,
+        n_ood=args.n_ood,
+        scorers=SCORERS,
+        cache_dir=args.cache_dir,
+        progress=False,
+        plots=False,
+        quiet=True,
+    )
 
 
 def _arms(args: argparse.Namespace, term: str) -> list[str]:
@@ -228,33 +287,55 @@ def _figures(model: Any, test: Any, val: Any, val_ood: dict[str, Any]) -> dict[s
     from samnorm.demo.select import validation_metrics
 
     figures, _ = evaluate(model, test, SCORERS)
-    return {"id_accuracy": figures["id_accuracy"],
-            "test": {s: figures["metrics"][s]["average"] for s in SCORERS},
-            "theory": theory_quantities(model, test),
-            "val": validation_metrics(model, val, val_ood)}
+    return {
+        "id_accuracy": figures["id_accuracy"],
+        "test": {s: figures["metrics"][s]["average"] for s in SCORERS},
+        "theory": theory_quantities(model, test),
+        "val": validation_metrics(model, val, val_ood),
+    }
 
 
 def recipe_of(run: dict[str, Any], config: Any) -> Any:
     """The :class:`~samnorm.recipe.FinetuneConfig` of one run (a variant arm: SAM-ON with its schedule).
 
     The term ``cli`` keeps every field but the arm's optimizer, rho and the lr at ``samnorm finetune``'s
-    default; the others are the demo's fine-tuning with the pseudo-OOD term of :func:`parse_term`.
+    default of 0.1.0, the one these runs measured (pinned: :data:`~samnorm.recipe.DEFAULTS_0_1_0`, so the
+    recorded runs stay reproducible); the others are the demo's fine-tuning with the pseudo-OOD term of
+    :func:`parse_term`.
     """
-    from samnorm.recipe import FinetuneConfig
+    from samnorm.recipe import DEFAULTS_0_1_0, FinetuneConfig
 
     variant, k = VARIANT_ARMS.get(run["optimizer"], (None, None))
     optimizer = {"cli-default": FinetuneConfig.optimizer}.get(run["optimizer"], run["optimizer"])
-    arm = {"optimizer": "sam-on" if variant else optimizer, "variant": variant, "variant_k": k, "rho": run["rho"],
-           "lr": run["lr"]}
+    arm = {
+        "optimizer": "sam-on" if variant else optimizer,
+        "variant": variant,
+        "variant_k": k,
+        "rho": run["rho"],
+        "lr": run["lr"],
+    }
     if run["ood"] == "cli":
-        return FinetuneConfig(**arm)
+        return FinetuneConfig(
+            **arm,
+            transforms=list(DEFAULTS_0_1_0["transforms"]),
+            ood_weight=DEFAULTS_0_1_0["ood_weight"][FinetuneConfig.ood_loss],
+        )
     term = parse_term(run["ood"])
     transforms = [t for t in config.transforms if term.get("only", t) == t and term.get("drop") != t]
     ratio = 0.0 if run["ood"] == "off" else float(term.get("ratio", 1))
-    return FinetuneConfig(**arm, momentum=0.9, weight_decay=config.weight_decay, epochs=1,
-                          batch_size=config.batch_size, ood_ratio=ratio,
-                          ood_loss=term.get("loss", "uniform"), ood_weight=float(term.get("weight", OOD_WEIGHT)),
-                          m_in=config.m_in, m_out=config.m_out, transforms=transforms)
+    return FinetuneConfig(
+        **arm,
+        momentum=0.9,
+        weight_decay=config.weight_decay,
+        epochs=1,
+        batch_size=config.batch_size,
+        ood_ratio=ratio,
+        ood_loss=term.get("loss", "uniform"),
+        ood_weight=float(term.get("weight", OOD_WEIGHT)),
+        m_in=config.m_in,
+        m_out=config.m_out,
+        transforms=transforms,
+    )
 
 
 def dumps_state(state: dict[str, Any]) -> str:
@@ -264,12 +345,13 @@ def dumps_state(state: dict[str, Any]) -> str:
         >>> dumps_state({"pretrained": {"a": 1}, "runs": {"k1": {"x": 0.5}, "k2": {"x": 1}}}).splitlines()[2]
         '"k1": {"x":0.5},'
     """
+
     def one(key: str, value: Any) -> str:
         return f"{json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}"
 
     head = [one(k, v) for k, v in state.items() if k != "runs"]
     runs = [one(k, v) for k, v in state["runs"].items()]
-    return "{" + ",\n".join(head + ['"runs": {\n' + ",\n".join(runs) + "\n}"]) + "}\n"
+    return "{" + ",\n".join([*head, '"runs": {\n' + ",\n".join(runs) + "\n}"]) + "}\n"
 
 
 def run_backbone(args: argparse.Namespace, backbone: int, chosen: dict[str, Any] | None = None) -> str:
@@ -286,9 +368,11 @@ def run_backbone(args: argparse.Namespace, backbone: int, chosen: dict[str, Any]
     path = Path(args.out) / f"backbone{backbone}.json"
     state = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
     if "pretrained" in state and Path(state["pretrained"]["pretrain"]["path"]).name != cache_path(config).name:
-        raise ValueError(f"{path} holds runs of another pretrained backbone than --family {args.family} "
-                         f"--widths {args.widths} makes (they would not pair): pass the --out, --family and "
-                         "--widths those runs were made with")
+        raise ValueError(
+            f"{path} holds runs of another pretrained backbone than --family {args.family} "
+            f"--widths {args.widths} makes (they would not pair): pass the --out, --family and "
+            "--widths those runs were made with"
+        )
     test = load_data(config)
     val = load_data(config, heldout=True)
     val_ood = {"heldout": val.ood["heldout"]}
@@ -324,8 +408,12 @@ def _interval(d: dict[str, float]) -> str:
 
 def _selection_runs(states: dict[int, dict[str, Any]], args: argparse.Namespace, run: dict[str, Any]) -> list[Any]:
     """The selection seeds' runs of one setting, on every backbone (empty unless all are there)."""
-    got = [states[b]["runs"][k] for b in sorted(states) for seed in args.select_seeds
-           if (k := _key({**run, "seed": seed})) in states[b]["runs"]]
+    got = [
+        states[b]["runs"][k]
+        for b in sorted(states)
+        for seed in args.select_seeds
+        if (k := _key({**run, "seed": seed})) in states[b]["runs"]
+    ]
     return got if len(got) == len(states) * len(args.select_seeds) else []
 
 
@@ -347,8 +435,10 @@ def choose_rhos(states: dict[int, dict[str, Any]], args: argparse.Namespace) -> 
             sweep = {}
             for rho in _sweep(args, opt):
                 if got := _selection_runs(states, args, {"ood": term, "lr": lr, "optimizer": opt, "rho": rho}):
-                    sweep[rho] = {"criterion": float(np.mean([r["val"]["criterion"] for r in got])),
-                                  "val_accuracy": float(np.mean([r["val"]["accuracy"] for r in got]))}
+                    sweep[rho] = {
+                        "criterion": float(np.mean([r["val"]["criterion"] for r in got])),
+                        "val_accuracy": float(np.mean([r["val"]["accuracy"] for r in got])),
+                    }
             if len(sweep) < len(_sweep(args, opt)):
                 raise RuntimeError(f"the rho sweep of {opt} ({term}, lr {lr:g}) is incomplete: run the selection phase")
             sweeps[_cell_key(term, lr, opt)] = sweep
@@ -405,20 +495,29 @@ def analyse(states: dict[int, dict[str, Any]], args: argparse.Namespace) -> dict
         return d
 
     def versus(runs: dict[Any, Any], ref: dict[Any, Any]) -> dict[str, Any]:
-        return {"FPR95": {s: diff(lambda r, s=s: r["test"][s]["FPR95"], runs, ref) for s in SCORERS},
-                "id_accuracy": diff(lambda r: r["id_accuracy"], runs, ref),
-                "val_criterion": diff(lambda r: r["val"]["criterion"], runs, ref)}
+        return {
+            "FPR95": {s: diff(lambda r, s=s: r["test"][s]["FPR95"], runs, ref) for s in SCORERS},
+            "id_accuracy": diff(lambda r: r["id_accuracy"], runs, ref),
+            "val_criterion": diff(lambda r: r["val"]["criterion"], runs, ref),
+        }
 
     def entry_of(term: str, lr: float, opt: str, sgd: dict[Any, Any], extras: bool = True) -> dict[str, Any] | None:
         chosen = runs_of(term, lr, opt)
         if not set(chosen) & set(sgd):
             return None
-        e: dict[str, Any] = {"rho": selection["chosen"].get(_cell_key(term, lr, opt)), "lr": lr,
-                             "n": len(set(chosen) & set(sgd)), "sweep": selection["sweeps"][_cell_key(term, lr, opt)],
-                             **versus(chosen, sgd)}
+        e: dict[str, Any] = {
+            "rho": selection["chosen"].get(_cell_key(term, lr, opt)),
+            "lr": lr,
+            "n": len(set(chosen) & set(sgd)),
+            "sweep": selection["sweeps"][_cell_key(term, lr, opt)],
+            **versus(chosen, sgd),
+        }
         e["AUROC"] = {s: diff(lambda r, s=s: r["test"][s]["AUROC"], chosen, sgd) for s in SCORERS}
-        e["theory"] = {f"{where} {q}": diff(lambda r, w=where, q=q: r["theory"][w][q], chosen, sgd)
-                       for where in ("id", "ood") for q in ("grad_norm", "max_logit")}
+        e["theory"] = {
+            f"{where} {q}": diff(lambda r, w=where, q=q: r["theory"][w][q], chosen, sgd)
+            for where in ("id", "ood")
+            for q in ("grad_norm", "max_logit")
+        }
         if extras and opt in VARIANT_ARMS and "sam-on" in _arms(args, term):  # what the cheaper schedule gives up
             e["vs_sam_on"] = versus(chosen, runs_of(term, lr, "sam-on"))
         ref = _reference(args, term, lr, opt) if extras else None
@@ -441,11 +540,18 @@ def analyse(states: dict[int, dict[str, Any]], args: argparse.Namespace) -> dict
     pretrained = {
         "FPR95": {s: float(np.mean([states[b]["pretrained"]["test"][s]["FPR95"] for b in backbones])) for s in SCORERS},
         "id_accuracy": float(np.mean([states[b]["pretrained"]["id_accuracy"] for b in backbones])),
-        "theory": {f"{w} {q}": float(np.mean([states[b]["pretrained"]["theory"][w][q] for b in backbones]))
-                   for w in ("id", "ood") for q in ("grad_norm", "max_logit")},
-        "per_backbone": {b: {"val_accuracy": states[b]["pretrained"]["val"]["accuracy"],
-                             "FPR95": {s: states[b]["pretrained"]["test"][s]["FPR95"] for s in SCORERS}}
-                         for b in backbones},
+        "theory": {
+            f"{w} {q}": float(np.mean([states[b]["pretrained"]["theory"][w][q] for b in backbones]))
+            for w in ("id", "ood")
+            for q in ("grad_norm", "max_logit")
+        },
+        "per_backbone": {
+            b: {
+                "val_accuracy": states[b]["pretrained"]["val"]["accuracy"],
+                "FPR95": {s: states[b]["pretrained"]["test"][s]["FPR95"] for s in SCORERS},
+            }
+            for b in backbones
+        },
     }
     return {"cells": cells, "pretrained": pretrained, "selection": selection}
 
@@ -459,8 +565,13 @@ def _label(opt: str, e: dict[str, Any], cell: dict[str, Any]) -> str:
 
 def _comparison(title: str, rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
     """A table of paired differences ``rows`` = [(cell, label, versus dict)]: FPR95 per scorer, ID acc., val."""
-    lines = ["", title, "", "| cell | arm | n | " + " | ".join(SCORERS) + " | ID acc. | val. criterion |",
-             "|---|---|---:|" + "---:|" * (len(SCORERS) + 2)]
+    lines = [
+        "",
+        title,
+        "",
+        "| cell | arm | n | " + " | ".join(SCORERS) + " | ID acc. | val. criterion |",
+        "|---|---|---:|" + "---:|" * (len(SCORERS) + 2),
+    ]
     for name, label, v in rows:
         row = [_interval(v["FPR95"][s]) for s in SCORERS] + [_interval(v["id_accuracy"]), _interval(v["val_criterion"])]
         lines.append(f"| {name} | {label} | {v['id_accuracy']['n']} | " + " | ".join(row) + " |")
@@ -473,8 +584,11 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         "Pretrained backbones (test, mean of the backbones): FPR95 "
         + ", ".join(f"{s} {100 * v:.1f}" for s, v in pre["FPR95"].items())
         + f"; ID accuracy {100 * pre['id_accuracy']:.1f}; per backbone: "
-        + "; ".join(f"seed {b}: MSP {100 * v['FPR95']['MSP']:.1f}, Energy {100 * v['FPR95']['Energy']:.1f}"
-                    for b, v in pre["per_backbone"].items()) + ".",
+        + "; ".join(
+            f"seed {b}: MSP {100 * v['FPR95']['MSP']:.1f}, Energy {100 * v['FPR95']['Energy']:.1f}"
+            for b, v in pre["per_backbone"].items()
+        )
+        + ".",
         "",
         "**Test FPR95, arm − SGD (percentage points; negative = the arm detects OOD better)**, mean and 95% "
         "paired-t interval over (backbone, seed) pairs; SGD column: its mean FPR95 (%); rho chosen on "
@@ -492,8 +606,9 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
                 row = [_interval(e["FPR95"][s]) for s in SCORERS]
                 row += [_interval(e["id_accuracy"]), _interval(e["val_criterion"])]
             lines.append(f"| {name} | {_label(opt, e, cell)} | {e['n']} | " + " | ".join(row) + " |")
-    variant_rows = [(name, opt, e) for name, cell in result["cells"].items() for opt, e in cell["arms"].items()
-                    if "vs_sam_on" in e]
+    variant_rows = [
+        (name, opt, e) for name, cell in result["cells"].items() for opt, e in cell["arms"].items() if "vs_sam_on" in e
+    ]
     if variant_rows:
         lines += [
             "",
@@ -506,15 +621,26 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         for name, opt, e in variant_rows:
             v = e["vs_sam_on"]
             row = [_interval(v["FPR95"][s]) for s in SCORERS] + [_interval(v["id_accuracy"])]
-            lines.append(f"| {name} | {OPTIMIZERS[opt]} ({e['rho']:g}) | {v['id_accuracy']['n']} | " + " | ".join(row) + " |")
-    reference_rows = [(name, _label(opt, e, cell), e["vs_reference"]) for name, cell in result["cells"].items()
-                      for opt, e in cell["arms"].items() if "vs_reference" in e]
+            lines.append(
+                f"| {name} | {OPTIMIZERS[opt]} ({e['rho']:g}) | {v['id_accuracy']['n']} | " + " | ".join(row) + " |"
+            )
+    reference_rows = [
+        (name, _label(opt, e, cell), e["vs_reference"])
+        for name, cell in result["cells"].items()
+        for opt, e in cell["arms"].items()
+        if "vs_reference" in e
+    ]
     if reference_rows:
         term, lr, _ = reference_rows[0][2]["of"]
-        what = {"term": "the same arm with the full term (cell 'on', same lr)",
-                "cli": f"SAM-ON at the CLI's defaults (cell '{term}', lr {lr:g}, arm cli-default)"}[args.study]
-        lines += _comparison(f"**Against the reference: test FPR95, run − {what}** (percentage points; negative = "
-                             "better than the reference), mean and 95% paired-t interval:", reference_rows)
+        what = {
+            "term": "the same arm with the full term (cell 'on', same lr)",
+            "cli": f"SAM-ON at the CLI's defaults (cell '{term}', lr {lr:g}, arm cli-default)",
+        }[args.study]
+        lines += _comparison(
+            f"**Against the reference: test FPR95, run − {what}** (percentage points; negative = "
+            "better than the reference), mean and 95% paired-t interval:",
+            reference_rows,
+        )
     lines += [
         "",
         "**The appendix's quantities** (test; means over runs; pretrained: "
@@ -529,28 +655,52 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
             cells = []
             for q in ("id grad_norm", "ood grad_norm", "id max_logit", "ood max_logit"):
                 d = e["theory"][q]
-                extra = "" if opt == "sgd" else (
-                    f" ({d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}])" if not math.isnan(d["low"]) else "")
+                extra = (
+                    ""
+                    if opt == "sgd"
+                    else (
+                        f" ({d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}])" if not math.isnan(d["low"]) else ""
+                    )
+                )
                 cells.append(f"{d['arm_mean']:.2f}{extra}")
             lines.append(f"| {name} | {_label(opt, e, cell)} | " + " | ".join(cells) + " |")
-    lines += ["", "rho sweeps (validation criterion, mean FPR95 of MSP and Energy on the held-out set, %; "
-              "validation accuracy %):", ""]
+    lines += [
+        "",
+        "rho sweeps (validation criterion, mean FPR95 of MSP and Energy on the held-out set, %; "
+        "validation accuracy %):",
+        "",
+    ]
     for name, cell in result["cells"].items():
         parts = []
         for opt, e in cell["arms"].items():
             if opt in DEFAULT_RHOS and not cell.get("lr_chosen"):
-                parts.append(OPTIMIZERS[opt] + " " + ", ".join(
-                    f"{r:g}: {100 * v['criterion']:.1f} / {100 * v['val_accuracy']:.1f}" for r, v in e["sweep"].items()))
+                parts.append(
+                    OPTIMIZERS[opt]
+                    + " "
+                    + ", ".join(
+                        f"{r:g}: {100 * v['criterion']:.1f} / {100 * v['val_accuracy']:.1f}"
+                        for r, v in e["sweep"].items()
+                    )
+                )
         if parts:
             lines.append(f"- {name}: " + "; ".join(parts))
     if result["selection"]["lr"]:
-        lines += ["", "lr per arm chosen on validation (criterion / validation accuracy %, selection seeds, each lr "
-                  "at its chosen rho):", ""]
+        lines += [
+            "",
+            "lr per arm chosen on validation (criterion / validation accuracy %, selection seeds, each lr "
+            "at its chosen rho):",
+            "",
+        ]
         for key, c in result["selection"]["lr"].items():
             term, opt = key.split("|")
-            lines.append(f"- term {term}, {OPTIMIZERS[opt]}: lr {c['lr']:g} (" + ", ".join(
-                f"{lr:g}: {100 * v['criterion']:.1f} / {100 * v['val_accuracy']:.1f}"
-                for lr, v in c["at_chosen_rho"].items()) + ")")
+            lines.append(
+                f"- term {term}, {OPTIMIZERS[opt]}: lr {c['lr']:g} ("
+                + ", ".join(
+                    f"{lr:g}: {100 * v['criterion']:.1f} / {100 * v['val_accuracy']:.1f}"
+                    for lr, v in c["at_chosen_rho"].items()
+                )
+                + ")"
+            )
     return "\n".join(lines) + "\n"
 
 

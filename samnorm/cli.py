@@ -43,7 +43,6 @@ from samnorm.cli_common import (
     say,
     setup,
 )
-from samnorm.sam import registry
 from samnorm.runs import (
     EXIT_IOERR,
     RunSpec,
@@ -55,6 +54,8 @@ from samnorm.runs import (
     hold,
     result_set,
 )
+from samnorm.sam import registry
+from samnorm.validate import SPECS
 
 __all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_IOERR", "EXIT_USAGE", "build_parser", "main"]
 
@@ -116,15 +117,28 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         model, name, kwargs = build_model(args, raw, num_classes=len(train.classes), new_head=args.new_head)
     except ValueError as err:
         if "head" in str(err) and not args.new_head:
-            raise UsageError(f"{err}; pass --new-head to train a new classifier for the folder's "
-                             f"{len(train.classes)} classes") from err
+            raise UsageError(
+                f"{err}; pass --new-head to train a new classifier for the folder's {len(train.classes)} classes"
+            ) from err
         raise
     train.transform = image_transform(args, model, kwargs, (raw or {}).get("metadata", {}).get("transform"))
-    say(rank, f"fine-tuning {name} on {len(train)} images of {len(train.classes)} classes "
-              f"({world} process(es), {device}) -> {args.output}", sys.stderr)
+    say(
+        rank,
+        f"fine-tuning {name} on {len(train)} images of {len(train.classes)} classes "
+        f"({world} process(es), {device}) -> {args.output}",
+        sys.stderr,
+    )
     result = finetune(  # a DivergedError is main's one line and exit 3, as for every command
-        model, train, cfg, output_dir=args.output, resume=args.resume, overwrite=args.overwrite, device=device,
-        progress=not args.no_progress, model_name=name, model_kwargs=kwargs,
+        model,
+        train,
+        cfg,
+        output_dir=args.output,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=device,
+        progress=not args.no_progress,
+        model_name=name,
+        model_kwargs=kwargs,
         metadata={"classes": train.classes, "transform": vars(train.transform)},
     )
     last = result.history[-1] if result.history else {}
@@ -166,7 +180,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if not os.path.isdir(path):
             raise UsageError(f"image folder {path!r} does not exist (or is not a directory)")
     files = [os.path.join(args.output, n) for n in ("results.md", "results.csv", "scores.json")]
-    rank, world, device = setup(args.device)
+    rank, _world, device = setup(args.device)
     raw = read_recorded(args.checkpoint, args.trust_checkpoint)
     model, name, kwargs = build_model(args, raw)
     meta = (raw or {}).get("metadata", {})
@@ -177,24 +191,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     fit_set = fit_folder(args.fit, transform, classes, scorers) if args.fit else None
     model.to(device).eval()
     res, skipped = evaluate_datasets(
-        model, id_set, ood_sets, scorers, fit_data=fit_set, batch_size=args.batch_size, num_workers=args.workers,
-        tpr=args.tpr, convention=args.convention, id_name=args.id_name, scorer_options=options,
+        model,
+        id_set,
+        ood_sets,
+        scorers,
+        fit_data=fit_set,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        tpr=args.tpr,
+        convention=args.convention,
+        id_name=args.id_name,
+        scorer_options=options,
     )
     if rank == 0:
         table = res.to_markdown()
         with result_set(args.output, "evaluate"):  # the three files replace the previous three together
-            atomic_write(files[0], f"Model: {name}" + (f" ({args.checkpoint})" if args.checkpoint else "") + "\n\n"
-                         + table)
+            atomic_write(
+                files[0], f"Model: {name}" + (f" ({args.checkpoint})" if args.checkpoint else "") + "\n\n" + table
+            )
             atomic_write(files[1], res.to_csv())
             sets = {args.id_name: id_set, **ood_sets}
             gone = {n: set(idx) for n, idx in skipped.items()}
             payload = {
-                "model": name, "checkpoint": args.checkpoint, "id_name": args.id_name, "ood_names": ood_names,
+                "model": name,
+                "checkpoint": args.checkpoint,
+                "id_name": args.id_name,
+                "ood_names": ood_names,
                 "scorer_options": options,
-                "tpr": res.tpr, "convention": res.convention.name, "higher_is_in_distribution": True,
+                "tpr": res.tpr,
+                "convention": res.convention.name,
+                "higher_is_in_distribution": True,
                 "metrics": res.table,
-                "files": {n: [p for i, (p, _) in enumerate(ds.samples) if i not in gone[n]]
-                          for n, ds in sets.items()},
+                "files": {n: [p for i, (p, _) in enumerate(ds.samples) if i not in gone[n]] for n, ds in sets.items()},
                 "skipped": {n: [sets[n].samples[i][0] for i in idx] for n, idx in skipped.items() if idx},
                 "scores": {s: {n: v.tolist() for n, v in per_set.items()} for s, per_set in res.scores.items()},
             }
@@ -203,8 +231,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         n_skipped = sum(len(v) for v in skipped.values())
         if n_skipped:
             print(f"left out {n_skipped} unreadable image(s); scores.json lists them under 'skipped'", file=sys.stderr)
-        print(f"wrote results.md, results.csv, scores.json and evaluate.manifest.json to {args.output}",
-              file=sys.stderr)
+        print(
+            f"wrote results.md, results.csv, scores.json and evaluate.manifest.json to {args.output}", file=sys.stderr
+        )
     return 0
 
 
@@ -222,8 +251,9 @@ def _cmd_pseudo_ood(args: argparse.Namespace) -> int:
     x = torch.stack([img for img, _ in items])
     y = torch.tensor([label for _, label in items])
     sampler = PseudoOOD(names(args.transforms) if args.transforms else None, seed=args.seed)
-    path = save_example_grid(x, args.output, labels=y, sampler=sampler, max_images=len(picks), seed=args.seed,
-                             title=args.title)
+    path = save_example_grid(
+        x, args.output, labels=y, sampler=sampler, max_images=len(picks), seed=args.seed, title=args.title
+    )
     print(f"wrote {path} ({len(picks)} images x {len(sampler.transforms)} transforms)")
     return 0
 
@@ -238,24 +268,49 @@ def build_parser() -> argparse.ArgumentParser:
         (5, None)
     """
     parser = _Parser(
-        prog="samnorm", description="Sharpness-aware fine-tuning (SAM-ON) for OOD detection.",
+        prog="samnorm",
+        description="Sharpness-aware fine-tuning (SAM-ON) for OOD detection.",
         epilog="Each command runs under torchrun --nproc_per_node N as well.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--version", action="version", version="%(prog)s " + _version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("finetune", help="fine-tune with SAM-ON and pseudo-OOD images on an image folder",
-                       description="Fine-tune a pretrained classifier on ROOT/<class>/<image> folders.")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune with SAM-ON and pseudo-OOD images on an image folder",
+        description="Fine-tune a pretrained classifier on ROOT/<class>/<image> folders.",
+    )
     p.add_argument("--train", required=True, help="ID training folder (one sub-folder per class)")
     p.add_argument("--output", required=True, help="output directory (checkpoint.pt, log.jsonl, config.json)")
     add_model_args(p)
     p.add_argument("--pretrained", action="store_true", help="download timm's hub weights (needs a network)")
-    p.add_argument("--new-head", action="store_true",
-                   help="new classifier when the checkpoint's head has another number of classes")
+    p.add_argument(
+        "--new-head",
+        action="store_true",
+        help="new classifier when the checkpoint's head has another number of classes",
+    )
     t = p.add_argument_group("training (defaults: samnorm.recipe.FinetuneConfig)")
     t.add_argument("--optimizer", choices=[*registry.ascents(), "sgd"], help="default sam-on")
     t.add_argument("--rho", type=float, help="SAM radius (default per optimizer: 0.5 for sam-on)")
+    t.add_argument(
+        "--variant",
+        choices=registry.schedules(),
+        help="a cheaper schedule of the SAM optimizer (default: every step is SAM's two passes); "
+        "benchmarks/RESULTS.md sections 7 and 8 measure how much of SAM-ON's gain each keeps",
+    )
+    with_k = {
+        name: kind.defaults["k"]
+        for name, kind in registry.KINDS.items()
+        if name in registry.schedules() and "k" in kind.defaults
+    }
+    t.add_argument(
+        "--variant-k",
+        type=int,
+        metavar="K",
+        help=f"steps per SAM step of --variant {' or '.join(with_k)} "
+        f"(default {', '.join(f'{n} {k}' for n, k in with_k.items())})",
+    )
     t.add_argument("--eta", type=float, help="ASAM offset (default 0.01)")
     t.add_argument("--base-optimizer", choices=["sgd", "adamw"], help="default sgd (momentum 0.9)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3, cosine decay)")
@@ -265,36 +320,70 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, help="default 1")
     t.add_argument("--steps", type=int, help="number of steps (overrides --epochs)")
     t.add_argument("--ood-loss", choices=["uniform", "energy", "maxlogit"], help="default uniform")
-    t.add_argument("--ood-weight", type=float, help="weight of the OOD term (default per loss)")
+    t.add_argument(
+        "--ood-weight",
+        type=float,
+        help="weight of the OOD term (default: 0.25 for the uniform loss, chosen on validation data in "
+        "benchmarks/RESULTS.md section 8.4; for the other losses the library's, samnorm.losses.OOD_LOSSES)",
+    )
     t.add_argument("--ood-ratio", type=float, help="pseudo-OOD images per ID image (default 0.5)")
-    t.add_argument("--transforms", help="pseudo-OOD transforms, comma-separated (default: all six)")
+    t.add_argument(
+        "--transforms",
+        help="pseudo-OOD transforms, comma-separated (default: jigsaw alone, chosen on validation data "
+        "over both backbone families in benchmarks/RESULTS.md section 8.4; until 0.1.0 all six)",
+    )
     t.add_argument("--m-in", type=float)
     t.add_argument("--m-out", type=float)
     t.add_argument("--grad-clip", type=float)
-    t.add_argument("--precision", choices=["fp32", "bf16"])
+    t.add_argument(
+        "--precision",
+        choices=SPECS["precision"].allowed(),
+        help="default fp32; bf16: bfloat16 autocast; fp16: float16 autocast with a GradScaler (for GPUs "
+        "without bf16, e.g. T4, V100): steps with an inf/NaN gradient are skipped, and log.jsonl "
+        "records loss_scale and skipped_steps",
+    )
     t.add_argument("--seed", type=int)
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
     t.add_argument("--log-every", type=int)
-    t.add_argument("--resume", action="store_true",
-                   help="continue from OUTPUT/checkpoint.pt if present; without --model/--checkpoint the model, its "
-                   "arguments and the image transform are the checkpoint's (other settings must be the run's)")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --output: its checkpoint.pt, log.jsonl, config.json are removed once the "
-                   "settings pass their checks (without this or --resume, a folder holding a run is refused)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT/checkpoint.pt if present; without --model/--checkpoint the model, its "
+        "arguments and the image transform are the checkpoint's (other settings must be the run's)",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --output: its checkpoint.pt, log.jsonl, config.json are removed once the "
+        "settings pass their checks (without this or --resume, a folder holding a run is refused)",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     p.set_defaults(func=_cmd_finetune, batch_size=None, run_spec=RunSpec("output", {"--train": "train"}))
 
-    e = sub.add_parser("evaluate", help="OOD metrics of a model on ID and OOD image folders",
-                       description="Score an ID folder and OOD folders; write results.md, results.csv, scores.json.")
+    e = sub.add_parser(
+        "evaluate",
+        help="OOD metrics of a model on ID and OOD image folders",
+        description="Score an ID folder and OOD folders; write results.md, results.csv, scores.json.",
+    )
     e.add_argument("--id", required=True, help="ID test folder (class sub-folders)")
-    e.add_argument("--ood", required=True, action="append", type=named_dir, metavar="NAME=DIR",
-                   help="OOD folder, repeatable; images anywhere below DIR")
+    e.add_argument(
+        "--ood",
+        required=True,
+        action="append",
+        type=named_dir,
+        metavar="NAME=DIR",
+        help="OOD folder, repeatable; images anywhere below DIR",
+    )
     e.add_argument("--fit", help="ID training folder, for scorers that need statistics (ReAct, Mahalanobis, KNN, ViM)")
     e.add_argument("--scorers", default=_DEFAULT_SCORERS, help=f"comma-separated (default {_DEFAULT_SCORERS})")
-    e.add_argument("--scorer-opt", action="append", metavar="SCORER.KEY=VALUE",
-                   help="an option of one of the --scorers, repeatable; VALUE is read as a Python literal when "
-                        "it is one, e.g. rankfeat.blocks=-2,-1  rankfeat.method=power  react.percentile=95  "
-                        "odin.temperature=1000 (the keywords of samnorm.ood's scorer classes)")
+    e.add_argument(
+        "--scorer-opt",
+        action="append",
+        metavar="SCORER.KEY=VALUE",
+        help="an option of one of the --scorers, repeatable; VALUE is read as a Python literal when "
+        "it is one, e.g. rankfeat.blocks=-2,-1  rankfeat.method=power  react.percentile=95  "
+        "odin.temperature=1000 (the keywords of samnorm.ood's scorer classes)",
+    )
     e.add_argument("--output", required=True, help="output directory")
     e.add_argument("--tpr", type=float, default=0.95, help="TPR of the FPR column (default 0.95)")
     e.add_argument("--convention", default="samnorm", help="metric convention (samnorm.ood.CONVENTIONS)")
@@ -302,8 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(e)
     e.set_defaults(func=_cmd_evaluate, run_spec=RunSpec("output", {"--id": "id", "--ood": "ood", "--fit": "fit"}))
 
-    g = sub.add_parser("pseudo-ood", help="save a PNG grid of pseudo-OOD examples made from a folder",
-                       description="Rows: the ID images, then one row per pseudo-OOD transform.")
+    g = sub.add_parser(
+        "pseudo-ood",
+        help="save a PNG grid of pseudo-OOD examples made from a folder",
+        description="Rows: the ID images, then one row per pseudo-OOD transform.",
+    )
     g.add_argument("--images", required=True, help="image folder (class sub-folders or flat)")
     g.add_argument("--output", required=True, help="PNG path")
     g.add_argument("--n", type=int, default=8, help="number of images (default 8)")
@@ -385,8 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: finetune's message names the checkpoint kept
         if args.debug:
             raise
-        _say_once(f"samnorm {args.command}: {f'interrupted by {err}' if isinstance(err, Signalled) else str(err)}"
-                  if str(err) else f"samnorm {args.command}: interrupted")
+        _say_once(
+            f"samnorm {args.command}: {f'interrupted by {err}' if isinstance(err, Signalled) else str(err)}"
+            if str(err)
+            else f"samnorm {args.command}: interrupted"
+        )
         return exit_status(err)
     except WriteError as err:  # disk full, file-size limit, read-only: the previous files are kept
         if args.debug:
@@ -405,7 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say_once(f"samnorm {args.command}: stopped: {err}")
             return EXIT_DIVERGED
         traceback.print_exc()
-        print(f"samnorm {args.command}: internal error ({type(err).__name__}), not a problem with your input as "
-              "far as samnorm can tell; if it is not a resource limit (e.g. out of memory), please report it "
-              "with the traceback above", file=sys.stderr)
+        print(
+            f"samnorm {args.command}: internal error ({type(err).__name__}), not a problem with your input as "
+            "far as samnorm can tell; if it is not a resource limit (e.g. out of memory), please report it "
+            "with the traceback above",
+            file=sys.stderr,
+        )
         return 1

@@ -15,9 +15,17 @@ Defaults and why (:class:`FinetuneConfig`):
 * ``epochs=1``: the paper reports the gain within one epoch of fine-tuning.
 * SGD with momentum 0.9, ``lr=1e-3``, cosine decay, no weight decay: a short fine-tune of a pretrained
   model needs a small step so the ID accuracy survives (BiT fine-tunes with SGD 0.9 as well).
-* ``ood_loss="uniform"`` with weight 0.5 (Outlier Exposure): no margin to tune (see
-  :mod:`samnorm.losses`); ``ood_ratio=0.5``: half as many pseudo-OOD as ID images per batch, since the
+* ``ood_loss="uniform"`` (Outlier Exposure): no margin to tune (see :mod:`samnorm.losses`), at the
+  recipe's weight 0.25 (:data:`RECIPE_OOD_WEIGHTS`; the library's own default, 0.5, stays that of
+  :class:`~samnorm.losses.SFTLoss`), with ``transforms`` = jigsaw alone (:data:`RECIPE_TRANSFORMS`):
+  both chosen on validation data over 2 backbone families x 2 pretrainings x 5 seeds
+  (benchmarks/RESULTS.md section 8.4; the six transforms and weight 0.5 of 0.1.0 are
+  :data:`DEFAULTS_0_1_0`). ``ood_ratio=0.5``: half as many pseudo-OOD as ID images per batch, since the
   OOD term has a single target and needs fewer samples; the step costs 1.5x a plain one, not 2x.
+  Section 8.4 also shows where SAM-ON does not help: on the T2T-ViT (LayerNorm) family SAM-ON ≈ SGD.
+* ``precision``: ``"fp32"``; ``"bf16"`` autocasts to bfloat16; ``"fp16"`` autocasts to float16 with a
+  ``torch.amp.GradScaler`` handed to SAM's step (steps with an inf/NaN gradient are skipped, counted
+  and logged as ``skipped_steps`` with the ``loss_scale``; the scaler's state is checkpointed).
 * ``batch_size=64`` per process, ``seed=0``; checkpoints every 500 steps and at the end.
 
 Determinism: on the CPU, the same seed gives bit-identical weights, and a run resumed from a
@@ -43,9 +51,9 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -55,24 +63,27 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, T
 from samnorm.data.pseudo_ood import PseudoOOD
 from samnorm.io import atomic_save, atomic_write, remove_stale_temps
 from samnorm.losses import OOD_LOSSES, SFTLoss
-from samnorm.sam.optimizer import SAM
-from samnorm.sam import registry
-from samnorm.sam.protocol import run_passes
 from samnorm.runs import deferred_signals, hold, signals_blocked, worker_ignores_signals
+from samnorm.sam import registry
+from samnorm.sam.optimizer import SAM
+from samnorm.sam.protocol import run_passes
 from samnorm.sam.variants import VARIANTS, make
 from samnorm.validate import check_fields
 
 __all__ = [
+    "CHECKPOINT_NAME",
+    "DEFAULTS_0_1_0",
+    "OPTIMIZERS",
+    "RECIPE_OOD_WEIGHTS",
+    "RECIPE_TRANSFORMS",
+    "DivergedError",
+    "Evaluation",
     "FinetuneConfig",
     "FinetuneResult",
-    "finetune",
-    "evaluate_datasets",
-    "Evaluation",
-    "OPTIMIZERS",
-    "CHECKPOINT_NAME",
-    "save_atomic",
-    "DivergedError",
     "Interrupted",
+    "evaluate_datasets",
+    "finetune",
+    "save_atomic",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -85,12 +96,51 @@ OPTIMIZERS: Mapping[str, tuple[bool, bool, float] | None] = registry.RegistryVie
     lambda kind: (kind.norm_only, kind.defaults["adaptive"], kind.defaults["rho"]),
     {"sgd": None},
 )
+#: The recipe's pseudo-OOD transforms when ``FinetuneConfig.transforms`` is None: jigsaw alone, chosen on
+#: validation data (benchmarks/RESULTS.md section 8.4: all six minus jigsaw alone, validation criterion,
+#: SAM-ON -2.5 [-3.8, -1.2] on ResNetV2, -18.5 [-22.7, -14.2] on T2T-ViT).
+RECIPE_TRANSFORMS: tuple[str, ...] = ("jigsaw",)
+#: The recipe's OOD weight per loss when ``FinetuneConfig.ood_weight`` is None; a loss not named here takes
+#: the library's default (samnorm.losses.OOD_LOSSES). Uniform 0.25 (RESULTS.md section 8.4: 0.5 - 0.25,
+#: SAM-ON, +4.5 [+0.9, +8.2] on ResNetV2, +5.9 [+0.7, +11.2] on T2T-ViT); the others were not measured.
+RECIPE_OOD_WEIGHTS: Mapping[str, float] = {"uniform": 0.25}
+#: What ``transforms=None``/``ood_weight=None`` meant in samnorm 0.1.0 (all six transforms; the library's
+#: weight, 0.5 for uniform): the runs of benchmarks/ablation.py's ``cli`` study, and checkpoints written
+#: then (they record None), resume with these.
+DEFAULTS_0_1_0: Mapping[str, Any] = {
+    "transforms": ("jigsaw", "patch_mix", "rotate", "blur", "noise", "fourier"),
+    "ood_weight": dict(OOD_LOSSES),
+}
+# precision -> autocast dtype (None: no autocast); "fp16" also scales the loss (torch.amp.GradScaler)
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings that do not change the trajectory, so a resumed run may change them.
 _FREE_ON_RESUME = {"checkpoint_every", "log_every", "num_workers"}
-# FinetuneConfig fields checked against samnorm.validate.SPECS (the choices above are checked by name first)
-_CHECKED_FIELDS = ("rho", "variant_k", "eta", "base_optimizer", "lr", "momentum", "weight_decay", "warmup_steps",
-                   "epochs", "steps", "batch_size", "ood_weight", "ood_ratio", "transforms", "m_in", "m_out",
-                   "grad_clip", "precision", "seed", "checkpoint_every", "log_every", "num_workers")
+# FinetuneConfig fields checked against samnorm.validate.SPECS (the optimizer and the loss are checked by name first)
+_CHECKED_FIELDS = (
+    "variant",
+    "rho",
+    "variant_k",
+    "eta",
+    "base_optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "warmup_steps",
+    "epochs",
+    "steps",
+    "batch_size",
+    "ood_weight",
+    "ood_ratio",
+    "transforms",
+    "m_in",
+    "m_out",
+    "grad_clip",
+    "precision",
+    "seed",
+    "checkpoint_every",
+    "log_every",
+    "num_workers",
+)
 # Files of a run in its output folder (a fresh run would replace them).
 _RUN_FILES = (CHECKPOINT_NAME, "log.jsonl", "config.json")
 
@@ -117,9 +167,17 @@ class DivergedError(ArithmeticError):
 class FinetuneConfig:
     """Hyper-parameters of :func:`finetune` (module docstring: the reasons for the defaults).
 
+    ``None`` in ``rho``, ``ood_weight`` and ``transforms`` takes the recipe's default, resolved by
+    :meth:`resolved_rho`, :meth:`resolved_ood_weight` and :meth:`resolved_transforms`: the optimizer's
+    rho, and, chosen on validation data (benchmarks/RESULTS.md section 8.4), the uniform loss at weight
+    0.25 (another loss: the library's weight) on pseudo-OOD images made by jigsaw alone.
+
     Example:
         >>> FinetuneConfig(optimizer="asam-on").resolved_rho()
         10.0
+        >>> c = FinetuneConfig()
+        >>> c.resolved_ood_weight(), c.resolved_transforms(), FinetuneConfig(ood_loss="energy").resolved_ood_weight()
+        (0.25, ['jigsaw'], 0.1)
     """
 
     optimizer: str = "sam-on"
@@ -138,13 +196,13 @@ class FinetuneConfig:
     steps: int | None = None  # overrides epochs
     batch_size: int = 64  # per process
     ood_loss: str = "uniform"
-    ood_weight: float | None = None  # None: the loss's default (OOD_LOSSES)
+    ood_weight: float | None = None  # None: RECIPE_OOD_WEIGHTS (uniform 0.25), else the loss's (OOD_LOSSES)
     ood_ratio: float = 0.5
-    transforms: Sequence[str] | None = None  # pseudo-OOD transform names; None: the defaults
+    transforms: Sequence[str] | None = None  # pseudo-OOD transform names; None: RECIPE_TRANSFORMS (jigsaw)
     m_in: float = -25.0
     m_out: float = -7.0
     grad_clip: float | None = None
-    precision: str = "fp32"  # or "bf16" (autocast)
+    precision: str = "fp32"  # "bf16" (autocast) or "fp16" (autocast and GradScaler)
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
@@ -153,13 +211,18 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {sorted(OPTIMIZERS)}")
-        if self.variant is not None and (self.variant not in VARIANTS or OPTIMIZERS[self.optimizer] is None):
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)} with a SAM optimizer (not 'sgd'), "
-                             f"got variant={self.variant!r} with optimizer={self.optimizer!r}")
-        check_fields(self, _CHECKED_FIELDS)  # types, ranges, finiteness: samnorm.validate's one table
-        if self.variant_k is not None and self.variant not in ("interval", "looksam"):
-            raise ValueError(f"variant_k must be an int >= 1 with variant 'interval' or 'looksam', "
-                             f"got {self.variant_k!r} with variant {self.variant!r}")
+        check_fields(self, _CHECKED_FIELDS)  # types, ranges, finiteness, choices: samnorm.validate's one table
+        if self.variant is not None and OPTIMIZERS[self.optimizer] is None:
+            raise ValueError(
+                f"variant {self.variant!r} is a schedule of a SAM optimizer: choose one of "
+                f"{sorted(o for o in OPTIMIZERS if OPTIMIZERS[o] is not None)}, not {self.optimizer!r}"
+            )
+        with_k = sorted(name for name, kind in registry.KINDS.items() if name in VARIANTS and "k" in kind.defaults)
+        if self.variant_k is not None and self.variant not in with_k:
+            raise ValueError(
+                f"variant_k must be an int >= 1 with a variant that takes k ({' or '.join(with_k)}), "
+                f"got {self.variant_k!r} with variant {self.variant!r}"
+            )
         if self.ood_loss not in OOD_LOSSES:
             raise ValueError(f"unknown ood_loss {self.ood_loss!r}: choose one of {sorted(OOD_LOSSES)}")
 
@@ -170,16 +233,28 @@ class FinetuneConfig:
             return None
         return spec[2] if self.rho is None else float(self.rho)
 
+    def resolved_ood_weight(self) -> float:
+        """``ood_weight``, or the recipe's default for ``ood_loss`` (:data:`RECIPE_OOD_WEIGHTS`, else the library's)."""
+        if self.ood_weight is not None:
+            return float(self.ood_weight)
+        return RECIPE_OOD_WEIGHTS.get(self.ood_loss, OOD_LOSSES[self.ood_loss])
+
+    def resolved_transforms(self) -> list[str]:
+        """``transforms``, or the recipe's default (:data:`RECIPE_TRANSFORMS`)."""
+        return list(RECIPE_TRANSFORMS if self.transforms is None else self.transforms)
+
 
 @dataclass
 class FinetuneResult:
-    """What :func:`finetune` returns: the trained model (unwrapped from DDP), logs, steps, checkpoint."""
+    """What :func:`finetune` returns: the trained model (unwrapped from DDP), logs, steps, checkpoint,
+    unreadable images met and (fp16) steps skipped for an inf/NaN gradient."""
 
     model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     checkpoint: str | None = None
     skipped_images: int = 0
+    skipped_steps: int = 0  # precision="fp16": steps GradScaler skipped (an inf/NaN gradient)
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> str:
@@ -268,15 +343,15 @@ def _schedule(cfg: FinetuneConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _check_resume(saved: Mapping[str, Any], cfg: FinetuneConfig, world: int, path: str,
-                  model_record: Mapping[str, Any]) -> None:
+def _check_resume(
+    saved: Mapping[str, Any], cfg: FinetuneConfig, world: int, path: str, model_record: Mapping[str, Any]
+) -> None:
     if saved.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a samnorm fine-tuning checkpoint (format {saved.get('format')!r})")
-    now = dataclasses.asdict(cfg)
+    now = _effective(dataclasses.asdict(cfg), _resolved(cfg))
+    before = _effective(saved["config"], saved.get("resolved"))
     changed = [
-        f"{k}: {saved['config'].get(k)!r} -> {v!r}"
-        for k, v in now.items()
-        if k not in _FREE_ON_RESUME and saved["config"].get(k) != v
+        f"{k}: {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in _FREE_ON_RESUME and before.get(k) != v
     ]
     if changed:
         raise ValueError(
@@ -291,23 +366,51 @@ def _check_resume(saved: Mapping[str, Any], cfg: FinetuneConfig, world: int, pat
         )
 
 
-def _model_record(model_name: str | None, model_kwargs: Mapping[str, Any] | None,
-                  metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+def _resolved(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The recipe defaults a run used (recorded in its checkpoint: a later release may change them)."""
+    return {"ood_weight": cfg.resolved_ood_weight(), "transforms": cfg.resolved_transforms()}
+
+
+def _effective(config: Mapping[str, Any], resolved: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A config's settings with the recipe's defaults filled in: from ``resolved`` (a checkpoint's record),
+    else from the config (a checkpoint of samnorm 0.1.0, which has no record: :data:`DEFAULTS_0_1_0`)."""
+    out = dict(config)
+    if resolved is not None:
+        return {**out, **resolved}
+    if config.get("transforms") is None:
+        out["transforms"] = list(DEFAULTS_0_1_0["transforms"])
+    if config.get("ood_weight") is None:
+        out["ood_weight"] = DEFAULTS_0_1_0["ood_weight"].get(config.get("ood_loss"))
+    return out
+
+
+def _model_record(
+    model_name: str | None, model_kwargs: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """What a resume checks the model against: its name, its arguments and the image transform."""
-    return {"model_name": model_name, "model_kwargs": dict(model_kwargs or {}),
-            "transform": (metadata or {}).get("transform")}
+    return {
+        "model_name": model_name,
+        "model_kwargs": dict(model_kwargs or {}),
+        "transform": (metadata or {}).get("transform"),
+    }
 
 
 def _check_same_model(saved: Mapping[str, Any], now: Mapping[str, Any], path: str) -> None:
     """A resumed run must build the model (and read the images) as the interrupted one did."""
-    before = {"model_name": saved.get("model_name"), "model_kwargs": dict(saved.get("model_kwargs") or {}),
-              "transform": (saved.get("metadata") or {}).get("transform")}
+    before = {
+        "model_name": saved.get("model_name"),
+        "model_kwargs": dict(saved.get("model_kwargs") or {}),
+        "transform": (saved.get("metadata") or {}).get("transform"),
+    }
     changed = []
     for key, option in (("model_name", "model"), ("model_kwargs", "model argument"), ("transform", "image transform")):
         old, new = before[key], now[key]
         if isinstance(old, Mapping) and isinstance(new, Mapping):
-            changed += [f"{option} {k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new}, key=str)
-                        if old.get(k) != new.get(k)]
+            changed += [
+                f"{option} {k}: {old.get(k)!r} -> {new.get(k)!r}"
+                for k in sorted({*old, *new}, key=str)
+                if old.get(k) != new.get(k)
+            ]
         elif old != new:
             changed.append(f"{option}: {old!r} -> {new!r}")
     if changed:
@@ -325,7 +428,7 @@ def _load_resume(path: str) -> Mapping[str, Any]:
     """The checkpoint to resume from, or one readable line on what is wrong with it."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - empty, truncated, garbage: the same advice
+    except Exception as err:
         raise ValueError(
             f"cannot resume from {path!r}: not a readable checkpoint ({type(err).__name__}: {_first_line(err)}); "
             "move it away to start over, or start a new run elsewhere"
@@ -336,11 +439,16 @@ def _load_resume(path: str) -> Mapping[str, Any]:
     return saved
 
 
+def _len(dataset: Dataset) -> int:
+    """The size of a map-style dataset (``Dataset`` declares no ``__len__``; :func:`_as_dataset` checks it)."""
+    return len(cast(Sized, dataset))
+
+
 def _data_record(dataset: Dataset) -> dict[str, Any]:
     """What a resume checks the data against: the size and, for datasets that give one (ImageFolder),
     a fingerprint of the file list."""
     fingerprint = getattr(dataset, "fingerprint", None)
-    return {"images": len(dataset), "fingerprint": fingerprint() if callable(fingerprint) else None}
+    return {"images": _len(dataset), "fingerprint": fingerprint() if callable(fingerprint) else None}
 
 
 def _check_data(saved: Mapping[str, Any], now: Mapping[str, Any], path: str) -> None:
@@ -348,8 +456,11 @@ def _check_data(saved: Mapping[str, Any], now: Mapping[str, Any], path: str) -> 
     if before is None:  # checkpoints written before the data were recorded
         return
     if before["images"] != now["images"] or before["fingerprint"] != now["fingerprint"]:
-        what = (f"{before['images']} -> {now['images']} images" if before["images"] != now["images"]
-                else "the same number of images, but other files, labels or sizes")
+        what = (
+            f"{before['images']} -> {now['images']} images"
+            if before["images"] != now["images"]
+            else "the same number of images, but other files, labels or sizes"
+        )
         raise ValueError(
             f"cannot resume from {path!r}: the training data changed since it was written ({what}); resume "
             "with the data the run started with, or start a new run in another output folder"
@@ -383,8 +494,11 @@ def _check_output(out_dir: str, resume: bool, overwrite: bool) -> None:
     if overwrite or resume or not os.path.isdir(out_dir):
         return
     # a run's progress lives in its checkpoint and log; a config.json alone has nothing to lose
-    found = [n for n in (CHECKPOINT_NAME, "log.jsonl") if os.path.isfile(os.path.join(out_dir, n))
-             and os.path.getsize(os.path.join(out_dir, n)) > 0]
+    found = [
+        n
+        for n in (CHECKPOINT_NAME, "log.jsonl")
+        if os.path.isfile(os.path.join(out_dir, n)) and os.path.getsize(os.path.join(out_dir, n)) > 0
+    ]
     if found:
         raise ValueError(
             f"{out_dir!r} already holds a run ({', '.join(found)}): resume it (resume=True, CLI --resume), "
@@ -484,11 +598,11 @@ def finetune(
     if rank != 0:
         say = lambda msg: None  # noqa: E731 - rank 0 speaks for everyone
 
-    per_rank = len(dataset) // world
+    per_rank = _len(dataset) // world
     steps_per_epoch = per_rank // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
-            f"the dataset has {len(dataset)} images: fewer than one batch of {cfg.batch_size} per process "
+            f"the dataset has {_len(dataset)} images: fewer than one batch of {cfg.batch_size} per process "
             f"({world} process(es)); lower batch_size or add images"
         )
     total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -500,9 +614,13 @@ def finetune(
 
     opt = _build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
-    loss_fn = SFTLoss(cfg.ood_loss, cfg.ood_weight, m_in=cfg.m_in, m_out=cfg.m_out)
+    loss_fn = SFTLoss(cfg.ood_loss, cfg.resolved_ood_weight(), m_in=cfg.m_in, m_out=cfg.m_out)
     # Each rank draws its own pseudo-OOD images; the offset keeps the stream apart from torch's RNG.
-    pseudo = sampler or PseudoOOD(cfg.transforms, seed=cfg.seed * 1000 + 7919 + rank)
+    pseudo = sampler or PseudoOOD(cfg.resolved_transforms(), seed=cfg.seed * 1000 + 7919 + rank)
+    # fp16: the loss is scaled so that small gradients survive float16; a step whose gradients hold an
+    # inf/NaN is skipped and the scale backs off (disabled, the scaler passes everything through unchanged)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    skipped_steps = 0  # since the last log line (fp16)
     torch.manual_seed(cfg.seed + rank)  # dropout, stochastic depth
 
     window = torch.zeros(5, dtype=torch.float64, device=device)  # since the last log: loss, ce, ood, correct, count
@@ -514,9 +632,11 @@ def finetune(
         try:
             model.load_state_dict(saved["model"])
         except RuntimeError as err:  # another architecture: one line, not a traceback
-            raise ValueError(f"cannot resume from {ckpt_path!r}: its weights do not fit this model "
-                             f"({_first_line(err)}); "
-                             "resume with the original model, or start a new run in another output folder") from err
+            raise ValueError(
+                f"cannot resume from {ckpt_path!r}: its weights do not fit this model "
+                f"({_first_line(err)}); "
+                "resume with the original model, or start a new run in another output folder"
+            ) from err
         _check_finite_model(model, ckpt_path)  # a NaN checkpoint.pt is no better a start than NaN weights
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
@@ -527,6 +647,9 @@ def finetune(
             torch.cuda.set_rng_state_all(rng["cuda"])
         if "window" in saved:  # the steps since the last log line, so the next line is the uninterrupted one
             window.copy_(saved["window"][rank])
+        if scaler.is_enabled():  # precision is checked equal, so an fp16 checkpoint holds the scaler's state
+            scaler.load_state_dict(saved["scaler"])
+            skipped_steps = int(saved["skipped_steps"])
         start, history = int(saved["step"]), list(saved["history"])
         say(f"resuming from {ckpt_path} at step {start}/{total}")
     elif resume:
@@ -540,9 +663,19 @@ def finetune(
                 say(f"overwrite: removed the previous run's {', '.join(removed)} from {out_dir}")
         for name in _RUN_FILES:  # temporary files of writers killed mid-save
             remove_stale_temps(os.path.join(out_dir, name))
-        atomic_write(os.path.join(out_dir, "config.json"), json.dumps(
-            {**dataclasses.asdict(cfg), "total_steps": total, "world_size": world,
-             "model_name": model_name, "model_kwargs": dict(model_kwargs or {})}, indent=2))
+        atomic_write(
+            os.path.join(out_dir, "config.json"),
+            json.dumps(
+                {
+                    **dataclasses.asdict(cfg),
+                    "total_steps": total,
+                    "world_size": world,
+                    "model_name": model_name,
+                    "model_kwargs": dict(model_kwargs or {}),
+                },
+                indent=2,
+            ),
+        )
         _write_jsonl(os.path.join(out_dir, "log.jsonl"), history)
 
     net: nn.Module = model
@@ -550,16 +683,29 @@ def finetune(
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def make_loader(epoch: int, skip: int) -> Iterator[Any]:
-        shard = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        shard: DistributedSampler[int] = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
         shard.set_epoch(epoch)
         indices = list(shard)[skip * cfg.batch_size : steps_per_epoch * cfg.batch_size]
         # Own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would
         # shift the dropout stream of a resumed run by one draw.
         workers_seed = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 101 + rank)
         with signals_blocked():  # workers start with signals blocked, then ignore them: the main process handles them
-            return iter(DataLoader(dataset, batch_size=cfg.batch_size, sampler=_IndexSampler(indices), drop_last=True,
-                                   num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                   generator=workers_seed, worker_init_fn=worker_ignores_signals))
+            return iter(
+                DataLoader(
+                    dataset,
+                    batch_size=cfg.batch_size,
+                    sampler=_IndexSampler(indices),
+                    drop_last=True,
+                    num_workers=cfg.num_workers,
+                    pin_memory=device.type == "cuda",
+                    generator=workers_seed,
+                    worker_init_fn=worker_ignores_signals,
+                )
+            )
+
+    checked, saved_step = start, start if start else None
 
     def save(step: int) -> None:
         nonlocal saved_step
@@ -570,25 +716,39 @@ def finetune(
             saved_step = step if ckpt_path is not None else None  # in memory: nothing kept
 
     def _save_rank0(step: int, states: list[Any]) -> None:
-        if rank == 0 and ckpt_path is not None:
-            save_atomic({
-                "format": FORMAT, "step": step, "total_steps": total, "world_size": world,
-                "config": dataclasses.asdict(cfg), "model_name": model_name,
-                "model_kwargs": dict(model_kwargs or {}), "metadata": dict(metadata or {}),
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "sampler": [s["sampler"] for s in states], "rng": [s["rng"] for s in states],
-                "history": history, "window": [s["window"] for s in states], "data": data_record,
-            }, ckpt_path)
+        if rank == 0 and ckpt_path is not None and out_dir is not None:
+            save_atomic(
+                {
+                    "format": FORMAT,
+                    "step": step,
+                    "total_steps": total,
+                    "world_size": world,
+                    "config": dataclasses.asdict(cfg),
+                    "model_name": model_name,
+                    "model_kwargs": dict(model_kwargs or {}),
+                    "metadata": dict(metadata or {}),
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "sampler": [s["sampler"] for s in states],
+                    "rng": [s["rng"] for s in states],
+                    "history": history,
+                    "window": [s["window"] for s in states],
+                    "data": data_record,
+                    "resolved": _resolved(cfg),
+                    "scaler": scaler.state_dict(),
+                    "skipped_steps": skipped_steps,
+                },
+                ckpt_path,
+            )
             _write_jsonl(os.path.join(out_dir, "log.jsonl"), history)
 
     def forward(inputs: Tensor, y: Tensor) -> tuple[Any, Tensor]:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        dtype = _AUTOCAST[cfg.precision]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = net(inputs).float()
         b = y.shape[0]
         return loss_fn(logits[:b], y, logits[b:] if inputs.shape[0] > b else None), logits[:b]
-
-    checked, saved_step = start, start if start else None
 
     def stop_if_diverged(done: int, loss_finite: bool) -> None:
         """Raise DivergedError when a loss since step ``checked`` or a parameter is not finite."""
@@ -598,8 +758,11 @@ def finetune(
         if world > 1:  # every rank stops together, or none does
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
-            kept = (f"the last good checkpoint (step {saved_step}) is kept in {ckpt_path}" if saved_step
-                    else "no checkpoint was written")
+            kept = (
+                f"the last good checkpoint (step {saved_step}) is kept in {ckpt_path}"
+                if saved_step
+                else "no checkpoint was written"
+            )
             raise DivergedError(
                 f"training diverged: non-finite loss or weights between steps {checked + 1} and {done}; {kept}. "
                 "Lower the learning rate, check the loss margins, or clip gradients (grad_clip)"
@@ -623,18 +786,26 @@ def finetune(
             n_ood = round(cfg.ood_ratio * x.shape[0])
             inputs = torch.cat([x, pseudo(x[:n_ood], y[:n_ood])]) if n_ood else x
             if isinstance(opt, SAM):  # every pass the step needs (samnorm.sam.protocol); logged: the first
-                ((terms, logits),) = run_passes(opt, net, [inputs], lambda b, y=y: forward(b, y),
-                                                loss_of=lambda out: out[0].total)
+                ((terms, logits),) = run_passes(
+                    opt, net, [inputs], lambda b: forward(b, y), loss_of=lambda out: scaler.scale(out[0].total)
+                )
             else:
                 terms, logits = forward(inputs, y)
-                terms.total.backward()
+                scaler.scale(terms.total).backward()
             if cfg.grad_clip is not None:
+                scaler.unscale_(opt)  # clip the true gradients (a no-op unless fp16)
                 nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)  # second-pass gradients: the ones applied
             if isinstance(opt, SAM):
-                opt.second_step(zero_grad=True)
+                opt.second_step(zero_grad=True, scaler=scaler)  # an inf in either pass skips the whole step
             else:
-                opt.step()
+                scaler.step(opt)
                 opt.zero_grad(set_to_none=True)
+            if scaler.is_enabled():
+                # the scale backs off exactly when the step was skipped; the step read the inf flag on
+                # the host already, so these reads add no device synchronisation of note
+                before = scaler.get_scale()
+                scaler.update()
+                skipped_steps += scaler.get_scale() < before
             sched.step()
             with torch.no_grad():
                 correct = (logits.argmax(1) == y).sum()
@@ -646,9 +817,18 @@ def finetune(
                 if world > 1:
                     dist.all_reduce(window)
                 n = window[4].item()
-                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": sched.get_last_lr()[0],
-                          "loss": window[0].item() / n, "ce": window[1].item() / n, "ood": window[2].item() / n,
-                          "acc": window[3].item() / n}
+                record = {
+                    "step": done,
+                    "epoch": round(done / steps_per_epoch, 4),
+                    "lr": sched.get_last_lr()[0],
+                    "loss": window[0].item() / n,
+                    "ce": window[1].item() / n,
+                    "ood": window[2].item() / n,
+                    "acc": window[3].item() / n,
+                }
+                if scaler.is_enabled():
+                    record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped_steps)
+                    skipped_steps = 0
                 # the window sums every loss since the last line: a NaN/inf in any of them shows here
                 stop_if_diverged(done, all(math.isfinite(record[k]) for k in ("loss", "ce", "ood")))
                 history.append(record)
@@ -666,15 +846,25 @@ def finetune(
     except KeyboardInterrupt as err:  # Ctrl-C: say what is kept, once, instead of a traceback
         if bar is not None:
             bar.close()
-        kept = (f"the last checkpoint (step {saved_step}) is kept in {ckpt_path}; continue with --resume "
-                "(resume=True)" if saved_step else "no checkpoint was written")
+        kept = (
+            f"the last checkpoint (step {saved_step}) is kept in {ckpt_path}; continue with --resume (resume=True)"
+            if saved_step
+            else "no checkpoint was written"
+        )
         raise Interrupted(f"interrupted{f' by {err}' if str(err) else ''}; {kept}") from err
     if bar is not None:
         bar.close()
     skipped = _skipped(dataset, world, device)
     if skipped:
         say(f"skipped {skipped} unreadable image(s); their neighbours were used instead")
-    return FinetuneResult(model=model, history=history, steps=total, checkpoint=ckpt_path, skipped_images=skipped)
+    return FinetuneResult(
+        model=model,
+        history=history,
+        steps=total,
+        checkpoint=ckpt_path,
+        skipped_images=skipped,
+        skipped_steps=sum(int(r.get("skipped_steps", 0)) for r in history),
+    )
 
 
 def _skipped(dataset: Dataset, world: int, device: torch.device) -> int:
@@ -778,20 +968,31 @@ def evaluate_datasets(
         if fit_data is None:
             need = [s.name for s in built if not s.is_fitted]
             raise ValueError(f"scorers {need} need ID training statistics: give the ID training data (--fit DIR)")
-        fit_loader = DataLoader(fit_data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                worker_init_fn=worker_ignores_signals)
-        for s in built:
-            if not s.is_fitted:
-                s.fit(fit_loader)
+        fit_loader = DataLoader(
+            fit_data,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            worker_init_fn=worker_ignores_signals,
+        )
+        for scorer in built:
+            if not scorer.is_fitted:
+                scorer.fit(fit_loader)
     sets = {id_name: id_data, **ood_data}
-    shards = {name: _batch_shard(len(ds), batch_size, rank, world) for name, ds in sets.items()}
+    shards = {name: _batch_shard(_len(ds), batch_size, rank, world) for name, ds in sets.items()}
     loaders = {
-        name: DataLoader(ds, batch_size=batch_size, sampler=_IndexSampler(shards[name][0]), num_workers=num_workers,
-                         worker_init_fn=worker_ignores_signals)
+        name: DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=_IndexSampler(shards[name][0]),
+            num_workers=num_workers,
+            worker_init_fn=worker_ignores_signals,
+        )
         for name, ds in sets.items()
     }
-    local = evaluate(adapter, loaders[id_name], {n: loaders[n] for n in ood_data}, built, tpr=tpr,
-                     convention=conv, id_name=id_name)
+    local = evaluate(
+        adapter, loaders[id_name], {n: loaders[n] for n in ood_data}, built, tpr=tpr, convention=conv, id_name=id_name
+    )
     scores, speed = local.scores, local.images_per_second
     if world > 1:
         mine = {name: (idx, real, {s: scores[s][name] for s in scores}) for name, (idx, real) in shards.items()}
@@ -799,7 +1000,7 @@ def evaluate_datasets(
         merged: dict[str, dict[str, Any]] = {s: {} for s in scores}
         for name, ds in sets.items():
             for s in scores:
-                out = torch.full((len(ds),), float("nan"), dtype=torch.float64)
+                out = torch.full((_len(ds),), float("nan"), dtype=torch.float64)
                 for part, _ in gathered:
                     idx, real, values = part[name]
                     if real:
@@ -810,7 +1011,7 @@ def evaluate_datasets(
     for name, ds in sets.items():
         mask = _union_mask(ds, world)
         skipped[name] = [] if mask is None else mask.nonzero().flatten().tolist()
-        if skipped[name]:
+        if mask is not None and skipped[name]:
             keep = (~mask).numpy()
             for s in scores:
                 scores[s][name] = scores[s][name][keep]

@@ -25,14 +25,26 @@ image needs 112 GiB
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "MAX_TENSOR_BYTES", "SPECS", "Spec", "check", "check_fields", "check_options",
-           "label"]
+from samnorm.sam import registry
+
+__all__ = [
+    "MAX_IMAGE_SIDE",
+    "MAX_SEED",
+    "MAX_TENSOR_BYTES",
+    "SPECS",
+    "Spec",
+    "check",
+    "check_fields",
+    "check_options",
+    "label",
+]
 
 MAX_IMAGE_SIDE = 8192
 """Largest image side (pixels) accepted anywhere: one 3 x 8192 x 8192 float32 image is 768 MiB, and a batch of them
@@ -58,7 +70,8 @@ class Spec:
             string is refused, so ``"blur"`` never becomes ``['b', 'l', 'u', 'r']``).
         low, high: inclusive bounds (``low_open``: ``> low``).
         optional: ``None`` is accepted (the setting's default is taken elsewhere).
-        choices: the accepted values (of each item with ``each``).
+        choices: the accepted values (of each item with ``each``), or a function giving them now (a live
+            registry: a kind registered after import is accepted too).
         cost: for a value over ``high``: the figure that makes it unsafe (a resource bound).
     """
 
@@ -67,7 +80,7 @@ class Spec:
     high: float | None = None
     low_open: bool = False
     optional: bool = False
-    choices: tuple[Any, ...] | None = None
+    choices: tuple[Any, ...] | Callable[[], Sequence[Any]] | None = None
     each: bool = False
     cost: Callable[[Any], str] | None = None
 
@@ -83,8 +96,12 @@ class Spec:
         elif self.high is not None:
             noun += f" <= {self.high}"
         if self.choices is not None:
-            noun += f" from {list(self.choices)}"
+            noun += f" from {list(self.allowed())}"
         return noun
+
+    def allowed(self) -> tuple[Any, ...]:
+        """The accepted values now (``()`` when any value of the kind is)."""
+        return tuple(self.choices() if callable(self.choices) else self.choices or ())
 
 
 def _positive(kind: type, **kw: Any) -> Spec:
@@ -140,7 +157,10 @@ SPECS: dict[str, Spec] = {
     "grad_norm_p": Spec(float, low=1),
     # names
     "transforms": Spec(str, each=True, optional=True),
-    "precision": Spec(str, choices=("fp32", "bf16")),
+    # autocast dtype; "fp16" also scales the loss (GradScaler)
+    "precision": Spec(str, choices=("fp32", "bf16", "fp16")),
+    # a cheaper schedule of SAM (samnorm.sam.registry's schedules; None: plain SAM's two passes)
+    "variant": Spec(str, optional=True, choices=registry.schedules),
     "base_optimizer": Spec(str, choices=("sgd", "adamw")),
 }
 """The rules by setting name (a FinetuneConfig/DemoConfig field or a ``samnorm`` option's destination)."""
@@ -148,7 +168,9 @@ SPECS: dict[str, Spec] = {
 # keys of --model-arg that samnorm sets itself (passing them too would be a TypeError deep in timm)
 _RESERVED_MODEL_ARGS = {
     "num_classes": "the class count is the number of class folders (or the checkpoint's head)",
-    "pretrained": "pass --pretrained", "checkpoint": "pass --checkpoint", "checkpoint_path": "pass --checkpoint",
+    "pretrained": "pass --pretrained",
+    "checkpoint": "pass --checkpoint",
+    "checkpoint_path": "pass --checkpoint",
     "pretrained_cfg_overlay": "samnorm reads weights from --checkpoint",
 }
 
@@ -178,9 +200,10 @@ def check(name: str, value: Any, spec: Spec | None = None, *, option: bool = Fal
         raise TypeError(f"{what} must be {spec.rule()}, got None")
     if spec.each:
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise TypeError(f"{what} must be {spec.rule()}, got {value!r} (a {type(value).__name__}): "
-                            f"pass a list, e.g. [{value!r}]")
-        item = Spec(spec.kind, spec.low, spec.high, spec.low_open, False, spec.choices, False, spec.cost)
+            raise TypeError(
+                f"{what} must be {spec.rule()}, got {value!r} (a {type(value).__name__}): pass a list, e.g. [{value!r}]"
+            )
+        item = dataclasses.replace(spec, optional=False, each=False)
         return [check(name, v, item, option=option) for v in value]
     ok_type = {
         int: isinstance(value, numbers.Integral) and not isinstance(value, bool),
@@ -199,7 +222,7 @@ def check(name: str, value: Any, spec: Spec | None = None, *, option: bool = Fal
     if spec.low is not None and not bad:
         bad = value <= spec.low if spec.low_open else value < spec.low
     over = spec.high is not None and not bad and value > spec.high
-    if bad or over or (spec.choices is not None and value not in spec.choices):
+    if bad or over or (spec.choices is not None and value not in spec.allowed()):
         why = f": {spec.cost(value)}" if over and spec.cost is not None else ""
         raise ValueError(f"{what} must be {spec.rule()}, got {value!r}{why}")
     return value
@@ -238,19 +261,27 @@ def check_options(args: Any) -> None:
     for count, side, per in _TENSORS:
         n, s = getattr(args, count, None), getattr(args, side, None)
         if n is not None and s is not None and per * n * 3 * 4 * s * s > MAX_TENSOR_BYTES:
-            raise ValueError(f"{label(count, True)} {n} with {label(side, True)} {s}: {per * n} images of "
-                             f"3 x {s} x {s} float32 need {per * n * 12 * s * s / 2**30:.1f} GiB at once "
-                             f"(limit {MAX_TENSOR_BYTES / 2**30:.0f} GiB); lower one of them")
+            raise ValueError(
+                f"{label(count, True)} {n} with {label(side, True)} {s}: {per * n} images of "
+                f"3 x {s} x {s} float32 need {per * n * 12 * s * s / 2**30:.1f} GiB at once "
+                f"(limit {MAX_TENSOR_BYTES / 2**30:.0f} GiB); lower one of them"
+            )
     model_args = dict(getattr(args, "model_arg", None) or [])
     for key, why in _RESERVED_MODEL_ARGS.items():
         if key in model_args:
             raise ValueError(f"--model-arg {key}={model_args[key]!r}: samnorm sets {key} itself ({why}); drop it")
     size = model_args.get("img_size")
-    for side in size if isinstance(size, (tuple, list)) else [size]:
-        if side is not None:
-            check("img_size", side, _SIDE, option=True)
+    for img_side in size if isinstance(size, (tuple, list)) else [size]:
+        if img_side is not None:
+            check("img_size", img_side, _SIDE, option=True)
     if getattr(args, "random_init", False):
-        given = [o for o, v in (("--checkpoint", getattr(args, "checkpoint", None)),
-                                ("--pretrained", getattr(args, "pretrained", False))) if v]
+        given = [
+            o
+            for o, v in (
+                ("--checkpoint", getattr(args, "checkpoint", None)),
+                ("--pretrained", getattr(args, "pretrained", False)),
+            )
+            if v
+        ]
         if given:
             raise ValueError(f"--random-init and {given[0]} contradict each other: pass one of them")

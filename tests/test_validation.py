@@ -13,8 +13,22 @@ from samnorm.demo.config import DemoConfig
 from samnorm.recipe import FinetuneConfig
 from samnorm.validate import SPECS, check
 
-TINY = ["--model", "t2t_vit_7", "--model-arg", "img_size=16", "--model-arg", "in_chans=1", "--model-arg",
-        "embed_dim=16", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--workers", "0"]
+TINY = [
+    "--model",
+    "t2t_vit_7",
+    "--model-arg",
+    "img_size=16",
+    "--model-arg",
+    "in_chans=1",
+    "--model-arg",
+    "embed_dim=16",
+    "--model-arg",
+    "depth=1",
+    "--model-arg",
+    "num_heads=2",
+    "--workers",
+    "0",
+]
 
 
 def png_folder(root, classes=("a", "b"), per_class=3):
@@ -32,12 +46,22 @@ def error_line(capsys):
 
 
 # ---------------------------------------------------------------- the Python configs
-@pytest.mark.parametrize("field, value, error", [
-    ("batch_size", 2.5, TypeError), ("steps", 2.5, TypeError), ("seed", 1.5, TypeError),
-    ("checkpoint_every", 0.5, TypeError), ("num_workers", -1, ValueError), ("transforms", "blur", TypeError),
-    ("seed", 2**64, ValueError), ("lr", float("nan"), ValueError), ("batch_size", True, TypeError),
-    ("warmup_steps", -1, ValueError), ("precision", "fp16", ValueError),
-])
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("batch_size", 2.5, TypeError),
+        ("steps", 2.5, TypeError),
+        ("seed", 1.5, TypeError),
+        ("checkpoint_every", 0.5, TypeError),
+        ("num_workers", -1, ValueError),
+        ("transforms", "blur", TypeError),
+        ("seed", 2**64, ValueError),
+        ("lr", float("nan"), ValueError),
+        ("batch_size", True, TypeError),
+        ("warmup_steps", -1, ValueError),
+        ("precision", "fp8", ValueError),
+    ],
+)
 def test_finetune_config_refuses_what_it_used_to_accept(field, value, error):
     with pytest.raises(error, match=rf"^{field} must be .*got {value!r}"):
         FinetuneConfig(**{field: value})
@@ -64,26 +88,51 @@ def test_every_spec_describes_its_rule_and_accepts_its_bounds():
 # ---------------------------------------------------------------- the command line, before any work
 def test_model_arg_num_classes_is_one_line_not_a_traceback(tmp_path, capsys):
     data = png_folder(tmp_path / "d")
-    code = main(["finetune", "--train", str(data), "--output", str(tmp_path / "o"), *TINY, "--random-init",
-                 "--model-arg", "num_classes=7"])
+    code = main(
+        [
+            "finetune",
+            "--train",
+            str(data),
+            "--output",
+            str(tmp_path / "o"),
+            *TINY,
+            "--random-init",
+            "--model-arg",
+            "num_classes=7",
+        ]
+    )
     lines = error_line(capsys)
     assert code == 2 and len(lines) == 1 and "--model-arg num_classes=7" in lines[0]
 
 
 def test_a_huge_seed_names_the_seed(tmp_path, capsys):
     data = png_folder(tmp_path / "d")
-    code = main(["finetune", "--train", str(data), "--output", str(tmp_path / "o"), *TINY, "--random-init",
-                 "--seed", str(2**64)])
+    code = main(
+        [
+            "finetune",
+            "--train",
+            str(data),
+            "--output",
+            str(tmp_path / "o"),
+            *TINY,
+            "--random-init",
+            "--seed",
+            str(2**64),
+        ]
+    )
     lines = error_line(capsys)
     assert code == 2 and len(lines) == 1 and "--seed must be an integer in [0, 4294967295]" in lines[0]
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--dpi", "0", "--dpi must be an integer in [20, 1000], got 0"),
-    ("--dpi", "1", "--dpi must be an integer in [20, 1000], got 1"),  # found by test_cli_fuzz: a traceback
-    ("--grad-norm-p", "nan", "--grad-norm-p must be a finite number >= 1, got nan"),
-    ("--img-size", "0", "--img-size must be an integer in [1, 8192], got 0"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--dpi", "0", "--dpi must be an integer in [20, 1000], got 0"),
+        ("--dpi", "1", "--dpi must be an integer in [20, 1000], got 1"),  # found by test_cli_fuzz: a traceback
+        ("--grad-norm-p", "nan", "--grad-norm-p must be a finite number >= 1, got nan"),
+        ("--img-size", "0", "--img-size must be an integer in [1, 8192], got 0"),
+    ],
+)
 def test_diagnose_refuses_bad_options_before_any_work(tmp_path, capsys, monkeypatch, option, value, message):
     import samnorm.diagnostics.cli as diag
 
@@ -92,8 +141,21 @@ def test_diagnose_refuses_bad_options_before_any_work(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(diag, "_model", no_work)
     data = png_folder(tmp_path / "d")
-    code = main(["diagnose", "--checkpoint", "c.pth", "--id", str(data), "--ood", f"o={data / 'a'}",
-                 "--output", str(tmp_path / "o"), option, value])
+    code = main(
+        [
+            "diagnose",
+            "--checkpoint",
+            "c.pth",
+            "--id",
+            str(data),
+            "--ood",
+            f"o={data / 'a'}",
+            "--output",
+            str(tmp_path / "o"),
+            option,
+            value,
+        ]
+    )
     lines = error_line(capsys)
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
 
@@ -101,8 +163,21 @@ def test_diagnose_refuses_bad_options_before_any_work(tmp_path, capsys, monkeypa
 @pytest.mark.parametrize("extra", [["--img-size", "100000"], ["--model-arg", "img_size=100000"]])
 def test_memory_unsafe_image_sizes_are_refused_with_the_figure(tmp_path, capsys, extra):
     data = png_folder(tmp_path / "d")
-    code = main(["finetune", "--train", str(data), "--output", str(tmp_path / "o"), "--model", "test_resnet",
-                 "--random-init", "--workers", "0", *extra])
+    code = main(
+        [
+            "finetune",
+            "--train",
+            str(data),
+            "--output",
+            str(tmp_path / "o"),
+            "--model",
+            "test_resnet",
+            "--random-init",
+            "--workers",
+            "0",
+            *extra,
+        ]
+    )
     lines = error_line(capsys)
     assert code == 2 and len(lines) == 1 and "image needs 112 GiB" in lines[0], lines
     assert not (tmp_path / "o").exists()  # refused before any work
@@ -110,8 +185,19 @@ def test_memory_unsafe_image_sizes_are_refused_with_the_figure(tmp_path, capsys,
 
 def test_options_that_size_one_tensor_together_are_bounded(tmp_path, capsys):
     # pseudo-ood --size 8192 --n 8: a 45 GiB grid, a MemoryError traceback (found by a probe)
-    code = main(["pseudo-ood", "--images", str(png_folder(tmp_path / "d")), "--output", str(tmp_path / "g.png"),
-                 "--size", "8192", "--n", "8"])
+    code = main(
+        [
+            "pseudo-ood",
+            "--images",
+            str(png_folder(tmp_path / "d")),
+            "--output",
+            str(tmp_path / "g.png"),
+            "--size",
+            "8192",
+            "--n",
+            "8",
+        ]
+    )
     lines = error_line(capsys)
     assert code == 2 and len(lines) == 1 and "--n 8 with --size 8192: 56 images" in lines[0] and "GiB" in lines[0]
 
@@ -130,9 +216,25 @@ def test_an_image_size_the_model_cannot_take_is_one_line_before_any_work(tmp_pat
     # a fixed-size ViT (timm asserts the input size) given --img-size 32: an AssertionError traceback
     data = png_folder(tmp_path / "d")
     folders = {"finetune": ["--train", str(data)], "evaluate": ["--id", str(data), "--ood", f"o={data / 'a'}"]}
-    code = main([command, *folders[command], "--output", str(tmp_path / "o"), "--model", "vit_tiny_patch16_224",
-                 "--model-arg", "depth=1", "--random-init", "--img-size", "32", "--workers", "0", "--steps", "1"]
-                [: None if command == "finetune" else -2])
+    code = main(
+        [
+            command,
+            *folders[command],
+            "--output",
+            str(tmp_path / "o"),
+            "--model",
+            "vit_tiny_patch16_224",
+            "--model-arg",
+            "depth=1",
+            "--random-init",
+            "--img-size",
+            "32",
+            "--workers",
+            "0",
+            "--steps",
+            "1",
+        ][: None if command == "finetune" else -2]
+    )
     lines = error_line(capsys)
     assert code == 2 and len(lines) == 1 and "the model does not take 3 x 32 x 32 images" in lines[0], lines
     assert "doesn't match model (224)" in lines[0]
@@ -164,7 +266,7 @@ def test_an_extreme_aspect_ratio_is_read_without_a_huge_intermediate(tmp_path):
 def test_an_empty_class_folder_is_named(tmp_path, capsys):
     data = png_folder(tmp_path / "d")
     os.makedirs(data / "empty")
-    with pytest.raises(ValueError, match="class folder .*empty' holds no images"):
+    with pytest.raises(ValueError, match=r"class folder .*empty' holds no images"):
         ImageFolder(data)
     code = main(["finetune", "--train", str(data), "--output", str(tmp_path / "o"), *TINY, "--random-init"])
     lines = error_line(capsys)
@@ -185,9 +287,11 @@ def test_a_single_class_folder_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("command", ["finetune", "evaluate", "diagnose"])
 def test_no_weights_is_refused_unless_random_init_is_asked_for(tmp_path, capsys, command):
     data = png_folder(tmp_path / "d")
-    folders = {"finetune": ["--train", str(data)],
-               "evaluate": ["--id", str(data), "--ood", f"o={data / 'a'}"],
-               "diagnose": ["--id", str(data), "--ood", f"o={data / 'a'}"]}[command]
+    folders = {
+        "finetune": ["--train", str(data)],
+        "evaluate": ["--id", str(data), "--ood", f"o={data / 'a'}"],
+        "diagnose": ["--id", str(data), "--ood", f"o={data / 'a'}"],
+    }[command]
     argv = [command, *folders, "--output", str(tmp_path / "o"), *TINY]
     code = main(argv)
     lines = error_line(capsys)
@@ -199,7 +303,21 @@ def test_no_weights_is_refused_unless_random_init_is_asked_for(tmp_path, capsys,
 
 def test_random_init_says_so_in_one_line(tmp_path, capsys):
     data = png_folder(tmp_path / "d")
-    code = main(["finetune", "--train", str(data), "--output", str(tmp_path / "o"), *TINY, "--random-init",
-                 "--steps", "1", "--batch-size", "2", "--no-progress"])
+    code = main(
+        [
+            "finetune",
+            "--train",
+            str(data),
+            "--output",
+            str(tmp_path / "o"),
+            *TINY,
+            "--random-init",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0 and err.count("starts from random weights (--random-init)") == 1, err

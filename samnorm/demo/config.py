@@ -12,8 +12,15 @@ from typing import Any
 
 from samnorm.validate import MAX_IMAGE_SIDE, MAX_SEED, SPECS, Spec, check, check_fields
 
-__all__ = ["ARMS", "BACKBONE_DEFAULTS", "DemoConfig", "PSEUDO_OOD_TRANSFORMS", "SCORER_NAMES", "SELECTION",
-           "default_cache_dir"]
+__all__ = [
+    "ARMS",
+    "BACKBONE_DEFAULTS",
+    "PSEUDO_OOD_TRANSFORMS",
+    "SCORER_NAMES",
+    "SELECTION",
+    "DemoConfig",
+    "default_cache_dir",
+]
 
 #: Fine-tuning arms and their display names; "pretrained" is the common starting point.
 ARMS: dict[str, str] = {"sam_on": "SAM-ON", "sgd": "SGD", "sam": "full SAM"}
@@ -26,12 +33,30 @@ _CACHE_FORMAT = 2  # bump when pretraining code changes what a cached checkpoint
 
 #: Per-backbone defaults of the DemoConfig fields left at None (see SELECTION for the fine-tuning lr).
 BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "resnetv2": {"pretrain_optimizer": "sgd", "pretrain_lr": 0.1, "pretrain_epochs": 8, "lr": 0.1,
-                 "ood_loss": "uniform", "ood_weight": 0.25, "rho_sam_on": 0.1, "adaptive_sam_on": True,
-                 "rho_sam": 0.1, "adaptive_sam": False},
-    "t2t_vit": {"pretrain_optimizer": "adamw", "pretrain_lr": 2e-3, "pretrain_epochs": 15, "lr": 0.03,
-                "ood_loss": "uniform", "ood_weight": 0.5, "rho_sam_on": 0.1, "adaptive_sam_on": True,
-                "rho_sam": 0.02, "adaptive_sam": False},
+    "resnetv2": {
+        "pretrain_optimizer": "sgd",
+        "pretrain_lr": 0.1,
+        "pretrain_epochs": 8,
+        "lr": 0.1,
+        "ood_loss": "uniform",
+        "ood_weight": 0.25,
+        "rho_sam_on": 0.1,
+        "adaptive_sam_on": True,
+        "rho_sam": 0.1,
+        "adaptive_sam": False,
+    },
+    "t2t_vit": {
+        "pretrain_optimizer": "adamw",
+        "pretrain_lr": 2e-3,
+        "pretrain_epochs": 15,
+        "lr": 0.03,
+        "ood_loss": "uniform",
+        "ood_weight": 0.5,
+        "rho_sam_on": 0.1,
+        "adaptive_sam_on": True,
+        "rho_sam": 0.02,
+        "adaptive_sam": False,
+    },
 }
 
 #: How the fine-tuning defaults were chosen (kept with the code so the report can quote it).
@@ -146,7 +171,9 @@ class DemoConfig:
         if self.ood_loss not in ("uniform", "energy", "maxlogit"):
             raise ValueError(f"ood_loss must be 'uniform', 'energy' or 'maxlogit', got {self.ood_loss!r}")
         if not self.transforms or any(t not in PSEUDO_OOD_TRANSFORMS for t in self.transforms):
-            raise ValueError(f"transforms must be names from {list(PSEUDO_OOD_TRANSFORMS)}, got {list(self.transforms)}")
+            raise ValueError(
+                f"transforms must be names from {list(PSEUDO_OOD_TRANSFORMS)}, got {list(self.transforms)}"
+            )
         if self.pretrain_optimizer not in ("sgd", "adamw"):
             raise ValueError(f"pretrain_optimizer must be 'sgd' or 'adamw', got {self.pretrain_optimizer!r}")
         unknown = [a for a in self.arms if a not in ARMS]
@@ -158,15 +185,34 @@ class DemoConfig:
         if bad or not self.scorers:
             raise ValueError(f"scorers must be names from {list(SCORER_NAMES)}, got {list(self.scorers)}")
         if any(s not in self.scorers for s in self.plot_scorers):
-            raise ValueError(f"plot_scorers must be among the scorers {list(self.scorers)}, got {list(self.plot_scorers)}")
+            raise ValueError(
+                f"plot_scorers must be among the scorers {list(self.scorers)}, got {list(self.plot_scorers)}"
+            )
         if not self.ood_sets:
             raise ValueError("ood_sets is empty: name at least one of textures, photos, faces, noise")
         # types, ranges, finiteness: samnorm.validate's one table (epochs: whole ones, unlike the recipe's)
-        check_fields(self, ("pretrain_epochs", "batch_size", "n_ood", "stem_width", "groups", "lr",
-                            "pretrain_lr", "momentum", "weight_decay", "ood_ratio", "m_in", "m_out", "pretrain_seed",
-                            "data_seed"))
-        check_fields(self, ("epochs", "seeds"),
-                     {"epochs": Spec(int, low=1), "seeds": Spec(int, 0, MAX_SEED, each=True)})
+        check_fields(
+            self,
+            (
+                "pretrain_epochs",
+                "batch_size",
+                "n_ood",
+                "stem_width",
+                "groups",
+                "lr",
+                "pretrain_lr",
+                "momentum",
+                "weight_decay",
+                "ood_ratio",
+                "m_in",
+                "m_out",
+                "pretrain_seed",
+                "data_seed",
+            ),
+        )
+        check_fields(
+            self, ("epochs", "seeds"), {"epochs": Spec(int, low=1), "seeds": Spec(int, 0, MAX_SEED, each=True)}
+        )
         if self.image_size is not None:
             check("image_size", self.image_size, Spec(int, low=16, high=MAX_IMAGE_SIDE))
         for name in ("n_train", "n_test"):
