@@ -147,16 +147,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from samnorm.data.folders import ImageFolder
-    from samnorm.io import atomic_write
+def _check_evaluate_args(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Check what the user typed for ``evaluate``; return the scorer names and their options."""
     from samnorm.ood import SCORERS, canonical_name
     from samnorm.ood.metrics import check_tpr, resolve_convention
-    from samnorm.recipe import evaluate_datasets
 
-    # everything the user typed is checked before a model is built or an image is read
     scorers = names(args.scorers)
     unknown = []
     for s in scorers:
@@ -179,6 +174,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for path in [args.id, *(p for _, p in args.ood), *([args.fit] if args.fit else [])]:
         if not os.path.isdir(path):
             raise UsageError(f"image folder {path!r} does not exist (or is not a directory)")
+    return scorers, options
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from samnorm.data.folders import ImageFolder
+    from samnorm.io import atomic_write
+    from samnorm.recipe import evaluate_datasets
+
+    # everything the user typed is checked before a model is built or an image is read
+    scorers, options = _check_evaluate_args(args)
+    ood_names = [n for n, _ in args.ood]
     files = [os.path.join(args.output, n) for n in ("results.md", "results.csv", "scores.json")]
     rank, _world, device = setup(args.device)
     raw = read_recorded(args.checkpoint, args.trust_checkpoint)

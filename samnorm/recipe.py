@@ -910,6 +910,21 @@ def _union_mask(dataset: Dataset, world: int) -> Tensor | None:
     return mask.cpu().bool()
 
 
+def _fit_scorers(built: Sequence[Any], fit_data: Dataset | None, batch_size: int, num_workers: int) -> None:
+    """Fit the scorers that need ID statistics on ``fit_data`` (the same, deterministic fit on every rank)."""
+    if all(s.is_fitted for s in built):
+        return
+    if fit_data is None:
+        need = [s.name for s in built if not s.is_fitted]
+        raise ValueError(f"scorers {need} need ID training statistics: give the ID training data (--fit DIR)")
+    loader = DataLoader(
+        fit_data, batch_size=batch_size, shuffle=False, num_workers=num_workers, worker_init_fn=worker_ignores_signals
+    )
+    for scorer in built:
+        if not scorer.is_fitted:
+            scorer.fit(loader)
+
+
 def evaluate_datasets(
     model: nn.Module,
     id_data: Dataset,
@@ -964,20 +979,7 @@ def evaluate_datasets(
     rank, world = _dist()
     adapter = ModelAdapter.from_model(model)  # one split, checked once, shared by every scorer
     built = [make_scorer(name, adapter, **options.get(scorer_class(name), {})) for name in names]
-    if any(not s.is_fitted for s in built):
-        if fit_data is None:
-            need = [s.name for s in built if not s.is_fitted]
-            raise ValueError(f"scorers {need} need ID training statistics: give the ID training data (--fit DIR)")
-        fit_loader = DataLoader(
-            fit_data,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            worker_init_fn=worker_ignores_signals,
-        )
-        for scorer in built:
-            if not scorer.is_fitted:
-                scorer.fit(fit_loader)
+    _fit_scorers(built, fit_data, batch_size, num_workers)
     sets = {id_name: id_data, **ood_data}
     shards = {name: _batch_shard(_len(ds), batch_size, rank, world) for name, ds in sets.items()}
     loaders = {
