@@ -55,6 +55,7 @@ from samnorm.runs import (
     result_set,
 )
 from samnorm.sam import registry
+from samnorm.utils.dist import env_rank, rank_world
 from samnorm.validate import SPECS
 
 __all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_IOERR", "EXIT_USAGE", "build_parser", "main"]
@@ -449,9 +450,7 @@ def _diverged(err: Exception) -> bool:
 
 def _say_once(text: str) -> None:
     """Print ``text`` on stderr on rank 0 only (every rank of a torchrun run meets the same error)."""
-    dist = sys.modules.get("torch.distributed")
-    rank = dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
-    say(rank, text, sys.stderr)
+    say(rank_world()[0], text, sys.stderr)
 
 
 def _run_folder(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
@@ -461,7 +460,7 @@ def _run_folder(args: argparse.Namespace) -> contextlib.AbstractContextManager[N
         return contextlib.nullcontext()
     output = getattr(args, spec.output)
     check_outside(output, {option: getattr(args, dest, None) for option, dest in spec.inputs.items()}, spec.option)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes
+    if env_rank() != 0:  # under torchrun only rank 0 writes
         return contextlib.nullcontext()
     return hold(output, args.command, option=spec.option, file=spec.file)
 

@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from samnorm.utils.dist import env_rank, rank_world
+
 __all__ = [
     "UsageError",
     "add_model_args",
@@ -212,8 +214,7 @@ def setup(device_arg: str | None) -> tuple[int, int, Any]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # Torn down at exit, so that several commands run in one process share the group.
         atexit.register(dist.destroy_process_group)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world, device
+    return rank_world()[0], world, device
 
 
 def say(rank: int, text: str, stream: Any = None) -> None:
@@ -299,7 +300,7 @@ def build_model(args: argparse.Namespace, raw: dict[str, Any] | None, **extra: A
     except (TypeError, ValueError) as err:  # a TypeError: a --model-arg the model does not take
         raise UsageError(f"{args.checkpoint}: {err}" if args.checkpoint else str(err)) from err
     if source is None and not pretrained:
-        say(int(os.environ.get("RANK", "0")), f"samnorm: {name} starts from random weights (--random-init)", sys.stderr)
+        say(env_rank(), f"samnorm: {name} starts from random weights (--random-init)", sys.stderr)
     return model, name, kwargs
 
 

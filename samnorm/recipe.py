@@ -68,6 +68,7 @@ from samnorm.sam import registry
 from samnorm.sam.optimizer import SAM
 from samnorm.sam.protocol import run_passes
 from samnorm.sam.variants import VARIANTS, make
+from samnorm.utils.dist import rank_world
 from samnorm.validate import check_fields
 
 __all__ = [
@@ -280,12 +281,6 @@ class _IndexSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _gather(obj: Any, world: int) -> list[Any]:
@@ -524,7 +519,7 @@ def _holding_output(fn: Callable[..., FinetuneResult]) -> Callable[..., Finetune
 
     @functools.wraps(fn)
     def run(*args: Any, output_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> FinetuneResult:
-        if output_dir is None or _dist()[0] != 0:
+        if output_dir is None or rank_world()[0] != 0:
             return fn(*args, output_dir=output_dir, **kwargs)
         with hold(output_dir, "finetune"):
             return fn(*args, output_dir=output_dir, **kwargs)
@@ -589,7 +584,7 @@ def finetune(
     """
     cfg = dataclasses.replace(config or FinetuneConfig(), **overrides)
     dataset = _as_dataset(data)
-    rank, world = _dist()
+    rank, world = rank_world()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -976,7 +971,7 @@ def evaluate_datasets(
     unused = [c.name for c in options if c not in {scorer_class(n) for n in names}]
     if unused:
         raise ValueError(f"scorer_options name scorers that are not evaluated: {unused}; add them to scorers")
-    rank, world = _dist()
+    rank, world = rank_world()
     adapter = ModelAdapter.from_model(model)  # one split, checked once, shared by every scorer
     built = [make_scorer(name, adapter, **options.get(scorer_class(name), {})) for name in names]
     _fit_scorers(built, fit_data, batch_size, num_workers)

@@ -16,8 +16,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from samnorm.utils.lazy import lazy_exports
 
 # name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
@@ -58,13 +57,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'samnorm.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"samnorm.data.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # cache: later look-ups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -23,10 +23,8 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from samnorm.demo.config import ARMS, BACKBONE_DEFAULTS, SCORER_NAMES, SELECTION, DemoConfig, default_cache_dir
+from samnorm.utils.lazy import lazy_exports
 
 #: Public names defined in the submodules, imported on first use.
 _LAZY = {
@@ -50,13 +48,4 @@ _LAZY = {
 __all__ = ["ARMS", "BACKBONE_DEFAULTS", "SCORER_NAMES", "SELECTION", "DemoConfig", "default_cache_dir", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"samnorm.demo.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'samnorm.demo' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -146,7 +146,7 @@ def _single_tensor_perturb_(
     state: dict[Any, Any],
     shard_sum: _ShardSum | None = None,
 ) -> tuple[torch.Tensor, Saved]:
-    acc = _accumulation_dtype({p.dtype for p in params})
+    acc = accumulation_dtype({p.dtype for p in params})
     backups = [_save(state, p) for p in params]
     directions = [_direction(p, g, eta, acc) for p, g, eta in zip(params, grads, etas, strict=True)]
     norm = _total_norm([torch.linalg.vector_norm(v, dtype=acc) for _, v, _ in directions], shard_sum)
@@ -175,7 +175,7 @@ def _multi_tensor_perturb_(
             ps, gs = buckets[(p.device, p.dtype, rho, eta, p.numel() <= _FLAT_MAX_NUMEL)]
             ps.append(p)
             gs.append(g)
-    acc = _accumulation_dtype({key[1] for key in buckets} | {p.dtype for p, *_ in sparse_items})
+    acc = accumulation_dtype({key[1] for key in buckets} | {p.dtype for p, *_ in sparse_items})
     sparse: tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[float, _Direction]]] = ([], [], [])
     for p, g, rho, eta in sparse_items:
         sparse[0].append(p)
@@ -318,7 +318,7 @@ def _guard_(vs: _Tensors) -> None:
         v.nan_to_num_(0.0, 0.0, 0.0)
 
 
-def _accumulation_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+def accumulation_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     """float64 if a tensor is float64, else float32 (fp16/bf16 norms and scales would overflow or
     underflow); complex parameters are refused before anything moves."""
     if any(d.is_complex for d in dtypes):

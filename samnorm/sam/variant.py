@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from ..select import Selection
 from . import fsdp
-from .functional import all_reduce_mean
+from .functional import accumulation_dtype, all_reduce_mean
 from .optimizer import SAM
 from .settings import GroupSetting
 
@@ -139,7 +139,7 @@ class Vectors:
         self._ids = [id(p) for p in self.params]
         self._shard_sum = fsdp.shard_sum(self.params)
         shards = [fsdp.local(p) for p in self.params]
-        acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        acc = accumulation_dtype({p.dtype for p in params})
         by_device: dict[torch.device, list[int]] = defaultdict(list)
         for i, p in enumerate(self.params):
             by_device[p.device].append(i)
