@@ -3,7 +3,7 @@
 Every command runs the same under ``torchrun --nproc_per_node N`` (DDP, process group from the
 environment, rank 0 writes and prints). Each command holds its output folder's lock for the whole
 run, after refusing an output inside one of its input folders (:mod:`samnorm.runs`). Exit status: 0
-done; 2 bad input (a :class:`~samnorm.cli_common.UsageError`, or the library's ``ValueError``/``OSError``,
+done; 2 bad input (a :class:`~samnorm.cli.common.UsageError`, or the library's ``ValueError``/``OSError``,
 e.g. an output folder another run holds), one line on stderr; 3 training diverged (one line; the last
 good checkpoint is kept); 74 a write failed (disk full, file-size limit, read-only folder: one line
 with the errno's name and the path; the previous files are kept); 128 + n stopped by signal n (130
@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from samnorm.cli_common import (
+from samnorm.cli.common import (
     UsageError,
     add_model_args,
     build_model,

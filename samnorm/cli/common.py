@@ -119,7 +119,7 @@ def check_args(args: argparse.Namespace) -> None:
         >>> check_args(argparse.Namespace(batch_size=0))
         Traceback (most recent call last):
         ...
-        samnorm.cli_common.UsageError: --batch-size must be an integer in [1, 1048576], got 0
+        samnorm.cli.common.UsageError: --batch-size must be an integer in [1, 1048576], got 0
     """
     from samnorm.validate import check_options
 
@@ -141,7 +141,7 @@ def output_dir(path: str, option: str = "--output") -> str:
         >>> output_dir(f.name)
         Traceback (most recent call last):
         ...
-        samnorm.cli_common.UsageError: --output ... is a file, not a folder: name a folder for the results
+        samnorm.cli.common.UsageError: --output ... is a file, not a folder: name a folder for the results
     """
     from samnorm import runs
 
@@ -162,7 +162,7 @@ def check_outside(path: str, images: Any, option: str = "--output", folder_optio
         >>> check_outside(os.path.join(root, "out"), SimpleNamespace(root=root, classes=[]))
         Traceback (most recent call last):
         ...
-        samnorm.cli_common.UsageError: --output ... is inside --train ...: choose an output folder outside it (...
+        samnorm.cli.common.UsageError: --output ... is inside --train ...: choose an output folder outside it (...
     """
     from samnorm import runs
 
