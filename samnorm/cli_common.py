@@ -1,0 +1,5 @@
+"""Deprecated: moved to :mod:`samnorm.cli.common`; importing a name from here warns (``DeprecationWarning``)."""
+
+from samnorm.utils.deprecation import moved_module_getattr
+
+__getattr__ = moved_module_getattr(__name__, "samnorm.cli.common")
