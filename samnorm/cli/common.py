@@ -357,19 +357,16 @@ def _transform(args: argparse.Namespace, model: Any, kwargs: dict, recorded: dic
     return transform_for_model(model, size=size, in_chans=kwargs.get("in_chans"))
 
 
-# scorers whose fit needs class labels, i.e. a --fit folder with class sub-folders
-_LABELLED_FIT = ("Mahalanobis",)
-
-
 def fit_folder(path: str, transform: Any, classes: Sequence[str] | None, scorers: Sequence[str]) -> Any:
-    """The ``--fit`` folder as an ImageFolder; labelled (class sub-folders) when a scorer needs labels.
+    """The ``--fit`` folder as an ImageFolder; labelled (class sub-folders) when a scorer's
+    ``needs_labels`` says its fit reads class labels (Mahalanobis, or a scorer a user registered).
 
-    A flat folder would give every image label 0, and Mahalanobis would silently fit one class.
+    A flat folder would give every image label 0, and such a scorer would silently fit one class.
     """
     from samnorm.data.folders import ImageFolder
     from samnorm.ood import scorer_class
 
-    labelled = [c for c in dict.fromkeys(scorer_class(s).name for s in scorers) if c in _LABELLED_FIT]
+    labelled = [c.name for c in dict.fromkeys(scorer_class(s) for s in scorers) if c.needs_labels]
     try:
         return ImageFolder(path, transform, classes=classes, flat=False if labelled else None)
     except ValueError as err:
