@@ -49,7 +49,12 @@ from samnorm.utils.dist import env_rank, rank_world
 
 __all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_IOERR", "EXIT_USAGE", "build_parser", "main"]
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USAGE = 2
+"""Exit status of bad input: an option, a folder, a file (one line on stderr)."""
+EXIT_DIVERGED = 3
+"""Exit status of a training run that diverged (the last good checkpoint is kept)."""
+EXIT_INTERRUPTED = 130
+"""Exit status of Ctrl-C (128 + SIGINT); another signal n gives 128 + n."""
 # Modules of other parts of samnorm that add their own sub-commands with ``add_parser(subparsers)``;
 # each must be importable without torch or timm (the parser is built for every --help).
 _PLUGINS = ("samnorm.demo.cli", "samnorm.diagnostics.cli")

@@ -129,7 +129,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(str(err)) from err
 
 
-check_counts = check_args  # its former name (it checked the counts only)
+check_counts = check_args
+"""The former name of :func:`check_args` (it checked the counts only)."""
 
 
 def output_dir(path: str, option: str = "--output") -> str:
