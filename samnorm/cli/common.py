@@ -2,8 +2,9 @@
 
 The command modules (:mod:`samnorm.cli.finetune`, :mod:`samnorm.cli.evaluate`,
 :mod:`samnorm.cli.pseudo_ood`) and the plugin commands (``samnorm diagnose``, ``samnorm demo``) import
-from here, never from each other nor from :mod:`samnorm.cli`, which imports them. Nothing here imports torch or timm at import time: ``samnorm --help`` and
-``samnorm COMMAND --help`` stay fast; the heavy imports happen inside the functions that need them.
+from here, never from each other nor from :mod:`samnorm.cli`, which imports them. Nothing here imports
+torch or timm at import time: ``samnorm --help`` and ``samnorm COMMAND --help`` stay fast; the heavy
+imports happen inside the functions that need them.
 
 Example:
     >>> import argparse
