@@ -284,7 +284,7 @@ def _key(run: dict[str, Any]) -> str:
 
 def _figures(model: Any, test: Any, val: Any, val_ood: dict[str, Any]) -> dict[str, Any]:
     from samnorm.demo.run import evaluate, theory_quantities
-    from samnorm.demo.select import validation_metrics
+    from samnorm.demo.tuning import validation_metrics
 
     figures, _ = evaluate(model, test, SCORERS)
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -374,14 +375,18 @@ def test_cli_modules_import_no_private_names_and_not_each_other():
     import samnorm
 
     root = os.path.dirname(samnorm.__file__)
-    for rel in ("cli.py", "cli_common.py", "diagnostics/cli.py"):
+    # The commands (samnorm/cli/*.py, the plugins) share samnorm.cli.common; only the package's
+    # __init__ (build_parser, main) imports the commands.
+    commands = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "cli", "*.py")))
+    assert {"cli/__init__.py", "cli/common.py", "cli/finetune.py"} <= set(commands), commands
+    for rel in [*commands, "diagnostics/cli.py", "demo/cli.py"]:
         with open(os.path.join(root, rel), encoding="utf-8") as f:
             tree = ast.parse(f.read())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("samnorm"):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{rel} imports private {private} from {node.module}"
-                assert not (rel != "cli.py" and node.module == "samnorm.cli"), f"{rel} imports samnorm.cli"
+                assert not (rel != "cli/__init__.py" and node.module == "samnorm.cli"), f"{rel} imports samnorm.cli"
 
 
 @pytest.mark.parametrize(
@@ -395,12 +400,12 @@ def test_cli_modules_import_no_private_names_and_not_each_other():
     ],
 )
 def test_usage_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, error, status, hint):
-    import samnorm.cli as cli
+    import samnorm.cli.pseudo_ood as command
 
     def fail(args):
         raise error()
 
-    monkeypatch.setattr(cli, "_cmd_pseudo_ood", fail)
+    monkeypatch.setattr(command, "run", fail)
     code, _, err = run(["pseudo-ood", "--images", "x", "--output", "y.png"], capsys)
     assert code == status
     if hint is None:
@@ -610,3 +615,43 @@ def test_the_cli_offers_the_registry_variants_and_the_recipe_precisions():
     choices = {a.dest: a.choices for a in finetune._actions if a.choices is not None}
     assert list(choices["variant"]) == registry.schedules()
     assert set(choices["precision"]) == set(_AUTOCAST) == {"fp32", "bf16", "fp16"}
+
+
+def test_a_registered_scorer_that_needs_labels_gets_a_labelled_fit_folder(
+    folders, trained, tmp_path, capsys, monkeypatch
+):
+    # The CLI reads the scorer's needs_labels: a user's scorer works with no change to samnorm.cli.
+    from samnorm import ood
+
+    seen: list[int] = []
+
+    class ClassCount(ood.OutputScorer):
+        """A user's scorer whose fit reads class labels (it records them)."""
+
+        name = "ClassCount"
+        needs_fit = True
+        needs_labels = True
+
+        def _fit(self, passes):
+            for _, _, labels in passes():
+                seen.extend(labels.tolist())
+
+        def _from_outputs(self, features, logits):
+            return logits.max(1).values
+
+    monkeypatch.setitem(ood.SCORERS, "classcount", ClassCount)
+    flat = tmp_path / "flat"  # the training images without their class folders: every label would be 0
+    flat.mkdir()
+    for c in range(3):
+        for i in range(2):
+            os.symlink(folders / "train" / f"class{c}" / f"{i}.png", flat / f"{c}_{i}.png")
+    common = ["evaluate", "--checkpoint", str(trained / "checkpoint.pt"), "--id", str(folders / "val")]
+    common += ["--ood", f"noise={folders / 'ood'}", "--scorers", "msp,class-count", "--workers", "0"]
+    code, _, err = run([*common, "--fit", str(flat), "--output", str(tmp_path / "flat_out")], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "ClassCount needs labelled ID training images, one sub-folder per class" in err
+    assert not seen
+    code, out, err = run([*common, "--fit", str(folders / "train"), "--output", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert sorted(set(seen)) == [0, 1, 2]  # each class folder its label (a flat folder: all 0)
+    assert "ClassCount" in out

@@ -19,6 +19,8 @@ MOVED = [
     ("samnorm.distributions", "samnorm.viz.histograms", "overlap_coefficient"),
     ("samnorm.ood.rankfeat", "samnorm.ood.svd", "remove_rank1"),
     ("samnorm.ood.evaluate", "samnorm.ood.harness", "OODResults"),
+    ("samnorm.cli_common", "samnorm.cli.common", "UsageError"),
+    ("samnorm.demo.select", "samnorm.demo.tuning", "select_hyperparameters"),
 ]
 
 

@@ -733,11 +733,3 @@ def test_needs_labels_is_enforced_by_the_base_and_implies_needs_fit(feature_data
 
             def _from_outputs(self, features, logits):
                 return logits.sum(1)
-
-
-def test_needs_labels_matches_the_cli_constant():
-    # The CLI still keeps its own tuple of scorers whose --fit folder must have class sub-folders,
-    # until it reads the attribute; the two must not drift apart meanwhile.
-    from samnorm import cli_common
-
-    assert {c.name for c in ood.SCORERS.values() if c.needs_labels} == set(cli_common._LABELLED_FIT)

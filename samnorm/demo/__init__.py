@@ -11,7 +11,7 @@ patches, LFW faces and synthetic noise (:mod:`samnorm.data.offline`), nothing do
    (:mod:`.stats`) as Markdown, JSON and PNG score distributions (:mod:`.report`).
 
 The parts: :mod:`.config` (settings, no torch), :mod:`.data`, :mod:`.backbone`, :mod:`.run`,
-:mod:`.stats`, :mod:`.report`, :mod:`.select` (validation-only choice of the settings) and
+:mod:`.stats`, :mod:`.report`, :mod:`.tuning` (validation-only choice of the hyper-parameters) and
 :mod:`.cli` (``samnorm demo``; no torch until it runs). Names are imported lazily, so
 ``import samnorm.demo`` stays light.
 
@@ -38,10 +38,10 @@ _LAZY = {
     "build_backbone": "backbone",
     "cache_path": "backbone",
     "load_data": "data",
-    "select_hyperparameters": "select",
-    "SELECTION_GRID": "select",
-    "SELECTION_RHOS": "select",
-    "SELECTION_ADAPTIVE_RHOS": "select",
+    "select_hyperparameters": "tuning",
+    "SELECTION_GRID": "tuning",
+    "SELECTION_RHOS": "tuning",
+    "SELECTION_ADAPTIVE_RHOS": "tuning",
     "add_parser": "cli",
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from samnorm.cli_common import UsageError, names
+from samnorm.cli.common import UsageError, names
 from samnorm.demo.config import ARMS, BACKBONE_DEFAULTS, DemoConfig, default_cache_dir
 from samnorm.runs import RunSpec
 
@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:  # samnorm prints it as every command's bad input: one line, exit 2
         raise UsageError(str(exc)) from exc
     if args.select:
-        from samnorm.demo.select import select_hyperparameters
+        from samnorm.demo.tuning import select_hyperparameters
 
         select_hyperparameters(config)
         return 0

@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from samnorm.cli_common import (
+from samnorm.cli.common import (
     UsageError,
     add_model_args,
     build_model,
