@@ -93,7 +93,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     import torch
 
     from samnorm.data.folders import ImageFolder
-    from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig, finetune
+    from samnorm.train.recipe import CHECKPOINT_NAME, FinetuneConfig, finetune
 
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --output, --overwrite replaces it: pass one of them")
@@ -182,8 +182,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from samnorm.data.folders import ImageFolder
-    from samnorm.io import atomic_write
-    from samnorm.recipe import evaluate_datasets
+    from samnorm.ood.sharded import evaluate_datasets
+    from samnorm.utils.io import atomic_write
 
     # everything the user typed is checked before a model is built or an image is read
     scorers, options = _check_evaluate_args(args)
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="new classifier when the checkpoint's head has another number of classes",
     )
-    t = p.add_argument_group("training (defaults: samnorm.recipe.FinetuneConfig)")
+    t = p.add_argument_group("training (defaults: samnorm.train.recipe.FinetuneConfig)")
     t.add_argument("--optimizer", choices=[*registry.ascents(), "sgd"], help="default sam-on")
     t.add_argument("--rho", type=float, help="SAM radius (default per optimizer: 0.5 for sam-on)")
     t.add_argument(
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ood-weight",
         type=float,
         help="weight of the OOD term (default: 0.25 for the uniform loss, chosen on validation data in "
-        "benchmarks/RESULTS.md section 8.4; for the other losses the library's, samnorm.losses.OOD_LOSSES)",
+        "benchmarks/RESULTS.md section 8.4; for the other losses the library's, samnorm.train.losses.OOD_LOSSES)",
     )
     t.add_argument("--ood-ratio", type=float, help="pseudo-OOD images per ID image (default 0.5)")
     t.add_argument(
@@ -444,7 +444,7 @@ def _version() -> str:
 
 def _diverged(err: Exception) -> bool:
     """Is ``err`` the recipe's DivergedError? (Imported only when torch already is: a lookup, no import.)"""
-    recipe = sys.modules.get("samnorm.recipe")
+    recipe = sys.modules.get("samnorm.train.recipe")
     return recipe is not None and isinstance(err, recipe.DivergedError)
 
 
