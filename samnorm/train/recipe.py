@@ -96,21 +96,21 @@ OPTIMIZERS: Mapping[str, tuple[bool, bool, float] | None] = registry.RegistryVie
     lambda kind: (kind.norm_only, kind.defaults["adaptive"], kind.defaults["rho"]),
     {"sgd": None},
 )
-#: The recipe's pseudo-OOD transforms when ``FinetuneConfig.transforms`` is None: jigsaw alone, chosen on
-#: validation data (benchmarks/RESULTS.md section 8.4: all six minus jigsaw alone, validation criterion,
-#: SAM-ON -2.5 [-3.8, -1.2] on ResNetV2, -18.5 [-22.7, -14.2] on T2T-ViT).
 RECIPE_TRANSFORMS: tuple[str, ...] = ("jigsaw",)
-#: The recipe's OOD weight per loss when ``FinetuneConfig.ood_weight`` is None; a loss not named here takes
-#: the library's default (samnorm.train.losses.OOD_LOSSES). Uniform 0.25 (RESULTS.md section 8.4: 0.5 - 0.25,
-#: SAM-ON, +4.5 [+0.9, +8.2] on ResNetV2, +5.9 [+0.7, +11.2] on T2T-ViT); the others were not measured.
+"""The recipe's pseudo-OOD transforms when ``FinetuneConfig.transforms`` is None: jigsaw alone, chosen on
+validation data (benchmarks/RESULTS.md section 8.4: all six minus jigsaw alone, validation criterion,
+SAM-ON -2.5 [-3.8, -1.2] on ResNetV2, -18.5 [-22.7, -14.2] on T2T-ViT)."""
 RECIPE_OOD_WEIGHTS: Mapping[str, float] = {"uniform": 0.25}
-#: What ``transforms=None``/``ood_weight=None`` meant in samnorm 0.1.0 (all six transforms; the library's
-#: weight, 0.5 for uniform): the runs of benchmarks/ablation.py's ``cli`` study, and checkpoints written
-#: then (they record None), resume with these.
+"""The recipe's OOD weight per loss when ``FinetuneConfig.ood_weight`` is None; a loss not named here takes
+the library's default (samnorm.train.losses.OOD_LOSSES). Uniform 0.25 (RESULTS.md section 8.4: 0.5 - 0.25,
+SAM-ON, +4.5 [+0.9, +8.2] on ResNetV2, +5.9 [+0.7, +11.2] on T2T-ViT); the others were not measured."""
 DEFAULTS_0_1_0: Mapping[str, Any] = {
     "transforms": ("jigsaw", "patch_mix", "rotate", "blur", "noise", "fourier"),
     "ood_weight": dict(OOD_LOSSES),
 }
+"""What ``transforms=None``/``ood_weight=None`` meant in samnorm 0.1.0 (all six transforms; the library's
+weight, 0.5 for uniform): the runs of benchmarks/ablation.py's ``cli`` study, and checkpoints written
+then (they record None), resume with these."""
 # precision -> autocast dtype (None: no autocast); "fp16" also scales the loss (torch.amp.GradScaler)
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings that do not change the trajectory, so a resumed run may change them.

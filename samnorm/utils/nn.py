@@ -30,8 +30,8 @@ from torch.utils.data import Dataset, Sampler
 
 __all__ = ["Batch", "IndexSampler", "batches", "dataset_len", "eval_mode", "is_tensor_pair", "split_batch"]
 
-#: One batch: ``(inputs, labels or None)``.
 Batch = tuple[Tensor, Tensor | None]
+"""One batch: ``(inputs, labels or None)``."""
 
 
 @contextlib.contextmanager
