@@ -18,9 +18,9 @@ def lazy_exports(
     value is cached in the package's globals, so later look-ups skip ``__getattr__``.
 
     Example:
-        >>> __getattr__, __dir__ = lazy_exports("samnorm.data", {"tiny_images": "offline"})
-        >>> __getattr__("tiny_images").__module__
-        'samnorm.data.offline'
+        >>> __getattr__, __dir__ = lazy_exports("samnorm.data", {"Jigsaw": "pseudo_ood"})
+        >>> __getattr__("Jigsaw").__module__
+        'samnorm.data.pseudo_ood'
     """
     names = dict(exports)
     subs = frozenset(submodules)
