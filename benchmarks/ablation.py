@@ -12,7 +12,7 @@ on: one pseudo-OOD image per ID image, uniform-target loss with weight 0.25), th
 with the term on, ``--off-optimizers`` with it off; among SGD, SAM-ON, ASAM-ON, full SAM and the cheaper
 schedules of :mod:`samnorm.variants` on SAM-ON: ``onepass-on`` (momentum direction, one pass per step),
 ``interval-on`` and ``looksam-on`` (a SAM step every 4 steps), each with SAM-ON's rho sweep) fine-tune one
-epoch through :func:`samnorm.recipe.finetune` from the same weights with the same seed, hence the same
+epoch through :func:`samnorm.train.recipe.finetune` from the same weights with the same seed, hence the same
 batches and pseudo-OOD images (paired runs). Two phases:
 
 1. selection: on the ``--select-seeds`` (default: seed 0), every SAM arm runs at every rho of
@@ -40,7 +40,7 @@ Studies (issue 20; ``--study``, same design, same JSON files, runs shared betwee
   its files under ``benchmarks/ablation_runs/t2t_vit``; with more than one lr, each arm's lr is also
   chosen on validation (selection seeds, at its chosen rho) and compared at that lr with SGD at its own;
 - ``cli``: the recipe of ``samnorm finetune`` with the defaults of samnorm 0.1.0, the ones measured here
-  (:class:`~samnorm.recipe.FinetuneConfig` with :data:`~samnorm.recipe.DEFAULTS_0_1_0`: weight decay 0, 0.5
+  (:class:`~samnorm.train.recipe.FinetuneConfig` with :data:`~samnorm.train.recipe.DEFAULTS_0_1_0`: weight decay 0, 0.5
   pseudo-OOD images per ID image, all six transforms, uniform loss at weight 0.5; the defaults chosen from
   these studies, section 8.4 of RESULTS.md, came later) at lr 1e-3 (the default), 0.01 and 0.1; arms SGD,
   SAM-ON at the default rho (``cli-default``) and SAM-ON at the rho chosen on validation; also reported:
@@ -296,14 +296,14 @@ def _figures(model: Any, test: Any, val: Any, val_ood: dict[str, Any]) -> dict[s
 
 
 def recipe_of(run: dict[str, Any], config: Any) -> Any:
-    """The :class:`~samnorm.recipe.FinetuneConfig` of one run (a variant arm: SAM-ON with its schedule).
+    """The :class:`~samnorm.train.recipe.FinetuneConfig` of one run (a variant arm: SAM-ON with its schedule).
 
     The term ``cli`` keeps every field but the arm's optimizer, rho and the lr at ``samnorm finetune``'s
-    default of 0.1.0, the one these runs measured (pinned: :data:`~samnorm.recipe.DEFAULTS_0_1_0`, so the
+    default of 0.1.0, the one these runs measured (pinned: :data:`~samnorm.train.recipe.DEFAULTS_0_1_0`, so the
     recorded runs stay reproducible); the others are the demo's fine-tuning with the pseudo-OOD term of
     :func:`parse_term`.
     """
-    from samnorm.recipe import DEFAULTS_0_1_0, FinetuneConfig
+    from samnorm.train.recipe import DEFAULTS_0_1_0, FinetuneConfig
 
     variant, k = VARIANT_ARMS.get(run["optimizer"], (None, None))
     optimizer = {"cli-default": FinetuneConfig.optimizer}.get(run["optimizer"], run["optimizer"])
@@ -361,7 +361,7 @@ def run_backbone(args: argparse.Namespace, backbone: int, chosen: dict[str, Any]
     from samnorm.demo.backbone import cache_path, pretrain
     from samnorm.demo.data import load_data
     from samnorm.demo.run import finetune_copy
-    from samnorm.io import atomic_write
+    from samnorm.utils.io import atomic_write
 
     torch.set_num_threads(1)
     config = _demo_config(args, backbone)
@@ -456,7 +456,7 @@ def choose_rhos(states: dict[int, dict[str, Any]], args: argparse.Namespace) -> 
 def _reference(args: argparse.Namespace, term: str, lr: float, opt: str) -> tuple[str, float, str] | None:
     """What the ``vs_reference`` comparison of a run set subtracts: the full term (term study, same arm and
     lr), the CLI's default run (cli study); None for the reference itself and in the arms study."""
-    from samnorm.recipe import FinetuneConfig
+    from samnorm.train.recipe import FinetuneConfig
 
     ref = {"term": ("on", lr, opt), "cli": ("cli", FinetuneConfig.lr, "cli-default")}.get(args.study)
     return None if ref is None or ref == (term, lr, opt) else ref
@@ -737,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result = analyse(states, args)
     text = markdown(result, args)
-    from samnorm.io import atomic_write
+    from samnorm.utils.io import atomic_write
 
     name = "ablation" if args.study == "arms" else f"ablation_{args.study}"
     atomic_write(os.path.join(args.out, f"{name}.md"), text)

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 import samnorm
-from samnorm.io import atomic_write
 from samnorm.sam.variants import IntervalSAM, LookSAM, OnePassSAM
+from samnorm.utils.io import atomic_write
 
 Step = Callable[[], None]
 

@@ -1,7 +1,7 @@
 """Fine-tune BiT ResNetv2-101 with the SFT recipe (SAM-ON + pseudo-OOD), then compare OOD detection.
 
-The whole recipe is one call, :func:`samnorm.recipe.finetune`; the evaluation before and after is
-:func:`samnorm.recipe.evaluate_datasets` (FPR95 / AUROC / AUPR per OOD set).
+The whole recipe is one call, :func:`samnorm.train.recipe.finetune`; the evaluation before and after is
+:func:`samnorm.ood.evaluate_datasets` (FPR95 / AUROC / AUPR per OOD set).
 
 Tiny folders on a CPU (random weights unless you give --weights):
 
@@ -20,7 +20,8 @@ import torch
 
 from samnorm.data.folders import ImageFolder, transform_for_model
 from samnorm.models import DEFAULT_MODEL, create_model
-from samnorm.recipe import evaluate_datasets, finetune
+from samnorm.ood import evaluate_datasets
+from samnorm.train import finetune
 
 SCORERS = ["msp", "energy", "rankfeat"]
 

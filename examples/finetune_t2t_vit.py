@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 import samnorm
 from samnorm.data.folders import ImageFolder, transform_for_model
 from samnorm.data.pseudo_ood import PseudoOOD
-from samnorm.losses import SFTLoss
 from samnorm.models import create_model
 from samnorm.ood import evaluate
+from samnorm.train.losses import SFTLoss
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ _SUBMODULES = {
     "recipe",
     "sam",
     "select",
+    "train",
     "utils",
     "variants",
     "viz",

@@ -2,7 +2,7 @@
 
 Every ``samnorm`` command that writes goes through this module (:func:`samnorm.cli.main` declares
 each command's output and input folders in a :class:`RunSpec`), and so does
-:func:`samnorm.recipe.finetune` with an ``output_dir``:
+:func:`samnorm.train.recipe.finetune` with an ``output_dir``:
 
 * :func:`check_outside`: an output inside an input folder (or one of its sub-folders, links
   resolved) is refused before any work; its files would be read as images by the next run.
@@ -15,7 +15,7 @@ each command's output and input folders in a :class:`RunSpec`), and so does
   :class:`Signalled`, a ``KeyboardInterrupt``, as Ctrl-C does; :func:`exit_status` gives the
   conventional ``128 + signal number`` (130 SIGINT, 129 SIGHUP, 143 SIGTERM). Inside
   :func:`deferred_signals` (a checkpoint being written) a signal waits until the block ends.
-  SIGXFSZ is ignored, so that a file-size limit is a :class:`samnorm.io.WriteError` (EFBIG), not a
+  SIGXFSZ is ignored, so that a file-size limit is a :class:`samnorm.utils.io.WriteError` (EFBIG), not a
   core dump.
 * :func:`result_set`: the files of one result (evaluate's tables and scores, diagnose's figures, the
   demo's report) are written in full as temporary files first; only then are they renamed into
@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from samnorm.io import WriteError, atomic_write, remove_stale_temps, staged
+from samnorm.utils.io import WriteError, atomic_write, remove_stale_temps, staged
 
 __all__ = [
     "EXIT_IOERR",
@@ -463,7 +463,7 @@ def _sha256(path: str) -> str:
 def result_set(folder: str | os.PathLike[str], command: str, info: Mapping[str, Any] | None = None) -> Iterator[None]:
     """Write the files of one result into ``folder`` as a unit.
 
-    Every :func:`samnorm.io.atomic_write`/``atomic_save`` inside the block writes a temporary file;
+    Every :func:`samnorm.utils.io.atomic_write`/``atomic_save`` inside the block writes a temporary file;
     when the block ends without an error, the previous manifest of ``command`` is removed, the files are
     renamed into place, the previous set's files that this one does not have are removed, and
     :func:`manifest_name` (run id, command, time, ``info``, each file's size and SHA-256) is written

@@ -4,7 +4,7 @@ A :class:`Spec` says what a value must be: its type (an ``int`` is never a ``2.5
 its range, finiteness (every float setting must be finite), its choices, and a resource bound that is
 refused with the figure that makes it unsafe (an image side whose tensor would not fit in memory).
 :data:`SPECS` holds the specs by name; the same name means the same rule everywhere:
-:class:`samnorm.recipe.FinetuneConfig` and :class:`samnorm.demo.DemoConfig` check their fields with
+:class:`samnorm.train.recipe.FinetuneConfig` and :class:`samnorm.demo.DemoConfig` check their fields with
 :func:`check_fields` in ``__post_init__``, and ``samnorm`` checks every parsed option with
 :func:`check_options` before any work (its ``--batch-size`` is the field ``batch_size``).
 

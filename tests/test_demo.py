@@ -99,7 +99,7 @@ def test_markdown_tables_and_files(tiny) -> None:
         "ID accuracy",
         "Convention",
         "How the defaults",
-        "samnorm.recipe.finetune",
+        "samnorm.train.recipe.finetune",
         "95% Student-t interval",
         "appendix's quantities",
     ):

@@ -109,7 +109,7 @@ def _version() -> str:
 
 def _diverged(err: Exception) -> bool:
     """Is ``err`` the recipe's DivergedError? (Imported only when torch already is: a lookup, no import.)"""
-    recipe = sys.modules.get("samnorm.recipe")
+    recipe = sys.modules.get("samnorm.train.recipe")
     return recipe is not None and isinstance(err, recipe.DivergedError)
 
 

@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from samnorm.data.folders import ImageFolder
-    from samnorm.io import atomic_write
-    from samnorm.recipe import evaluate_datasets
+    from samnorm.ood.sharded import evaluate_datasets
+    from samnorm.utils.io import atomic_write
 
     # everything the user typed is checked before a model is built or an image is read
     scorers, options = _check_args(args)

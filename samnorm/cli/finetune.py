@@ -1,6 +1,6 @@
 """``samnorm finetune``: fine-tune a classifier with SAM-ON and pseudo-OOD images on an image folder.
 
-The options of the training group are the fields of :class:`samnorm.recipe.FinetuneConfig` (left
+The options of the training group are the fields of :class:`samnorm.train.recipe.FinetuneConfig` (left
 unset, the config's defaults apply).
 
 Example:
@@ -52,7 +52,7 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="new classifier when the checkpoint's head has another number of classes",
     )
-    t = p.add_argument_group("training (defaults: samnorm.recipe.FinetuneConfig)")
+    t = p.add_argument_group("training (defaults: samnorm.train.recipe.FinetuneConfig)")
     _add_optimizer_args(t)
     _add_ood_args(t)
     _add_run_args(t)
@@ -98,7 +98,7 @@ def _add_ood_args(t: Any) -> None:
         "--ood-weight",
         type=float,
         help="weight of the OOD term (default: 0.25 for the uniform loss, chosen on validation data in "
-        "benchmarks/RESULTS.md section 8.4; for the other losses the library's, samnorm.losses.OOD_LOSSES)",
+        "benchmarks/RESULTS.md section 8.4; for the other losses the library's, samnorm.train.losses.OOD_LOSSES)",
     )
     t.add_argument("--ood-ratio", type=float, help="pseudo-OOD images per ID image (default 0.5)")
     t.add_argument(
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from samnorm.data.folders import ImageFolder
-    from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig, finetune
+    from samnorm.train.recipe import CHECKPOINT_NAME, FinetuneConfig, finetune
 
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --output, --overwrite replaces it: pass one of them")

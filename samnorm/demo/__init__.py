@@ -6,7 +6,7 @@ patches, LFW faces and synthetic noise (:mod:`samnorm.data.offline`), nothing do
 1. pretrains a compact BiT-style ResNetV2 on the ID training split, cached (:mod:`.backbone`);
 2. scores ID test and OOD sets with MSP, MaxLogit, Energy, ODIN, ReAct, GradNorm and RankFeat;
 3. fine-tunes the arms SAM-ON, SGD and full SAM from the same weights through
-   :func:`samnorm.recipe.finetune`, with the same batches and pseudo-OOD images per seed (:mod:`.run`);
+   :func:`samnorm.train.recipe.finetune`, with the same batches and pseudo-OOD images per seed (:mod:`.run`);
 4. reports each arm's figures and the paired differences arm − SGD with 95% intervals over the seeds
    (:mod:`.stats`) as Markdown, JSON and PNG score distributions (:mod:`.report`).
 

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from samnorm.demo.config import DemoConfig, default_cache_dir
 from samnorm.demo.data import DemoData, accuracy, load_data
-from samnorm.io import atomic_save
 from samnorm.runs import ensure_folder
+from samnorm.utils.io import atomic_save
 
 __all__ = ["build_backbone", "cache_path", "check_cache", "pretrain", "progress_bar"]
 

@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> None:
         "demo",
         help="run the SAM-ON fine-tuning demo on offline data (MNIST vs textures/photos/faces/noise)",
         description="Pretrain a compact BiT-style ResNetV2 on 3,500 MNIST digits (cached), score OOD sets with "
-        "7 scorers, fine-tune SAM-ON / SGD / full SAM through samnorm.recipe.finetune over several seeds, and "
+        "7 scorers, fine-tune SAM-ON / SGD / full SAM through samnorm.train.recipe.finetune over several seeds, and "
         "report every arm and the paired differences arm - SGD with 95% intervals (Markdown, JSON) and "
         "score-distribution plots. No download, CPU only, about a minute.",
     )
@@ -83,7 +83,7 @@ def add_parser(subparsers: Any) -> None:
         "--ood-loss",
         choices=("uniform", "energy", "maxlogit"),
         default=None,
-        help="pseudo-OOD loss term of samnorm.losses.SFTLoss" + _defaults("ood_loss"),
+        help="pseudo-OOD loss term of samnorm.train.losses.SFTLoss" + _defaults("ood_loss"),
     )
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help="fine-tuning epochs (default 1)")
     p.add_argument("--transforms", default=",".join(d.transforms), help="comma-separated pseudo-OOD transforms")

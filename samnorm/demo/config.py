@@ -72,7 +72,7 @@ CE, weight 0.25. Step 2, with those settings: SAM-ON rho {0.05, 0.1, 0.2, 0.3} a
 {0.1, 0.2, 0.5, 1}, chosen ASAM-ON rho 0.1; full SAM rho {0.02, 0.05, 0.1, 0.2}, chosen 0.1.
 Learning rates stop at the pretraining peak (0.1); the pseudo-OOD transforms are the sampler's six
 defaults (not varied). The test OOD sets were never used. This selection ran with the demo's former
-fine-tuning loop (before it moved onto samnorm.recipe.finetune); benchmarks/ablation.py repeats the
+fine-tuning loop (before it moved onto samnorm.train.recipe.finetune); benchmarks/ablation.py repeats the
 comparison through the recipe, over two pretrained backbones, with intervals (benchmarks/RESULTS.md).
 T2T-ViT (`--backbone t2t_vit`), same protocol: pretraining with AdamW for 15 epochs; grid lr
 {0.003, 0.01, 0.03} x weight {0.1, 0.25, 0.5}, uniform CE; chosen lr 0.03 and weight 0.5, ASAM-ON
@@ -103,9 +103,9 @@ class DemoConfig:
             decay 0.05). ``None`` takes the backbone's default (``BACKBONE_DEFAULTS``).
         pretrain_seed: seed of the initial weights and of pretraining's data order and shifts
             (the ID split and the OOD images stay those of ``data_seed``).
-        epochs, lr, momentum, weight_decay: fine-tuning through :func:`samnorm.recipe.finetune`
+        epochs, lr, momentum, weight_decay: fine-tuning through :func:`samnorm.train.recipe.finetune`
             (SGD base optimizer, cosine schedule).
-        ood_loss, ood_weight, ood_ratio: the pseudo-OOD term of :class:`samnorm.losses.SFTLoss`, its
+        ood_loss, ood_weight, ood_ratio: the pseudo-OOD term of :class:`samnorm.train.losses.SFTLoss`, its
             weight and the pseudo-OOD images per ID image in a batch (``0`` turns the term off).
         m_in, m_out: energy-margin loss margins (``ood_loss="energy"`` only).
         transforms: pseudo-OOD transforms of :class:`samnorm.data.pseudo_ood.PseudoOOD`.

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from samnorm.demo.config import DemoConfig
-from samnorm.nn_utils import eval_mode
+from samnorm.utils.deprecation import renamed_getattr
+from samnorm.utils.nn import eval_mode
 
-__all__ = ["DemoData", "accuracy", "batches", "load_data", "logits"]
+__all__ = ["DemoData", "accuracy", "chunks", "load_data", "logits"]
 
 _MEAN, _STD = 0.5, 0.5  # BiT's input normalisation, (x - 0.5) / 0.5
 
@@ -54,8 +55,15 @@ def load_data(config: DemoConfig, *, heldout: bool = False) -> DemoData:
     return DemoData(train, val, test, ood)
 
 
-def batches(x: Tensor, y: Tensor | None = None, size: int = 500) -> list[Any]:
-    """``x`` (and ``y``) cut into consecutive batches of ``size``."""
+def chunks(x: Tensor, y: Tensor | None = None, size: int = 500) -> list[Any]:
+    """``x`` (and ``y``) cut into a list of consecutive chunks of ``size`` rows: tensors, or
+    ``(x, y)`` pairs with ``y`` (unlike :func:`samnorm.utils.nn.batches`, which yields
+    ``(inputs, labels or None)`` from any data it accepts).
+
+    Example:
+        >>> [tuple(c.shape) for c in chunks(torch.zeros(5, 2), size=2)]
+        [(2, 2), (2, 2), (1, 2)]
+    """
     return [(x[i : i + size], y[i : i + size]) if y is not None else x[i : i + size] for i in range(0, len(x), size)]
 
 
@@ -63,9 +71,13 @@ def batches(x: Tensor, y: Tensor | None = None, size: int = 500) -> list[Any]:
 def logits(model: nn.Module, x: Tensor) -> Tensor:
     """``model(x)`` in eval mode, by batches; the model's train/eval mode is restored."""
     with eval_mode(model):
-        return torch.cat([model(b) for b in batches(x)])
+        return torch.cat([model(b) for b in chunks(x)])
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)``."""
     return float((logits(model, x).argmax(1) == y).double().mean())
+
+
+# demo.data.batches was renamed chunks: samnorm.utils.nn.batches is another function of that name.
+__getattr__ = renamed_getattr(__name__, {"batches": "samnorm.demo.data:chunks"})

@@ -84,7 +84,7 @@ def _recipe_line(report: Mapping[str, Any]) -> str:
         else "no pseudo-OOD images"
     )
     return (
-        f"Recipe (samnorm.recipe.finetune, shared by all arms): SGD momentum {r['momentum']:g}, lr {r['lr']:g} "
+        f"Recipe (samnorm.train.recipe.finetune, shared by all arms): SGD momentum {r['momentum']:g}, lr {r['lr']:g} "
         f"with cosine decay, weight decay {r['weight_decay']:g}, batch {r['batch_size']}, {pseudo}"
         + (f"; {ascent}." if ascent else ".")
     )

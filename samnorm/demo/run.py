@@ -1,4 +1,4 @@
-"""The demo's arms: fine-tuning through :func:`samnorm.recipe.finetune`, evaluation, theory quantities."""
+"""The demo's arms: fine-tuning through :func:`samnorm.train.recipe.finetune`, evaluation, theory quantities."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 from samnorm.demo.backbone import check_cache, pretrain, progress_bar
 from samnorm.demo.config import ARMS, SELECTION, DemoConfig
-from samnorm.demo.data import DemoData, accuracy, batches, load_data
-from samnorm.io import atomic_write
-from samnorm.recipe import FinetuneConfig
-from samnorm.recipe import finetune as recipe_finetune
+from samnorm.demo.data import DemoData, accuracy, chunks, load_data
 from samnorm.runs import ensure_folder, result_set
+from samnorm.train.recipe import FinetuneConfig
+from samnorm.train.recipe import finetune as recipe_finetune
+from samnorm.utils.io import atomic_write
 
 __all__ = ["ID_NAME", "DemoReport", "arm_config", "evaluate", "finetune_copy", "run_demo", "theory_quantities"]
 
@@ -30,7 +30,7 @@ ID_NAME = "MNIST"  # the ID set's name in tables and plots
 
 
 def arm_config(config: DemoConfig, arm: str, **overrides: Any) -> FinetuneConfig:
-    """The :class:`~samnorm.recipe.FinetuneConfig` of ``arm`` under ``config`` (``overrides`` replace fields).
+    """The :class:`~samnorm.train.recipe.FinetuneConfig` of ``arm`` under ``config`` (``overrides`` replace fields).
 
     SAM-ON is ``"sam-on"`` (``"asam-on"`` with ``adaptive_sam_on``), full SAM ``"sam"`` (``"asam"``),
     SGD ``"sgd"``; every arm shares lr, schedule, batch, loss and pseudo-OOD settings.
@@ -68,7 +68,7 @@ def arm_config(config: DemoConfig, arm: str, **overrides: Any) -> FinetuneConfig
 
 
 def finetune_copy(pretrained: nn.Module, train: tuple[Tensor, Tensor], recipe: FinetuneConfig, seed: int) -> nn.Module:
-    """:func:`samnorm.recipe.finetune` on a copy of ``pretrained`` with ``seed``; returned in eval mode.
+    """:func:`samnorm.train.recipe.finetune` on a copy of ``pretrained`` with ``seed``; returned in eval mode.
 
     The seed fixes the batch order and the pseudo-OOD images, so arms run with the same seed see the
     same data (the pairing of the demo's and the ablation's differences).
@@ -105,10 +105,10 @@ def evaluate(model: nn.Module, data: DemoData, scorers: Sequence[str]) -> tuple[
     x, y = data.test
     results = ood_evaluate(
         model,
-        batches(x, y),
-        {name: batches(v) for name, v in data.ood.items()},
+        chunks(x, y),
+        {name: chunks(v) for name, v in data.ood.items()},
         _scorers(model, scorers),
-        fit_data=batches(*data.train),
+        fit_data=chunks(*data.train),
         id_name=ID_NAME,
     )
     metrics: dict[str, dict[str, dict[str, float]]] = {}
@@ -130,7 +130,7 @@ def theory_quantities(model: nn.Module, data: DemoData) -> dict[str, dict[str, f
     from samnorm.diagnostics import per_sample_quantities
 
     def means(x: Tensor) -> dict[str, float]:
-        parts = [per_sample_quantities(model, b) for b in batches(x)]
+        parts = [per_sample_quantities(model, b) for b in chunks(x)]
         return {k: float(torch.cat([p[k] for p in parts]).double().mean()) for k in ("grad_norm", "max_logit")}
 
     model.eval()

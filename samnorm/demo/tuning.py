@@ -79,7 +79,7 @@ def select_hyperparameters(
     fields shared by all arms: ``lr``, ``ood_weight``, ``ood_ratio``, ``transforms``, ``ood_loss``,
     ``epochs``, ...) on the SGD arm; step 2 picks rho per SAM arm from ``rhos`` (plain ascent) and
     ``adaptive_rhos`` (ASAM) with the step-1 settings. Every run goes through
-    :func:`samnorm.recipe.finetune`. Prints one line per trial through ``out``; returns the
+    :func:`samnorm.train.recipe.finetune`. Prints one line per trial through ``out``; returns the
     pretrained model's row, every trial and the choice.
 
     Example:

@@ -337,7 +337,7 @@ def write_report(
     import numpy as np
 
     from samnorm.diagnostics.quantities import summarize
-    from samnorm.io import atomic_write, remove_stale_temps
+    from samnorm.utils.io import atomic_write, remove_stale_temps
     from samnorm.viz import plots
 
     out = os.fspath(out_dir)

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samnorm.nn_utils import batches, eval_mode
 from samnorm.ood.adapter import ModelAdapter  # the OOD toolkit owns the feature/head split
 from samnorm.ood.metrics import auroc  # one AUROC for the whole library (ties count half)
 from samnorm.ood.scores import check_temperature, head_grad_norm, max_logit  # max_logit re-exported
+from samnorm.utils.nn import batches, eval_mode
 from samnorm.viz.histograms import finite_1d, histograms, overlap_coefficient  # re-exported
 
 __all__ = [

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samnorm.diagnostics.quantities import Target
-from samnorm.nn_utils import eval_mode
 from samnorm.ood.scores import energy, max_logit
 from samnorm.sam.optimizer import SAM
+from samnorm.utils.nn import eval_mode
 
 __all__ = [
     "Eq12Bound",

@@ -12,6 +12,8 @@ Convention everywhere: a higher score means more in-distribution.
   with :func:`make_scorer` / :func:`scorer_class` (:func:`canonical_name` is the spelling rule).
 - :func:`evaluate` (:mod:`samnorm.ood.harness`): tables of FPR95 / AUROC / AUPR-In / AUPR-Out per
   OOD set.
+- :func:`evaluate_datasets` (:mod:`samnorm.ood.sharded`): the same on datasets, sharded across
+  ``torch.distributed`` ranks, unreadable images left out and listed.
 - :mod:`samnorm.ood.svd`: the rank-1 arithmetic behind RankFeat (:func:`rank1`, :func:`remove_rank1`).
 
 Example:
@@ -55,6 +57,7 @@ from samnorm.ood.metrics import (
     ood_metrics,
 )
 from samnorm.ood.scores import energy, max_logit, msp, odin
+from samnorm.ood.sharded import Evaluation, evaluate_datasets
 from samnorm.ood.svd import rank1, remove_rank1
 from samnorm.utils.deprecation import alias_module
 
@@ -70,6 +73,7 @@ __all__ = [
     "SCORERS",
     "Convention",
     "Energy",
+    "Evaluation",
     "GradNorm",
     "Mahalanobis",
     "MaxLogit",
@@ -90,6 +94,7 @@ __all__ = [
     "check_scorer_options",
     "energy",
     "evaluate",
+    "evaluate_datasets",
     "fpr_at_tpr",
     "make_scorer",
     "max_logit",

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samnorm.nn_utils import eval_mode
+from samnorm.utils.nn import eval_mode
 
 __all__ = ["ModelAdapter"]
 

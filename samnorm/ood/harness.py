@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from samnorm.io import atomic_write
-from samnorm.nn_utils import eval_mode, split_batch
 from samnorm.ood.adapter import ModelAdapter
 from samnorm.ood.detectors import NotFittedError, Scorer, make_scorer
 from samnorm.ood.metrics import Convention, OODMetrics, check_tpr, ood_metrics, resolve_convention
+from samnorm.utils.io import atomic_write
+from samnorm.utils.nn import eval_mode, split_batch
 
 __all__ = ["OODResults", "evaluate"]
 

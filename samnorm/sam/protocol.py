@@ -2,7 +2,7 @@
 
 A SAM-type optimizer says, for the step under way, which passes it needs (:meth:`SAM.passes
 <samnorm.SAM.passes>`, a tuple of :class:`Pass`), and :func:`run_passes` runs them: every training
-loop (``SAM.step(closure)``, :func:`samnorm.recipe.finetune`, :func:`samnorm.integrations.sam_passes`
+loop (``SAM.step(closure)``, :func:`samnorm.train.recipe.finetune`, :func:`samnorm.integrations.sam_passes`
 and so the transformers, accelerate and timm integrations, and the Lightning helper) goes through it,
 so the number of passes, the BatchNorm statistics and DDP's all-reduce follow one rule:
 

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["env_rank", "is_main_process", "rank_world"]
+__all__ = ["env_rank", "gather_objects", "is_main_process", "rank_world"]
 
 
 def _group() -> Any:
@@ -55,3 +55,18 @@ def is_main_process() -> bool:
     """
     dist = _group()
     return (dist.get_rank() if dist is not None else env_rank()) == 0
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``all_gather_object``); ``[obj]`` without a process group.
+
+    Example:
+        >>> gather_objects({"step": 3})
+        [{'step': 3}]
+    """
+    dist = _group()
+    if dist is None or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

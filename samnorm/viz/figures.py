@@ -2,7 +2,7 @@
 image grid (matplotlib, imported lazily).
 
 The lowest figure module: :mod:`samnorm.viz.plots` (the diagnostics' figures) and
-:func:`samnorm.data.pseudo_ood.save_example_grid` build on it; it imports only :mod:`samnorm.io`.
+:func:`samnorm.data.pseudo_ood.save_example_grid` build on it; it imports only :mod:`samnorm.utils.io`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from samnorm.io import atomic_write
+from samnorm.utils.io import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -3,7 +3,7 @@
 :class:`Scorer` is the abstract base of every scorer; :class:`OutputScorer` the base of those whose
 score is a function of the plain forward pass's penultimate features and logits (so
 :func:`samnorm.ood.evaluate` runs the network once per batch for all of them). Data handling is
-:mod:`samnorm.nn_utils`'s; the model split is :class:`~samnorm.ood.adapter.ModelAdapter`'s.
+:mod:`samnorm.utils.nn`'s; the model split is :class:`~samnorm.ood.adapter.ModelAdapter`'s.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from samnorm.nn_utils import batches, eval_mode
 from samnorm.ood import scores as S
 from samnorm.ood.adapter import ModelAdapter
+from samnorm.utils.nn import batches, eval_mode
 
 __all__ = ["NotFittedError", "OutputScorer", "Outputs", "Passes", "Scorer", "TemperedScorer"]
 
