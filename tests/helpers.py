@@ -1,10 +1,13 @@
 """Factories every test module shares (plain functions, so subprocess workers can use them too; the
 pytest fixtures built on them are in conftest.py). Import as ``from helpers import ...``.
 
-- the tiny MLP and its data: ``mlp``, ``batch``, ``ce``;
+- the tiny MLP and its data: ``mlp``, ``batch``, ``ce``, ``closure``;
+- the float64 problem every comparison with tests/reference_sam.py shares: ``float64_net``,
+  ``reference_problem``;
 - the tiny CLI runs: ``TINY`` (a one-block 16 px grayscale T2T-ViT), ``png_folder``, ``train_args``,
   ``cli`` and ``one_line`` (the one-error-line contract);
-- the tiny library runs: ``tiny_t2t``, ``toy`` and ``FAST``.
+- the tiny library runs: ``tiny_t2t``, ``toy``, ``FAST`` and ``CrashAfter`` (a preempted job's data);
+- the tiny OOD models and images: ``tiny_resnetv2`` (needs timm), ``images``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,55 @@ def batch(n: int = 16, dtype=torch.float32, seed: int = 1) -> tuple[torch.Tensor
 
 def ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
+
+
+def closure(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """The LBFGS-style closure that a SAM ``step(closure)`` runs twice."""
+
+    def closure():
+        opt.zero_grad()
+        loss = ce(model, x, y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def float64_net(seed: int, width: int, inputs: int = 5) -> nn.Sequential:
+    """Two LayerNorm blocks and a 3-class head, float64, seeded."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(inputs, width), nn.LayerNorm(width), nn.Tanh(), nn.Linear(width, width), nn.LayerNorm(width)]
+    return nn.Sequential(*layers, nn.Tanh(), nn.Linear(width, 3)).double()
+
+
+def reference_problem(seed: int, width: int, which: str, opt: str = "sgd"):
+    """A float64 net, a batch, a base optimizer and its hand-written twin (reference_sam.RefSGD or
+    RefAdamW), and what to perturb (``which``: "all", "norm" or "first"): (model, x, y, base, twin, perturb)."""
+    from reference_sam import RefAdamW, RefSGD
+
+    model = float64_net(seed, width)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    if opt == "sgd":
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        twin = RefSGD(0.05, 0.9, 1e-3)
+    else:
+        base = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+        twin = RefAdamW(0.01, 0.05)
+    perturb = {"all": None, "norm": model, "first": list(model[0].parameters())}[which]
+    return model, x, y, base, twin, perturb
+
+
+def selection(model: nn.Module, which: str) -> list[torch.Tensor]:
+    """The tensors ``reference_problem``'s ``which`` perturbs, in ``model`` (e.g. its deep copy)."""
+    import samnorm
+
+    return {
+        "all": list(model.parameters()),
+        "norm": list(samnorm.norm_layers(model)),
+        "first": list(model[0].parameters()),
+    }[which]
 
 
 # ----------------------------------------------------------------------------- the tiny CLI run
@@ -123,3 +175,44 @@ def toy(n=32, classes=3):
 
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.rand(n, 1, 16, 16, generator=g), torch.arange(n) % classes)
+
+
+class CrashAfter(torch.utils.data.Dataset):
+    """The same data, but loading dies after ``limit`` items, like a preempted job."""
+
+    def __init__(self, data: torch.utils.data.Dataset, limit: int) -> None:
+        self.data, self.limit, self.calls = data, limit, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise KeyboardInterrupt("preempted")
+        return self.data[i]
+
+
+# ----------------------------------------------------------------------------- the tiny OOD set-up
+
+
+def tiny_resnetv2(num_classes: int = 10) -> nn.Module:
+    """A 4-stage timm ResNetV2 in the BiT layout (StdConv2d + GroupNormAct, 1x1-conv head), eval mode."""
+    import functools
+
+    import timm
+
+    torch.manual_seed(0)
+    return timm.models.resnetv2.ResNetV2(
+        layers=[1, 1, 1, 1],
+        channels=(16, 32, 64, 128),
+        num_classes=num_classes,
+        conv_layer=timm.layers.StdConv2d,
+        norm_layer=functools.partial(timm.layers.GroupNormAct, num_groups=4),
+    ).eval()
+
+
+def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Smooth images (a DC level plus texture), so block outputs have a clear top singular value."""
+    gen = torch.Generator().manual_seed(seed)
+    return 0.5 + 0.1 * torch.rand(n, 3, size, size, generator=gen)

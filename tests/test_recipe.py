@@ -8,8 +8,9 @@ import os
 import helpers
 import pytest
 import torch
+from helpers import CrashAfter
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from samnorm.data.folders import ImageFolder, ImageTransform
 from samnorm.recipe import CHECKPOINT_NAME, DivergedError, FinetuneConfig, _build_optimizer, finetune, save_atomic
@@ -46,22 +47,6 @@ def test_same_seed_same_weights():
     assert_bit_identical(state(a), state(b))
     c = finetune(tiny_t2t(), toy_data(), steps=3, seed=1, **FAST).model
     assert not torch.equal(state(a)["head.weight"], state(c)["head.weight"])
-
-
-class CrashAfter(Dataset):
-    """The same data, but loading dies after ``limit`` items, like a preempted job."""
-
-    def __init__(self, data: Dataset, limit: int) -> None:
-        self.data, self.limit, self.calls = data, limit, 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls > self.limit:
-            raise KeyboardInterrupt("preempted")
-        return self.data[i]
 
 
 @pytest.mark.parametrize("optimizer", ["sam-on", "sgd"])
