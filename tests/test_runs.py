@@ -1,5 +1,6 @@
-"""Issue 18, the run lifecycle (samnorm.runs): one run per output folder, signals as Ctrl-C, write
-errors as one line, result sets as a unit, no output inside an input.
+"""The run lifecycle (samnorm.runs): one run per output folder (never replaced unless asked, and then
+removed first), signals as Ctrl-C, write errors as one line, result files replaced atomically and
+result sets as a unit, no output inside an input.
 
 Real subprocesses where signals, locks and file-size limits matter; the rest in-process. One
 SIGTERM run (module fixture) is shared: the concurrent second run, the file-size limit during a
@@ -93,31 +94,26 @@ def same_run(a, b):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return png_folder(tmp_path_factory.mktemp("runs") / "train")
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
+def reference(image_folder, tmp_path_factory):
     """The uninterrupted run, in-process (bit-identical on the CPU to one in a subprocess)."""
     from samnorm.cli import main
 
     out = tmp_path_factory.mktemp("reference")
-    assert main(long_run_args(data, out)) == 0
+    assert main(long_run_args(image_folder, out)) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def terminated(data, tmp_path_factory):
+def terminated(image_folder, tmp_path_factory):
     """A run stopped by SIGTERM at a random step; a second run on its folder was tried while it ran."""
     from samnorm.cli import main
 
     out = tmp_path_factory.mktemp("terminated")
-    proc = spawn(long_run_args(data, out))
+    proc = spawn(long_run_args(image_folder, out))
     wait_for_step(proc, 2)  # its lock is held from before the first step
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        second = main(long_run_args(data, out, "--overwrite"))
+        second = main(long_run_args(image_folder, out, "--overwrite"))
     code, lines = stopped_by(proc, signal.SIGTERM, random.Random(15).randint(3, 30))
     return {"out": out, "pid": proc.pid, "second": (second, err.getvalue()), "code": code, "lines": lines}
 
@@ -159,32 +155,32 @@ def test_the_python_api_takes_the_same_lock(tmp_path):
     assert not (tmp_path / CHECKPOINT_NAME).exists() and not (tmp_path / runs.LOCK_NAME).exists()
 
 
-def test_a_stale_lock_is_named_and_taken_over(data, tmp_path, capsys):
+def test_a_stale_lock_is_named_and_taken_over(image_folder, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / runs.LOCK_NAME).write_text(
         json.dumps({"pid": 999999999, "host": "elsewhere", "command": "finetune", "started": "2026-01-01T00:00:00"})
     )
-    code, _, err = cli(long_run_args(data, out, "--steps", "1"), capsys)
+    code, _, err = cli(long_run_args(image_folder, out, "--steps", "1"), capsys)
     assert code == 0, err
     assert "taking over the lock of samnorm finetune (pid 999999999 on elsewhere" in err
     assert not (out / runs.LOCK_NAME).exists()  # released at the end
 
 
 @pytest.mark.slow
-def test_sigkill_leaves_a_stale_lock_that_the_next_run_names(data, reference, tmp_path, capsys):
-    proc = spawn(long_run_args(data, tmp_path))
+def test_sigkill_leaves_a_stale_lock_that_the_next_run_names(image_folder, reference, tmp_path, capsys):
+    proc = spawn(long_run_args(image_folder, tmp_path))
     wait_for_step(proc, random.Random(9).randint(8, 30))
     proc.kill()
     proc.wait(timeout=60)
-    code, _, err = cli(long_run_args(data, tmp_path, "--resume"), capsys)
+    code, _, err = cli(long_run_args(image_folder, tmp_path, "--resume"), capsys)
     assert code == 0, err
     assert f"taking over the lock of samnorm finetune (pid {proc.pid} on " in err
     assert same_run(tmp_path, reference)
 
 
 # ---------------------------------------------------------------- signals
-def test_sigterm_keeps_the_checkpoint_with_one_line_and_exit_143(data, terminated, reference, tmp_path, capsys):
+def test_sigterm_keeps_the_checkpoint_with_one_line_and_exit_143(image_folder, terminated, reference, tmp_path, capsys):
     assert terminated["code"] == 128 + signal.SIGTERM
     assert len(terminated["lines"]) == 1, terminated["lines"]
     line = terminated["lines"][0]
@@ -192,7 +188,7 @@ def test_sigterm_keeps_the_checkpoint_with_one_line_and_exit_143(data, terminate
     kept = torch.load(terminated["out"] / CHECKPOINT_NAME, weights_only=True)["step"]
     assert f"(step {kept}) is kept in" in line
     shutil.copytree(terminated["out"], tmp_path / "o")
-    code, _, err = cli(long_run_args(data, tmp_path / "o", "--resume"), capsys)
+    code, _, err = cli(long_run_args(image_folder, tmp_path / "o", "--resume"), capsys)
     assert code == 0, err
     assert same_run(tmp_path / "o", reference)
 
@@ -200,12 +196,12 @@ def test_sigterm_keeps_the_checkpoint_with_one_line_and_exit_143(data, terminate
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])  # SIGTERM: the module fixture
 def test_signal_matrix_at_a_random_step_then_resume_equals_the_uninterrupted_run(
-    data, reference, tmp_path, capsys, sig
+    image_folder, reference, tmp_path, capsys, sig
 ):
-    code, lines = stopped_by(spawn(long_run_args(data, tmp_path)), sig, random.Random(int(sig)).randint(8, 40))
+    code, lines = stopped_by(spawn(long_run_args(image_folder, tmp_path)), sig, random.Random(int(sig)).randint(8, 40))
     assert code == 128 + sig and len(lines) == 1, lines
     assert lines[0].startswith(f"samnorm finetune: interrupted by {sig.name}; the last checkpoint (step "), lines
-    code, _, err = cli(long_run_args(data, tmp_path, "--resume"), capsys)
+    code, _, err = cli(long_run_args(image_folder, tmp_path, "--resume"), capsys)
     assert code == 0, err
     assert same_run(tmp_path, reference)
 
@@ -256,12 +252,14 @@ def test_a_run_whose_workers_outlive_an_error_still_exits(tmp_path):
 
 
 # ---------------------------------------------------------------- write errors
-def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(data, terminated, tmp_path):
+def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
+    image_folder, terminated, tmp_path
+):
     out = tmp_path / "o"
     shutil.copytree(terminated["out"], out)
     before = (out / CHECKPOINT_NAME).read_bytes()
     assert len(before) > 64 * 1024
-    proc = spawn(long_run_args(data, out, "--resume"), fsize=64 * 1024)
+    proc = spawn(long_run_args(image_folder, out, "--resume"), fsize=64 * 1024)
     _, err = proc.communicate(timeout=120)
     lines = [
         line
@@ -296,14 +294,14 @@ def test_torch_save_errors_name_the_errno_and_the_path(tmp_path):
 
 
 # ---------------------------------------------------------------- result sets
-def test_an_evaluate_rerun_whose_write_fails_leaves_the_previous_set_whole(data, reference, tmp_path, capsys):
+def test_an_evaluate_rerun_whose_write_fails_leaves_the_previous_set_whole(image_folder, reference, tmp_path, capsys):
     ood = png_folder(tmp_path / "ood", classes=("x",), per_class=24)
     args = [
         "evaluate",
         "--checkpoint",
         reference / CHECKPOINT_NAME,
         "--id",
-        data,
+        image_folder,
         "--ood",
         f"o={ood}",
         "--output",
