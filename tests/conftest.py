@@ -1,4 +1,5 @@
-"""Shared test settings: small thread pool, deterministic seeds, hypothesis profiles.
+"""Shared test settings (small thread pool, deterministic seeds, hypothesis profiles) and the fixtures
+every module shares (the factories behind them are in helpers.py).
 
 Hypothesis profiles (pick one with ``--hypothesis-profile=NAME`` or ``HYPOTHESIS_PROFILE=NAME``):
 
@@ -13,6 +14,7 @@ import os
 
 import pytest
 import torch
+from helpers import png_folder, train_args
 from hypothesis import HealthCheck, settings
 
 # Two cores on CI: intra-op threads only add contention for the tiny tensors used here.
@@ -32,3 +34,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """12 grayscale PNGs in 3 class folders (read-only: copy before changing)."""
+    return png_folder(tmp_path_factory.mktemp("images") / "train")
+
+
+@pytest.fixture(scope="session")
+def finished_run(image_folder, tmp_path_factory):
+    """The output folder of a finished 3-step ``samnorm finetune`` run on ``image_folder`` (read-only)."""
+    pytest.importorskip("timm")
+    from samnorm.cli import main
+
+    out = tmp_path_factory.mktemp("finished")
+    assert main(train_args(image_folder, out)) == 0
+    return out

@@ -7,6 +7,7 @@ descent gradient on the same micro-batches at the perturbed point, clipping, the
 from __future__ import annotations
 
 import torch
+from helpers import batch
 from torch import nn
 
 from samnorm import SAM
@@ -14,14 +15,9 @@ from samnorm import SAM
 STEPS, BATCH, K, LR, RHO, CLIP = 3, 4, 2, 0.2, 0.3, 0.05
 
 
-def mlp(norm=nn.LayerNorm, seed=0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), norm(16), nn.ReLU(), nn.Linear(16, 4))
-
-
 def data(n=STEPS * BATCH * K, seed=1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+    """Enough of helpers.batch for STEPS windows of K micro-batches."""
+    return batch(n, seed=seed)
 
 
 def make_sam(model: nn.Module, momentum=0.9) -> SAM:

@@ -15,28 +15,13 @@ import pytest
 import torch
 
 pytest.importorskip("timm")
+from helpers import TINY, cli, one_line, png_folder, train_args
+
 from samnorm.cli import build_parser, main
 from samnorm.cli_common import UsageError
+from samnorm.recipe import CHECKPOINT_NAME, DivergedError
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
-
-TINY = [
-    "--model",
-    "t2t_vit_7",
-    "--model-arg",
-    "img_size=16",
-    "--model-arg",
-    "in_chans=1",
-    "--model-arg",
-    "embed_dim=16",
-    "--model-arg",
-    "depth=1",
-    "--model-arg",
-    "num_heads=2",
-    "--workers",
-    "0",
-    "--random-init",
-]
 
 
 @pytest.fixture(scope="module")
@@ -655,3 +640,95 @@ def test_a_registered_scorer_that_needs_labels_gets_a_labelled_fit_folder(
     assert code == 0, err
     assert sorted(set(seen)) == [0, 1, 2]  # each class folder its label (a flat folder: all 0)
     assert "ClassCount" in out
+
+
+def test_divergence_in_the_cli_exits_3_with_one_line(image_folder, tmp_path, capsys):
+    code, _, err = cli(
+        train_args(
+            image_folder,
+            tmp_path,
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "1e30",
+            "--momentum",
+            "0",
+            "--checkpoint-every",
+            "1",
+            "--log-every",
+            "100",
+        ),
+        capsys,
+    )
+    one_line(code, err, "samnorm finetune: stopped: training diverged", status=3)
+
+
+def test_an_all_corrupt_folder_read_by_workers_names_the_real_problem(tmp_path, capsys):
+    for c in ("a", "b"):
+        os.makedirs(tmp_path / "d" / c)
+        for i in range(4):
+            (tmp_path / "d" / c / f"{i}.png").write_bytes(b"not a png")
+    code, _, err = cli([*train_args(tmp_path / "d", tmp_path / "o")[:-2], "--workers", "2"], capsys)
+    one_line(code, err, "samnorm finetune: error: no readable image left")
+
+
+def test_the_seed_is_set_before_the_model_is_built(image_folder, tmp_path, capsys):
+    states = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # whatever ran before must not matter
+        out = tmp_path / str(i)
+        code, _, err = cli(train_args(image_folder, out, "--steps", "1", "--seed", "3"), capsys)
+        assert code == 0, err
+        states.append(torch.load(out / CHECKPOINT_NAME, weights_only=True)["model"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_mahalanobis_needs_a_labelled_fit_folder(finished_run, image_folder, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, p in enumerate(sorted((image_folder / "a").iterdir())):
+        os.symlink(p, flat / f"{i}.png")
+    common = [
+        "evaluate",
+        "--checkpoint",
+        finished_run / CHECKPOINT_NAME,
+        "--id",
+        image_folder,
+        "--ood",
+        f"o={image_folder}",
+        "--output",
+        tmp_path / "e",
+        "--workers",
+        "0",
+        "--scorers",
+        "msp,mahalanobis",
+    ]
+    code, _, err = cli([*common, "--fit", flat], capsys)
+    one_line(code, err, "Mahalanobis needs labelled ID training images")
+    code, _, err = cli([*common, "--fit", image_folder], capsys)
+    assert code == 0, err
+
+
+def test_the_no_class_folders_hint_names_no_missing_option(tmp_path, capsys):
+    flat = png_folder(tmp_path / "d", classes=("a",), per_class=2) / "a"
+    code, _, err = cli(train_args(flat, tmp_path / "o"), capsys)
+    one_line(code, err, "has no class sub-folders")
+    assert "flat=True" not in err
+
+
+@pytest.mark.parametrize(
+    "error, status, message",
+    [
+        (DivergedError("training diverged: non-finite loss"), 3, "samnorm demo: stopped: training diverged"),
+        (KeyboardInterrupt(), 130, "samnorm demo: interrupted"),
+    ],
+)
+def test_divergence_and_ctrl_c_are_one_line_in_every_command(monkeypatch, capsys, error, status, message):
+    import samnorm.demo.run
+
+    def run_demo(config):
+        raise error
+
+    monkeypatch.setattr(samnorm.demo.run, "run_demo", run_demo)
+    code, _, err = cli(["demo", "--no-plots", "--no-progress"], capsys)
+    one_line(code, err, message, status=status)

@@ -16,6 +16,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from helpers import TINY_MODEL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -44,22 +45,6 @@ MODEL_ARGS = [
     "embed_dim=0",
     "=1",
     "depth",
-]
-TINY = [
-    "--model",
-    "t2t_vit_7",
-    "--model-arg",
-    "img_size=16",
-    "--model-arg",
-    "in_chans=1",
-    "--model-arg",
-    "embed_dim=16",
-    "--model-arg",
-    "depth=1",
-    "--model-arg",
-    "num_heads=2",
-    "--workers",
-    "0",
 ]
 
 OPTIONS = {
@@ -176,7 +161,7 @@ def world(tmp_path_factory):
                 str(train),
                 "--output",
                 str(root / "run"),
-                *TINY,
+                *TINY_MODEL,
                 "--random-init",
                 "--steps",
                 "1",
@@ -199,7 +184,7 @@ def base(command, world, out):
             data,
             "--output",
             out,
-            *TINY,
+            *TINY_MODEL,
             "--random-init",
             "--steps",
             "1",

@@ -96,4 +96,4 @@ def test_mark_stepped_silences_the_scheduler_and_repatch_step_restores_hooks():
 
 
 def test_accelerate_accumulation_steps_is_one_outside_an_accelerated_step():
-    assert _compat.accelerate_accumulation_steps() == 1  # the positive case: test_integrations.py
+    assert _compat.accelerate_accumulation_steps() == 1  # the positive case: test_integrations_accelerate.py

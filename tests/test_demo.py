@@ -613,7 +613,7 @@ def test_ablation_reports_variant_minus_sam_on_paired() -> None:
 def test_a_variant_run_resumes_bit_identically(tmp_path, variant, k) -> None:
     """The recipe's checkpoint holds the variant's state (step count, LookSAM's g_v, the momentum):
     resumed after step 4 (a plain step of k=3 that adds g_v), 7 steps end as an uninterrupted run."""
-    from test_recipe import CrashAfter
+    from helpers import CrashAfter
 
     from samnorm.recipe import finetune
 

@@ -420,3 +420,16 @@ def test_diagnose_command_writes_figures_and_json(tmp_path, capsys):
     assert "samnorm diagnose: error: image folder" in capsys.readouterr().err
     assert main([*argv, "--scorers", "mahalanobis"]) == 2
     assert "--fit" in capsys.readouterr().err
+
+
+def test_diagnose_gives_every_ood_set_its_own_files(tmp_path):
+    from samnorm.diagnostics.cli import write_report
+
+    r = {
+        "ID": {"grad_norm": np.array([1.0, 2.0]), "max_logit": np.array([3.0, 4.0])},
+        "a/b": {"grad_norm": np.array([0.5, 0.6]), "max_logit": np.array([1.0, 1.5])},
+        "a_b": {"grad_norm": np.array([0.7, 0.2]), "max_logit": np.array([2.0, 0.5])},
+    }
+    files = write_report(r, tmp_path, dpi=20)["files"]
+    pair = [f for f in files if f.startswith("grad_norm_max_logit_")]
+    assert len(pair) == 2 and len(set(pair)) == 2 and all((tmp_path / f).exists() for f in pair)

@@ -4,7 +4,10 @@
   still couples the two modules);
 - no private name (``_x``) imported from another module: a helper used by two modules is public in
   the lower one;
-- the core modules import neither timm nor torchvision (checked in a fresh interpreter).
+- the core modules import neither timm nor torchvision (checked in a fresh interpreter);
+- the tests: no test module imports another test module (``test_*.py``), conftest.py, or a private
+  name from a helper module: what two test modules share lives in conftest.py (fixtures) or a helper
+  module (helpers.py, reference_sam.py, ...), under a public name.
 """
 
 from __future__ import annotations
@@ -144,6 +147,53 @@ def test_no_private_names_imported_across_modules():
     assert not new, f"private names imported from another module: {new}; make them public there"
     stale = sorted(KNOWN_PRIVATE_IMPORTS - found)
     assert not stale, f"fixed, remove from KNOWN_PRIVATE_IMPORTS: {stale}"
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _test_import_violations(source: str) -> list[str]:
+    """The imports in a module under tests/ that break the tests' rule, as source text."""
+    local = {p.stem for p in TESTS.glob("*.py")}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            pairs = [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            pairs = [("." * node.level + (node.module or ""), alias.name) for alias in node.names]
+        else:
+            continue
+        for module, name in pairs:
+            parts = [part for part in module.lstrip(".").split(".") if part]
+            if parts[:1] == ["tests"] or module.startswith("."):  # tests.x / .x: a module under tests/
+                parts = [p for p in parts if p != "tests"] or [name or ""]
+            target = parts[0] if parts and parts[0] in local else None
+            if target is None:
+                continue
+            private = name is not None and name.startswith("_") and name != target
+            if target.startswith("test_") or target == "conftest" or private:
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_the_test_import_checker_sees_each_kind():
+    for bad in (
+        "from test_optim import reference_problem",
+        "import test_optim",
+        "from tests.test_optim import x",
+        "from tests import test_optim",
+        "from .test_optim import x",
+        "from helpers import _private",
+        "from conftest import image_folder",
+    ):
+        assert _test_import_violations(bad) == [bad]
+    ok = "from helpers import mlp\nimport reference_sam\nfrom samnorm.sam import functional\nfrom torch import _C"
+    assert _test_import_violations(ok) == []
+
+
+def test_no_test_module_imports_another_or_a_private_helper():
+    found = {p.name: v for p in sorted(TESTS.glob("*.py")) if (v := _test_import_violations(p.read_text("utf-8")))}
+    assert not found, f"{found}: move what two test modules share into conftest.py or tests/helpers.py, public"
 
 
 def _deprecated_paths() -> set[str]:

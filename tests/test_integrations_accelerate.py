@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 accelerate = pytest.importorskip("accelerate")
 
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+from helpers import ce, mlp  # noqa: E402
 from integration_reference import (  # noqa: E402
     BATCH,
     CLIP,
@@ -18,10 +21,10 @@ from integration_reference import (  # noqa: E402
     data,
     linear_schedule,
     make_sam,
-    mlp,
     reference,
 )
 
+from samnorm import SAM  # noqa: E402
 from samnorm.integrations.accelerate import find_sam, sam_backward  # noqa: E402
 
 
@@ -160,3 +163,29 @@ def test_closure_step_under_accumulate_names_sam_backward():
                     return loss
 
                 opt.step(closure)
+
+
+def test_accumulate_with_closure_is_refused():
+    x, y = data(16)
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+        pmodel, opt = acc.prepare(model, SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3))
+
+        def closure():
+            opt.zero_grad()
+            loss = ce(pmodel, x, y)
+            acc.backward(loss)
+            return loss
+
+        with pytest.raises(ValueError, match="sam_backward"):
+            for _ in range(2):  # the first micro-batch's step is skipped: the closure never runs
+                with acc.accumulate(pmodel):
+                    opt.step(closure)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -8,6 +8,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import mlp  # noqa: E402
 from integration_reference import (  # noqa: E402
     BATCH,
     CLIP,
@@ -19,7 +20,6 @@ from integration_reference import (  # noqa: E402
     data,
     linear_schedule,
     make_sam,
-    mlp,
     reference,
 )
 

@@ -7,12 +7,12 @@ Tiny models: a 4-stage timm ResNetV2 (BiT layout: StdConv2d + GroupNormAct, 1x1-
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import images, tiny_resnetv2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -25,17 +25,6 @@ pood = pytest.importorskip("pytorch_ood.detector")
 
 
 # ---------------------------------------------------------------------------- tiny models
-def tiny_resnetv2(num_classes: int = 10) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.models.resnetv2.ResNetV2(
-        layers=[1, 1, 1, 1],
-        channels=(16, 32, 64, 128),
-        num_classes=num_classes,
-        conv_layer=timm.layers.StdConv2d,
-        norm_layer=functools.partial(timm.layers.GroupNormAct, num_groups=4),
-    ).eval()
-
-
 def tiny_vit(num_classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=num_classes).eval()
@@ -46,12 +35,6 @@ def tiny_t2t() -> nn.Module:
 
     torch.manual_seed(0)
     return T2TViT(img_size=32, embed_dim=48, depth=2, num_heads=4, num_classes=10).eval()
-
-
-def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Smooth images (a DC level plus texture), so block outputs have a clear top singular value."""
-    gen = torch.Generator().manual_seed(seed)
-    return 0.5 + 0.1 * torch.rand(n, 3, size, size, generator=gen)
 
 
 MODELS = {"resnetv2": (tiny_resnetv2, 64), "vit": (tiny_vit, 32), "t2t": (tiny_t2t, 32)}

@@ -8,10 +8,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from test_ood_detectors import images, tiny_resnetv2
+from helpers import images, tiny_resnetv2
 from torch.utils.data import DataLoader, TensorDataset
 
 from samnorm import ood
+
+pytest.importorskip("timm")  # tiny_resnetv2
 
 
 def _loader(x, batch_size=8):

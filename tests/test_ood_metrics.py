@@ -216,3 +216,23 @@ def test_dropping_intermediate_points_changes_the_fpr_only_under_ties():
         assert M.fpr_at_tpr(id_scores, ood_scores, tpr, drop_intermediate=True) == M.fpr_at_tpr(
             id_scores, ood_scores, tpr
         )
+
+
+def test_metrics_reject_inf_unless_allowed():
+    from sklearn.metrics import roc_auc_score
+
+    from samnorm.ood import auroc, ood_metrics
+
+    inf = float("inf")
+    with pytest.raises(ValueError, match=r"infinite scores .* allow_inf=True"):
+        auroc([inf, inf], [inf])  # used to give 0.5 silently
+    with pytest.raises(ValueError, match="ood_scores contains 1 infinite"):
+        ood_metrics([1.0, 2.0], [0.0, -inf])
+    with pytest.raises(ValueError):  # scikit-learn agrees that these are not scores
+        roc_auc_score([1, 1, 0], [inf, 1.0, 0.0])
+    # allowed: +-inf rank above / below every finite score, like the largest / smallest finite floats
+    big = np.finfo(np.float64).max
+    assert auroc([inf, 1.0], [0.0, -inf], allow_inf=True) == auroc([big, 1.0], [0.0, -big]) == 1.0
+    assert auroc([inf, 0.0], [inf, 1.0], allow_inf=True) == pytest.approx(
+        roc_auc_score([1, 1, 0, 0], [big, 0.0, big, 1.0])
+    )

@@ -104,3 +104,17 @@ def test_odin_works_under_inference_mode_and_is_batch_size_invariant():
 def test_bad_input_raises_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_a_temperature_that_overflows_the_scores_warns():
+    from samnorm.ood import energy, msp
+
+    logits = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    for score in (msp, energy):
+        with pytest.warns(RuntimeWarning, match="temperature 1e-40 makes 2 of 2 scores non-finite"):
+            score(logits, temperature=1e-40)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        msp(logits, temperature=1000.0), energy(logits, temperature=1e-3)

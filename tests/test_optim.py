@@ -9,91 +9,15 @@ import warnings
 
 import pytest
 import torch
+from helpers import batch, ce, closure, float64_net, mlp, reference_problem, selection
 from hypothesis import example, given
 from hypothesis import strategies as st
+from reference_sam import ReferenceSAM, ascent
 from torch import nn
 
-import samnorm
 from samnorm import SAM
 
 # ----------------------------------------------------------------------------- reference
-
-
-class _RefSGD:
-    """torch.optim.SGD semantics written out: momentum, dampening 0, weight decay, nesterov off."""
-
-    def __init__(self, lr, momentum, weight_decay):
-        self.lr, self.momentum, self.wd, self.buf = lr, momentum, weight_decay, {}
-
-    def step(self, ws, gs):
-        for i, (w, g) in enumerate(zip(ws, gs)):
-            d = g + self.wd * w
-            if self.momentum:
-                self.buf[i] = d.clone() if i not in self.buf else self.momentum * self.buf[i] + d
-                d = self.buf[i]
-            w -= self.lr * d
-
-
-class _RefAdamW:
-    """torch.optim.AdamW semantics written out (decoupled weight decay, bias correction)."""
-
-    def __init__(self, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
-        self.lr, self.wd, (self.b1, self.b2), self.eps = lr, weight_decay, betas, eps
-        self.m, self.v, self.t = {}, {}, 0
-
-    def step(self, ws, gs):
-        self.t += 1
-        for i, (w, g) in enumerate(zip(ws, gs)):
-            w *= 1 - self.lr * self.wd
-            self.m[i] = self.b1 * self.m.get(i, torch.zeros_like(g)) + (1 - self.b1) * g
-            self.v[i] = self.b2 * self.v.get(i, torch.zeros_like(g)) + (1 - self.b2) * g * g
-            mhat = self.m[i] / (1 - self.b1**self.t)
-            vhat = self.v[i] / (1 - self.b2**self.t)
-            w -= self.lr * mhat / (vhat.sqrt() + self.eps)
-
-
-def _reference_run(model, selected, x, y, steps, rho, adaptive, eta, base):
-    """SAM written as a plain loop over parameters, float64, from the definitions."""
-    params = list(model.parameters())
-    sel = [any(p is s for s in selected) for p in params]
-    loss_fn = nn.CrossEntropyLoss()
-    for _ in range(steps):
-        gs = torch.autograd.grad(loss_fn(model(x), y), params)
-        with torch.no_grad():
-            ts = [p.abs() + eta if adaptive else torch.ones_like(p) for p in params]
-            norm = math.sqrt(sum(float(((t * g) ** 2).sum()) for t, g, s in zip(ts, gs, sel) if s))
-            saved = [p.clone() for p in params]
-            for p, t, g, s in zip(params, ts, gs, sel):
-                if s:
-                    p += rho * t * t * g / (norm + 1e-12)
-        gs2 = torch.autograd.grad(loss_fn(model(x), y), params)
-        with torch.no_grad():
-            for p, w in zip(params, saved):
-                p.copy_(w)
-            base.step(params, gs2)
-
-
-def _net(seed, width, norm):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(5, width), norm(width), nn.Tanh(), nn.Linear(width, width), norm(width)]
-    return nn.Sequential(*layers, nn.Tanh(), nn.Linear(width, 3)).double()
-
-
-def _reference_problem(seed, width, which, opt="sgd"):
-    """A float64 net with a LayerNorm, a batch, a base optimizer and its hand-written twin, and what
-    to perturb: the set-up every comparison with the per-parameter reference shares."""
-    model = _net(seed, width, nn.LayerNorm)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (12,), generator=g)
-    if opt == "sgd":
-        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-        ref_base = _RefSGD(0.05, 0.9, 1e-3)
-    else:
-        base = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
-        ref_base = _RefAdamW(0.01, 0.05)
-    perturb = {"all": None, "norm": model, "first": list(model[0].parameters())}[which]
-    return model, x, y, base, ref_base, perturb
 
 
 @given(
@@ -111,7 +35,7 @@ def _reference_problem(seed, width, which, opt="sgd"):
 @example(seed=23, width=2, rho=0.5, adaptive=True, which="norm", opt="adamw", foreach=None, use_loss=False)
 @example(seed=39, width=2, rho=0.5, adaptive=False, which="norm", opt="adamw", foreach=None, use_loss=False)
 def test_matches_float64_reference(seed, width, rho, adaptive, which, opt, foreach, use_loss):
-    model, x, y, base, ref_base, perturb = _reference_problem(seed, width, which, opt)
+    model, x, y, base, ref_base, perturb = reference_problem(seed, width, which, opt)
     ref, jittered = copy.deepcopy(model), copy.deepcopy(model)
     fresh_ref_base = copy.deepcopy(ref_base)
     sam = SAM(base, perturb, rho=rho, adaptive=adaptive, foreach=foreach)
@@ -126,12 +50,8 @@ def test_matches_float64_reference(seed, width, rho, adaptive, which, opt, forea
         sam.second_step(zero_grad=True)
 
     def reference(net, base):
-        chosen = {
-            "all": list(net.parameters()),
-            "norm": list(samnorm.norm_layers(net)),
-            "first": list(net[0].parameters()),
-        }[which]
-        _reference_run(net, chosen, x, y, 3, rho, adaptive, 0.01, base)
+        ref_sam = ReferenceSAM("sam", rho, adaptive, 0.01, base)
+        ref_sam.run(net, selection(net, which), lambda: loss_fn(net(x), y), steps=3)
 
     reference(ref, ref_base)
     # Both sides round differently (the order of the norm's sum, foreach kernels), so they agree up
@@ -153,37 +73,11 @@ def test_matches_float64_reference(seed, width, rho, adaptive, which, opt, forea
 # ----------------------------------------------------------------------------- invariants
 
 
-def _mlp(norm=nn.LayerNorm, dtype=torch.float32):
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(6, 8), norm(8), nn.ReLU(), nn.Linear(8, 4)).to(dtype)
-
-
-def _batch(dtype=torch.float32):
-    g = torch.Generator().manual_seed(2)
-    return torch.randn(16, 6, generator=g, dtype=dtype), torch.randint(0, 4, (16,), generator=g)
-
-
-def _ce(model, x, y):
-    return nn.functional.cross_entropy(model(x), y)
-
-
 def _two_step(sam, model, x, y):
     """One SAM step with the two-step API and the norm-only first pass."""
-    sam.first_step(_ce(model, x, y))
-    _ce(model, x, y).backward()
+    sam.first_step(ce(model, x, y))
+    ce(model, x, y).backward()
     sam.second_step(zero_grad=True)
-
-
-def _closure(sam, model, x, y):
-    """The LBFGS-style closure that SAM.step runs twice."""
-
-    def closure():
-        sam.zero_grad()
-        loss = _ce(model, x, y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 @given(
@@ -194,10 +88,10 @@ def _closure(sam, model, x, y):
 )
 def test_perturbation_norm_is_rho_and_unselected_never_move(seed, rho, which, foreach):
     torch.manual_seed(seed)
-    model = _mlp(dtype=torch.float64)
+    model = mlp(dtype=torch.float64)
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), None if which == "all" else model, rho=rho, foreach=foreach)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    x, y = _batch(torch.float64)
+    x, y = batch(dtype=torch.float64)
     sam.first_step(nn.functional.cross_entropy(model(x), y))
     selected = {id(p) for p in sam.perturbed_parameters()}
     sq = 0.0
@@ -216,10 +110,10 @@ def test_perturbation_norm_is_rho_and_unselected_never_move(seed, rho, which, fo
 @given(seed=st.integers(0, 1000), rho=st.floats(1e-3, 5.0), eta=st.floats(1e-3, 0.1))
 def test_asam_scaled_perturbation_norm_is_rho(seed, rho, eta):
     torch.manual_seed(seed)
-    model = _mlp(dtype=torch.float64)
+    model = mlp(dtype=torch.float64)
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=rho, adaptive=True, eta=eta)
     before = [p.detach().clone() for p in sam.perturbed_parameters()]
-    x, y = _batch(torch.float64)
+    x, y = batch(dtype=torch.float64)
     sam.first_step(nn.functional.cross_entropy(model(x), y))
     sq = sum(
         float((((p.detach() - w) / (w.abs() + eta)) ** 2).sum()) for p, w in zip(sam.perturbed_parameters(), before)
@@ -230,7 +124,7 @@ def test_asam_scaled_perturbation_norm_is_rho(seed, rho, eta):
 @given(seed=st.integers(0, 1000), scale=st.sampled_from([1e-6, 1.0, 1e4]))
 def test_restore_is_bit_exact(seed, scale):
     torch.manual_seed(seed)
-    model = _mlp()
+    model = mlp()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(scale)
@@ -247,7 +141,7 @@ def test_restore_is_bit_exact(seed, scale):
 @given(seed=st.integers(0, 1000), opt=st.sampled_from(["sgd", "adamw"]), which=st.sampled_from(["all", "norm"]))
 def test_rho_zero_reproduces_base_optimizer_exactly(seed, opt, which):
     torch.manual_seed(seed)
-    a, b = _mlp(nn.BatchNorm1d), _mlp(nn.BatchNorm1d)
+    a, b = mlp(nn.BatchNorm1d), mlp(nn.BatchNorm1d)
     b.load_state_dict(a.state_dict())
 
     def make(m):
@@ -256,7 +150,7 @@ def test_rho_zero_reproduces_base_optimizer_exactly(seed, opt, which):
         return torch.optim.AdamW(m.parameters(), lr=1e-2)
 
     plain, sam = make(a), SAM(make(b), None if which == "all" else b, rho=0.0)
-    x, y = _batch()
+    x, y = batch()
     for _ in range(3):
         plain.zero_grad()
         nn.functional.cross_entropy(a(x), y).backward()
@@ -274,7 +168,7 @@ def test_foreach_equals_single_tensor(seed, adaptive, which):
     outs = []
     for foreach in (True, False):
         torch.manual_seed(seed)
-        model = _mlp()
+        model = mlp()
         sam = SAM(
             torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
             None if which == "all" else model,
@@ -282,7 +176,7 @@ def test_foreach_equals_single_tensor(seed, adaptive, which):
             adaptive=adaptive,
             foreach=foreach,
         )
-        x, y = _batch()
+        x, y = batch()
         for _ in range(3):
             _two_step(sam, model, x, y)
         outs.append([p.detach().clone() for p in model.parameters()])
@@ -291,9 +185,9 @@ def test_foreach_equals_single_tensor(seed, adaptive, which):
 
 
 def test_first_step_loss_differentiates_only_perturbed_parameters():
-    model = _mlp()
+    model = mlp()
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.1)
-    x, y = _batch()
+    x, y = batch()
     calls = []
     handle = model[0].weight.register_hook(lambda g: calls.append(1))
     sam.first_step(nn.functional.cross_entropy(model(x), y))
@@ -303,7 +197,7 @@ def test_first_step_loss_differentiates_only_perturbed_parameters():
 
 
 def test_non_finite_gradient_skips_ascent_counts_and_warns_once():
-    model = _mlp()
+    model = mlp()
     ref = copy.deepcopy(model)
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), None, rho=0.5)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
@@ -381,9 +275,9 @@ def test_sparse_gradients_match_dense_equivalent():
 
 
 def test_no_host_sync_in_the_step(monkeypatch):
-    model = _mlp()
+    model = mlp()
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.1)
-    x, y = _batch()
+    x, y = batch()
 
     def forbidden(*_a, **_k):
         raise AssertionError("host sync in the SAM step")
@@ -393,15 +287,15 @@ def test_no_host_sync_in_the_step(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
     for _ in range(2):
         _two_step(sam, model, x, y)
-        sam.step(_closure(sam, model, x, y))
+        sam.step(closure(sam, model, x, y))
 
 
 def test_state_dict_carries_base_state_and_resume_is_bit_identical():
-    x, y = _batch()
+    x, y = batch()
 
     def make():
         torch.manual_seed(3)
-        m = _mlp(nn.BatchNorm1d)
+        m = mlp(nn.BatchNorm1d)
         return m, SAM(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, rho=0.2, adaptive=True)
 
     def train(m, opt, n):
@@ -435,17 +329,17 @@ def test_state_dict_carries_base_state_and_resume_is_bit_identical():
 @pytest.mark.parametrize("attach", ["sam", "base"])
 @pytest.mark.parametrize("api", ["two_step", "closure"])
 def test_lr_scheduler_attaches_without_warning(attach, api):
-    model = _mlp()
+    model = mlp()
     sam = SAM(torch.optim.SGD(model.parameters(), lr=1.0), model)
     sched = torch.optim.lr_scheduler.StepLR(sam if attach == "sam" else sam.base_optimizer, 1, gamma=0.5)
-    x, y = _batch()
+    x, y = batch()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(3):
             if api == "two_step":
                 _two_step(sam, model, x, y)
             else:
-                sam.step(_closure(sam, model, x, y))
+                sam.step(closure(sam, model, x, y))
             sched.step()
     assert sam.param_groups[0]["lr"] == sam.base_optimizer.param_groups[0]["lr"] == 0.125
 
@@ -461,9 +355,9 @@ def test_add_param_group_and_zero_grad_pass_through():
 
 
 def test_closure_step_returns_first_pass_loss_and_restores_on_error():
-    model = _mlp()
+    model = mlp()
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5)
-    x, y = _batch()
+    x, y = batch()
     before = [p.detach().clone() for p in model.parameters()]
     calls = []
 
@@ -486,7 +380,7 @@ def test_closure_step_returns_first_pass_loss_and_restores_on_error():
 
 
 def test_clear_errors():
-    model = _mlp()
+    model = mlp()
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="optimizer instance"):
         SAM(model.parameters(), model)  # type: ignore[arg-type]
@@ -574,9 +468,9 @@ def test_low_precision_asam_per_tensor_equals_flat(dtype):
 def test_deepcopy_and_pickle_keep_settings_and_links():
     import pickle
 
-    model = _mlp()
+    model = mlp()
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.3, adaptive=True)
-    x, y = _batch()
+    x, y = batch()
     _two_step(sam, model, x, y)
     m2, s2 = copy.deepcopy((model, sam))
     assert s2.rho == 0.3 and s2.adaptive and s2.param_groups is s2.base_optimizer.param_groups
@@ -587,7 +481,7 @@ def test_deepcopy_and_pickle_keep_settings_and_links():
 
 
 def test_sam_pickled_before_per_group_settings_still_loads():
-    model = _mlp()
+    model = mlp()
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3, adaptive=True)
     state = sam.__getstate__()  # made to look like the pickle of the previous release
     for key in ("normalize_bias", "_bias_ids", "_zeroed", "_group_of"):
@@ -600,11 +494,11 @@ def test_sam_pickled_before_per_group_settings_still_loads():
     old = SAM.__new__(SAM)
     old.__setstate__(state)
     assert (old.rho, old.adaptive, old.eta, old.normalize_bias) == (0.3, True, 0.01, True)
-    _two_step(old, model, *_batch())
+    _two_step(old, model, *batch())
 
 
 def test_frozen_selection_with_loss_path_perturbs_nothing():
-    model = _mlp()
+    model = mlp()
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model)
     model[1].requires_grad_(False)  # the only norm layer: the selection has nothing to perturb
     start = [p.detach().clone() for p in model.parameters()]
@@ -630,15 +524,13 @@ def test_complex_parameters_are_refused():
 
 
 def _ref_ascent(named, grads, settings, normalize_bias, eps):
-    """e for each tensor from the definitions, float64, one tensor at a time: T_i = |w_i| + eta_g
-    (1 for SAM groups, and for biases unless normalize_bias), one global norm of T g over every
-    perturbed tensor, e_i = rho_g T_i^2 g_i / (norm + eps)."""
+    """reference_sam.ascent with each group's settings: T_i = |w_i| + eta_g (1 for SAM groups, and for
+    biases unless normalize_bias), one global norm over every perturbed tensor."""
     ts = []
     for (name, p), (_rho, adaptive, eta) in zip(named, settings):
         on = adaptive and (normalize_bias or not name.endswith("bias"))
-        ts.append(p.detach().abs() + eta if on else torch.ones_like(p))
-    norm = math.sqrt(sum(float(((t * g) ** 2).sum()) for t, g in zip(ts, grads)))
-    return [s[0] * t * t * g / (norm + eps) for t, g, s in zip(ts, grads, settings)]
+        ts.append(p.detach().abs() + eta if on else None)
+    return ascent(list(grads), [s[0] for s in settings], ts, eps)[0]
 
 
 @given(
@@ -651,7 +543,7 @@ def _ref_ascent(named, grads, settings, normalize_bias, eps):
     foreach=st.sampled_from([None, False]),
 )
 def test_per_group_settings_match_float64_reference(seed, rhos, adaptives, etas, normalize_bias, which, foreach):
-    model = _net(seed, 4, nn.LayerNorm)
+    model = float64_net(seed, 4)
     first = [*model[0].parameters(), *model[1].parameters()]  # group 0; the rest is group 1
     rest = [p for p in model.parameters() if all(p is not q for q in first)]
     base = torch.optim.SGD(
@@ -682,23 +574,23 @@ def test_per_group_settings_match_float64_reference(seed, rhos, adaptives, etas,
 
 
 def test_a_scheduler_drives_rho_through_param_groups():
-    model = _mlp(dtype=torch.float64)
+    model = mlp(dtype=torch.float64)
     sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5)
-    x, y = _batch(torch.float64)
+    x, y = batch(dtype=torch.float64)
     for step in range(4):
         for group in sam.param_groups:  # what a LambdaLR-like rho schedule does
             group["rho"] = 0.5 * 0.5**step
         before = [p.detach().clone() for p in sam.perturbed_parameters()]
-        sam.first_step(_ce(model, x, y))
+        sam.first_step(ce(model, x, y))
         moved = math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(sam.perturbed_parameters(), before)))
         assert math.isclose(moved, 0.5 * 0.5**step, rel_tol=1e-9)
-        _ce(model, x, y).backward()
+        ce(model, x, y).backward()
         sam.step()
         sam.zero_grad()
     assert sam.rho == 0.5 * 0.5**3
     sam.param_groups[0]["rho"] = -1.0
     with pytest.raises(ValueError, match="rho"):
-        sam.first_step(_ce(model, x, y))
+        sam.first_step(ce(model, x, y))
 
 
 def test_group_settings_defaults_properties_and_state_dict():
@@ -739,13 +631,12 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 
 
 def _reference_perturb(ws, gs, rhos, etas, eps):
-    """``w + rho T^2 g / (||T g|| + eps)`` per tensor in float64 (nothing moves if the norm is 0)."""
+    """``w + rho T^2 g / (||T g|| + eps)`` per tensor in float64 (reference_sam.ascent; nothing moves if
+    the norm is 0)."""
     ws = [w.double() for w in ws]
-    ts = [torch.ones_like(w) if eta is None else w.abs() + eta for w, eta in zip(ws, etas)]
-    norm = math.sqrt(sum(float(((t * g.double()) ** 2).sum()) for t, g in zip(ts, gs)))
-    if norm == 0:
-        return ws, [torch.zeros_like(w) for w in ws], norm
-    es = [rho * t * t * g.double() / (norm + eps) for t, g, rho in zip(ts, gs, rhos)]
+    es, norm = ascent(
+        [g.double() for g in gs], rhos, [None if eta is None else w.abs() + eta for w, eta in zip(ws, etas)], eps
+    )
     return [w + e for w, e in zip(ws, es)], es, norm
 
 

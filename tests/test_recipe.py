@@ -5,27 +5,27 @@ from __future__ import annotations
 import json
 import os
 
+import helpers
 import pytest
 import torch
+from helpers import CrashAfter
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from samnorm.data.folders import ImageFolder, ImageTransform
-from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig, _build_optimizer, finetune, save_atomic
+from samnorm.recipe import CHECKPOINT_NAME, DivergedError, FinetuneConfig, _build_optimizer, finetune, save_atomic
 from samnorm.sam.optimizer import SAM
 
 timm = pytest.importorskip("timm")
-from samnorm.models.t2t_vit import T2TViT  # noqa: E402
 
 
 def tiny_t2t(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)  # dropout inside the T2T module (0.1) exercises the saved RNG too
-    return T2TViT(img_size=16, in_chans=1, num_classes=4, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
+    # dropout inside the T2T module (0.1) exercises the saved RNG too
+    return helpers.tiny_t2t(seed, classes=4)
 
 
 def toy_data(n: int = 64) -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.rand(n, 1, 16, 16, generator=g), torch.arange(n) % 4)
+    return helpers.toy(n, classes=4)
 
 
 FAST = dict(batch_size=8, progress=False, log=lambda _: None)
@@ -47,22 +47,6 @@ def test_same_seed_same_weights():
     assert_bit_identical(state(a), state(b))
     c = finetune(tiny_t2t(), toy_data(), steps=3, seed=1, **FAST).model
     assert not torch.equal(state(a)["head.weight"], state(c)["head.weight"])
-
-
-class CrashAfter(Dataset):
-    """The same data, but loading dies after ``limit`` items, like a preempted job."""
-
-    def __init__(self, data: Dataset, limit: int) -> None:
-        self.data, self.limit, self.calls = data, limit, 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls > self.limit:
-            raise KeyboardInterrupt("preempted")
-        return self.data[i]
 
 
 @pytest.mark.parametrize("optimizer", ["sam-on", "sgd"])
@@ -426,3 +410,30 @@ def test_a_checkpoint_of_0_1_0_resumes_with_the_defaults_it_was_written_with(tmp
         finetune(tiny_t2t(), toy_data(), steps=2, output_dir=tmp_path, resume=True, **FAST)
     old = dict(transforms=list(DEFAULTS_0_1_0["transforms"]), ood_weight=0.5)
     assert finetune(tiny_t2t(), toy_data(), steps=2, output_dir=tmp_path, resume=True, **old, **FAST).steps == 2
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    # SGD at lr 1e30: the first step is finite, the weights then overflow. Checkpoints every step,
+    # log lines never: the check before each save catches it.
+    kw = dict(steps=6, checkpoint_every=1, log_every=100, optimizer="sgd", lr=1e30, momentum=0.0, **FAST)
+    with pytest.raises(DivergedError, match=r"training diverged: .* the last good checkpoint \(step (\d)\)") as info:
+        finetune(tiny_t2t(), toy_data(), output_dir=tmp_path, **kw)
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert f"(step {saved['step']})" in str(info.value) and saved["step"] < 6
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    # Only ever a sync where the loop already had one: at log lines and checkpoints.
+    with pytest.raises(DivergedError, match="no checkpoint was written"):
+        finetune(tiny_t2t(), toy_data(), **{**kw, "checkpoint_every": 100, "log_every": 2})
+
+
+def test_ctrl_c_during_finetune_names_the_checkpoint_kept(tmp_path):
+    def ctrl_c_at_step_3(line):
+        if line.startswith("{") and json.loads(line)["step"] == 3:
+            raise KeyboardInterrupt
+
+    kw = dict(FAST, steps=6, checkpoint_every=1, log_every=1, log=ctrl_c_at_step_3)
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted; the last checkpoint \(step 2\) is kept in .*--resume"):
+        finetune(tiny_t2t(), toy_data(), output_dir=tmp_path, **kw)
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+    with pytest.raises(KeyboardInterrupt, match="interrupted; no checkpoint was written"):
+        finetune(tiny_t2t(), toy_data(), **kw)

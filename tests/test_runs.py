@@ -1,5 +1,6 @@
-"""Issue 18, the run lifecycle (samnorm.runs): one run per output folder, signals as Ctrl-C, write
-errors as one line, result sets as a unit, no output inside an input.
+"""The run lifecycle (samnorm.runs): one run per output folder (never replaced unless asked, and then
+removed first), signals as Ctrl-C, write errors as one line, result files replaced atomically and
+result sets as a unit, no output inside an input.
 
 Real subprocesses where signals, locks and file-size limits matter; the rest in-process. One
 SIGTERM run (module fixture) is shared: the concurrent second run, the file-size limit during a
@@ -26,7 +27,7 @@ import pytest
 import torch
 
 pytest.importorskip("timm")
-from test_robustness import TINY, cli, one_line, png_folder
+from helpers import TINY, cli, one_line, png_folder, train_args
 
 from samnorm import runs
 from samnorm.io import WriteError, atomic_save, atomic_write
@@ -38,25 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 120  # long enough that a signal sent at step <= 30 lands well before the end (~1 s of steps)
 
 
-def train_args(data, out, *extra):
-    return [
-        "finetune",
-        "--train",
-        str(data),
-        "--output",
-        str(out),
-        *TINY,
-        "--batch-size",
-        "4",
-        "--no-progress",
-        "--log-every",
-        "1",
-        "--steps",
-        str(STEPS),
-        "--checkpoint-every",
-        "7",
-        *extra,
-    ]
+def long_run_args(data, out, *extra):
+    """A run of STEPS steps with a checkpoint every 7: long enough to be stopped midway."""
+    return train_args(data, out, "--steps", str(STEPS), "--checkpoint-every", "7", *extra)
 
 
 def spawn(args, fsize=None):
@@ -109,31 +94,26 @@ def same_run(a, b):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return png_folder(tmp_path_factory.mktemp("runs") / "train")
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
+def reference(image_folder, tmp_path_factory):
     """The uninterrupted run, in-process (bit-identical on the CPU to one in a subprocess)."""
     from samnorm.cli import main
 
     out = tmp_path_factory.mktemp("reference")
-    assert main(train_args(data, out)) == 0
+    assert main(long_run_args(image_folder, out)) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def terminated(data, tmp_path_factory):
+def terminated(image_folder, tmp_path_factory):
     """A run stopped by SIGTERM at a random step; a second run on its folder was tried while it ran."""
     from samnorm.cli import main
 
     out = tmp_path_factory.mktemp("terminated")
-    proc = spawn(train_args(data, out))
+    proc = spawn(long_run_args(image_folder, out))
     wait_for_step(proc, 2)  # its lock is held from before the first step
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        second = main(train_args(data, out, "--overwrite"))
+        second = main(long_run_args(image_folder, out, "--overwrite"))
     code, lines = stopped_by(proc, signal.SIGTERM, random.Random(15).randint(3, 30))
     return {"out": out, "pid": proc.pid, "second": (second, err.getvalue()), "code": code, "lines": lines}
 
@@ -175,32 +155,32 @@ def test_the_python_api_takes_the_same_lock(tmp_path):
     assert not (tmp_path / CHECKPOINT_NAME).exists() and not (tmp_path / runs.LOCK_NAME).exists()
 
 
-def test_a_stale_lock_is_named_and_taken_over(data, tmp_path, capsys):
+def test_a_stale_lock_is_named_and_taken_over(image_folder, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / runs.LOCK_NAME).write_text(
         json.dumps({"pid": 999999999, "host": "elsewhere", "command": "finetune", "started": "2026-01-01T00:00:00"})
     )
-    code, _, err = cli(train_args(data, out, "--steps", "1"), capsys)
+    code, _, err = cli(long_run_args(image_folder, out, "--steps", "1"), capsys)
     assert code == 0, err
     assert "taking over the lock of samnorm finetune (pid 999999999 on elsewhere" in err
     assert not (out / runs.LOCK_NAME).exists()  # released at the end
 
 
 @pytest.mark.slow
-def test_sigkill_leaves_a_stale_lock_that_the_next_run_names(data, reference, tmp_path, capsys):
-    proc = spawn(train_args(data, tmp_path))
+def test_sigkill_leaves_a_stale_lock_that_the_next_run_names(image_folder, reference, tmp_path, capsys):
+    proc = spawn(long_run_args(image_folder, tmp_path))
     wait_for_step(proc, random.Random(9).randint(8, 30))
     proc.kill()
     proc.wait(timeout=60)
-    code, _, err = cli(train_args(data, tmp_path, "--resume"), capsys)
+    code, _, err = cli(long_run_args(image_folder, tmp_path, "--resume"), capsys)
     assert code == 0, err
     assert f"taking over the lock of samnorm finetune (pid {proc.pid} on " in err
     assert same_run(tmp_path, reference)
 
 
 # ---------------------------------------------------------------- signals
-def test_sigterm_keeps_the_checkpoint_with_one_line_and_exit_143(data, terminated, reference, tmp_path, capsys):
+def test_sigterm_keeps_the_checkpoint_with_one_line_and_exit_143(image_folder, terminated, reference, tmp_path, capsys):
     assert terminated["code"] == 128 + signal.SIGTERM
     assert len(terminated["lines"]) == 1, terminated["lines"]
     line = terminated["lines"][0]
@@ -208,7 +188,7 @@ def test_sigterm_keeps_the_checkpoint_with_one_line_and_exit_143(data, terminate
     kept = torch.load(terminated["out"] / CHECKPOINT_NAME, weights_only=True)["step"]
     assert f"(step {kept}) is kept in" in line
     shutil.copytree(terminated["out"], tmp_path / "o")
-    code, _, err = cli(train_args(data, tmp_path / "o", "--resume"), capsys)
+    code, _, err = cli(long_run_args(image_folder, tmp_path / "o", "--resume"), capsys)
     assert code == 0, err
     assert same_run(tmp_path / "o", reference)
 
@@ -216,12 +196,12 @@ def test_sigterm_keeps_the_checkpoint_with_one_line_and_exit_143(data, terminate
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])  # SIGTERM: the module fixture
 def test_signal_matrix_at_a_random_step_then_resume_equals_the_uninterrupted_run(
-    data, reference, tmp_path, capsys, sig
+    image_folder, reference, tmp_path, capsys, sig
 ):
-    code, lines = stopped_by(spawn(train_args(data, tmp_path)), sig, random.Random(int(sig)).randint(8, 40))
+    code, lines = stopped_by(spawn(long_run_args(image_folder, tmp_path)), sig, random.Random(int(sig)).randint(8, 40))
     assert code == 128 + sig and len(lines) == 1, lines
     assert lines[0].startswith(f"samnorm finetune: interrupted by {sig.name}; the last checkpoint (step "), lines
-    code, _, err = cli(train_args(data, tmp_path, "--resume"), capsys)
+    code, _, err = cli(long_run_args(image_folder, tmp_path, "--resume"), capsys)
     assert code == 0, err
     assert same_run(tmp_path, reference)
 
@@ -262,7 +242,7 @@ def test_a_run_whose_workers_outlive_an_error_still_exits(tmp_path):
         os.makedirs(tmp_path / "d" / c)
         for i in range(4):
             (tmp_path / "d" / c / f"{i}.png").write_bytes(b"not a png")
-    args = train_args(tmp_path / "d", tmp_path / "o")
+    args = long_run_args(tmp_path / "d", tmp_path / "o")
     proc = spawn([a if a != "0" or args[i - 1] != "--workers" else "2" for i, a in enumerate(args)])
     try:
         _, err = proc.communicate(timeout=90)
@@ -272,12 +252,14 @@ def test_a_run_whose_workers_outlive_an_error_still_exits(tmp_path):
 
 
 # ---------------------------------------------------------------- write errors
-def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(data, terminated, tmp_path):
+def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
+    image_folder, terminated, tmp_path
+):
     out = tmp_path / "o"
     shutil.copytree(terminated["out"], out)
     before = (out / CHECKPOINT_NAME).read_bytes()
     assert len(before) > 64 * 1024
-    proc = spawn(train_args(data, out, "--resume"), fsize=64 * 1024)
+    proc = spawn(long_run_args(image_folder, out, "--resume"), fsize=64 * 1024)
     _, err = proc.communicate(timeout=120)
     lines = [
         line
@@ -312,14 +294,14 @@ def test_torch_save_errors_name_the_errno_and_the_path(tmp_path):
 
 
 # ---------------------------------------------------------------- result sets
-def test_an_evaluate_rerun_whose_write_fails_leaves_the_previous_set_whole(data, reference, tmp_path, capsys):
+def test_an_evaluate_rerun_whose_write_fails_leaves_the_previous_set_whole(image_folder, reference, tmp_path, capsys):
     ood = png_folder(tmp_path / "ood", classes=("x",), per_class=24)
     args = [
         "evaluate",
         "--checkpoint",
         reference / CHECKPOINT_NAME,
         "--id",
-        data,
+        image_folder,
         "--ood",
         f"o={ood}",
         "--output",
@@ -441,3 +423,113 @@ def test_demo_checks_its_cache_folder_before_pretraining(tmp_path, capsys, monke
         ["demo", "--cache-dir", cache, "--out", tmp_path / "out", "--seeds", "1", "--no-plots", "--no-progress"], capsys
     )
     one_line(code, err, f"the cache folder (--cache-dir, DemoConfig.cache_dir) {cache / 'demo'}: cannot create")
+
+
+def test_a_run_in_the_output_folder_is_never_replaced_without_being_asked(image_folder, finished_run, tmp_path, capsys):
+    before = {n: (finished_run / n).read_bytes() for n in (CHECKPOINT_NAME, "log.jsonl")}
+    code, _, err = cli(train_args(image_folder, finished_run, "--steps", "1"), capsys)
+    one_line(code, err, "already holds a run")
+    assert {n: (finished_run / n).read_bytes() for n in before} == before
+    # --overwrite replaces it; --resume with --overwrite is contradictory
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for n, b in before.items():
+        (copy / n).write_bytes(b)
+    code, _, err = cli(train_args(image_folder, copy, "--steps", "1", "--overwrite"), capsys)
+    assert code == 0, err
+    assert torch.load(copy / CHECKPOINT_NAME, weights_only=True)["step"] == 1
+    code, _, err = cli(train_args(image_folder, copy, "--resume", "--overwrite"), capsys)
+    one_line(code, err, "pass one of them")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "finetune"])
+def test_a_file_as_output_fails_before_the_work(image_folder, tmp_path, capsys, command):
+    (tmp_path / "file").write_text("x")
+    # --model no_such_net would only fail once the model is built: the output is checked first
+    args = {"evaluate": ["--id", image_folder, "--ood", f"o={image_folder}"], "finetune": ["--train", image_folder]}[
+        command
+    ]
+    code, _, err = cli(
+        [command, "--model", "no_such_net", *args, "--output", tmp_path / "file", "--workers", "0"], capsys
+    )
+    one_line(code, err, "is a file, not a folder")
+
+
+def test_stale_temps_are_removed_and_every_result_file_is_replaced_atomically(
+    image_folder, finished_run, tmp_path, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / (CHECKPOINT_NAME + ".tmp-999999999")  # a writer killed mid-save
+    stale.write_bytes(b"half")
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append(os.path.basename(b)), real_replace(a, b)))
+    code, _, err = cli(train_args(image_folder, run, "--steps", "1"), capsys)
+    assert code == 0, err
+    assert not stale.exists()
+    assert {"config.json", "log.jsonl", CHECKPOINT_NAME} <= set(replaced)
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "scores.json.tmp-999999999").write_text("{")
+    code, _, err = cli(
+        [
+            "evaluate",
+            "--checkpoint",
+            finished_run / CHECKPOINT_NAME,
+            "--id",
+            image_folder,
+            "--ood",
+            f"o={image_folder}",
+            "--output",
+            tmp_path / "ev",
+            "--workers",
+            "0",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert {"results.md", "results.csv", "scores.json"} <= set(replaced)
+    assert sorted(os.listdir(tmp_path / "ev")) == ["evaluate.manifest.json", "results.csv", "results.md", "scores.json"]
+
+
+def test_overwrite_removes_the_old_run_before_the_new_one_starts(image_folder, finished_run, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    for n in (CHECKPOINT_NAME, "log.jsonl", "config.json"):
+        (out / n).write_bytes((finished_run / n).read_bytes())
+    (out / "notes.txt").write_text("mine")
+    (out / f"{CHECKPOINT_NAME}.tmp-999999999").write_bytes(b"half")  # a killed writer's
+    # the new run diverges before its first save: nothing of the old run may be left beside it
+    code, _, err = cli(
+        train_args(
+            image_folder,
+            out,
+            "--overwrite",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "1e30",
+            "--momentum",
+            "0",
+            "--checkpoint-every",
+            "100",
+        ),
+        capsys,
+    )
+    assert code == 3 and "removed the previous run's checkpoint.pt, log.jsonl, config.json" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "log.jsonl", "notes.txt"]
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e30
+
+
+@pytest.mark.parametrize("inside", ["train", "class link"])
+def test_an_output_folder_inside_the_training_images_is_refused_first(tmp_path, capsys, inside):
+    root = png_folder(tmp_path / "train", per_class=4)
+    if inside == "class link":  # a class folder that is a link: its real path counts
+        os.rename(root / "c", tmp_path / "c_real")
+        os.symlink(tmp_path / "c_real", root / "c")
+        out = tmp_path / "c_real" / "out"
+    else:
+        out = root / "out"
+    code, _, err = cli(train_args(root, out), capsys)
+    one_line(code, err, "is inside --train")
+    assert not out.exists()

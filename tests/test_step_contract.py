@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from helpers import float64_net
 from hypothesis import example, given
 from hypothesis import strategies as st
 from reference_sam import ReferenceSAM, RefSGD
@@ -26,13 +27,6 @@ KINDS = {
 }
 LR, MOMENTUM, WD, RHO, ETA = 0.05, 0.9, 1e-3, 0.3, 0.01
 STEPS = 4
-
-
-def _net(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)
-    ).double()
 
 
 def _sam(kind, model, groups, adaptive, settings):
@@ -101,7 +95,7 @@ def test_every_loop_matches_the_reference(
     if loop == "closure":
         window = 1  # step(closure) sees one batch (accumulation is the other loops')
     settings = dict(KINDS[kind], **({"direction": direction} if kind == "onepass" else {}))
-    model = _net(seed)
+    model = float64_net(seed, 6, inputs=4)
     ref_model = copy.deepcopy(model)
     late = list(model[4].parameters()), list(ref_model[4].parameters())
     if unfreeze_at is not None:

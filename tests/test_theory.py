@@ -203,7 +203,10 @@ def test_eq12_terms_follow_the_formula():
 
 
 def _appendix_step(A, bs, w, n_norm, h, rho):
-    """Eq. 4-5 in float64 by hand: ascend the norm block only, then descend everything at w'."""
+    """Eq. 4-5 in float64 by hand: ascend the norm block only, then descend everything at w'.
+
+    Deliberately not tests/reference_sam.py: the appendix's quadratic is written over one flat vector
+    w with a closed-form gradient (A w - b), a second independent derivation to check its bound with."""
     grad = A @ w - bs.mean(0)
     g_norm = grad[:n_norm]
     w_half = w.clone()

@@ -1,43 +1,24 @@
 """Issue 18's validation findings, each a regression test: one table of rules (samnorm.validate) for the
 Python configs and every option, the image decoder through ImageFolder, dataset sanity, --random-init."""
 
+import functools
+import math
 import os
 
+import helpers
 import numpy as np
 import pytest
+from helpers import TINY_MODEL, cli, one_line, train_args
 from PIL import Image
 
 from samnorm.cli import main
 from samnorm.data.folders import ImageFolder, ImageTransform
 from samnorm.demo.config import DemoConfig
-from samnorm.recipe import FinetuneConfig
+from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig
 from samnorm.validate import SPECS, check
 
-TINY = [
-    "--model",
-    "t2t_vit_7",
-    "--model-arg",
-    "img_size=16",
-    "--model-arg",
-    "in_chans=1",
-    "--model-arg",
-    "embed_dim=16",
-    "--model-arg",
-    "depth=1",
-    "--model-arg",
-    "num_heads=2",
-    "--workers",
-    "0",
-]
-
-
-def png_folder(root, classes=("a", "b"), per_class=3):
-    rng = np.random.default_rng(0)
-    for ci, c in enumerate(classes):
-        os.makedirs(root / c, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray((rng.random((12, 12)) * 60 + 60 * ci).astype(np.uint8)).save(root / c / f"{i}.png")
-    return root
+# two classes of three 12 px images
+png_folder = functools.partial(helpers.png_folder, classes=("a", "b"), per_class=3, size=(12, 12))
 
 
 def error_line(capsys):
@@ -95,7 +76,7 @@ def test_model_arg_num_classes_is_one_line_not_a_traceback(tmp_path, capsys):
             str(data),
             "--output",
             str(tmp_path / "o"),
-            *TINY,
+            *TINY_MODEL,
             "--random-init",
             "--model-arg",
             "num_classes=7",
@@ -114,7 +95,7 @@ def test_a_huge_seed_names_the_seed(tmp_path, capsys):
             str(data),
             "--output",
             str(tmp_path / "o"),
-            *TINY,
+            *TINY_MODEL,
             "--random-init",
             "--seed",
             str(2**64),
@@ -268,7 +249,7 @@ def test_an_empty_class_folder_is_named(tmp_path, capsys):
     os.makedirs(data / "empty")
     with pytest.raises(ValueError, match=r"class folder .*empty' holds no images"):
         ImageFolder(data)
-    code = main(["finetune", "--train", str(data), "--output", str(tmp_path / "o"), *TINY, "--random-init"])
+    code = main(["finetune", "--train", str(data), "--output", str(tmp_path / "o"), *TINY_MODEL, "--random-init"])
     lines = error_line(capsys)
     assert code == 2 and len(lines) == 1 and "empty' holds no images" in lines[0]
 
@@ -277,7 +258,7 @@ def test_a_single_class_folder_is_refused(tmp_path, capsys):
     data = png_folder(tmp_path / "d", classes=("only",))
     with pytest.raises(ValueError, match="has one class folder \\('only'\\)"):
         ImageFolder(data)
-    code = main(["finetune", "--train", str(data), "--output", str(tmp_path / "o"), *TINY, "--random-init"])
+    code = main(["finetune", "--train", str(data), "--output", str(tmp_path / "o"), *TINY_MODEL, "--random-init"])
     lines = error_line(capsys)
     assert code == 2 and len(lines) == 1 and "at least two classes" in lines[0]
     assert ImageFolder(data, classes=["only", "other"]).classes == ["only", "other"]  # a subset of known classes
@@ -292,7 +273,7 @@ def test_no_weights_is_refused_unless_random_init_is_asked_for(tmp_path, capsys,
         "evaluate": ["--id", str(data), "--ood", f"o={data / 'a'}"],
         "diagnose": ["--id", str(data), "--ood", f"o={data / 'a'}"],
     }[command]
-    argv = [command, *folders, "--output", str(tmp_path / "o"), *TINY]
+    argv = [command, *folders, "--output", str(tmp_path / "o"), *TINY_MODEL]
     code = main(argv)
     lines = error_line(capsys)
     assert code == 2 and len(lines) == 1 and "--random-init" in lines[0] and "--checkpoint" in lines[0], lines
@@ -310,7 +291,7 @@ def test_random_init_says_so_in_one_line(tmp_path, capsys):
             str(data),
             "--output",
             str(tmp_path / "o"),
-            *TINY,
+            *TINY_MODEL,
             "--random-init",
             "--steps",
             "1",
@@ -321,3 +302,34 @@ def test_random_init_says_so_in_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 0 and err.count("starts from random weights (--random-init)") == 1, err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--ood-loss", "energy", "--m-in", "nan"], "--m-in must be a finite number, got nan"),
+        (["--grad-clip", "-1"], "--grad-clip must be a finite number > 0, got -1.0"),
+        (["--grad-clip", "0"], "--grad-clip must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_non_finite_or_sign_flipping_finetune_settings_are_refused(image_folder, tmp_path, capsys, extra, message):
+    code, _, err = cli(train_args(image_folder, tmp_path, *extra), capsys)
+    one_line(code, err, message)
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
+def test_finetune_config_checks_every_number():
+    for bad in (
+        dict(lr=math.inf),
+        dict(lr=math.nan),
+        dict(grad_clip=0.0),
+        dict(rho=-1.0),
+        dict(eta=math.nan),
+        dict(momentum=math.inf),
+        dict(m_out=math.nan),
+        dict(ood_weight=math.inf),
+    ):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            FinetuneConfig(**bad)
+    assert FinetuneConfig(grad_clip=1.0, rho=0.0).grad_clip == 1.0

@@ -8,80 +8,14 @@ import math
 
 import pytest
 import torch
+from helpers import batch, ce, closure, mlp, reference_problem, selection
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from test_optim import _batch, _ce, _closure, _mlp, _reference_problem, _RefSGD
+from reference_sam import ReferenceSAM
 from torch import nn
 
 import samnorm
 from samnorm.sam.variants import IntervalSAM, LookSAM, OnePassSAM, make
-
-EPS = 1e-12  # SAM's default eps, in the reference too
-
-# ----------------------------------------------------------------------------- references
-
-
-def _sq(vs):
-    return sum(float((v * v).sum()) for v in vs)
-
-
-def _ref_interval(model, sel, x, y, steps, base, rho, k, alpha):
-    """Every-k SAM and LookSAM as a plain loop over parameters (float64), from the definitions."""
-    params = list(model.parameters())
-    gv = None
-    for t in range(steps):
-        g = torch.autograd.grad(_ce(model, x, y), params)
-        if t % k == 0:
-            norm = math.sqrt(_sq(gi for gi, s in zip(g, sel) if s))
-            saved = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, gi, s in zip(params, g, sel):
-                    if s:
-                        p += rho * gi / (norm + EPS)
-            g_s = torch.autograd.grad(_ce(model, x, y), params)
-            with torch.no_grad():
-                for p, w in zip(params, saved):
-                    p.copy_(w)
-            pairs = [(gi, gsi) for gi, gsi, s in zip(g, g_s, sel) if s]
-            gg = sum(float((a * a).sum()) for a, _ in pairs)
-            coef = sum(float((a * b).sum()) for a, b in pairs) / gg if gg > 0 else 0.0
-            gv = [b - coef * a for a, b in pairs]
-            with torch.no_grad():
-                base.step(params, g_s)
-        else:
-            gn, vn = math.sqrt(_sq(gi for gi, s in zip(g, sel) if s)), math.sqrt(_sq(gv))
-            it = iter(gv)
-            g = [gi + alpha * gn / vn * next(it) if s and vn > 0 else gi for gi, s in zip(g, sel)]
-            with torch.no_grad():
-                base.step(params, g)
-
-
-def _ref_onepass(model, sel, x, y, steps, base, rho, direction):
-    """One-pass ascent as a plain loop: d = minus the reference optimizer's momentum (MSAM) or the last
-    gradient."""
-    params = list(model.parameters())
-    prev = None
-    for t in range(steps):
-        if t == 0:
-            d = None
-        elif direction == "grad":
-            d = prev
-        else:
-            d = [-(base.buf[i] if isinstance(base, _RefSGD) else base.m[i]) for i in range(len(params))]
-        saved = [p.detach().clone() for p in params]
-        if d is not None:
-            norm = math.sqrt(_sq(di for di, s in zip(d, sel) if s))
-            with torch.no_grad():
-                for p, di, s in zip(params, d, sel):
-                    if s and norm > 0:
-                        p += rho * di / (norm + EPS)
-        g = torch.autograd.grad(_ce(model, x, y), params)
-        with torch.no_grad():
-            for p, w in zip(params, saved):
-                p.copy_(w)
-            base.step(params, g)
-        prev = [gi.clone() for gi in g]
-
 
 # ----------------------------------------------------------------------------- driver
 
@@ -90,36 +24,39 @@ def _train(opt, model, x, y, steps, form):
     """``steps`` steps in one of the three forms every variant accepts."""
     for _ in range(steps):
         if form == "closure":
-            opt.step(_closure(opt, model, x, y))
+            opt.step(closure(opt, model, x, y))
         elif isinstance(opt, OnePassSAM):
             opt.first_step()
             with opt.second_pass(model):
-                _ce(model, x, y).backward()
+                ce(model, x, y).backward()
             opt.second_step(zero_grad=True)
         else:
             if form == "loss":
                 with opt.first_pass(model):
-                    loss = _ce(model, x, y)
+                    loss = ce(model, x, y)
                 opt.first_step(loss)
             else:
-                _ce(model, x, y).backward()
+                ce(model, x, y).backward()
                 opt.first_step(zero_grad=True)
             if opt.is_sam_step:
                 with opt.second_pass(model):
-                    _ce(model, x, y).backward()
+                    ce(model, x, y).backward()
             opt.second_step(zero_grad=True)
 
 
+def _sq(vs):
+    return sum(float((v * v).sum()) for v in vs)
+
+
 def _setup(seed, width, which, opt="sgd"):
-    model, x, y, base, ref_base, perturb = _reference_problem(seed, width, which, opt)
+    model, x, y, base, ref_base, perturb = reference_problem(seed, width, which, opt)
     ref = copy.deepcopy(model)
-    ref_sel = {
-        "all": list(ref.parameters()),
-        "norm": list(samnorm.norm_layers(ref)),
-        "first": list(ref[0].parameters()),
-    }[which]
-    sel = [any(p is s for s in ref_sel) for p in ref.parameters()]
-    return model, ref, x, y, base, ref_base, perturb, sel
+    return model, ref, x, y, base, ref_base, perturb, selection(ref, which)
+
+
+def _ref_run(kind, ref, sel, x, y, steps, base, rho, **settings):
+    """``steps`` steps of reference_sam's ``kind`` on ``ref`` (plain SAM settings: not adaptive)."""
+    ReferenceSAM(kind, rho, False, 0.0, base, **settings).run(ref, sel, lambda: ce(ref, x, y), steps)
 
 
 def _assert_same(a, b, exact=False):
@@ -149,7 +86,7 @@ def test_interval_and_looksam_match_float64_reference(seed, width, rho, k, alpha
     model, ref, x, y, base, ref_base, perturb, sel = _setup(seed, width, which)
     opt = LookSAM(base, perturb, k=k, alpha=alpha, rho=rho) if alpha else IntervalSAM(base, perturb, k=k, rho=rho)
     _train(opt, model, x, y, 2 * k + 1, form)
-    _ref_interval(ref, sel, x, y, 2 * k + 1, ref_base, rho, k, alpha)
+    _ref_run("looksam" if alpha else "interval", ref, sel, x, y, 2 * k + 1, ref_base, rho, k=k, alpha=alpha)
     _assert_same(model, ref)
     assert opt.steps == 2 * k + 1
 
@@ -167,7 +104,7 @@ def test_onepass_matches_float64_reference(seed, width, rho, direction, opt, whi
     model, ref, x, y, base, ref_base, perturb, sel = _setup(seed, width, which, opt)
     sam = OnePassSAM(base, perturb, direction=direction, rho=rho)
     _train(sam, model, x, y, 4, form)
-    _ref_onepass(ref, sel, x, y, 4, ref_base, rho, direction)
+    _ref_run("onepass", ref, sel, x, y, 4, ref_base, rho, direction=direction)
     _assert_same(model, ref)
 
 
@@ -182,22 +119,22 @@ def test_onepass_matches_float64_reference(seed, width, rho, direction, opt, whi
 )
 def test_interval_k1_is_sam_bit_exactly(seed, rho, form, adaptive):
     torch.manual_seed(seed)
-    a = _mlp(nn.BatchNorm1d)
+    a = mlp(nn.BatchNorm1d)
     b = copy.deepcopy(a)
-    x, y = _batch()
+    x, y = batch()
     sam = samnorm.SAM(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, rho=rho, adaptive=adaptive)
     var = IntervalSAM(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), b, k=1, rho=rho, adaptive=adaptive)
     for _ in range(3):
         if form == "closure":
-            sam.step(_closure(sam, a, x, y))
+            sam.step(closure(sam, a, x, y))
         else:  # SAM's own two-step form; the variant sees the same calls
             if form == "loss":
-                sam.first_step(_ce(a, x, y))
+                sam.first_step(ce(a, x, y))
             else:
-                _ce(a, x, y).backward()
+                ce(a, x, y).backward()
                 sam.first_step(zero_grad=True)
             with sam.second_pass(a):
-                _ce(a, x, y).backward()
+                ce(a, x, y).backward()
             sam.second_step(zero_grad=True)
     _train(var, b, x, y, 3, form)
     _assert_same(a, b, exact=True)
@@ -207,9 +144,9 @@ def test_interval_k1_is_sam_bit_exactly(seed, rho, form, adaptive):
 @given(seed=st.integers(0, 1000), k=st.integers(2, 4), form=st.sampled_from(["loss", "grad", "closure"]))
 def test_looksam_alpha0_is_interval_and_its_plain_steps_are_the_base_step(seed, k, form):
     torch.manual_seed(seed)
-    a = _mlp()
+    a = mlp()
     b, c = copy.deepcopy(a), copy.deepcopy(a)
-    x, y = _batch()
+    x, y = batch()
     ia = IntervalSAM(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, k=k, rho=0.3)
     lb = LookSAM(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), b, k=k, alpha=0.0, rho=0.3)
     _train(ia, a, x, y, k + 1, form)
@@ -221,7 +158,7 @@ def test_looksam_alpha0_is_interval_and_its_plain_steps_are_the_base_step(seed, 
     c.load_state_dict(b.state_dict())
     base_c.load_state_dict(copy.deepcopy(lb.base_optimizer.state_dict()))  # no shared buffers
     _train(lb, b, x, y, 1, form)
-    _ce(c, x, y).backward()
+    ce(c, x, y).backward()
     base_c.step()
     _assert_same(b, c, exact=True)
 
@@ -229,9 +166,9 @@ def test_looksam_alpha0_is_interval_and_its_plain_steps_are_the_base_step(seed, 
 @given(seed=st.integers(0, 1000), rho=st.floats(1e-3, 2.0), direction=st.sampled_from(["momentum", "grad"]))
 def test_onepass_with_zero_direction_is_the_base_step(seed, rho, direction):
     torch.manual_seed(seed)
-    a = _mlp(dtype=torch.float64)
+    a = mlp(dtype=torch.float64)
     b = copy.deepcopy(a)
-    x, y = _batch(torch.float64)
+    x, y = batch(dtype=torch.float64)
     opt = OnePassSAM(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, rho=rho, direction=direction)
     base_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     for i in range(3):
@@ -244,7 +181,7 @@ def test_onepass_with_zero_direction_is_the_base_step(seed, rho, direction):
             base_b.load_state_dict(copy.deepcopy(opt.base_optimizer.state_dict()))
         _train(opt, a, x, y, 1, "two_step")
         base_b.zero_grad()
-        _ce(b, x, y).backward()
+        ce(b, x, y).backward()
         base_b.step()
         if i == 0:  # step 0 has no direction yet
             _assert_same(a, b, exact=True)
@@ -262,11 +199,11 @@ def test_onepass_with_zero_direction_is_the_base_step(seed, rho, direction):
 )
 @pytest.mark.parametrize("form", ["loss", "closure"])
 def test_state_dict_round_trip_resumes_bit_identically(name, kw, form):
-    x, y = _batch()
+    x, y = batch()
 
     def build():
         torch.manual_seed(3)
-        m = _mlp(nn.BatchNorm1d)
+        m = mlp(nn.BatchNorm1d)
         return m, make(name, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, rho=0.2, **kw)
 
     full_m, full_o = build()
@@ -290,9 +227,9 @@ def test_state_dict_round_trip_resumes_bit_identically(name, kw, form):
     "name, kw", [("interval", {"k": 2}), ("looksam", {"k": 2}), ("onepass", {}), ("onepass", {"direction": "grad"})]
 )
 def test_no_host_sync_in_the_step(monkeypatch, name, kw):
-    model = _mlp()
+    model = mlp()
     opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.1, **kw)
-    x, y = _batch()
+    x, y = batch()
 
     def forbidden(*_a, **_k):
         raise AssertionError("host sync in the step")
@@ -305,12 +242,12 @@ def test_no_host_sync_in_the_step(monkeypatch, name, kw):
 
 
 def test_closure_runs_as_often_as_the_step_needs():
-    model = _mlp()
-    x, y = _batch()
+    model = mlp()
+    x, y = batch()
     calls = []
 
     def counting(opt):
-        inner = _closure(opt, model, x, y)
+        inner = closure(opt, model, x, y)
         return lambda: (calls.append(1), inner())[1]
 
     for opt, want in [
@@ -327,10 +264,10 @@ def test_closure_runs_as_often_as_the_step_needs():
 
 
 def test_onepass_updates_batchnorm_statistics_and_restores_on_error():
-    model = _mlp(nn.BatchNorm1d)
-    x, y = _batch()
+    model = mlp(nn.BatchNorm1d)
+    x, y = batch()
     opt = OnePassSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5)
-    opt.step(_closure(opt, model, x, y))
+    opt.step(closure(opt, model, x, y))
     assert int(model[1].num_batches_tracked) == 1  # the one pass is also the statistics' pass
     _train(opt, model, x, y, 1, "closure")
     before = [p.detach().clone() for p in model.parameters()]
@@ -354,28 +291,28 @@ def test_interval_plain_steps_keep_ddp_sync():
             self.no_sync_calls += 1
             return torch.enable_grad()
 
-    model = FakeDDP(_mlp())
+    model = FakeDDP(mlp())
     opt = IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=2)
-    x, y = _batch()
+    x, y = batch()
     for want in (1, 1, 2):  # steps 0 (SAM), 1 (plain), 2 (SAM)
         with opt.first_pass(model):
-            loss = _ce(model.module, x, y)
+            loss = ce(model.module, x, y)
         opt.first_step(loss)
         if opt.is_sam_step:
-            _ce(model.module, x, y).backward()
+            ce(model.module, x, y).backward()
         opt.second_step(zero_grad=True)
         assert model.no_sync_calls == want
 
 
 def test_looksam_keeps_previous_gv_when_the_sam_gradient_is_not_finite():
-    model = _mlp()
-    x, y = _batch()
+    model = mlp()
+    x, y = batch()
     opt = LookSAM(torch.optim.SGD(model.parameters(), lr=0.0), model, k=1, alpha=1.0, rho=0.1)
     _train(opt, model, x, y, 1, "loss")
     gv = [v.clone() for v in opt._vec.views("gv")]
     assert _sq(gv) > 0
-    opt.first_step(_ce(model, x, y))
-    _ce(model, x, y).backward()
+    opt.first_step(ce(model, x, y))
+    ce(model, x, y).backward()
     model[1].weight.grad[0] = float("inf")
     opt.second_step(zero_grad=True)
     for a, b in zip(gv, opt._vec.views("gv")):
@@ -383,7 +320,7 @@ def test_looksam_keeps_previous_gv_when_the_sam_gradient_is_not_finite():
 
 
 def test_clear_errors():
-    model = _mlp()
+    model = mlp()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         IntervalSAM(sgd, model, k=0)
@@ -397,14 +334,14 @@ def test_clear_errors():
         with pytest.raises(ValueError, match=r"keeps no momentum buffer.*direction='grad'"):
             OnePassSAM(no_momentum, model)
     opt = OnePassSAM(sgd, model, direction="grad")
-    x, y = _batch()
+    x, y = batch()
     with pytest.raises(ValueError, match="before the forward pass, without a loss"):
-        opt.first_step(_ce(model, x, y))
+        opt.first_step(ce(model, x, y))
     iv = IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=2)
     with pytest.raises(RuntimeError, match="without first_step"):
         iv.second_step()
     _train(iv, model, x, y, 1, "loss")
-    iv.first_step(_ce(model, x, y))
+    iv.first_step(ce(model, x, y))
     with pytest.raises(RuntimeError, match="first_step called twice"):
         iv.first_step()
     with pytest.raises(RuntimeError, match="after second_step"):
@@ -439,8 +376,8 @@ def test_step_cost_benchmark_runs_every_candidate_interleaved():
 
 
 def test_onepass_perturbs_against_the_momentum_and_leaves_it_bit_identical():
-    model = _mlp()
-    x, y = _batch()
+    model = mlp()
+    x, y = batch()
     opt = OnePassSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5)
     _train(opt, model, x, y, 2, "two_step")
     params = opt.perturbed_parameters()
@@ -461,11 +398,11 @@ def test_onepass_perturbs_against_the_momentum_and_leaves_it_bit_identical():
 def test_step_without_closure_and_grad_scaler_finish_the_step_like_second_step(name, kw):
     """``step()`` after first_step (what frameworks call) and ``second_step(scaler=...)`` with a
     GradScaler (scaled losses) train as ``second_step()`` does."""
-    x, y = _batch()
+    x, y = batch()
     runs = []
     for finish in ("second_step", "step", "scaler"):
         torch.manual_seed(3)
-        model = _mlp()
+        model = mlp()
         opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.2, **kw)
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if finish == "scaler" else None
         scale = scaler.scale if scaler else (lambda t: t)
@@ -473,10 +410,10 @@ def test_step_without_closure_and_grad_scaler_finish_the_step_like_second_step(n
             if name == "onepass":
                 opt.first_step()
             else:
-                opt.first_step(scale(_ce(model, x, y)))
+                opt.first_step(scale(ce(model, x, y)))
             if opt.is_sam_step:
                 with opt.second_pass(model):
-                    scale(_ce(model, x, y)).backward()
+                    scale(ce(model, x, y)).backward()
             if finish == "step":
                 opt.step()
             else:
@@ -495,8 +432,8 @@ def test_step_without_closure_and_grad_scaler_finish_the_step_like_second_step(n
     "name, kw", [("looksam", {"k": 2, "alpha": 0.7}), ("onepass", {"direction": "grad"}), ("onepass", {})]
 )
 def test_low_precision_parameters_keep_float32_vectors(name, kw):
-    model = _mlp(dtype=torch.bfloat16)
-    x, y = _batch(torch.bfloat16)
+    model = mlp(dtype=torch.bfloat16)
+    x, y = batch(dtype=torch.bfloat16)
     opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.2, **kw)
     _train(opt, model, x, y, 4, "closure")
     assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in model.parameters())
@@ -540,28 +477,28 @@ def test_onepass_momentum_after_a_skipped_amp_step_is_a_plain_step(opt):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for bad in (True, False):
         onepass.first_step()
-        loss = _ce(model, x, y) * (float("inf") if bad else 1.0)
+        loss = ce(model, x, y) * (float("inf") if bad else 1.0)
         scaler.scale(loss).backward()
         onepass.second_step(zero_grad=True, scaler=scaler)
         scaler.update()
     assert onepass.steps == 2 and scaler.get_scale() == 2.0**9
-    _ref_onepass(ref, sel, x, y, 1, ref_base, 0.5, "momentum")
+    _ref_run("onepass", ref, sel, x, y, 1, ref_base, 0.5, direction="momentum")
     _assert_same(model, ref)
 
 
 def test_interval_plain_closure_step_under_grad_scaler_ignores_the_stale_inf_flag():
     # scaler.step(opt, closure): GradScaler checks .grad before the closure runs. After a skipped
     # SAM step those are the old inf gradients; the plain step's own finite ones must go through.
-    model = _mlp()
+    model = mlp()
     opt = IntervalSAM(torch.optim.SGD(model.parameters(), lr=0.1), model, k=2, rho=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     scaler.scale(torch.ones(()))  # GradScaler sets its scale lazily
-    x, y = _batch()
+    x, y = batch()
     factor = [float("inf")]
 
     def closure():
         opt.zero_grad()
-        loss = _ce(model, x, y) * factor[0]
+        loss = ce(model, x, y) * factor[0]
         scaler.scale(loss).backward()
         return loss
 
@@ -571,7 +508,7 @@ def test_interval_plain_closure_step_under_grad_scaler_ignores_the_stale_inf_fla
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
     assert not opt.is_sam_step and scaler.get_scale() == 2.0**9
     factor[0] = 1.0
-    grads = torch.autograd.grad(_ce(model, x, y), list(model.parameters()))
+    grads = torch.autograd.grad(ce(model, x, y), list(model.parameters()))
     scaler.step(opt, closure)
     scaler.update()
     assert scaler.get_scale() == 2.0**9  # no back-off: the step was finite
@@ -581,17 +518,17 @@ def test_interval_plain_closure_step_under_grad_scaler_ignores_the_stale_inf_fla
 
 @pytest.mark.parametrize("name, kw", [("looksam", {"k": 2}), ("onepass", {"direction": "grad"})])
 def test_an_error_in_the_variant_vector_code_leaves_the_weights_restored(monkeypatch, name, kw):
-    model = _mlp()
+    model = mlp()
     opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.5, **kw)
-    x, y = _batch()
+    x, y = batch()
     _train(opt, model, x, y, 2, "two_step")  # LookSAM: step 2 is a SAM step; OnePassSAM: d is set
     before = [p.detach().clone() for p in model.parameters()]
     if isinstance(opt, OnePassSAM):
         opt.first_step()
     else:
-        opt.first_step(_ce(model, x, y))
+        opt.first_step(ce(model, x, y))
     assert any(not torch.equal(p, w) for p, w in zip(model.parameters(), before))  # at w + e
-    _ce(model, x, y).backward()
+    ce(model, x, y).backward()
 
     def fail(*args):
         raise RuntimeError("vector code failed")
@@ -603,8 +540,8 @@ def test_an_error_in_the_variant_vector_code_leaves_the_weights_restored(monkeyp
 
 
 def test_load_state_dict_refuses_another_variant_and_resumes_the_saved_settings():
-    model = _mlp()
-    x, y = _batch()
+    model = mlp()
+    x, y = batch()
 
     def build(name, **kw):
         return make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.2, **kw)

@@ -1,4 +1,5 @@
-"""SAM in real training loops: GradScaler, accumulation, BatchNorm, clipping, compile, Lightning."""
+"""SAM in hand-written training loops: GradScaler, accumulation, BatchNorm, clipping, compile (each
+trainer's own loop is in its test_integrations_*.py)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,12 @@ import copy
 
 import pytest
 import torch
+from helpers import batch, ce, mlp
+from reference_sam import sam_sgd
 from torch import nn
 
 from samnorm import SAM, disable_running_stats
 from samnorm.sam.variants import make
-
-
-def _mlp(norm=nn.LayerNorm, dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), norm(16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
-
-
-def _data(n=16, dtype=torch.float32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
-
-
-def _ce(model, x, y):
-    return nn.functional.cross_entropy(model(x), y)
-
 
 # ----------------------------------------------------------------------------- GradScaler
 
@@ -51,7 +39,7 @@ def _scaler_step(model, opt, scaler, x, y, inject=None, api="second_step"):
             if (inject, len(calls)) in (("first", 1), ("second", 2)):
                 hook(model[1].weight if inject == "first" else model[0].weight)
             opt.zero_grad()
-            loss = _ce(model, x, y)
+            loss = ce(model, x, y)
             scaler.scale(loss).backward()
             drop()
             return loss
@@ -63,12 +51,12 @@ def _scaler_step(model, opt, scaler, x, y, inject=None, api="second_step"):
         return
     if inject == "first":  # on a norm weight: the SAM-ON first pass differentiates only those
         hook(model[1].weight)
-    opt.first_step(scaler.scale(_ce(model, x, y)))
+    opt.first_step(scaler.scale(ce(model, x, y)))
     drop()
     if inject == "second":
         hook(model[0].weight)
     with opt.second_pass(model):
-        loss = _ce(model, x, y)
+        loss = ce(model, x, y)
         if api != "timm.NativeScaler":
             scaler.scale(loss).backward()
     if api == "second_step":
@@ -91,15 +79,15 @@ def _scaler_step(model, opt, scaler, x, y, inject=None, api="second_step"):
 def test_grad_scaler_matches_unscaled_step_exactly(api):
     if api == "timm.NativeScaler":
         pytest.importorskip("timm")
-    x, y = _data()
-    a, b = _mlp(), _mlp()
+    x, y = batch()
+    a, b = mlp(), mlp()
     oa = SAM(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, rho=0.3)
     ob = SAM(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), b, rho=0.3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     for _ in range(3):
         _scaler_step(a, oa, scaler, x, y, api=api)
-        ob.first_step(_ce(b, x, y))
-        _ce(b, x, y).backward()
+        ob.first_step(ce(b, x, y))
+        ce(b, x, y).backward()
         ob.second_step(zero_grad=True)
     # power-of-two scaling is exact: the ascent direction and the unscaled gradient are identical
     for p, q in zip(a.parameters(), b.parameters()):
@@ -113,8 +101,8 @@ def test_grad_scaler_matches_unscaled_step_exactly(api):
 def test_grad_scaler_inf_in_either_pass_skips_whole_step_and_backs_off(inject, api):
     if api == "timm.NativeScaler":
         pytest.importorskip("timm")
-    x, y = _data()
-    model = _mlp()
+    x, y = batch()
+    model = mlp()
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     before = copy.deepcopy(model.state_dict())
@@ -131,8 +119,8 @@ def test_grad_scaler_inf_in_either_pass_skips_whole_step_and_backs_off(inject, a
 
 @pytest.mark.filterwarnings("ignore:SAM. the first-pass gradient norm was not finite")
 def test_grad_scaler_with_fused_base_skips_on_the_device():
-    x, y = _data()
-    a, b = _mlp(), _mlp()
+    x, y = batch()
+    a, b = mlp(), mlp()
     oa = SAM(torch.optim.AdamW(a.parameters(), lr=0.01, fused=True), a, rho=0.3)
     ob = SAM(torch.optim.AdamW(b.parameters(), lr=0.01), b, rho=0.3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
@@ -140,8 +128,8 @@ def test_grad_scaler_with_fused_base_skips_on_the_device():
     assert scaler.get_scale() == 2.0**11
     for _ in range(2):
         _scaler_step(a, oa, scaler, x, y, api="scaler.step(sam)")
-        ob.first_step(_ce(b, x, y))
-        _ce(b, x, y).backward()
+        ob.first_step(ce(b, x, y))
+        ce(b, x, y).backward()
         ob.step()
         ob.zero_grad()
     # the skipped step left no trace: same weights and Adam step count as two clean steps
@@ -155,19 +143,19 @@ def test_grad_scaler_with_fused_base_skips_on_the_device():
 @pytest.mark.parametrize("unscale_on", ["base", "sam"])
 def test_grad_scaler_unscale_before_second_step_for_clipping(unscale_on, finish):
     # every entry point divides by the scale exactly once, whichever object unscale_ was given
-    x, y = _data()
+    x, y = batch()
     for inject in (None, "first"):
-        a, b = _mlp(), _mlp()
+        a, b = mlp(), mlp()
         oa = SAM(torch.optim.SGD(a.parameters(), lr=0.1), a, rho=0.3)
         ob = SAM(torch.optim.SGD(b.parameters(), lr=0.1), b, rho=0.3)
         sa, sb = (torch.amp.GradScaler("cpu", init_scale=2.0**12) for _ in range(2))
         before = copy.deepcopy(b.state_dict())
         _scaler_step(a, oa, sa, x, y, inject=inject)
         handle = b[1].weight.register_hook(lambda g: g * float("inf")) if inject else None
-        ob.first_step(sb.scale(_ce(b, x, y)))
+        ob.first_step(sb.scale(ce(b, x, y)))
         if handle:
             handle.remove()
-        sb.scale(_ce(b, x, y)).backward()
+        sb.scale(ce(b, x, y)).backward()
         sb.unscale_(ob.base_optimizer if unscale_on == "base" else ob)  # e.g. to clip
         if finish == "second_step":
             ob.second_step(scaler=sb, zero_grad=True)
@@ -183,12 +171,12 @@ def test_grad_scaler_unscale_before_second_step_for_clipping(unscale_on, finish)
 
 
 def test_grad_scaler_unscale_on_both_sam_and_base_is_refused():
-    x, y = _data()
-    model = _mlp()
+    x, y = batch()
+    model = mlp()
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    opt.first_step(scaler.scale(_ce(model, x, y)))
-    scaler.scale(_ce(model, x, y)).backward()
+    opt.first_step(scaler.scale(ce(model, x, y)))
+    scaler.scale(ce(model, x, y)).backward()
     scaler.unscale_(opt.base_optimizer)
     scaler.unscale_(opt)  # the shared gradients are now divided twice
     with pytest.raises(RuntimeError, match="both SAM and its base optimizer"):
@@ -198,8 +186,8 @@ def test_grad_scaler_unscale_on_both_sam_and_base_is_refused():
 @pytest.mark.parametrize("name", ["sam", "interval", "onepass"])
 def test_grad_scaler_unscale_before_a_closure_step_is_refused(name):
     # the closure computes the gradients inside the step: GradScaler would hand over no scale
-    x, y = _data()
-    model = _mlp()
+    x, y = batch()
+    model = mlp()
     opt = make(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.3)
     if name == "interval":
         opt.steps = 1  # a plain step
@@ -207,7 +195,7 @@ def test_grad_scaler_unscale_before_a_closure_step_is_refused(name):
 
     def closure():
         opt.zero_grad()
-        loss = _ce(model, x, y)
+        loss = ce(model, x, y)
         scaler.scale(loss).backward()
         return loss
 
@@ -222,8 +210,8 @@ def test_grad_scaler_unscale_before_a_closure_step_is_refused(name):
 
 @pytest.mark.filterwarnings("ignore:SAM. the first-pass gradient norm was not finite")
 def test_disabled_grad_scaler_behaves_like_no_scaler():
-    x, y = _data()
-    model = _mlp()
+    x, y = batch()
+    model = mlp()
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     _scaler_step(model, opt, scaler, x, y, inject="first")
@@ -232,15 +220,15 @@ def test_disabled_grad_scaler_behaves_like_no_scaler():
 
 
 def test_fp16_autocast_step_runs_on_cpu():
-    x, y = _data()
-    model = _mlp()
+    x, y = batch()
+    model = mlp()
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
     scaler = torch.amp.GradScaler("cpu")
     with torch.autocast("cpu", dtype=torch.float16):
-        loss = _ce(model, x, y)
+        loss = ce(model, x, y)
     opt.first_step(scaler.scale(loss))
     with torch.autocast("cpu", dtype=torch.float16), opt.second_pass(model):
-        loss2 = _ce(model, x, y)
+        loss2 = ce(model, x, y)
     scaler.scale(loss2).backward()
     opt.second_step(scaler=scaler, zero_grad=True)
     scaler.update()
@@ -250,99 +238,43 @@ def test_fp16_autocast_step_runs_on_cpu():
 # ----------------------------------------------------------------------------- step contract
 
 
-def _manual_sam_sgd(model, x, y, rho, lr, steps):
-    """SAM-ON with plain SGD written out, float64, from the definitions."""
-    params = list(model.parameters())
-    norm_ids = {id(model[1].weight), id(model[1].bias)}
-    for _ in range(steps):
-        gs = torch.autograd.grad(_ce(model, x, y), params)
-        with torch.no_grad():
-            sel = [(p, g) for p, g in zip(params, gs) if id(p) in norm_ids]
-            norm = torch.sqrt(sum((g * g).sum() for _, g in sel))
-            saved = [p.clone() for p in params]
-            for p, g in sel:
-                p += rho * g / (norm + 1e-12)
-        gs = torch.autograd.grad(_ce(model, x, y), params)
-        with torch.no_grad():
-            for p, w, g in zip(params, saved, gs):
-                p.copy_(w - lr * g)
-
-
 def test_step_after_first_step_finishes_the_sam_step():
-    x, y = _data(dtype=torch.float64)
-    model, ref = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
+    x, y = batch(dtype=torch.float64)
+    model, ref = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
     for _ in range(3):
-        opt.first_step(_ce(model, x, y))
-        _ce(model, x, y).backward()  # the framework's backward ...
+        opt.first_step(ce(model, x, y))
+        ce(model, x, y).backward()  # the framework's backward ...
         assert opt.step() is None  # ... and its optimizer.step()
         opt.zero_grad()
-    _manual_sam_sgd(ref, x, y, 0.3, 0.1, 3)
+    sam_sgd(ref, list(ref[1].parameters()), lambda: ce(ref, x, y), rho=0.3, lr=0.1, steps=3)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
 def test_closure_after_first_step_is_the_second_pass():
-    x, y = _data(dtype=torch.float64)
-    model, ref = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
+    x, y = batch(dtype=torch.float64)
+    model, ref = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
     for _ in range(2):
-        opt.first_step(_ce(model, x, y))
+        opt.first_step(ce(model, x, y))
 
         def second_pass():
             opt.zero_grad()
-            loss = _ce(model, x, y)
+            loss = ce(model, x, y)
             loss.backward()
             return loss
 
         assert opt.step(second_pass) is not None
-    _manual_sam_sgd(ref, x, y, 0.3, 0.1, 2)
+    sam_sgd(ref, list(ref[1].parameters()), lambda: ce(ref, x, y), rho=0.3, lr=0.1, steps=2)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
-def test_lightning_manual_optimization_two_pass_idiom_advances_global_step():
-    pl = pytest.importorskip("pytorch_lightning")
-    x, y = _data(32, dtype=torch.float64)
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
-            self.net = _mlp(dtype=torch.float64)
-
-        def training_step(self, batch, _):
-            opt = self.optimizers()
-            self.manual_backward(_ce(self.net, *batch))
-            opt.optimizer.first_step(zero_grad=True)
-            self.manual_backward(_ce(self.net, *batch))
-            opt.step()  # Lightning passes SAM a closure that does nothing: it finishes the step
-            opt.zero_grad()
-
-        def configure_optimizers(self):
-            return SAM(torch.optim.SGD(self.parameters(), lr=0.1), self.net, rho=0.3)
-
-    module, ref = Module(), _mlp(dtype=torch.float64)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, loader)
-    assert trainer.global_step == 2  # so max_steps stops training
-    _manual_sam_sgd(ref, x, y, 0.3, 0.1, 2)
-    for p, q in zip(module.net.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
-
-
 def test_step_without_closure_or_first_step_names_the_supported_paths():
-    model = _mlp()
+    model = mlp()
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model)
-    _ce(model, *_data()).backward()
+    ce(model, *batch()).backward()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError) as err:
         opt.step()
@@ -363,42 +295,17 @@ def test_step_without_closure_or_first_step_names_the_supported_paths():
     assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
 
 
-def test_timm_lookahead_around_sam_two_step_form():
-    pytest.importorskip("timm")
-    from timm.optim import Lookahead
-
-    x, y = _data(dtype=torch.float64)
-    model, ref = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
-    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
-    la = Lookahead(opt, alpha=0.5, k=2)
-    slow = None
-    for step in range(1, 7):
-        opt.first_step(_ce(model, x, y))
-        _ce(model, x, y).backward()
-        la.step()  # Lookahead.step calls SAM.step(), which finishes the SAM step
-        la.zero_grad()
-        _manual_sam_sgd(ref, x, y, 0.3, 0.1, 1)
-        if step % 2 == 0:  # Lookahead: slow += alpha (fast - slow); fast = slow (slow starts at step k)
-            slow = slow or [p.detach().clone() for p in ref.parameters()]
-            with torch.no_grad():
-                for s, p in zip(slow, ref.parameters()):
-                    s += 0.5 * (p - s)
-                    p.copy_(s)
-    for p, q in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
-
-
 # ----------------------------------------------------------------------------- accumulation
 
 
 def test_closure_step_refuses_accumulated_gradients():
-    x, y = _data()
-    model = _mlp()
+    x, y = batch()
+    model = mlp()
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
-    _ce(model, x[:8], y[:8]).backward()  # micro-batch A, accumulated
+    ce(model, x[:8], y[:8]).backward()  # micro-batch A, accumulated
 
     def accumulating():  # micro-batch B added to A's gradient, as Lightning's last micro-batch does
-        loss = _ce(model, x[8:], y[8:])
+        loss = ce(model, x[8:], y[8:])
         loss.backward()
         return loss
 
@@ -415,91 +322,10 @@ def test_closure_step_refuses_accumulated_gradients():
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_accelerate_accumulate_with_closure_is_refused():
-    accelerate = pytest.importorskip("accelerate")
-    from accelerate.state import AcceleratorState, GradientState
-
-    x, y = _data()
-    model = _mlp()
-    before = copy.deepcopy(model.state_dict())
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
-        pmodel, opt = acc.prepare(model, SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3))
-
-        def closure():
-            opt.zero_grad()
-            loss = _ce(pmodel, x, y)
-            acc.backward(loss)
-            return loss
-
-        with pytest.raises(ValueError, match="sam_backward"):
-            for _ in range(2):  # the first micro-batch's step is skipped: the closure never runs
-                with acc.accumulate(pmodel):
-                    opt.step(closure)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-def _lightning(norm=nn.LayerNorm, max_steps=2, **trainer_kwargs):
-    """A tiny LightningModule whose configure_optimizers returns SAM, and a Trainer for it.
-    Returns (module, its state before training, the training_step call count, fit)."""
-    pl = pytest.importorskip("pytorch_lightning")
-    x, y = _data(32)
-    calls = {"training_step": 0}
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _mlp(norm)
-
-        def training_step(self, batch, _):
-            calls["training_step"] += 1
-            return _ce(self.net, *batch)
-
-        def configure_optimizers(self):
-            return SAM(torch.optim.SGD(self.parameters(), lr=0.1), self.net, rho=0.3)
-
-    module = Module()
-    before = copy.deepcopy(module.state_dict())
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
-    )
-    return module, before, calls, lambda: trainer.fit(module, loader)
-
-
-@pytest.mark.parametrize("case", ["accumulate_grad_batches=2", "16-mixed"])
-def test_lightning_automatic_accumulation_and_fp16_are_refused(case):
-    pytest.importorskip("pytorch_lightning")
-    from pytorch_lightning.plugins.precision import MixedPrecision
-
-    # on CPU "16-mixed" silently becomes bf16; the plugin forces the GradScaler path of a GPU
-    extra = (
-        {"accumulate_grad_batches": 2} if case.startswith("acc") else {"plugins": [MixedPrecision("16-mixed", "cpu")]}
-    )
-    module, before, _, fit = _lightning(**extra)
-    # Lightning's 16-mixed runs the closure itself, then scaler.step(sam): one pass only
-    with pytest.raises(
-        ValueError, match="accumulate_grad_batches" if case.startswith("acc") else "integrations.lightning"
-    ):
-        fit()
-    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
-
-
 @pytest.mark.parametrize("perturb", ["norm", "all"])
 def test_gradient_accumulation_equals_large_batch(perturb):
-    x, y = _data(24, torch.float64)
-    big, acc = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
+    x, y = batch(24, torch.float64)
+    big, acc = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
 
     def make(m):
         return SAM(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m if perturb == "norm" else None, rho=0.4)
@@ -507,15 +333,15 @@ def test_gradient_accumulation_equals_large_batch(perturb):
     ob, oa = make(big), make(acc)
     k = 3
     for _ in range(2):
-        ob.first_step(_ce(big, x, y))
-        _ce(big, x, y).backward()
+        ob.first_step(ce(big, x, y))
+        ce(big, x, y).backward()
         ob.second_step(zero_grad=True)
         # k micro-batches: both passes accumulate into .grad, the ascent uses the sum
         for xs, ys in zip(x.chunk(k), y.chunk(k)):
-            (_ce(acc, xs, ys) / k).backward()
+            (ce(acc, xs, ys) / k).backward()
         oa.first_step(zero_grad=True)
         for xs, ys in zip(x.chunk(k), y.chunk(k)):
-            (_ce(acc, xs, ys) / k).backward()
+            (ce(acc, xs, ys) / k).backward()
         oa.second_step(zero_grad=True)
     for p, q in zip(big.parameters(), acc.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
@@ -525,13 +351,13 @@ def test_gradient_accumulation_equals_large_batch(perturb):
 
 
 def test_second_pass_leaves_batchnorm_statistics_alone():
-    x, y = _data()
-    model = _mlp(nn.BatchNorm1d)
+    x, y = batch()
+    model = mlp(nn.BatchNorm1d)
     ref = copy.deepcopy(model)
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5)
-    opt.first_step(_ce(model, x, y))
+    opt.first_step(ce(model, x, y))
     with opt.second_pass(model):
-        _ce(model, x, y).backward()
+        ce(model, x, y).backward()
     opt.second_step(zero_grad=True)
     ref(x)  # one forward at the unperturbed point: what the statistics must reflect
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -543,14 +369,14 @@ def test_second_pass_leaves_batchnorm_statistics_alone():
 
 
 def test_closure_step_shields_batchnorm_when_sam_knows_the_model():
-    x, y = _data()
-    model = _mlp(nn.BatchNorm1d)
+    x, y = batch()
+    model = mlp(nn.BatchNorm1d)
     ref = copy.deepcopy(model)
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5)
 
     def closure():
         opt.zero_grad()
-        loss = _ce(model, x, y)
+        loss = ce(model, x, y)
         loss.backward()
         return loss
 
@@ -571,13 +397,13 @@ def test_disable_running_stats_restores_flags_on_error():
 
 
 def test_clipping_the_second_pass_gradient():
-    x, y = _data(dtype=torch.float64)
-    model = _mlp(dtype=torch.float64)
+    x, y = batch(dtype=torch.float64)
+    model = mlp(dtype=torch.float64)
     lr, max_norm = 0.5, 0.01
     opt = SAM(torch.optim.SGD(model.parameters(), lr=lr), model, rho=0.2)
     before = [p.detach().clone() for p in model.parameters()]
-    opt.first_step(_ce(model, x, y))
-    _ce(model, x, y).backward()
+    opt.first_step(ce(model, x, y))
+    ce(model, x, y).backward()
     total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # the documented place
     grads = [p.grad.clone() for p in model.parameters()]
     opt.second_step()
@@ -594,27 +420,16 @@ def test_clipping_the_second_pass_gradient():
 
 def test_compiled_model_trains_like_eager():
     pytest.importorskip("torch._dynamo")
-    x, y = _data()
-    eager, comp = _mlp(), _mlp()
+    x, y = batch()
+    eager, comp = mlp(), mlp()
     compiled = torch.compile(comp, backend="aot_eager")  # dynamo + AOTAutograd, no C++ toolchain
     oe = SAM(torch.optim.SGD(eager.parameters(), lr=0.1), eager, rho=0.3)
     oc = SAM(torch.optim.SGD(comp.parameters(), lr=0.1), comp, rho=0.3)
     for _ in range(3):
         for m, o in ((eager, oe), (compiled, oc)):
-            o.first_step(_ce(m, x, y))
-            _ce(m, x, y).backward()
+            o.first_step(ce(m, x, y))
+            ce(m, x, y).backward()
             o.second_step(zero_grad=True)
     for p, q in zip(eager.parameters(), comp.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
-
-
-# ----------------------------------------------------------------------------- Lightning
-
-
-def test_lightning_automatic_optimization():
-    module, before, calls, fit = _lightning(nn.BatchNorm1d, max_steps=3)
-    fit()
-    assert calls["training_step"] == 6  # step(closure) ran the closure twice per optimizer step
-    assert int(module.net[1].num_batches_tracked) == 3  # the perturbed pass left BN alone
-    assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
