@@ -13,6 +13,7 @@ pytest fixtures built on them are in conftest.py). Import as ``from helpers impo
 from __future__ import annotations
 
 import os
+import socket
 
 import numpy as np
 import torch
@@ -216,3 +217,10 @@ def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """Smooth images (a DC level plus texture), so block outputs have a clear top singular value."""
     gen = torch.Generator().manual_seed(seed)
     return 0.5 + 0.1 * torch.rand(n, 3, size, size, generator=gen)
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a process group's MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("timm")
 
 from samnorm.demo import DemoConfig
-from samnorm.recipe import FinetuneConfig
+from samnorm.train.recipe import FinetuneConfig
 
 
 @pytest.fixture(scope="module")

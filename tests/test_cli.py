@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,11 +14,11 @@ import pytest
 import torch
 
 pytest.importorskip("timm")
-from helpers import TINY, cli, one_line, png_folder, train_args
+from helpers import TINY, cli, free_port, one_line, png_folder, train_args
 
 from samnorm.cli import build_parser, main
-from samnorm.cli_common import UsageError
-from samnorm.recipe import CHECKPOINT_NAME, DivergedError
+from samnorm.cli.common import UsageError
+from samnorm.train.recipe import CHECKPOINT_NAME, DivergedError
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
 
@@ -403,12 +402,6 @@ def test_usage_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, ca
         main(["--debug", "pseudo-ood", "--images", "x", "--output", "y.png"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_gloo_processes_train_and_evaluate_like_torchrun(folders, tmp_path, capsys):
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
@@ -455,7 +448,7 @@ def test_two_gloo_processes_train_and_evaluate_like_torchrun(folders, tmp_path, 
         assert main({finetune!r}) == 0
         assert main({evaluate!r}) == 0
     """)
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):  # the environment torchrun gives each worker
         env = dict(
@@ -490,12 +483,12 @@ def test_two_gloo_processes_train_and_evaluate_like_torchrun(folders, tmp_path, 
 
 
 def test_torch_free_parsers_offer_exactly_the_losses_the_library_has():
-    # The parsers cannot import samnorm.losses (it imports torch, and --help must not), so they spell
+    # The parsers cannot import samnorm.train.losses (it imports torch, and --help must not), so they spell
     # the names out; this keeps those spellings equal to the one list, OOD_LOSSES.
     import argparse
 
     from samnorm.demo.cli import add_parser
-    from samnorm.losses import OOD_LOSSES
+    from samnorm.train.losses import OOD_LOSSES
 
     def choices(parser: argparse.ArgumentParser) -> list[str]:
         action = next(a for a in parser._actions if "--ood-loss" in a.option_strings)
@@ -593,8 +586,8 @@ def test_bad_variant_settings_get_one_line(folders, tmp_path, capsys, extra, mes
 
 
 def test_the_cli_offers_the_registry_variants_and_the_recipe_precisions():
-    from samnorm.recipe import _AUTOCAST
     from samnorm.sam import registry
+    from samnorm.train.recipe import _AUTOCAST
 
     finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
     choices = {a.dest: a.choices for a in finetune._actions if a.choices is not None}

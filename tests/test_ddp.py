@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from fsdp_sam_cases import CASES, reference
+from helpers import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def results(tmp_path_factory) -> dict[str, list[dict]]:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(worker),
         str(out),
     ]
@@ -86,3 +80,41 @@ def test_fsdp2_refuses_sharded_and_plain_parameters_in_one_line(results):
             pytest.skip(r["skip"])
         assert r["mixed"].startswith("ValueError: SAM under FSDP") and "fully_shard to the root" in r["mixed"]
         assert "\n" not in r["mixed"]
+
+
+_LEAVE = """
+import os, sys, time
+import torch.distributed as dist
+from samnorm.utils.dist import leave_process_group
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+dist.all_reduce(__import__("torch").ones(1))
+if rank == 1:
+    if sys.argv[1] == "crash":
+        os._exit(0)  # gone without leaving the group
+    time.sleep(2.0)  # a slow peer still working
+start = time.monotonic()
+leave_process_group(timeout_s=float(sys.argv[2]))
+print(f"waited {time.monotonic() - start:.2f} initialized {dist.is_initialized()}")
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("peer", ["slow", "crash"])
+def test_leaving_the_process_group_waits_for_a_slow_peer_and_not_for_a_dead_one(peer):
+    # A rank that tears the group down while a peer still works can abort the peer (gloo); a rank
+    # whose peer died must still leave, within the timeout.
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+        cmd = [sys.executable, "-c", _LEAVE, peer, "5"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert procs[0].returncode == 0, outs[0][1][-2000:]
+    waited = float(outs[0][0].split()[1])
+    assert "initialized False" in outs[0][0]
+    if peer == "slow":
+        assert procs[1].returncode == 0, outs[1][1][-2000:]
+        assert waited > 1.0, outs[0][0]  # rank 0 waited for rank 1's two seconds
+    else:
+        assert waited < 30, outs[0][0]  # bounded by the timeout, not gloo's 30-minute default

@@ -21,7 +21,7 @@ pytest.importorskip("mlxtend")
 pytest.importorskip("skimage")
 
 from samnorm import demo
-from samnorm.cli_common import UsageError
+from samnorm.cli.common import UsageError
 from samnorm.demo import ARMS, SCORER_NAMES, DemoConfig, stats
 
 TINY = dict(
@@ -207,10 +207,10 @@ def test_arms_run_through_the_recipe_and_share_data_order_loss_and_sampler(tiny)
         tuned = finetune_copy(model, train, arm_config(config, arm, rho=0.0), 3)
         for a, b in zip(sgd.state_dict().values(), tuned.state_dict().values()):
             assert torch.equal(a, b)
-    # The demo's runs are samnorm.recipe.finetune's: the same call by hand gives the same weights.
+    # The demo's runs are samnorm.train.recipe.finetune's: the same call by hand gives the same weights.
     import copy
 
-    from samnorm.recipe import finetune
+    from samnorm.train.recipe import finetune
 
     by_hand = copy.deepcopy(model)
     finetune(by_hand, train, arm_config(config, "sam_on"), seed=3, progress=False, log=lambda _: None)
@@ -522,8 +522,8 @@ def test_ablation_chooses_rho_on_validation_and_pairs_runs() -> None:
 def test_variant_arms_train_through_the_recipe_with_their_pass_counts(arm, cls, k, passes) -> None:
     """Each cheaper arm is SAM-ON (GroupNorm only) under its schedule: 5 steps cost one forward each,
     plus a second one on SAM steps (interval/LookSAM k=4: steps 0 and 4)."""
-    from samnorm.recipe import _build_optimizer, finetune
     from samnorm.sam import variants
+    from samnorm.train.recipe import _build_optimizer, finetune
 
     ab = _ablation_module()
     run = {"seed": 0, "ood": "on", "lr": 0.1, "optimizer": arm, "rho": 0.1}
@@ -553,7 +553,7 @@ def test_variant_arms_train_through_the_recipe_with_their_pass_counts(arm, cls, 
 
 
 def test_recipe_rejects_a_variant_without_sam_or_a_bad_k() -> None:
-    from samnorm.recipe import FinetuneConfig
+    from samnorm.train.recipe import FinetuneConfig
 
     for bad in (
         dict(optimizer="sgd", variant="onepass"),
@@ -615,7 +615,7 @@ def test_a_variant_run_resumes_bit_identically(tmp_path, variant, k) -> None:
     resumed after step 4 (a plain step of k=3 that adds g_v), 7 steps end as an uninterrupted run."""
     from helpers import CrashAfter
 
-    from samnorm.recipe import finetune
+    from samnorm.train.recipe import finetune
 
     def model():
         torch.manual_seed(0)

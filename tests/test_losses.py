@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from samnorm import losses
-from samnorm.losses import SFTLoss, energy_margin, free_energy, max_logit_gap, uniform_ce
 from samnorm.ood import energy as energy_score
+from samnorm.train import losses
+from samnorm.train.losses import SFTLoss, energy_margin, free_energy, max_logit_gap, uniform_ce
 
 logit_arrays = st.integers(1, 6).flatmap(
     lambda b: st.integers(1, 7).flatmap(

@@ -13,8 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from samnorm.data.folders import ImageFolder, ImageTransform
-from samnorm.recipe import CHECKPOINT_NAME, DivergedError, FinetuneConfig, _build_optimizer, finetune, save_atomic
 from samnorm.sam.optimizer import SAM
+from samnorm.train.recipe import CHECKPOINT_NAME, DivergedError, FinetuneConfig, _build_optimizer, finetune
+from samnorm.utils.io import atomic_save
 
 timm = pytest.importorskip("timm")
 
@@ -167,16 +168,16 @@ def test_bad_inputs(tmp_path):
         finetune(tiny_t2t(), toy_data(), steps=1, not_a_setting=3, **FAST)
 
 
-def test_save_atomic_never_leaves_half_a_file(tmp_path):
+def test_atomic_save_never_leaves_half_a_file(tmp_path):
     path = tmp_path / "c.pt"
-    save_atomic({"v": 1}, path)
+    atomic_save({"v": 1}, path)
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("cannot pickle")
 
     with pytest.raises(RuntimeError):
-        save_atomic({"v": 2, "bad": Unpicklable()}, path)
+        atomic_save({"v": 2, "bad": Unpicklable()}, path)
     assert torch.load(path)["v"] == 1 and os.listdir(tmp_path) == ["c.pt"]
 
 
@@ -278,7 +279,7 @@ def _counted_t2t():
     ],
 )
 def test_evaluate_datasets_checks_its_arguments_before_any_forward_pass(bad, match):
-    from samnorm.recipe import evaluate_datasets
+    from samnorm.ood.sharded import evaluate_datasets
 
     model, calls = _counted_t2t()
     data = toy_data(8)
@@ -289,7 +290,7 @@ def test_evaluate_datasets_checks_its_arguments_before_any_forward_pass(bad, mat
 
 def test_evaluate_datasets_passes_scorer_options():
     from samnorm.ood import MSP
-    from samnorm.recipe import evaluate_datasets
+    from samnorm.ood.sharded import evaluate_datasets
 
     model, data = tiny_t2t().eval(), toy_data(8)
     res, _ = evaluate_datasets(
@@ -394,7 +395,7 @@ def test_fp16_resume_restores_the_loss_scale_bit_identically(tmp_path):
 def test_a_checkpoint_of_0_1_0_resumes_with_the_defaults_it_was_written_with(tmp_path):
     # issue 20 changed the defaults (jigsaw alone, uniform weight 0.25); a 0.1.0 checkpoint records
     # transforms=None, ood_weight=None and no "resolved" record: it meant all six and 0.5
-    from samnorm.recipe import DEFAULTS_0_1_0
+    from samnorm.train.recipe import DEFAULTS_0_1_0
 
     finetune(tiny_t2t(), toy_data(), steps=2, output_dir=tmp_path, **FAST)
     path = tmp_path / CHECKPOINT_NAME

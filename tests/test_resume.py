@@ -9,7 +9,7 @@ import torch
 from helpers import FAST, cli, one_line, png_folder, tiny_t2t, toy, train_args
 
 pytest.importorskip("timm")
-from samnorm.recipe import CHECKPOINT_NAME, finetune
+from samnorm.train.recipe import CHECKPOINT_NAME, finetune
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
 

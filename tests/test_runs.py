@@ -30,8 +30,8 @@ pytest.importorskip("timm")
 from helpers import TINY, cli, one_line, png_folder, train_args
 
 from samnorm import runs
-from samnorm.io import WriteError, atomic_save, atomic_write
-from samnorm.recipe import CHECKPOINT_NAME, finetune
+from samnorm.train.recipe import CHECKPOINT_NAME, finetune
+from samnorm.utils.io import WriteError, atomic_save, atomic_write
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
 

@@ -299,8 +299,9 @@ def test_a_checkpoint_with_the_old_variant_settings_key_still_loads():
 
 
 def test_the_registry_is_what_the_recipe_cli_and_variants_read():
-    from samnorm import cli, recipe
+    from samnorm import cli
     from samnorm.sam import registry
+    from samnorm.train import recipe
 
     assert set(recipe.OPTIMIZERS) == {*registry.ascents(), "sgd"}
     assert set(samnorm.sam.variants.VARIANTS) == set(registry.schedules())

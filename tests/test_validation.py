@@ -14,7 +14,7 @@ from PIL import Image
 from samnorm.cli import main
 from samnorm.data.folders import ImageFolder, ImageTransform
 from samnorm.demo.config import DemoConfig
-from samnorm.recipe import CHECKPOINT_NAME, FinetuneConfig
+from samnorm.train.recipe import CHECKPOINT_NAME, FinetuneConfig
 from samnorm.validate import SPECS, check
 
 # two classes of three 12 px images

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from samnorm.utils.dist import env_rank, rank_world
+from samnorm.utils.dist import env_rank, leave_process_group, rank_world
 
 __all__ = [
     "UsageError",
@@ -215,8 +215,8 @@ def setup(device_arg: str | None) -> tuple[int, int, Any]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        # Torn down at exit, so that several commands run in one process share the group.
-        atexit.register(dist.destroy_process_group)
+        # Left at exit, so that several commands run in one process share the group.
+        atexit.register(leave_process_group)
     return rank_world()[0], world, device
 
 

@@ -7,11 +7,12 @@ initialised, so the CLI's fast paths (``--help``, argument errors) can ask for t
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from typing import Any
 
-__all__ = ["env_rank", "gather_objects", "is_main_process", "rank_world"]
+__all__ = ["env_rank", "gather_objects", "is_main_process", "leave_process_group", "rank_world"]
 
 
 def _group() -> Any:
@@ -70,3 +71,28 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def leave_process_group(timeout_s: float = 60.0) -> None:
+    """Wait for every rank (at most ``timeout_s``), then destroy the default process group; a no-op
+    without one. Registered at exit by the CLI.
+
+    Why the wait: a rank that tears its group down while a peer still finishes the last collective can
+    take the peer down with it (gloo aborts the process: "terminate called without an active
+    exception"). A peer that crashed or hangs cannot make this one hang: the gloo barrier is bounded
+    by ``timeout_s`` and its error is dropped, the group is destroyed either way.
+
+    Example:
+        >>> leave_process_group()  # no process group here: nothing to do
+    """
+    dist = _group()
+    if dist is None:
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass  # a peer is gone or late: leave anyway
+    dist.destroy_process_group()

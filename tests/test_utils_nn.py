@@ -1,4 +1,4 @@
-"""samnorm.nn_utils: the eval-mode context and the batch splitting shared by scorers, harness and
+"""samnorm.utils.nn: the eval-mode context and the batch splitting shared by scorers, harness and
 diagnostics."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from samnorm.nn_utils import batches, eval_mode, is_tensor_pair, split_batch
+from samnorm.utils.nn import batches, eval_mode, is_tensor_pair, split_batch
 
 
 @pytest.mark.parametrize("training", [True, False])
