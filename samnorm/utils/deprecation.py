@@ -42,6 +42,10 @@ def moved_module_getattr(old: str, new: str, elsewhere: Mapping[str, str] | None
         # from user code: no warning, and no such attribute. __all__ is a user's `import *`.
         if name.startswith("__") and name != "__all__":
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
+        if name == "__all__":  # `from old import *`: the names the old module exported, wherever they went
+            names = getattr(importlib.import_module(new), "__all__", [])
+            warnings.warn(f"{old} is deprecated: import from {new}", DeprecationWarning, stacklevel=2)
+            return sorted({*names, *homes})
         home, _, new_name = homes.get(name, new).partition(":")
         target = importlib.import_module(home)
         if not hasattr(target, new_name or name):
