@@ -39,35 +39,45 @@ from ..select import PerturbedSet, Selection, bias_ids
 from . import _compat, amp
 from .functional import Saved, all_reduce_mean, is_distributed, perturb_, restore_
 from .nonfinite import NonFinite
-from .protocol import ASCENT, DESCENT_PERTURBED, Pass, Phase, ascent_gradients, run_passes
-from .settings import GroupSetting, check_nonnegative
-from .state import check_record, class_name, upgrade_pickle
+from .protocol import ASCENT, DESCENT_PERTURBED, Pass, Phase, ascent_gradients, refuse_closure_step, run_closure
+from .settings import GroupSetting, ascent_settings, check_nonnegative, check_setting, fill_group_defaults, group_index
+from .state import load_record, pickled, record, unpickle
 
 __all__ = ["SAM", "disable_running_stats"]
 
-_INTEGRATIONS = (
-    "samnorm.integrations.transformers.SAMTrainer, samnorm.integrations.lightning (manual "
-    "optimization), samnorm.integrations.timm, samnorm.integrations.accelerate"
+# The errors of a step taken out of order, each naming the fix
+_OVERRIDES_STEP = (
+    "{} overrides SAM.step: torch wraps step at class level for its step hooks, so they would fire "
+    "twice per step. Override the step's hooks instead (_step_passes, _ascend_before_forward, "
+    "_before_descent, _after_descent; see samnorm.sam.variant.Variant)"
 )
-_STEP_WITHOUT_FIRST_STEP = (
-    "SAM.step() without a closure finishes a step begun by first_step(), and none is begun. SAM "
-    "needs two forward/backward passes per step: (1) step(closure), the closure zeroing the "
-    "gradients, computing the loss, calling backward and returning the loss (it runs twice); or "
-    "(2) first_step(loss), then the second forward/backward, then step() (or second_step()); or "
-    "(3) samnorm.sam.protocol.run_passes(sam, model, batches, loss_fn), then step(). A "
-    "framework that runs one backward per step needs samnorm's integration for it: " + _INTEGRATIONS
+_STEP_UNDER_WAY = (
+    "a SAM step is already under way (first_step called twice, or run_passes without "
+    "step()): finish it with step()/second_step(), or abandon it with restore()"
 )
-_ACCUMULATION_IN_CLOSURE = (
-    "SAM.step(closure) under gradient accumulation: either the closure added its gradients to "
-    "gradients already present (e.g. Lightning's accumulate_grad_batches > 1), so the ascent would "
-    "use every micro-batch and the second pass only the last one; or accelerate's accumulate() "
-    "skipped the step, and so the closure, on all but the last micro-batch of each window. "
-    "Accumulate with the two-pass form: "
-    "backward over the micro-batches, first_step(), backward over the same micro-batches, "
-    "step(); in a framework use samnorm's integration (" + _INTEGRATIONS + "; for accelerate: "
-    "samnorm.integrations.accelerate.sam_backward). If your closure "
-    "zeroes the gradients itself, zero them with sam.zero_grad()."
+_FIRST_STEP_TWICE = (
+    "first_step called twice without second_step: the parameters are still perturbed; "
+    "call second_step() (or restore()) first"
 )
+_LOSS_BEFORE_FORWARD = (
+    "{} takes its ascent from the optimizer's state: call first_step() before the forward pass, "
+    "without a loss, then run one forward/backward and second_step()"
+)
+_MID_STEP_STATE = (
+    "state_dict() between first_step and second_step would save perturbed parameters "
+    "alongside it; call it after second_step()"
+)
+
+
+def _check_base(base_optimizer: object) -> None:
+    """Refuse (``TypeError``) anything but a torch optimizer instance that is not itself a SAM."""
+    if not isinstance(base_optimizer, Optimizer):
+        raise TypeError(
+            "SAM wraps an optimizer instance, e.g. SAM(torch.optim.SGD(model.parameters(), "
+            f"lr=0.1), model); got {type(base_optimizer).__name__}"
+        )
+    if isinstance(base_optimizer, SAM):
+        raise TypeError("SAM cannot wrap another SAM; wrap its base_optimizer instead")
 
 
 @contextlib.contextmanager
@@ -146,16 +156,14 @@ class SAM(Optimizer):
     # itself (torch's hook for optimizers that handle scaling): SAM also needs the first pass's flag.
     _step_supports_amp_scaling = True
     base_optimizer: Optimizer  # set once Optimizer.__init__ has run (see add_param_group)
+    _GROUP_KEYS: tuple[str, ...] = ("rho", "adaptive", "eta")  # settings kept in every param group
+    # a variant's own group settings (k, alpha, ...), set on the instance before __init__
+    _settings: Mapping[str, Any] = MappingProxyType({})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "step" in cls.__dict__:
-            raise TypeError(
-                f"{cls.__name__} overrides SAM.step: torch wraps step at class level for its step "
-                "hooks, so they would fire twice per step. Override the step's hooks instead "
-                "(_step_passes, _ascend_before_forward, _before_descent, _after_descent; see "
-                "samnorm.sam.variant.Variant)"
-            )
+            raise TypeError(_OVERRIDES_STEP.format(cls.__name__))
 
     def __init__(
         self,
@@ -171,13 +179,7 @@ class SAM(Optimizer):
         sync_first_pass: bool = False,
         model: nn.Module | None = None,
     ) -> None:
-        if not isinstance(base_optimizer, Optimizer):
-            raise TypeError(
-                "SAM wraps an optimizer instance, e.g. SAM(torch.optim.SGD(model.parameters(), "
-                f"lr=0.1), model); got {type(base_optimizer).__name__}"
-            )
-        if isinstance(base_optimizer, SAM):
-            raise TypeError("SAM cannot wrap another SAM; wrap its base_optimizer instead")
+        _check_base(base_optimizer)
         for name, value in (("rho", rho), ("eta", eta), ("eps", eps)):
             check_nonnegative(name, value)
         # Optimizer.__init__ sets up hooks and profiling for whatever torch version runs; its empty
@@ -203,19 +205,12 @@ class SAM(Optimizer):
         self._group_of: tuple[tuple[tuple[int, int], ...], dict[int, int]] = ((), {})
         self.last_grad_norm: torch.Tensor | None = None
 
-    # ------------------------------------------------------------------ set-up
     def _link(self) -> None:
         # Shared, not copied: schedulers, add_param_group and load_state_dict stay consistent.
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults = self.base_optimizer.defaults
-        for g in self.param_groups:  # e.g. a state dict saved before per-group settings
-            for key in self._GROUP_KEYS:
-                g.setdefault(key, self.defaults[key])
-
-    _GROUP_KEYS: tuple[str, ...] = ("rho", "adaptive", "eta")  # settings kept in every param group
-    # a variant's own group settings (k, alpha, ...), set on the instance before __init__
-    _settings: Mapping[str, Any] = MappingProxyType({})
+        fill_group_defaults(self.param_groups, self.defaults, self._GROUP_KEYS)
 
     def _owned(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -224,6 +219,15 @@ class SAM(Optimizer):
         """The parameters the ascent perturbs now (all of the base optimizer's when ``perturb=None``;
         with ``perturb=model`` its norm layers' that require grad and are optimized)."""
         return self._perturb.params()
+
+    # rho, adaptive and eta live in the parameter groups; these read and set all groups at once
+    rho = GroupSetting("The ascent radius of every parameter group (set: all groups).")
+    adaptive = GroupSetting("Whether every parameter group uses ASAM (set: all groups).")
+    eta = GroupSetting("ASAM's offset of every parameter group (set: all groups).")
+
+    def _check_setting(self, key: str, value: Any) -> Any:
+        """A group setting, checked and converted (variants add theirs)."""
+        return check_setting(key, value)
 
     # ------------------------------------------------------------------ the protocol
     @property
@@ -257,10 +261,7 @@ class SAM(Optimizer):
         """Begin a step (the driver calls it before the first pass); a step whose first pass is at
         ``w + e`` (:class:`~samnorm.sam.variants.OnePassSAM`) takes its ascent here."""
         if self._phase is not Phase.IDLE:
-            raise RuntimeError(
-                "a SAM step is already under way (first_step called twice, or run_passes without "
-                "step()): finish it with step()/second_step(), or abandon it with restore()"
-            )
+            raise RuntimeError(_STEP_UNDER_WAY)
         self._phase = Phase.BEGUN
         self._nonfinite.current = None
         if self.passes()[0].at == "w+e":
@@ -277,18 +278,13 @@ class SAM(Optimizer):
         unless ``zero_grad=False``; after a descent pass, nothing."""
         if self.passes()[index].use != "ascent":
             return
+        zero_missing = self.sync_first_pass and is_distributed()
         try:
-            pairs = ascent_gradients(
-                self.perturbed_parameters(),
-                loss,
-                zero_missing=self.sync_first_pass and is_distributed(),
-                owned=self._owned(),
-            )
+            pairs = ascent_gradients(self.perturbed_parameters(), loss, zero_missing=zero_missing, owned=self._owned())
         except ValueError:
             self.restore()
             raise
-        if self._phase is Phase.PERTURBED:  # a later ascent starts again from w
-            self._restore_weights()
+        self._restore_weights()  # a later ascent starts again from w
         self._ascend(pairs)
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -350,17 +346,11 @@ class SAM(Optimizer):
         counts it and a warning is given once; nothing here synchronises with the device.
         """
         if self._phase is not Phase.IDLE:
-            raise RuntimeError(
-                "first_step called twice without second_step: the parameters are still perturbed; "
-                "call second_step() (or restore()) first"
-            )
+            raise RuntimeError(_FIRST_STEP_TWICE)
         self._nonfinite.poll(stacklevel=3)
         first = self.passes()[0]
         if first.at == "w+e" and loss is not None:
-            raise ValueError(
-                f"{type(self).__name__} takes its ascent from the optimizer's state: call first_step() "
-                "before the forward pass, without a loss, then run one forward/backward and second_step()"
-            )
+            raise ValueError(_LOSS_BEFORE_FORWARD.format(type(self).__name__))
         self.begin_step()
         if first.use == "ascent":
             self.end_pass(0, loss, zero_grad=zero_grad)
@@ -371,15 +361,9 @@ class SAM(Optimizer):
             self.zero_grad(set_to_none=True)
 
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # under no_grad
-        settings = [_group_settings(g) for g in self.param_groups]
-        group_of = self._group_index()
-        params, grads, rhos, etas = [], [], [], []
-        for p, g in pairs:
-            rho, adaptive, eta = settings[group_of[id(p)]]
-            params.append(p)
-            grads.append(g)
-            rhos.append(rho)
-            etas.append(eta if adaptive and (self.normalize_bias or id(p) not in self._bias_ids) else None)
+        self._group_of = group_index(self.param_groups, self._group_of)
+        plain = set() if self.normalize_bias else self._bias_ids  # tensors with T = 1 under ASAM
+        params, grads, rhos, etas = ascent_settings(pairs, self.param_groups, self._group_of[1], plain)
         if not params:
             self._nonfinite.current = None
             return
@@ -391,26 +375,6 @@ class SAM(Optimizer):
         self._phase = Phase.PERTURBED
         self.last_grad_norm = norm
         self._nonfinite.record(torch.isfinite(norm))
-
-    def _group_index(self) -> dict[int, int]:
-        """id(param) -> index of its parameter group, rebuilt only when the groups change."""
-        signature = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
-        if self._group_of[0] != signature:
-            index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-            self._group_of = (signature, index)
-        return self._group_of[1]
-
-    # rho, adaptive and eta live in the parameter groups; these read and set all groups at once
-    rho = GroupSetting("The ascent radius of every parameter group (set: all groups).")
-    adaptive = GroupSetting("Whether every parameter group uses ASAM (set: all groups).")
-    eta = GroupSetting("ASAM's offset of every parameter group (set: all groups).")
-
-    def _check_setting(self, key: str, value: Any) -> Any:
-        """A group setting, checked and converted (variants add theirs)."""
-        if key == "adaptive":
-            return bool(value)
-        check_nonnegative(key, value)
-        return float(value)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -480,44 +444,12 @@ class SAM(Optimizer):
             >>> model(torch.ones(2, 3)).pow(2).mean().backward()
             >>> opt.step()
         """
-        handshake = amp.take_handshake(self)  # set by GradScaler.step(sam) for this call
-        try:
-            loss = None
+        with amp.handshake(self) as handshake:  # set by GradScaler.step(sam) for this call
             if self._phase is Phase.IDLE:
-                if closure is None:
-                    raise ValueError(_STEP_WITHOUT_FIRST_STEP)
-                amp.refuse_unscale_before_closure(self, self.base_optimizer)
-                loss = self._closure_passes(closure)
-            elif closure is not None:  # after first_step the closure is the step's last pass
-                last = len(self.passes()) - 1
-                with torch.enable_grad(), self.abandon_on_error(), self.pass_context(last, self._model()):
-                    loss = closure()
+                refuse_closure_step(self, closure)
+                self._zeroed = False  # a zero_grad in the closure then tells it from one adding gradients
+            loss = None if closure is None else run_closure(self, closure)
             self._descend(handshake, closure_mode=closure is not None)
-            return loss
-        except BaseException:
-            amp.drop_handshake(self)
-            raise
-
-    def _model(self) -> nn.Module:
-        return self.model if self.model is not None else nn.Module()
-
-    def _closure_passes(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if _compat.accelerate_accumulation_steps() > 1:
-            raise ValueError(_ACCUMULATION_IN_CLOSURE)
-        present = {id(p): p.grad for p in self._owned() if p.grad is not None}
-        self._zeroed = False
-        calls = 0
-
-        def call(_: None) -> torch.Tensor:
-            nonlocal calls
-            with torch.enable_grad():
-                loss = closure()
-            calls += 1
-            if calls == 1 and present and not self._zeroed and any(p.grad is present.get(id(p)) for p in self._owned()):
-                raise ValueError(_ACCUMULATION_IN_CLOSURE)
-            return loss
-
-        loss: torch.Tensor = run_passes(self, self._model(), [None], call, backward=False, fresh=False)[0]
         return loss
 
     @torch.no_grad()
@@ -526,17 +458,7 @@ class SAM(Optimizer):
         try:
             self._restore_weights()
             self._before_descent()
-            if handshake is None:
-                self.base_optimizer.step()
-            else:
-                amp.step_skipping_inf(
-                    self,
-                    self.base_optimizer,
-                    self._owned(),
-                    handshake,
-                    self._nonfinite.current,
-                    trust_found_inf=not closure_mode,
-                )
+            amp.base_step(self, self.base_optimizer, handshake, self._nonfinite.current, not closure_mode)
         finally:
             self._phase = Phase.IDLE
             self._nonfinite.current = None
@@ -555,32 +477,6 @@ class SAM(Optimizer):
     def nonfinite_steps(self) -> int:
         """How many steps skipped the ascent for a non-finite gradient norm (reading it syncs)."""
         return self._nonfinite.count
-
-    def __getstate__(self) -> dict[str, Any]:
-        if self._phase is not Phase.IDLE:
-            raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
-        # scratch buffers are rebuilt on the next step
-        return {**self.__dict__, "_buffers": {}, "_group_of": ((), {})}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state, legacy, count, selection = upgrade_pickle(state)
-        defaults = {
-            "normalize_bias": True,
-            "_bias_ids": set(),
-            "_zeroed": False,
-            "_group_of": ((), {}),
-            "_phase": Phase.IDLE,
-            "_saved": [],
-        }
-        self.__dict__.update({**defaults, **state})
-        if count is not None or "_nonfinite" not in state:
-            self._nonfinite = NonFinite(count or 0)
-        for key, value in legacy.items():
-            self.base_optimizer.defaults.setdefault(key, value)
-        self._link()
-        if selection != ():
-            self._perturb = PerturbedSet(selection, self._owned)
-        _compat.repatch_step(self)
 
     @property
     def zeroed_since_step(self) -> bool:
@@ -604,39 +500,29 @@ class SAM(Optimizer):
         """The base optimizer's state dict plus SAM's settings and the base optimizer's class
         under the key ``"sam"``."""
         if self._phase is not Phase.IDLE:
-            raise RuntimeError(
-                "state_dict() between first_step and second_step would save perturbed parameters "
-                "alongside it; call it after second_step()"
-            )
-        state = self.base_optimizer.state_dict()
-        # per-group rho/adaptive/eta travel in state["param_groups"]; these are the defaults
-        state["sam"] = {
-            "rho": self.defaults["rho"],
-            "adaptive": self.defaults["adaptive"],
-            "eta": self.defaults["eta"],
-            "eps": self.eps,
-            "normalize_bias": self.normalize_bias,
-            "sync_first_pass": self.sync_first_pass,
-            "nonfinite_steps": self.nonfinite_steps,
-            "base_optimizer": class_name(self.base_optimizer),
-        }
-        return state
+            raise RuntimeError(_MID_STEP_STATE)
+        return {**self.base_optimizer.state_dict(), "sam": record(self)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by :meth:`state_dict` (or a plain base-optimizer state dict).
         One saved around another base optimizer class is refused (``ValueError``)."""
-        state_dict = dict(state_dict)
-        sam = state_dict.pop("sam", None)
-        if sam is not None:
-            check_record(sam, self.normalize_bias, self.base_optimizer)
-        if sam is not None:  # before _link, which gives groups saved without them these defaults
-            self.defaults.update(rho=float(sam["rho"]), adaptive=bool(sam["adaptive"]), eta=float(sam["eta"]))
-        self.base_optimizer.load_state_dict(state_dict)
+        count = load_record(self, state_dict)
         self._link()  # load_state_dict replaces the base's param_groups and state objects
-        if sam is not None:
-            self.eps = float(sam["eps"])
-            self.sync_first_pass = bool(sam.get("sync_first_pass", False))
-            self._nonfinite = NonFinite(int(sam.get("nonfinite_steps", 0)))
+        if count is not None:
+            self._nonfinite = NonFinite(count)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._phase is not Phase.IDLE:
+            raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
+        return pickled(self.__dict__)
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        fields, selection = unpickle(saved)  # any release's pickle
+        self.__dict__.update(fields)
+        self._link()
+        if selection != ():
+            self._perturb = PerturbedSet(selection, self._owned)
+        _compat.repatch_step(self)
 
     def __repr__(self) -> str:
         n = len(self.perturbed_parameters())
@@ -645,11 +531,3 @@ class SAM(Optimizer):
         kind = "ASAM" if all(g["adaptive"] for g in self.param_groups) else "SAM"
         rho = rhos[0] if len(rhos) == 1 else f"per group {rhos}"
         return f"{kind}(rho={rho}, perturb={what}, base={self.base_optimizer!r})"
-
-
-def _group_settings(group: dict[str, Any]) -> tuple[float, bool, float]:
-    """A parameter group's (rho, adaptive, eta), checked: a scheduler may have written them."""
-    rho, eta = group["rho"], group["eta"]
-    check_nonnegative('param_group["rho"]', rho)
-    check_nonnegative('param_group["eta"]', eta)
-    return float(rho), bool(group["adaptive"]), float(eta)

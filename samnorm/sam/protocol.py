@@ -39,12 +39,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
+from torch import nn
 
-from . import fsdp
+from . import _compat, amp, fsdp
 
 if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
-
     from .optimizer import SAM
 
 __all__ = [
@@ -56,6 +55,8 @@ __all__ = [
     "Phase",
     "ascent_gradients",
     "begin_window",
+    "refuse_closure_step",
+    "run_closure",
     "run_passes",
 ]
 
@@ -184,6 +185,96 @@ def begin_window(sam: SAM) -> None:
         )
     sam.begin_step()
     sam.zero_grad(set_to_none=True)
+
+
+_INTEGRATIONS = (
+    "samnorm.integrations.transformers.SAMTrainer, samnorm.integrations.lightning (manual "
+    "optimization), samnorm.integrations.timm, samnorm.integrations.accelerate"
+)
+_STEP_WITHOUT_FIRST_STEP = (
+    "SAM.step() without a closure finishes a step begun by first_step(), and none is begun. SAM "
+    "needs two forward/backward passes per step: (1) step(closure), the closure zeroing the "
+    "gradients, computing the loss, calling backward and returning the loss (it runs twice); or "
+    "(2) first_step(loss), then the second forward/backward, then step() (or second_step()); or "
+    "(3) samnorm.sam.protocol.run_passes(sam, model, batches, loss_fn), then step(). A "
+    "framework that runs one backward per step needs samnorm's integration for it: " + _INTEGRATIONS
+)
+_ACCUMULATION_IN_CLOSURE = (
+    "SAM.step(closure) under gradient accumulation: either the closure added its gradients to "
+    "gradients already present (e.g. Lightning's accumulate_grad_batches > 1), so the ascent would "
+    "use every micro-batch and the second pass only the last one; or accelerate's accumulate() "
+    "skipped the step, and so the closure, on all but the last micro-batch of each window. "
+    "Accumulate with the two-pass form: "
+    "backward over the micro-batches, first_step(), backward over the same micro-batches, "
+    "step(); in a framework use samnorm's integration (" + _INTEGRATIONS + "; for accelerate: "
+    "samnorm.integrations.accelerate.sam_backward). If your closure "
+    "zeroes the gradients itself, zero them with sam.zero_grad()."
+)
+
+
+def refuse_closure_step(sam: SAM, closure: Callable[[], torch.Tensor] | None) -> None:
+    """Refuse (``ValueError``) ``sam.step(closure)`` with no step begun where it cannot run the
+    whole step: without a closure, after ``scaler.unscale_`` (:func:`samnorm.sam.amp.refuse_unscale_before_closure`),
+    or inside accelerate's ``accumulate()`` over several micro-batches.
+
+    Example:
+        >>> import torch
+        >>> from samnorm import SAM
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> refuse_closure_step(SAM(torch.optim.SGD([w], lr=0.1), [w]), None)
+        Traceback (most recent call last):
+        ValueError: SAM.step() without a closure finishes a step begun by first_step(), and none is begun. ...
+    """
+    if closure is None:
+        raise ValueError(_STEP_WITHOUT_FIRST_STEP)
+    amp.refuse_unscale_before_closure(sam, sam.base_optimizer)
+    if _compat.accelerate_accumulation_steps() > 1:
+        raise ValueError(_ACCUMULATION_IN_CLOSURE)
+
+
+def run_closure(sam: SAM, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The passes of ``sam.step(closure)``: with no step begun, ``closure`` (zero grads, forward,
+    backward, return the loss) runs once per pass through :func:`run_passes` and the first pass's
+    loss is returned; gradients present before it that the closure added to instead of zeroing
+    them are refused (``ValueError``: the later passes could not see those micro-batches). After
+    ``first_step`` it runs once, as the step's last pass. Either way the step is left to finish
+    (``.grad`` holds the descent gradient).
+
+    Example:
+        >>> from samnorm import SAM
+        >>> w = nn.Parameter(torch.ones(2))
+        >>> sam = SAM(torch.optim.SGD([w], lr=0.1), [w])
+        >>> def closure():
+        ...     sam.zero_grad()
+        ...     loss = w.pow(2).sum()
+        ...     loss.backward()
+        ...     return loss
+        >>> run_closure(sam, closure).item(), sam.phase.name          # the step's first loss; step() next
+        (2.0, 'PERTURBED')
+    """
+    model = sam.model if sam.model is not None else nn.Module()
+    if sam.phase is not Phase.IDLE:  # after first_step the closure is the step's last pass
+        with torch.enable_grad(), sam.abandon_on_error(), sam.pass_context(len(sam.passes()) - 1, model):
+            return closure()
+    present = {id(p): p.grad for g in sam.param_groups for p in g["params"] if p.grad is not None}
+    calls = 0
+
+    def call(_: None) -> torch.Tensor:
+        nonlocal calls
+        with torch.enable_grad():
+            loss = closure()
+        calls += 1
+        if calls == 1 and present and not sam.zeroed_since_step and _grads_kept(sam, present):
+            raise ValueError(_ACCUMULATION_IN_CLOSURE)
+        return loss
+
+    loss: torch.Tensor = run_passes(sam, model, [None], call, backward=False, fresh=False)[0]
+    return loss
+
+
+def _grads_kept(sam: SAM, present: dict[int, torch.Tensor | None]) -> bool:
+    """Whether a parameter's ``.grad`` is still the tensor it held before the closure (added to)."""
+    return any(p.grad is present.get(id(p)) for g in sam.param_groups for p in g["params"])
 
 
 _REENTRANT = (
