@@ -21,7 +21,16 @@ The layout is torch.optim's: the arithmetic lives in functions over tensor lists
 :func:`~samnorm.sam.functional.perturb_` and :func:`~samnorm.sam.functional.restore_`
 (:mod:`samnorm.sam.functional`). :class:`SAM` only orchestrates: it collects the parameters,
 gradients and per-group settings, keeps the backups and buffers between steps, and hooks into
-``step``, ``GradScaler`` and ``state_dict``.
+``step``, ``GradScaler`` and ``state_dict``; the mechanics live in the modules beside it
+(:mod:`~samnorm.sam.protocol`: the passes and their driver; :mod:`~samnorm.sam.amp`: GradScaler;
+:mod:`~samnorm.sam.settings`: the group settings; :mod:`~samnorm.sam.state`: state dict and pickle;
+:mod:`~samnorm.sam.nonfinite`: skipped ascents).
+
+A step is a sequence of passes (:meth:`SAM.passes`, run by :func:`samnorm.sam.protocol.run_passes`),
+then :meth:`SAM.step`. Variants (:mod:`samnorm.sam.variant`) change the passes and the hooks
+``_step_passes``, ``_ascend``, ``_ascend_before_forward``, ``_before_descent`` and ``_after_descent``;
+``step`` itself is never overridden (torch wraps it at class level for its step hooks, which would
+then fire twice).
 """
 
 from __future__ import annotations
@@ -39,9 +48,21 @@ from ..select import PerturbedSet, Selection, bias_ids
 from . import _compat, amp
 from .functional import Saved, all_reduce_mean, is_distributed, perturb_, restore_
 from .nonfinite import NonFinite
-from .protocol import ASCENT, DESCENT_PERTURBED, Pass, Phase, ascent_gradients, refuse_closure_step, run_closure
-from .settings import GroupSetting, ascent_settings, check_nonnegative, check_setting, fill_group_defaults, group_index
+from .protocol import (
+    ASCENT,
+    DESCENT_PERTURBED,
+    Pass,
+    Phase,
+    ascent_gradients,
+    begin_first_pass,
+    disable_running_stats,
+    pass_context,
+    refuse_closure_step,
+    run_closure,
+)
+from .settings import GroupSetting, ascent_settings, check_nonnegative, check_setting, group_index
 from .state import load_record, pickled, record, unpickle
+from .wrapper import WrappedOptimizer, check_base
 
 __all__ = ["SAM", "disable_running_stats"]
 
@@ -59,52 +80,13 @@ _FIRST_STEP_TWICE = (
     "first_step called twice without second_step: the parameters are still perturbed; "
     "call second_step() (or restore()) first"
 )
-_LOSS_BEFORE_FORWARD = (
-    "{} takes its ascent from the optimizer's state: call first_step() before the forward pass, "
-    "without a loss, then run one forward/backward and second_step()"
-)
 _MID_STEP_STATE = (
     "state_dict() between first_step and second_step would save perturbed parameters "
     "alongside it; call it after second_step()"
 )
 
 
-def _check_base(base_optimizer: object) -> None:
-    """Refuse (``TypeError``) anything but a torch optimizer instance that is not itself a SAM."""
-    if not isinstance(base_optimizer, Optimizer):
-        raise TypeError(
-            "SAM wraps an optimizer instance, e.g. SAM(torch.optim.SGD(model.parameters(), "
-            f"lr=0.1), model); got {type(base_optimizer).__name__}"
-        )
-    if isinstance(base_optimizer, SAM):
-        raise TypeError("SAM cannot wrap another SAM; wrap its base_optimizer instead")
-
-
-@contextlib.contextmanager
-def disable_running_stats(model: nn.Module) -> Iterator[None]:
-    """Keep BatchNorm running statistics unchanged inside the block (SAM's perturbed pass).
-
-    In training mode the layers still normalise with the batch statistics; only the running mean,
-    variance and batch counter are left alone, so they keep describing the unperturbed weights.
-
-    Example:
-        >>> bn = nn.BatchNorm1d(3)
-        >>> with disable_running_stats(bn):
-        ...     _ = bn(torch.randn(8, 3))
-        >>> bn.running_mean.abs().sum().item(), int(bn.num_batches_tracked)
-        (0.0, 0)
-    """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in layers:
-        m.track_running_stats = False  # training forward then passes no running buffers
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.track_running_stats = True
-
-
-class SAM(Optimizer):
+class SAM(WrappedOptimizer):
     """Sharpness-aware minimization around an optimizer instance, perturbing selected parameters.
 
     Args:
@@ -122,25 +104,15 @@ class SAM(Optimizer):
             ``rho``, ``adaptive`` and ``eta`` are defaults for the base optimizer's parameter
             groups: a group may set its own, and a scheduler may change ``group["rho"]``.
         eps: added to the gradient norm before dividing.
-        normalize_bias: ASAM only. ``True``: every perturbed tensor is scaled by ``T``. ``False``:
-            tensors named ``*bias`` keep ``T = 1``, as the official ASAM code and SAM-ON's
-            ``ASAM_BN`` do (names come from ``perturb``/``model``).
-        foreach: ``None``/``True``: the grouped multi-tensor path (sparse gradients always take the
-            per-tensor path); ``False``: a per-tensor loop (same results).
-        sync_first_pass: under ``torch.distributed``, average the first-pass gradients of the
-            perturbed parameters across ranks before the ascent. By default each replica perturbs
-            with its own gradient (as google-research/sam does) and the first pass pays no
-            all-reduce. Under FSDP2 (``fully_shard``) the first-pass gradient is always the
-            averaged one, as with ``True`` here (see :mod:`samnorm.sam.fsdp`).
+        normalize_bias: ASAM only. ``False``: tensors named ``*bias`` keep ``T = 1``, as the
+            official ASAM code and SAM-ON's ``ASAM_BN`` do (names from ``perturb``/``model``).
+        foreach: ``None``/``True``: the grouped multi-tensor path; ``False``: a per-tensor loop
+            (same results).
+        sync_first_pass: under ``torch.distributed``, average the perturbed tensors' first-pass
+            gradients across ranks before the ascent. By default each replica perturbs with its own
+            (as google-research/sam does; no all-reduce). FSDP2 always averages (:mod:`~samnorm.sam.fsdp`).
         model: the model, so that :meth:`step` can run the first pass without DDP's all-reduce
-            and the second without updating BatchNorm statistics; taken from ``perturb`` when that
-            is a module.
-
-    A step is a sequence of passes (:meth:`passes`, run by
-    :func:`samnorm.sam.protocol.run_passes`), then :meth:`step`. Variants (:mod:`samnorm.sam.variants`)
-    change the passes and the hooks ``_step_passes``, ``_ascend_before_forward``,
-    ``_before_descent`` and ``_after_descent``; :meth:`step` itself is never overridden (torch
-    wraps it at class level for its step hooks, which would then fire twice).
+            and the second without updating BatchNorm statistics (default: ``perturb`` if a module).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -155,7 +127,6 @@ class SAM(Optimizer):
     # GradScaler.step(sam) hands SAM the scale and the inf flag instead of unscaling and skipping
     # itself (torch's hook for optimizers that handle scaling): SAM also needs the first pass's flag.
     _step_supports_amp_scaling = True
-    base_optimizer: Optimizer  # set once Optimizer.__init__ has run (see add_param_group)
     _GROUP_KEYS: tuple[str, ...] = ("rho", "adaptive", "eta")  # settings kept in every param group
     # a variant's own group settings (k, alpha, ...), set on the instance before __init__
     _settings: Mapping[str, Any] = MappingProxyType({})
@@ -179,17 +150,12 @@ class SAM(Optimizer):
         sync_first_pass: bool = False,
         model: nn.Module | None = None,
     ) -> None:
-        _check_base(base_optimizer)
+        check_base(base_optimizer)
         for name, value in (("rho", rho), ("eta", eta), ("eps", eps)):
             check_nonnegative(name, value)
-        # Optimizer.__init__ sets up hooks and profiling for whatever torch version runs; its empty
-        # group is replaced at once by the base optimizer's own list (shared, never copied).
-        super().__init__([{"params": []}], {})
-        self.base_optimizer = base_optimizer
-        # SAM's defaults join the base optimizer's, so a group added later (through SAM or the
-        # base) gets them too; groups that set their own (SGD([{"params": ..., "rho": 0.1}])) keep them
-        base_optimizer.defaults.update(rho=float(rho), adaptive=bool(adaptive), eta=float(eta), **self._settings)
-        self._link()
+        super().__init__(
+            base_optimizer, {"rho": float(rho), "adaptive": bool(adaptive), "eta": float(eta), **self._settings}
+        )
         self.eps = float(eps)
         self.normalize_bias = bool(normalize_bias)
         self.foreach = foreach
@@ -201,19 +167,8 @@ class SAM(Optimizer):
         self._saved: Saved = []  # (params, backups) lists of what the ascent moved
         self._buffers: dict[Any, Any] = {}  # perturb_'s backups and flat buffers, kept between steps
         self._nonfinite = NonFinite()
-        self._zeroed = False
         self._group_of: tuple[tuple[tuple[int, int], ...], dict[int, int]] = ((), {})
         self.last_grad_norm: torch.Tensor | None = None
-
-    def _link(self) -> None:
-        # Shared, not copied: schedulers, add_param_group and load_state_dict stay consistent.
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        self.defaults = self.base_optimizer.defaults
-        fill_group_defaults(self.param_groups, self.defaults, self._GROUP_KEYS)
-
-    def _owned(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
 
     def perturbed_parameters(self) -> list[torch.Tensor]:
         """The parameters the ascent perturbs now (all of the base optimizer's when ``perturb=None``;
@@ -289,18 +244,13 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    @contextlib.contextmanager
-    def pass_context(self, index: int, model: nn.Module, *, last_micro_batch: bool = True) -> Iterator[None]:
-        """Context of pass ``index`` over one micro-batch: DDP's ``no_sync`` unless the pass syncs
-        and this is the window's last micro-batch; BatchNorm statistics frozen unless it updates them."""
-        step_pass = self.passes()[index]
-        with contextlib.ExitStack() as stack:
-            no_sync = getattr(model, "no_sync", None)  # DDP's
-            if (not step_pass.sync or not last_micro_batch) and no_sync is not None:
-                stack.enter_context(no_sync())
-            if not step_pass.update_bn:
-                stack.enter_context(disable_running_stats(model))
-            yield
+    def pass_context(
+        self, index: int, model: nn.Module, *, last_micro_batch: bool = True
+    ) -> contextlib.AbstractContextManager[None]:
+        """Context of pass ``index`` over one micro-batch (:func:`~samnorm.sam.protocol.pass_context`):
+        DDP's ``no_sync`` unless the pass syncs and this is the window's last micro-batch; BatchNorm
+        statistics frozen unless it updates them."""
+        return pass_context(self.passes()[index], model, last_micro_batch=last_micro_batch)
 
     @contextlib.contextmanager
     def abandon_on_error(self) -> Iterator[None]:
@@ -333,32 +283,17 @@ class SAM(Optimizer):
         parameters by ``e`` and saving their values.
 
         Args:
-            loss: if given, it is differentiated with respect to the perturbed parameters *only*
-                (``torch.autograd.grad``), which skips every other weight-gradient product of that
-                backward pass. If ``None``, the ``.grad`` of the caller's own backward (possibly
-                accumulated over micro-batches) is used. Under FSDP2, ``loss.backward()`` (the
-                sharded parameters are out of ``autograd.grad``'s reach), ``.grad`` kept as it was.
+            loss: differentiated with respect to the perturbed parameters *only* (skipping every
+                other weight-gradient product; :func:`~samnorm.sam.protocol.ascent_gradients`).
+                ``None``: the ``.grad`` of the caller's own backward (micro-batches accumulated).
             zero_grad: zero all gradients afterwards (set to ``None``), ready for the second pass.
 
-        A parameter without gradient is not perturbed; a loss whose graph hides the perturbed
-        tensors behind reentrant activation checkpointing is refused (``ValueError``). If the
-        gradient norm is not finite, the ascent is skipped (nothing moves), :attr:`nonfinite_steps`
-        counts it and a warning is given once; nothing here synchronises with the device.
+        A non-finite gradient norm skips the ascent (:attr:`nonfinite_steps`, a warning once).
         """
         if self._phase is not Phase.IDLE:
             raise RuntimeError(_FIRST_STEP_TWICE)
         self._nonfinite.poll(stacklevel=3)
-        first = self.passes()[0]
-        if first.at == "w+e" and loss is not None:
-            raise ValueError(_LOSS_BEFORE_FORWARD.format(type(self).__name__))
-        self.begin_step()
-        if first.use == "ascent":
-            self.end_pass(0, loss, zero_grad=zero_grad)
-        elif first.at == "w" and loss is not None:
-            with torch.enable_grad():
-                loss.backward()  # type: ignore[no-untyped-call]  # a plain step: the descent's gradient
-        elif first.at == "w+e" and zero_grad:  # (a plain step's .grad is the descent's: kept)
-            self.zero_grad(set_to_none=True)
+        begin_first_pass(self, loss, zero_grad=zero_grad)
 
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # under no_grad
         self._group_of = group_index(self.param_groups, self._group_of)
@@ -378,11 +313,8 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the saved values back into the perturbed parameters (bit-exact) and abandon the step.
-
-        ``second_step`` restores before stepping; call this yourself to abandon a step after
-        ``first_step`` (for example when the second pass raised).
-        """
+        """Copy the saved values back into the perturbed parameters (bit-exact) and abandon the step
+        (after ``first_step``, for example when the second pass raised)."""
         self._restore_weights()
         self._phase = Phase.IDLE
 
@@ -399,10 +331,8 @@ class SAM(Optimizer):
 
         Args:
             zero_grad: zero all gradients (set to ``None``) after the step.
-            scaler: a ``torch.amp.GradScaler``; the step then goes through ``scaler.step(sam)``
-                (call ``scaler.update()`` after, as usual). An inf/NaN in either pass skips the
-                whole step and the scaler backs off. ``scaler.unscale_`` (for clipping) may be
-                called before, on SAM or on its base optimizer.
+            scaler: a ``torch.amp.GradScaler``: the step goes through ``scaler.step(sam)`` (then
+                ``scaler.update()`` as usual); ``scaler.unscale_`` before it (to clip) is honoured.
         """
         if self._phase is Phase.IDLE:
             raise RuntimeError("second_step called without first_step: call first_step() first")
@@ -416,20 +346,10 @@ class SAM(Optimizer):
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         """Finish the step begun by :meth:`first_step` or :func:`~samnorm.sam.protocol.run_passes`
-        (restore ``w``, then the base optimizer's step), or run the whole step with ``closure``.
-
-        - After a begun step, a closure given runs once as the step's last pass (Lightning's manual
-          ``optimizer.step()`` passes one) and its loss is returned.
-        - ``step(closure)``: ``closure`` (zero grads, forward, backward, return loss) runs once per
-          pass (:meth:`passes`; the LBFGS convention of Lightning's automatic optimization) through
-          :func:`~samnorm.sam.protocol.run_passes`, which returns the first pass's loss. Gradients
-          accumulated before the call are refused (the later passes could not see those
-          micro-batches): accumulate with the two-pass form or an integration.
-        - ``GradScaler.step(sam)`` / ``scaler.step(sam, closure)``: SAM unscales and skips the whole
-          step, restoring ``w``, on an inf/NaN in any pass, and the scaler backs off
-          (:mod:`samnorm.sam.amp`; one flag read, as GradScaler does for an unfused optimizer). A
-          ``scaler.unscale_`` on SAM or its base before ``scaler.step(sam)`` is honoured; before
-          ``scaler.step(sam, closure)`` it is refused.
+        (restore ``w``, then the base optimizer's step), or run the whole step with ``closure``
+        (zero grads, forward, backward, return loss): it runs once per pass, the first pass's loss
+        is returned (:func:`~samnorm.sam.protocol.run_closure`). Under ``GradScaler.step(sam)``
+        an inf/NaN in any pass skips the whole step and the scaler backs off (:mod:`~samnorm.sam.amp`).
 
         Example:
             >>> model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
@@ -477,24 +397,6 @@ class SAM(Optimizer):
     def nonfinite_steps(self) -> int:
         """How many steps skipped the ascent for a non-finite gradient norm (reading it syncs)."""
         return self._nonfinite.count
-
-    @property
-    def zeroed_since_step(self) -> bool:
-        """Whether :meth:`zero_grad` ran since the last step (gradients present are then zeros)."""
-        return self._zeroed
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients of every parameter of the base optimizer."""
-        self._zeroed = True  # step(closure) tells a zeroing closure from an accumulating one
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to the base optimizer (perturbed too when ``perturb=None``; with
-        ``perturb=model`` its norm-layer parameters that require grad)."""
-        if "base_optimizer" not in self.__dict__:  # Optimizer.__init__'s placeholder group
-            super().add_param_group(param_group)
-        else:
-            self.base_optimizer.add_param_group(param_group)  # base.defaults holds SAM's too
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus SAM's settings and the base optimizer's class

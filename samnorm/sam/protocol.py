@@ -33,8 +33,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -54,7 +55,10 @@ __all__ = [
     "Pass",
     "Phase",
     "ascent_gradients",
+    "begin_first_pass",
     "begin_window",
+    "disable_running_stats",
+    "pass_context",
     "refuse_closure_step",
     "run_closure",
     "run_passes",
@@ -98,6 +102,51 @@ PLAIN = Pass(at="w", use="descent", update_bn=True, sync=True)
 """A plain step's only pass (IntervalSAM/LookSAM between SAM steps)."""
 ONE_PASS = Pass(at="w+e", use="descent", update_bn=True, sync=True)
 """OnePassSAM's only pass, at the w + e its ascent set before the forward."""
+
+
+@contextlib.contextmanager
+def disable_running_stats(model: nn.Module) -> Iterator[None]:
+    """Keep BatchNorm running statistics unchanged inside the block (SAM's perturbed pass).
+
+    In training mode the layers still normalise with the batch statistics; only the running mean,
+    variance and batch counter are left alone, so they keep describing the unperturbed weights.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with disable_running_stats(bn):
+        ...     _ = bn(torch.randn(8, 3))
+        >>> bn.running_mean.abs().sum().item(), int(bn.num_batches_tracked)
+        (0.0, 0)
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False  # training forward then passes no running buffers
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+@contextlib.contextmanager
+def pass_context(step_pass: Pass, model: nn.Module, *, last_micro_batch: bool = True) -> Iterator[None]:
+    """Context of ``step_pass`` over one micro-batch: DDP's ``no_sync`` unless the pass syncs and
+    this is the window's last micro-batch; BatchNorm statistics frozen unless it updates them.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with pass_context(DESCENT_PERTURBED, bn):
+        ...     _ = bn(torch.randn(8, 3))
+        >>> int(bn.num_batches_tracked)
+        0
+    """
+    with contextlib.ExitStack() as stack:
+        no_sync = getattr(model, "no_sync", None)  # DDP's
+        if (not step_pass.sync or not last_micro_batch) and no_sync is not None:
+            stack.enter_context(no_sync())
+        if not step_pass.update_bn:
+            stack.enter_context(disable_running_stats(model))
+        yield
 
 
 def run_passes(
@@ -185,6 +234,37 @@ def begin_window(sam: SAM) -> None:
         )
     sam.begin_step()
     sam.zero_grad(set_to_none=True)
+
+
+def begin_first_pass(sam: SAM, loss: torch.Tensor | None, *, zero_grad: bool = False) -> None:
+    """:meth:`SAM.first_step <samnorm.SAM.first_step>` after its checks: begin the step and close
+    its first pass by what the pass is for. An ascent: perturb from ``loss`` (or ``.grad``); a plain
+    step's pass at ``w``: ``loss.backward()`` (its gradient is the descent's, kept); a first pass at
+    ``w + e`` (OnePassSAM, whose ascent came from its state before the forward): nothing to
+    differentiate, so a ``loss`` is refused (``ValueError``). ``zero_grad`` drops the gradients
+    after an ascent or before a pass at ``w + e``.
+
+    Example:
+        >>> from samnorm import SAM
+        >>> w = nn.Parameter(torch.ones(2))
+        >>> sam = SAM(torch.optim.SGD([w], lr=0.1), [w])
+        >>> begin_first_pass(sam, w.pow(2).sum()); sam.phase.name
+        'PERTURBED'
+    """
+    first = sam.passes()[0]
+    if first.at == "w+e" and loss is not None:
+        raise ValueError(
+            f"{type(sam).__name__} takes its ascent from the optimizer's state: call first_step() before the "
+            "forward pass, without a loss, then run one forward/backward and second_step()"
+        )
+    sam.begin_step()
+    if first.use == "ascent":
+        sam.end_pass(0, loss, zero_grad=zero_grad)
+    elif first.at == "w" and loss is not None:
+        with torch.enable_grad():
+            loss.backward()  # type: ignore[no-untyped-call]  # a plain step: the descent's gradient
+    elif first.at == "w+e" and zero_grad:  # (a plain step's .grad is the descent's: kept)
+        sam.zero_grad(set_to_none=True)
 
 
 _INTEGRATIONS = (
