@@ -60,7 +60,11 @@ def drop_handshake(optimizer: Optimizer) -> None:
 def scaled_step(scaler: Any, sam: Optimizer, base: Optimizer) -> None:
     """``scaler.step(sam)`` with one fused unscale-and-check pass (honouring an earlier
     ``scaler.unscale_`` of ``sam`` or of its ``base``, which share the gradients). The scaler is
-    handed over explicitly (no lookup in the calling frames)."""
+    handed over explicitly (no lookup in the calling frames). ``scaler`` None or disabled:
+    ``sam.step()``."""
+    if scaler is None or not scaler.is_enabled():
+        sam.step()
+        return
     if not _compat.adopt_unscaled_state(scaler, base, sam):
         scaler.unscale_(sam)
     sam.__dict__[_HELD] = scaler

@@ -35,8 +35,7 @@ then fire twice).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -52,15 +51,15 @@ from .protocol import (
     ASCENT,
     DESCENT_PERTURBED,
     Pass,
+    PassContexts,
     Phase,
     ascent_gradients,
     begin_first_pass,
     disable_running_stats,
-    pass_context,
     refuse_closure_step,
     run_closure,
 )
-from .settings import GroupSetting, ascent_settings, check_nonnegative, check_setting, group_index
+from .settings import GroupSetting, ascent_settings, check_nonnegative, check_setting, group_index, summary
 from .state import load_record, pickled, record, unpickle
 from .wrapper import WrappedOptimizer, check_base
 
@@ -86,18 +85,16 @@ _MID_STEP_STATE = (
 )
 
 
-class SAM(WrappedOptimizer):
+class SAM(WrappedOptimizer, PassContexts):
     """Sharpness-aware minimization around an optimizer instance, perturbing selected parameters.
 
     Args:
         base_optimizer: the optimizer that takes the descent step (SGD, AdamW, anything). SAM shares
             its ``param_groups`` and ``state``, so LR schedulers attach to either object.
-        perturb: what the ascent perturbs. ``None``: every parameter of ``base_optimizer`` (plain
-            SAM). An ``nn.Module``: its normalization layers (SAM-ON, see
-            :func:`samnorm.select.norm_layers`), those that require grad and that the base
-            optimizer owns *at each step* (:class:`~samnorm.select.PerturbedSet`: progressive
-            unfreezing with ``add_param_group`` is followed). A :class:`~samnorm.select.Selection`
-            or any iterable of parameters, each owned by ``base_optimizer``.
+        perturb: what the ascent perturbs: ``None``, every parameter of ``base_optimizer`` (SAM); an
+            ``nn.Module``, its normalization layers that require grad and that the base optimizer owns
+            *at each step* (SAM-ON, :class:`~samnorm.select.PerturbedSet`: ``add_param_group`` is
+            followed); a :class:`~samnorm.select.Selection` or parameters of ``base_optimizer``.
         rho: radius of the ascent step (``||e|| = rho``; for ASAM ``||e / T|| = rho``).
         adaptive: ASAM, with ``T = |w| + eta`` elementwise.
         eta: ASAM's offset, so parameters at 0 are still perturbed (official ASAM uses 0.01).
@@ -124,12 +121,9 @@ class SAM(WrappedOptimizer):
         >>> opt.second_step(zero_grad=True)               # restore w, then SGD's step
     """
 
-    # GradScaler.step(sam) hands SAM the scale and the inf flag instead of unscaling and skipping
-    # itself (torch's hook for optimizers that handle scaling): SAM also needs the first pass's flag.
-    _step_supports_amp_scaling = True
+    _step_supports_amp_scaling = True  # GradScaler.step hands SAM the scale and flag (see amp.py)
     _GROUP_KEYS: tuple[str, ...] = ("rho", "adaptive", "eta")  # settings kept in every param group
-    # a variant's own group settings (k, alpha, ...), set on the instance before __init__
-    _settings: Mapping[str, Any] = MappingProxyType({})
+    _settings: Mapping[str, Any] = MappingProxyType({})  # a variant's (k, alpha, ...), set before __init__
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -171,8 +165,7 @@ class SAM(WrappedOptimizer):
         self.last_grad_norm: torch.Tensor | None = None
 
     def perturbed_parameters(self) -> list[torch.Tensor]:
-        """The parameters the ascent perturbs now (all of the base optimizer's when ``perturb=None``;
-        with ``perturb=model`` its norm layers' that require grad and are optimized)."""
+        """The parameters the ascent perturbs now (resolved at each call, see ``perturb``)."""
         return self._perturb.params()
 
     # rho, adaptive and eta live in the parameter groups; these read and set all groups at once
@@ -187,8 +180,7 @@ class SAM(WrappedOptimizer):
     # ------------------------------------------------------------------ the protocol
     @property
     def phase(self) -> Phase:
-        """Where the step stands: :attr:`Phase.IDLE <samnorm.sam.protocol.Phase>` (none begun),
-        ``BEGUN`` or ``PERTURBED`` (parameters at ``w + e``)."""
+        """Where the step stands (:class:`~samnorm.sam.protocol.Phase`): IDLE, BEGUN or PERTURBED."""
         return self._phase
 
     def passes(self) -> tuple[Pass, ...]:
@@ -207,9 +199,8 @@ class SAM(WrappedOptimizer):
 
     @property
     def is_sam_step(self) -> bool:
-        """Whether the current step perturbs (a pass at ``w + e``): False on the plain steps of
-        :class:`~samnorm.sam.variants.IntervalSAM` and :class:`~samnorm.sam.variants.LookSAM`. A Python bool,
-        no device sync. :meth:`passes` says more (how many passes, and what each is for)."""
+        """Whether the current step perturbs (a pass at ``w + e``; False on the plain steps of
+        IntervalSAM and LookSAM), no device sync; :meth:`passes` says more."""
         return any(p.at == "w+e" for p in self.passes())
 
     def begin_step(self) -> None:
@@ -244,38 +235,6 @@ class SAM(WrappedOptimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def pass_context(
-        self, index: int, model: nn.Module, *, last_micro_batch: bool = True
-    ) -> contextlib.AbstractContextManager[None]:
-        """Context of pass ``index`` over one micro-batch (:func:`~samnorm.sam.protocol.pass_context`):
-        DDP's ``no_sync`` unless the pass syncs and this is the window's last micro-batch; BatchNorm
-        statistics frozen unless it updates them."""
-        return pass_context(self.passes()[index], model, last_micro_batch=last_micro_batch)
-
-    @contextlib.contextmanager
-    def abandon_on_error(self) -> Iterator[None]:
-        """Restore ``w`` and abandon the step (:meth:`restore`) if the block raises, then re-raise."""
-        try:
-            yield
-        except BaseException:
-            self.restore()
-            raise
-
-    @contextlib.contextmanager
-    def first_pass(self, model: nn.Module) -> Iterator[None]:
-        """Context of the step's first forward/backward (:meth:`pass_context` of pass 0): for SAM
-        no DDP all-reduce (``no_sync``; ``sync_first_pass=True`` averages the perturbed tensors'
-        gradients, far less than DDP's all-reduce of every gradient)."""
-        with self.pass_context(0, model):
-            yield
-
-    @contextlib.contextmanager
-    def second_pass(self, model: nn.Module) -> Iterator[None]:
-        """Context of the step's last forward/backward (for SAM at ``w + e``, BatchNorm statistics
-        frozen, see :func:`disable_running_stats`); if the block raises, ``w`` is restored."""
-        with self.abandon_on_error(), self.pass_context(len(self.passes()) - 1, model):
-            yield
-
     # ------------------------------------------------------------------ the two-step form
     @torch.no_grad()
     def first_step(self, loss: torch.Tensor | None = None, zero_grad: bool = False) -> None:
@@ -297,13 +256,12 @@ class SAM(WrappedOptimizer):
 
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # under no_grad
         self._group_of = group_index(self.param_groups, self._group_of)
-        plain = set() if self.normalize_bias else self._bias_ids  # tensors with T = 1 under ASAM
+        plain = set() if self.normalize_bias else self._bias_ids  # T = 1 under ASAM
         params, grads, rhos, etas = ascent_settings(pairs, self.param_groups, self._group_of[1], plain)
         if not params:
             self._nonfinite.current = None
             return
-        if self.sync_first_pass:
-            grads = all_reduce_mean(grads)
+        grads = all_reduce_mean(grads) if self.sync_first_pass else grads
         norm, self._saved = perturb_(
             params, grads, rhos=rhos, etas=etas, eps=self.eps, foreach=self.foreach, state=self._buffers
         )
@@ -336,10 +294,7 @@ class SAM(WrappedOptimizer):
         """
         if self._phase is Phase.IDLE:
             raise RuntimeError("second_step called without first_step: call first_step() first")
-        if scaler is not None and scaler.is_enabled():
-            amp.scaled_step(scaler, self, self.base_optimizer)
-        else:
-            self.step()
+        amp.scaled_step(scaler, self, self.base_optimizer)
         if zero_grad:
             self.zero_grad(set_to_none=True)
         self._nonfinite.poll(stacklevel=3)
@@ -392,15 +347,13 @@ class SAM(WrappedOptimizer):
     def _after_descent(self) -> None:
         """Hook: after the base optimizer's step."""
 
-    # ------------------------------------------------------------------ bookkeeping
     @property
     def nonfinite_steps(self) -> int:
         """How many steps skipped the ascent for a non-finite gradient norm (reading it syncs)."""
         return self._nonfinite.count
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus SAM's settings and the base optimizer's class
-        under the key ``"sam"``."""
+        """The base optimizer's state dict plus SAM's settings and base class under ``"sam"``."""
         if self._phase is not Phase.IDLE:
             raise RuntimeError(_MID_STEP_STATE)
         return {**self.base_optimizer.state_dict(), "sam": record(self)}
@@ -420,16 +373,11 @@ class SAM(WrappedOptimizer):
 
     def __setstate__(self, saved: dict[str, Any]) -> None:
         fields, selection = unpickle(saved)  # any release's pickle
-        self.__dict__.update(fields)
-        self._link()
+        super().__setstate__(fields)
         if selection != ():
             self._perturb = PerturbedSet(selection, self._owned)
-        _compat.repatch_step(self)
 
     def __repr__(self) -> str:
-        n = len(self.perturbed_parameters())
-        what = "all parameters" if self._perturb.everything else f"{n} selected tensors"
-        rhos = sorted({g["rho"] for g in self.param_groups})
-        kind = "ASAM" if all(g["adaptive"] for g in self.param_groups) else "SAM"
-        rho = rhos[0] if len(rhos) == 1 else f"per group {rhos}"
+        kind, rho = summary(self.param_groups)
+        what = "all parameters" if self._perturb.everything else f"{len(self.perturbed_parameters())} selected tensors"
         return f"{kind}(rho={rho}, perturb={what}, base={self.base_optimizer!r})"

@@ -53,6 +53,7 @@ __all__ = [
     "ONE_PASS",
     "PLAIN",
     "Pass",
+    "PassContexts",
     "Phase",
     "ascent_gradients",
     "begin_first_pass",
@@ -147,6 +148,51 @@ def pass_context(step_pass: Pass, model: nn.Module, *, last_micro_batch: bool = 
         if not step_pass.update_bn:
             stack.enter_context(disable_running_stats(model))
         yield
+
+
+class PassContexts:
+    """The contexts a hand-written loop wraps each pass in, for a SAM-type optimizer (a base of
+    :class:`~samnorm.SAM`, which gives :meth:`passes` and :meth:`restore`)."""
+
+    def passes(self) -> tuple[Pass, ...]:
+        """The passes of the current step (:meth:`SAM.passes <samnorm.SAM.passes>`)."""
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Restore ``w`` and abandon the step (:meth:`SAM.restore <samnorm.SAM.restore>`)."""
+        raise NotImplementedError
+
+    def pass_context(
+        self, index: int, model: nn.Module, *, last_micro_batch: bool = True
+    ) -> contextlib.AbstractContextManager[None]:
+        """Context of pass ``index`` over one micro-batch (:func:`~samnorm.sam.protocol.pass_context`):
+        DDP's ``no_sync`` unless the pass syncs and this is the window's last micro-batch; BatchNorm
+        statistics frozen unless it updates them."""
+        return pass_context(self.passes()[index], model, last_micro_batch=last_micro_batch)
+
+    @contextlib.contextmanager
+    def abandon_on_error(self) -> Iterator[None]:
+        """Restore ``w`` and abandon the step (:meth:`restore`) if the block raises, then re-raise."""
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
+
+    @contextlib.contextmanager
+    def first_pass(self, model: nn.Module) -> Iterator[None]:
+        """Context of the step's first forward/backward (:meth:`pass_context` of pass 0): for SAM
+        no DDP all-reduce (``no_sync``; ``sync_first_pass=True`` averages the perturbed tensors'
+        gradients, far less than DDP's all-reduce of every gradient)."""
+        with self.pass_context(0, model):
+            yield
+
+    @contextlib.contextmanager
+    def second_pass(self, model: nn.Module) -> Iterator[None]:
+        """Context of the step's last forward/backward (for SAM at ``w + e``, BatchNorm statistics
+        frozen, see :func:`disable_running_stats`); if the block raises, ``w`` is restored."""
+        with self.abandon_on_error(), self.pass_context(len(self.passes()) - 1, model):
+            yield
 
 
 def run_passes(

@@ -19,6 +19,7 @@ __all__ = [
     "fill_group_defaults",
     "group_index",
     "group_settings",
+    "summary",
 ]
 
 
@@ -157,3 +158,16 @@ def ascent_settings(
         rhos.append(rho)
         etas.append(eta if adaptive and id(p) not in plain else None)
     return params, grads, rhos, etas
+
+
+def summary(groups: list[dict[str, Any]]) -> tuple[str, str]:
+    """``(kind, rho)`` of a SAM's groups for its ``repr``: ``"ASAM"`` if every group is adaptive,
+    else ``"SAM"``; the one ``rho``, or each group's.
+
+    Example:
+        >>> summary([{"rho": 0.1, "adaptive": False}, {"rho": 0.2, "adaptive": True}])
+        ('SAM', 'per group [0.1, 0.2]')
+    """
+    rhos = sorted({g["rho"] for g in groups})
+    kind = "ASAM" if all(g["adaptive"] for g in groups) else "SAM"
+    return kind, str(rhos[0]) if len(rhos) == 1 else f"per group {rhos}"

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from . import _compat
 from .settings import fill_group_defaults
 
 __all__ = ["WrappedOptimizer", "check_base"]
@@ -69,6 +70,11 @@ class WrappedOptimizer(Optimizer):
         self.state = self.base_optimizer.state
         self.defaults = self.base_optimizer.defaults
         fill_group_defaults(self.param_groups, self.defaults, self._GROUP_KEYS)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._link()  # the unpickled groups are the base's again
+        _compat.repatch_step(self)  # torch's step hooks, as Optimizer.__setstate__ installs them
 
     def _owned(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
