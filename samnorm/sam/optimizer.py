@@ -22,9 +22,10 @@ The layout is torch.optim's: the arithmetic lives in functions over tensor lists
 (:mod:`samnorm.sam.functional`). :class:`SAM` only orchestrates: it collects the parameters,
 gradients and per-group settings, keeps the backups and buffers between steps, and hooks into
 ``step``, ``GradScaler`` and ``state_dict``; the mechanics live in the modules beside it
-(:mod:`~samnorm.sam.protocol`: the passes and their driver; :mod:`~samnorm.sam.amp`: GradScaler;
-:mod:`~samnorm.sam.settings`: the group settings; :mod:`~samnorm.sam.state`: state dict and pickle;
-:mod:`~samnorm.sam.nonfinite`: skipped ascents).
+(:mod:`~samnorm.sam.protocol`: the passes, their contexts and driver, the closure and two-step
+plans; :mod:`~samnorm.sam.amp`: GradScaler; :mod:`~samnorm.sam.settings`: the group settings;
+:mod:`~samnorm.sam.state`: state dict and pickle; :mod:`~samnorm.sam.nonfinite`: skipped ascents;
+:mod:`~samnorm.sam.wrapper`: the groups and state shared with the base optimizer).
 
 A step is a sequence of passes (:meth:`SAM.passes`, run by :func:`samnorm.sam.protocol.run_passes`),
 then :meth:`SAM.step`. Variants (:mod:`samnorm.sam.variant`) change the passes and the hooks
