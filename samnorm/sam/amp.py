@@ -9,6 +9,8 @@ Where an integration holds the scaler it passes it explicitly (:func:`scaled_ste
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,7 +18,16 @@ from torch.optim import Optimizer
 
 from . import _compat
 
-__all__ = ["Handshake", "refuse_unscale_before_closure", "scaled_step", "step_skipping_inf", "take_handshake"]
+__all__ = [
+    "Handshake",
+    "base_step",
+    "drop_handshake",
+    "handshake",
+    "refuse_unscale_before_closure",
+    "scaled_step",
+    "step_skipping_inf",
+    "take_handshake",
+]
 
 Handshake = tuple[Any, Any]
 """``(grad_scale, found_inf)`` that ``GradScaler.step`` set on the optimizer (``None`` outside it)."""
@@ -28,6 +39,18 @@ def take_handshake(optimizer: Optimizer) -> Handshake | None:
     return (state.get("grad_scale"), state["found_inf"]) if "found_inf" in state else None
 
 
+@contextlib.contextmanager
+def handshake(optimizer: Optimizer) -> Iterator[Handshake | None]:
+    """:func:`take_handshake` for a step; the attributes are dropped if the step raises (GradScaler
+    removes them only after a step that returned), so that the next step does not see them."""
+    taken = take_handshake(optimizer)
+    try:
+        yield taken
+    except BaseException:
+        drop_handshake(optimizer)
+        raise
+
+
 def drop_handshake(optimizer: Optimizer) -> None:
     """Remove the attributes (GradScaler removes them only after a step that returned)."""
     optimizer.__dict__.pop("grad_scale", None)
@@ -37,7 +60,11 @@ def drop_handshake(optimizer: Optimizer) -> None:
 def scaled_step(scaler: Any, sam: Optimizer, base: Optimizer) -> None:
     """``scaler.step(sam)`` with one fused unscale-and-check pass (honouring an earlier
     ``scaler.unscale_`` of ``sam`` or of its ``base``, which share the gradients). The scaler is
-    handed over explicitly (no lookup in the calling frames)."""
+    handed over explicitly (no lookup in the calling frames). ``scaler`` None or disabled:
+    ``sam.step()``."""
+    if scaler is None or not scaler.is_enabled():
+        sam.step()
+        return
     if not _compat.adopt_unscaled_state(scaler, base, sam):
         scaler.unscale_(sam)
     sam.__dict__[_HELD] = scaler
@@ -104,3 +131,19 @@ def step_skipping_inf(
     if scaler is not None:
         _compat.record_found_inf(scaler, sam, found)
     _compat.step_unless_found_inf(base, found)
+
+
+def base_step(
+    sam: Optimizer,
+    base: Optimizer,
+    handshake: Handshake | None,
+    first_nonfinite: torch.Tensor | None,
+    trust_found_inf: bool,
+) -> None:
+    """The descent's base step: ``base.step()`` outside ``GradScaler.step(sam)`` (``handshake``
+    None), else :func:`step_skipping_inf` over every parameter of ``base``."""
+    if handshake is None:
+        base.step()
+        return
+    params = [p for g in base.param_groups for p in g["params"]]
+    step_skipping_inf(sam, base, params, handshake, first_nonfinite, trust_found_inf=trust_found_inf)

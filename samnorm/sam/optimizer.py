@@ -21,13 +21,22 @@ The layout is torch.optim's: the arithmetic lives in functions over tensor lists
 :func:`~samnorm.sam.functional.perturb_` and :func:`~samnorm.sam.functional.restore_`
 (:mod:`samnorm.sam.functional`). :class:`SAM` only orchestrates: it collects the parameters,
 gradients and per-group settings, keeps the backups and buffers between steps, and hooks into
-``step``, ``GradScaler`` and ``state_dict``.
+``step``, ``GradScaler`` and ``state_dict``; the mechanics live in the modules beside it
+(:mod:`~samnorm.sam.protocol`: the passes, their contexts and driver, the closure and two-step
+plans; :mod:`~samnorm.sam.amp`: GradScaler; :mod:`~samnorm.sam.settings`: the group settings;
+:mod:`~samnorm.sam.state`: state dict and pickle; :mod:`~samnorm.sam.nonfinite`: skipped ascents;
+:mod:`~samnorm.sam.wrapper`: the groups and state shared with the base optimizer).
+
+A step is a sequence of passes (:meth:`SAM.passes`, run by :func:`samnorm.sam.protocol.run_passes`),
+then :meth:`SAM.step`. Variants (:mod:`samnorm.sam.variant`) change the passes and the hooks
+``_step_passes``, ``_ascend``, ``_ascend_before_forward``, ``_before_descent`` and ``_after_descent``;
+``step`` itself is never overridden (torch wraps it at class level for its step hooks, which would
+then fire twice).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -39,98 +48,69 @@ from ..select import PerturbedSet, Selection, bias_ids
 from . import _compat, amp
 from .functional import Saved, all_reduce_mean, is_distributed, perturb_, restore_
 from .nonfinite import NonFinite
-from .protocol import ASCENT, DESCENT_PERTURBED, Pass, Phase, ascent_gradients, run_passes
-from .settings import GroupSetting, check_nonnegative
-from .state import check_record, class_name, upgrade_pickle
+from .protocol import (
+    ASCENT,
+    DESCENT_PERTURBED,
+    Pass,
+    PassContexts,
+    Phase,
+    ascent_gradients,
+    begin_first_pass,
+    disable_running_stats,
+    refuse_closure_step,
+    run_closure,
+)
+from .settings import GroupSetting, ascent_settings, check_nonnegative, check_setting, group_index, summary
+from .state import load_record, pickled, record, unpickle
+from .wrapper import WrappedOptimizer, check_base
 
 __all__ = ["SAM", "disable_running_stats"]
 
-_INTEGRATIONS = (
-    "samnorm.integrations.transformers.SAMTrainer, samnorm.integrations.lightning (manual "
-    "optimization), samnorm.integrations.timm, samnorm.integrations.accelerate"
+# The errors of a step taken out of order, each naming the fix
+_OVERRIDES_STEP = (
+    "{} overrides SAM.step: torch wraps step at class level for its step hooks, so they would fire "
+    "twice per step. Override the step's hooks instead (_step_passes, _ascend_before_forward, "
+    "_before_descent, _after_descent; see samnorm.sam.variant.Variant)"
 )
-_STEP_WITHOUT_FIRST_STEP = (
-    "SAM.step() without a closure finishes a step begun by first_step(), and none is begun. SAM "
-    "needs two forward/backward passes per step: (1) step(closure), the closure zeroing the "
-    "gradients, computing the loss, calling backward and returning the loss (it runs twice); or "
-    "(2) first_step(loss), then the second forward/backward, then step() (or second_step()); or "
-    "(3) samnorm.sam.protocol.run_passes(sam, model, batches, loss_fn), then step(). A "
-    "framework that runs one backward per step needs samnorm's integration for it: " + _INTEGRATIONS
+_STEP_UNDER_WAY = (
+    "a SAM step is already under way (first_step called twice, or run_passes without "
+    "step()): finish it with step()/second_step(), or abandon it with restore()"
 )
-_ACCUMULATION_IN_CLOSURE = (
-    "SAM.step(closure) under gradient accumulation: either the closure added its gradients to "
-    "gradients already present (e.g. Lightning's accumulate_grad_batches > 1), so the ascent would "
-    "use every micro-batch and the second pass only the last one; or accelerate's accumulate() "
-    "skipped the step, and so the closure, on all but the last micro-batch of each window. "
-    "Accumulate with the two-pass form: "
-    "backward over the micro-batches, first_step(), backward over the same micro-batches, "
-    "step(); in a framework use samnorm's integration (" + _INTEGRATIONS + "; for accelerate: "
-    "samnorm.integrations.accelerate.sam_backward). If your closure "
-    "zeroes the gradients itself, zero them with sam.zero_grad()."
+_FIRST_STEP_TWICE = (
+    "first_step called twice without second_step: the parameters are still perturbed; "
+    "call second_step() (or restore()) first"
+)
+_MID_STEP_STATE = (
+    "state_dict() between first_step and second_step would save perturbed parameters "
+    "alongside it; call it after second_step()"
 )
 
 
-@contextlib.contextmanager
-def disable_running_stats(model: nn.Module) -> Iterator[None]:
-    """Keep BatchNorm running statistics unchanged inside the block (SAM's perturbed pass).
-
-    In training mode the layers still normalise with the batch statistics; only the running mean,
-    variance and batch counter are left alone, so they keep describing the unperturbed weights.
-
-    Example:
-        >>> bn = nn.BatchNorm1d(3)
-        >>> with disable_running_stats(bn):
-        ...     _ = bn(torch.randn(8, 3))
-        >>> bn.running_mean.abs().sum().item(), int(bn.num_batches_tracked)
-        (0.0, 0)
-    """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in layers:
-        m.track_running_stats = False  # training forward then passes no running buffers
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.track_running_stats = True
-
-
-class SAM(Optimizer):
+class SAM(WrappedOptimizer, PassContexts):
     """Sharpness-aware minimization around an optimizer instance, perturbing selected parameters.
 
     Args:
         base_optimizer: the optimizer that takes the descent step (SGD, AdamW, anything). SAM shares
             its ``param_groups`` and ``state``, so LR schedulers attach to either object.
-        perturb: what the ascent perturbs. ``None``: every parameter of ``base_optimizer`` (plain
-            SAM). An ``nn.Module``: its normalization layers (SAM-ON, see
-            :func:`samnorm.select.norm_layers`), those that require grad and that the base
-            optimizer owns *at each step* (:class:`~samnorm.select.PerturbedSet`: progressive
-            unfreezing with ``add_param_group`` is followed). A :class:`~samnorm.select.Selection`
-            or any iterable of parameters, each owned by ``base_optimizer``.
+        perturb: what the ascent perturbs: ``None``, every parameter of ``base_optimizer`` (SAM); an
+            ``nn.Module``, its normalization layers that require grad and that the base optimizer owns
+            *at each step* (SAM-ON, :class:`~samnorm.select.PerturbedSet`: ``add_param_group`` is
+            followed); a :class:`~samnorm.select.Selection` or parameters of ``base_optimizer``.
         rho: radius of the ascent step (``||e|| = rho``; for ASAM ``||e / T|| = rho``).
         adaptive: ASAM, with ``T = |w| + eta`` elementwise.
         eta: ASAM's offset, so parameters at 0 are still perturbed (official ASAM uses 0.01).
             ``rho``, ``adaptive`` and ``eta`` are defaults for the base optimizer's parameter
             groups: a group may set its own, and a scheduler may change ``group["rho"]``.
         eps: added to the gradient norm before dividing.
-        normalize_bias: ASAM only. ``True``: every perturbed tensor is scaled by ``T``. ``False``:
-            tensors named ``*bias`` keep ``T = 1``, as the official ASAM code and SAM-ON's
-            ``ASAM_BN`` do (names come from ``perturb``/``model``).
-        foreach: ``None``/``True``: the grouped multi-tensor path (sparse gradients always take the
-            per-tensor path); ``False``: a per-tensor loop (same results).
-        sync_first_pass: under ``torch.distributed``, average the first-pass gradients of the
-            perturbed parameters across ranks before the ascent. By default each replica perturbs
-            with its own gradient (as google-research/sam does) and the first pass pays no
-            all-reduce. Under FSDP2 (``fully_shard``) the first-pass gradient is always the
-            averaged one, as with ``True`` here (see :mod:`samnorm.sam.fsdp`).
+        normalize_bias: ASAM only. ``False``: tensors named ``*bias`` keep ``T = 1``, as the
+            official ASAM code and SAM-ON's ``ASAM_BN`` do (names from ``perturb``/``model``).
+        foreach: ``None``/``True``: the grouped multi-tensor path; ``False``: a per-tensor loop
+            (same results).
+        sync_first_pass: under ``torch.distributed``, average the perturbed tensors' first-pass
+            gradients across ranks before the ascent. By default each replica perturbs with its own
+            (as google-research/sam does; no all-reduce). FSDP2 always averages (:mod:`~samnorm.sam.fsdp`).
         model: the model, so that :meth:`step` can run the first pass without DDP's all-reduce
-            and the second without updating BatchNorm statistics; taken from ``perturb`` when that
-            is a module.
-
-    A step is a sequence of passes (:meth:`passes`, run by
-    :func:`samnorm.sam.protocol.run_passes`), then :meth:`step`. Variants (:mod:`samnorm.sam.variants`)
-    change the passes and the hooks ``_step_passes``, ``_ascend_before_forward``,
-    ``_before_descent`` and ``_after_descent``; :meth:`step` itself is never overridden (torch
-    wraps it at class level for its step hooks, which would then fire twice).
+            and the second without updating BatchNorm statistics (default: ``perturb`` if a module).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -142,20 +122,14 @@ class SAM(Optimizer):
         >>> opt.second_step(zero_grad=True)               # restore w, then SGD's step
     """
 
-    # GradScaler.step(sam) hands SAM the scale and the inf flag instead of unscaling and skipping
-    # itself (torch's hook for optimizers that handle scaling): SAM also needs the first pass's flag.
-    _step_supports_amp_scaling = True
-    base_optimizer: Optimizer  # set once Optimizer.__init__ has run (see add_param_group)
+    _step_supports_amp_scaling = True  # GradScaler.step hands SAM the scale and flag (see amp.py)
+    _GROUP_KEYS: tuple[str, ...] = ("rho", "adaptive", "eta")  # settings kept in every param group
+    _settings: Mapping[str, Any] = MappingProxyType({})  # a variant's (k, alpha, ...), set before __init__
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "step" in cls.__dict__:
-            raise TypeError(
-                f"{cls.__name__} overrides SAM.step: torch wraps step at class level for its step "
-                "hooks, so they would fire twice per step. Override the step's hooks instead "
-                "(_step_passes, _ascend_before_forward, _before_descent, _after_descent; see "
-                "samnorm.sam.variant.Variant)"
-            )
+            raise TypeError(_OVERRIDES_STEP.format(cls.__name__))
 
     def __init__(
         self,
@@ -171,23 +145,12 @@ class SAM(Optimizer):
         sync_first_pass: bool = False,
         model: nn.Module | None = None,
     ) -> None:
-        if not isinstance(base_optimizer, Optimizer):
-            raise TypeError(
-                "SAM wraps an optimizer instance, e.g. SAM(torch.optim.SGD(model.parameters(), "
-                f"lr=0.1), model); got {type(base_optimizer).__name__}"
-            )
-        if isinstance(base_optimizer, SAM):
-            raise TypeError("SAM cannot wrap another SAM; wrap its base_optimizer instead")
+        check_base(base_optimizer)
         for name, value in (("rho", rho), ("eta", eta), ("eps", eps)):
             check_nonnegative(name, value)
-        # Optimizer.__init__ sets up hooks and profiling for whatever torch version runs; its empty
-        # group is replaced at once by the base optimizer's own list (shared, never copied).
-        super().__init__([{"params": []}], {})
-        self.base_optimizer = base_optimizer
-        # SAM's defaults join the base optimizer's, so a group added later (through SAM or the
-        # base) gets them too; groups that set their own (SGD([{"params": ..., "rho": 0.1}])) keep them
-        base_optimizer.defaults.update(rho=float(rho), adaptive=bool(adaptive), eta=float(eta), **self._settings)
-        self._link()
+        super().__init__(
+            base_optimizer, {"rho": float(rho), "adaptive": bool(adaptive), "eta": float(eta), **self._settings}
+        )
         self.eps = float(eps)
         self.normalize_bias = bool(normalize_bias)
         self.foreach = foreach
@@ -199,37 +162,26 @@ class SAM(Optimizer):
         self._saved: Saved = []  # (params, backups) lists of what the ascent moved
         self._buffers: dict[Any, Any] = {}  # perturb_'s backups and flat buffers, kept between steps
         self._nonfinite = NonFinite()
-        self._zeroed = False
         self._group_of: tuple[tuple[tuple[int, int], ...], dict[int, int]] = ((), {})
         self.last_grad_norm: torch.Tensor | None = None
 
-    # ------------------------------------------------------------------ set-up
-    def _link(self) -> None:
-        # Shared, not copied: schedulers, add_param_group and load_state_dict stay consistent.
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        self.defaults = self.base_optimizer.defaults
-        for g in self.param_groups:  # e.g. a state dict saved before per-group settings
-            for key in self._GROUP_KEYS:
-                g.setdefault(key, self.defaults[key])
-
-    _GROUP_KEYS: tuple[str, ...] = ("rho", "adaptive", "eta")  # settings kept in every param group
-    # a variant's own group settings (k, alpha, ...), set on the instance before __init__
-    _settings: Mapping[str, Any] = MappingProxyType({})
-
-    def _owned(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
     def perturbed_parameters(self) -> list[torch.Tensor]:
-        """The parameters the ascent perturbs now (all of the base optimizer's when ``perturb=None``;
-        with ``perturb=model`` its norm layers' that require grad and are optimized)."""
+        """The parameters the ascent perturbs now (resolved at each call, see ``perturb``)."""
         return self._perturb.params()
+
+    # rho, adaptive and eta live in the parameter groups; these read and set all groups at once
+    rho = GroupSetting("The ascent radius of every parameter group (set: all groups).")
+    adaptive = GroupSetting("Whether every parameter group uses ASAM (set: all groups).")
+    eta = GroupSetting("ASAM's offset of every parameter group (set: all groups).")
+
+    def _check_setting(self, key: str, value: Any) -> Any:
+        """A group setting, checked and converted (variants add theirs)."""
+        return check_setting(key, value)
 
     # ------------------------------------------------------------------ the protocol
     @property
     def phase(self) -> Phase:
-        """Where the step stands: :attr:`Phase.IDLE <samnorm.sam.protocol.Phase>` (none begun),
-        ``BEGUN`` or ``PERTURBED`` (parameters at ``w + e``)."""
+        """Where the step stands (:class:`~samnorm.sam.protocol.Phase`): IDLE, BEGUN or PERTURBED."""
         return self._phase
 
     def passes(self) -> tuple[Pass, ...]:
@@ -248,19 +200,15 @@ class SAM(Optimizer):
 
     @property
     def is_sam_step(self) -> bool:
-        """Whether the current step perturbs (a pass at ``w + e``): False on the plain steps of
-        :class:`~samnorm.sam.variants.IntervalSAM` and :class:`~samnorm.sam.variants.LookSAM`. A Python bool,
-        no device sync. :meth:`passes` says more (how many passes, and what each is for)."""
+        """Whether the current step perturbs (a pass at ``w + e``; False on the plain steps of
+        IntervalSAM and LookSAM), no device sync; :meth:`passes` says more."""
         return any(p.at == "w+e" for p in self.passes())
 
     def begin_step(self) -> None:
         """Begin a step (the driver calls it before the first pass); a step whose first pass is at
         ``w + e`` (:class:`~samnorm.sam.variants.OnePassSAM`) takes its ascent here."""
         if self._phase is not Phase.IDLE:
-            raise RuntimeError(
-                "a SAM step is already under way (first_step called twice, or run_passes without "
-                "step()): finish it with step()/second_step(), or abandon it with restore()"
-            )
+            raise RuntimeError(_STEP_UNDER_WAY)
         self._phase = Phase.BEGUN
         self._nonfinite.current = None
         if self.passes()[0].at == "w+e":
@@ -277,58 +225,16 @@ class SAM(Optimizer):
         unless ``zero_grad=False``; after a descent pass, nothing."""
         if self.passes()[index].use != "ascent":
             return
+        zero_missing = self.sync_first_pass and is_distributed()
         try:
-            pairs = ascent_gradients(
-                self.perturbed_parameters(),
-                loss,
-                zero_missing=self.sync_first_pass and is_distributed(),
-                owned=self._owned(),
-            )
+            pairs = ascent_gradients(self.perturbed_parameters(), loss, zero_missing=zero_missing, owned=self._owned())
         except ValueError:
             self.restore()
             raise
-        if self._phase is Phase.PERTURBED:  # a later ascent starts again from w
-            self._restore_weights()
+        self._restore_weights()  # a later ascent starts again from w
         self._ascend(pairs)
         if zero_grad:
             self.zero_grad(set_to_none=True)
-
-    @contextlib.contextmanager
-    def pass_context(self, index: int, model: nn.Module, *, last_micro_batch: bool = True) -> Iterator[None]:
-        """Context of pass ``index`` over one micro-batch: DDP's ``no_sync`` unless the pass syncs
-        and this is the window's last micro-batch; BatchNorm statistics frozen unless it updates them."""
-        step_pass = self.passes()[index]
-        with contextlib.ExitStack() as stack:
-            no_sync = getattr(model, "no_sync", None)  # DDP's
-            if (not step_pass.sync or not last_micro_batch) and no_sync is not None:
-                stack.enter_context(no_sync())
-            if not step_pass.update_bn:
-                stack.enter_context(disable_running_stats(model))
-            yield
-
-    @contextlib.contextmanager
-    def abandon_on_error(self) -> Iterator[None]:
-        """Restore ``w`` and abandon the step (:meth:`restore`) if the block raises, then re-raise."""
-        try:
-            yield
-        except BaseException:
-            self.restore()
-            raise
-
-    @contextlib.contextmanager
-    def first_pass(self, model: nn.Module) -> Iterator[None]:
-        """Context of the step's first forward/backward (:meth:`pass_context` of pass 0): for SAM
-        no DDP all-reduce (``no_sync``; ``sync_first_pass=True`` averages the perturbed tensors'
-        gradients, far less than DDP's all-reduce of every gradient)."""
-        with self.pass_context(0, model):
-            yield
-
-    @contextlib.contextmanager
-    def second_pass(self, model: nn.Module) -> Iterator[None]:
-        """Context of the step's last forward/backward (for SAM at ``w + e``, BatchNorm statistics
-        frozen, see :func:`disable_running_stats`); if the block raises, ``w`` is restored."""
-        with self.abandon_on_error(), self.pass_context(len(self.passes()) - 1, model):
-            yield
 
     # ------------------------------------------------------------------ the two-step form
     @torch.no_grad()
@@ -337,54 +243,26 @@ class SAM(Optimizer):
         parameters by ``e`` and saving their values.
 
         Args:
-            loss: if given, it is differentiated with respect to the perturbed parameters *only*
-                (``torch.autograd.grad``), which skips every other weight-gradient product of that
-                backward pass. If ``None``, the ``.grad`` of the caller's own backward (possibly
-                accumulated over micro-batches) is used. Under FSDP2, ``loss.backward()`` (the
-                sharded parameters are out of ``autograd.grad``'s reach), ``.grad`` kept as it was.
+            loss: differentiated with respect to the perturbed parameters *only* (skipping every
+                other weight-gradient product; :func:`~samnorm.sam.protocol.ascent_gradients`).
+                ``None``: the ``.grad`` of the caller's own backward (micro-batches accumulated).
             zero_grad: zero all gradients afterwards (set to ``None``), ready for the second pass.
 
-        A parameter without gradient is not perturbed; a loss whose graph hides the perturbed
-        tensors behind reentrant activation checkpointing is refused (``ValueError``). If the
-        gradient norm is not finite, the ascent is skipped (nothing moves), :attr:`nonfinite_steps`
-        counts it and a warning is given once; nothing here synchronises with the device.
+        A non-finite gradient norm skips the ascent (:attr:`nonfinite_steps`, a warning once).
         """
         if self._phase is not Phase.IDLE:
-            raise RuntimeError(
-                "first_step called twice without second_step: the parameters are still perturbed; "
-                "call second_step() (or restore()) first"
-            )
+            raise RuntimeError(_FIRST_STEP_TWICE)
         self._nonfinite.poll(stacklevel=3)
-        first = self.passes()[0]
-        if first.at == "w+e" and loss is not None:
-            raise ValueError(
-                f"{type(self).__name__} takes its ascent from the optimizer's state: call first_step() "
-                "before the forward pass, without a loss, then run one forward/backward and second_step()"
-            )
-        self.begin_step()
-        if first.use == "ascent":
-            self.end_pass(0, loss, zero_grad=zero_grad)
-        elif first.at == "w" and loss is not None:
-            with torch.enable_grad():
-                loss.backward()  # type: ignore[no-untyped-call]  # a plain step: the descent's gradient
-        elif first.at == "w+e" and zero_grad:  # (a plain step's .grad is the descent's: kept)
-            self.zero_grad(set_to_none=True)
+        begin_first_pass(self, loss, zero_grad=zero_grad)
 
     def _ascend(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # under no_grad
-        settings = [_group_settings(g) for g in self.param_groups]
-        group_of = self._group_index()
-        params, grads, rhos, etas = [], [], [], []
-        for p, g in pairs:
-            rho, adaptive, eta = settings[group_of[id(p)]]
-            params.append(p)
-            grads.append(g)
-            rhos.append(rho)
-            etas.append(eta if adaptive and (self.normalize_bias or id(p) not in self._bias_ids) else None)
+        self._group_of = group_index(self.param_groups, self._group_of)
+        plain = set() if self.normalize_bias else self._bias_ids  # T = 1 under ASAM
+        params, grads, rhos, etas = ascent_settings(pairs, self.param_groups, self._group_of[1], plain)
         if not params:
             self._nonfinite.current = None
             return
-        if self.sync_first_pass:
-            grads = all_reduce_mean(grads)
+        grads = all_reduce_mean(grads) if self.sync_first_pass else grads
         norm, self._saved = perturb_(
             params, grads, rhos=rhos, etas=etas, eps=self.eps, foreach=self.foreach, state=self._buffers
         )
@@ -392,33 +270,10 @@ class SAM(Optimizer):
         self.last_grad_norm = norm
         self._nonfinite.record(torch.isfinite(norm))
 
-    def _group_index(self) -> dict[int, int]:
-        """id(param) -> index of its parameter group, rebuilt only when the groups change."""
-        signature = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
-        if self._group_of[0] != signature:
-            index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-            self._group_of = (signature, index)
-        return self._group_of[1]
-
-    # rho, adaptive and eta live in the parameter groups; these read and set all groups at once
-    rho = GroupSetting("The ascent radius of every parameter group (set: all groups).")
-    adaptive = GroupSetting("Whether every parameter group uses ASAM (set: all groups).")
-    eta = GroupSetting("ASAM's offset of every parameter group (set: all groups).")
-
-    def _check_setting(self, key: str, value: Any) -> Any:
-        """A group setting, checked and converted (variants add theirs)."""
-        if key == "adaptive":
-            return bool(value)
-        check_nonnegative(key, value)
-        return float(value)
-
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the saved values back into the perturbed parameters (bit-exact) and abandon the step.
-
-        ``second_step`` restores before stepping; call this yourself to abandon a step after
-        ``first_step`` (for example when the second pass raised).
-        """
+        """Copy the saved values back into the perturbed parameters (bit-exact) and abandon the step
+        (after ``first_step``, for example when the second pass raised)."""
         self._restore_weights()
         self._phase = Phase.IDLE
 
@@ -435,37 +290,22 @@ class SAM(Optimizer):
 
         Args:
             zero_grad: zero all gradients (set to ``None``) after the step.
-            scaler: a ``torch.amp.GradScaler``; the step then goes through ``scaler.step(sam)``
-                (call ``scaler.update()`` after, as usual). An inf/NaN in either pass skips the
-                whole step and the scaler backs off. ``scaler.unscale_`` (for clipping) may be
-                called before, on SAM or on its base optimizer.
+            scaler: a ``torch.amp.GradScaler``: the step goes through ``scaler.step(sam)`` (then
+                ``scaler.update()`` as usual); ``scaler.unscale_`` before it (to clip) is honoured.
         """
         if self._phase is Phase.IDLE:
             raise RuntimeError("second_step called without first_step: call first_step() first")
-        if scaler is not None and scaler.is_enabled():
-            amp.scaled_step(scaler, self, self.base_optimizer)
-        else:
-            self.step()
+        amp.scaled_step(scaler, self, self.base_optimizer)
         if zero_grad:
             self.zero_grad(set_to_none=True)
         self._nonfinite.poll(stacklevel=3)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         """Finish the step begun by :meth:`first_step` or :func:`~samnorm.sam.protocol.run_passes`
-        (restore ``w``, then the base optimizer's step), or run the whole step with ``closure``.
-
-        - After a begun step, a closure given runs once as the step's last pass (Lightning's manual
-          ``optimizer.step()`` passes one) and its loss is returned.
-        - ``step(closure)``: ``closure`` (zero grads, forward, backward, return loss) runs once per
-          pass (:meth:`passes`; the LBFGS convention of Lightning's automatic optimization) through
-          :func:`~samnorm.sam.protocol.run_passes`, which returns the first pass's loss. Gradients
-          accumulated before the call are refused (the later passes could not see those
-          micro-batches): accumulate with the two-pass form or an integration.
-        - ``GradScaler.step(sam)`` / ``scaler.step(sam, closure)``: SAM unscales and skips the whole
-          step, restoring ``w``, on an inf/NaN in any pass, and the scaler backs off
-          (:mod:`samnorm.sam.amp`; one flag read, as GradScaler does for an unfused optimizer). A
-          ``scaler.unscale_`` on SAM or its base before ``scaler.step(sam)`` is honoured; before
-          ``scaler.step(sam, closure)`` it is refused.
+        (restore ``w``, then the base optimizer's step), or run the whole step with ``closure``
+        (zero grads, forward, backward, return loss): it runs once per pass, the first pass's loss
+        is returned (:func:`~samnorm.sam.protocol.run_closure`). Under ``GradScaler.step(sam)``
+        an inf/NaN in any pass skips the whole step and the scaler backs off (:mod:`~samnorm.sam.amp`).
 
         Example:
             >>> model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
@@ -480,44 +320,12 @@ class SAM(Optimizer):
             >>> model(torch.ones(2, 3)).pow(2).mean().backward()
             >>> opt.step()
         """
-        handshake = amp.take_handshake(self)  # set by GradScaler.step(sam) for this call
-        try:
-            loss = None
+        with amp.handshake(self) as handshake:  # set by GradScaler.step(sam) for this call
             if self._phase is Phase.IDLE:
-                if closure is None:
-                    raise ValueError(_STEP_WITHOUT_FIRST_STEP)
-                amp.refuse_unscale_before_closure(self, self.base_optimizer)
-                loss = self._closure_passes(closure)
-            elif closure is not None:  # after first_step the closure is the step's last pass
-                last = len(self.passes()) - 1
-                with torch.enable_grad(), self.abandon_on_error(), self.pass_context(last, self._model()):
-                    loss = closure()
+                refuse_closure_step(self, closure)
+                self._zeroed = False  # a zero_grad in the closure then tells it from one adding gradients
+            loss = None if closure is None else run_closure(self, closure)
             self._descend(handshake, closure_mode=closure is not None)
-            return loss
-        except BaseException:
-            amp.drop_handshake(self)
-            raise
-
-    def _model(self) -> nn.Module:
-        return self.model if self.model is not None else nn.Module()
-
-    def _closure_passes(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if _compat.accelerate_accumulation_steps() > 1:
-            raise ValueError(_ACCUMULATION_IN_CLOSURE)
-        present = {id(p): p.grad for p in self._owned() if p.grad is not None}
-        self._zeroed = False
-        calls = 0
-
-        def call(_: None) -> torch.Tensor:
-            nonlocal calls
-            with torch.enable_grad():
-                loss = closure()
-            calls += 1
-            if calls == 1 and present and not self._zeroed and any(p.grad is present.get(id(p)) for p in self._owned()):
-                raise ValueError(_ACCUMULATION_IN_CLOSURE)
-            return loss
-
-        loss: torch.Tensor = run_passes(self, self._model(), [None], call, backward=False, fresh=False)[0]
         return loss
 
     @torch.no_grad()
@@ -526,17 +334,7 @@ class SAM(Optimizer):
         try:
             self._restore_weights()
             self._before_descent()
-            if handshake is None:
-                self.base_optimizer.step()
-            else:
-                amp.step_skipping_inf(
-                    self,
-                    self.base_optimizer,
-                    self._owned(),
-                    handshake,
-                    self._nonfinite.current,
-                    trust_found_inf=not closure_mode,
-                )
+            amp.base_step(self, self.base_optimizer, handshake, self._nonfinite.current, not closure_mode)
         finally:
             self._phase = Phase.IDLE
             self._nonfinite.current = None
@@ -550,106 +348,37 @@ class SAM(Optimizer):
     def _after_descent(self) -> None:
         """Hook: after the base optimizer's step."""
 
-    # ------------------------------------------------------------------ bookkeeping
     @property
     def nonfinite_steps(self) -> int:
         """How many steps skipped the ascent for a non-finite gradient norm (reading it syncs)."""
         return self._nonfinite.count
 
-    def __getstate__(self) -> dict[str, Any]:
-        if self._phase is not Phase.IDLE:
-            raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
-        # scratch buffers are rebuilt on the next step
-        return {**self.__dict__, "_buffers": {}, "_group_of": ((), {})}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state, legacy, count, selection = upgrade_pickle(state)
-        defaults = {
-            "normalize_bias": True,
-            "_bias_ids": set(),
-            "_zeroed": False,
-            "_group_of": ((), {}),
-            "_phase": Phase.IDLE,
-            "_saved": [],
-        }
-        self.__dict__.update({**defaults, **state})
-        if count is not None or "_nonfinite" not in state:
-            self._nonfinite = NonFinite(count or 0)
-        for key, value in legacy.items():
-            self.base_optimizer.defaults.setdefault(key, value)
-        self._link()
-        if selection != ():
-            self._perturb = PerturbedSet(selection, self._owned)
-        _compat.repatch_step(self)
-
-    @property
-    def zeroed_since_step(self) -> bool:
-        """Whether :meth:`zero_grad` ran since the last step (gradients present are then zeros)."""
-        return self._zeroed
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients of every parameter of the base optimizer."""
-        self._zeroed = True  # step(closure) tells a zeroing closure from an accumulating one
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to the base optimizer (perturbed too when ``perturb=None``; with
-        ``perturb=model`` its norm-layer parameters that require grad)."""
-        if "base_optimizer" not in self.__dict__:  # Optimizer.__init__'s placeholder group
-            super().add_param_group(param_group)
-        else:
-            self.base_optimizer.add_param_group(param_group)  # base.defaults holds SAM's too
-
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus SAM's settings and the base optimizer's class
-        under the key ``"sam"``."""
+        """The base optimizer's state dict plus SAM's settings and base class under ``"sam"``."""
         if self._phase is not Phase.IDLE:
-            raise RuntimeError(
-                "state_dict() between first_step and second_step would save perturbed parameters "
-                "alongside it; call it after second_step()"
-            )
-        state = self.base_optimizer.state_dict()
-        # per-group rho/adaptive/eta travel in state["param_groups"]; these are the defaults
-        state["sam"] = {
-            "rho": self.defaults["rho"],
-            "adaptive": self.defaults["adaptive"],
-            "eta": self.defaults["eta"],
-            "eps": self.eps,
-            "normalize_bias": self.normalize_bias,
-            "sync_first_pass": self.sync_first_pass,
-            "nonfinite_steps": self.nonfinite_steps,
-            "base_optimizer": class_name(self.base_optimizer),
-        }
-        return state
+            raise RuntimeError(_MID_STEP_STATE)
+        return {**self.base_optimizer.state_dict(), "sam": record(self)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by :meth:`state_dict` (or a plain base-optimizer state dict).
         One saved around another base optimizer class is refused (``ValueError``)."""
-        state_dict = dict(state_dict)
-        sam = state_dict.pop("sam", None)
-        if sam is not None:
-            check_record(sam, self.normalize_bias, self.base_optimizer)
-        if sam is not None:  # before _link, which gives groups saved without them these defaults
-            self.defaults.update(rho=float(sam["rho"]), adaptive=bool(sam["adaptive"]), eta=float(sam["eta"]))
-        self.base_optimizer.load_state_dict(state_dict)
+        count = load_record(self, state_dict)
         self._link()  # load_state_dict replaces the base's param_groups and state objects
-        if sam is not None:
-            self.eps = float(sam["eps"])
-            self.sync_first_pass = bool(sam.get("sync_first_pass", False))
-            self._nonfinite = NonFinite(int(sam.get("nonfinite_steps", 0)))
+        if count is not None:
+            self._nonfinite = NonFinite(count)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._phase is not Phase.IDLE:
+            raise RuntimeError("cannot copy or pickle SAM between first_step and second_step")
+        return pickled(self.__dict__)
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        fields, selection = unpickle(saved)  # any release's pickle
+        super().__setstate__(fields)
+        if selection != ():
+            self._perturb = PerturbedSet(selection, self._owned)
 
     def __repr__(self) -> str:
-        n = len(self.perturbed_parameters())
-        what = "all parameters" if self._perturb.everything else f"{n} selected tensors"
-        rhos = sorted({g["rho"] for g in self.param_groups})
-        kind = "ASAM" if all(g["adaptive"] for g in self.param_groups) else "SAM"
-        rho = rhos[0] if len(rhos) == 1 else f"per group {rhos}"
+        kind, rho = summary(self.param_groups)
+        what = "all parameters" if self._perturb.everything else f"{len(self.perturbed_parameters())} selected tensors"
         return f"{kind}(rho={rho}, perturb={what}, base={self.base_optimizer!r})"
-
-
-def _group_settings(group: dict[str, Any]) -> tuple[float, bool, float]:
-    """A parameter group's (rho, adaptive, eta), checked: a scheduler may have written them."""
-    rho, eta = group["rho"], group["eta"]
-    check_nonnegative('param_group["rho"]', rho)
-    check_nonnegative('param_group["eta"]', eta)
-    return float(rho), bool(group["adaptive"]), float(eta)

@@ -33,18 +33,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
+from torch import nn
 
-from . import fsdp
+from . import _compat, amp, fsdp
 
 if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
-
     from .optimizer import SAM
 
 __all__ = [
@@ -53,9 +53,15 @@ __all__ = [
     "ONE_PASS",
     "PLAIN",
     "Pass",
+    "PassContexts",
     "Phase",
     "ascent_gradients",
+    "begin_first_pass",
     "begin_window",
+    "disable_running_stats",
+    "pass_context",
+    "refuse_closure_step",
+    "run_closure",
     "run_passes",
 ]
 
@@ -97,6 +103,96 @@ PLAIN = Pass(at="w", use="descent", update_bn=True, sync=True)
 """A plain step's only pass (IntervalSAM/LookSAM between SAM steps)."""
 ONE_PASS = Pass(at="w+e", use="descent", update_bn=True, sync=True)
 """OnePassSAM's only pass, at the w + e its ascent set before the forward."""
+
+
+@contextlib.contextmanager
+def disable_running_stats(model: nn.Module) -> Iterator[None]:
+    """Keep BatchNorm running statistics unchanged inside the block (SAM's perturbed pass).
+
+    In training mode the layers still normalise with the batch statistics; only the running mean,
+    variance and batch counter are left alone, so they keep describing the unperturbed weights.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with disable_running_stats(bn):
+        ...     _ = bn(torch.randn(8, 3))
+        >>> bn.running_mean.abs().sum().item(), int(bn.num_batches_tracked)
+        (0.0, 0)
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False  # training forward then passes no running buffers
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+@contextlib.contextmanager
+def pass_context(step_pass: Pass, model: nn.Module, *, last_micro_batch: bool = True) -> Iterator[None]:
+    """Context of ``step_pass`` over one micro-batch: DDP's ``no_sync`` unless the pass syncs and
+    this is the window's last micro-batch; BatchNorm statistics frozen unless it updates them.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with pass_context(DESCENT_PERTURBED, bn):
+        ...     _ = bn(torch.randn(8, 3))
+        >>> int(bn.num_batches_tracked)
+        0
+    """
+    with contextlib.ExitStack() as stack:
+        no_sync = getattr(model, "no_sync", None)  # DDP's
+        if (not step_pass.sync or not last_micro_batch) and no_sync is not None:
+            stack.enter_context(no_sync())
+        if not step_pass.update_bn:
+            stack.enter_context(disable_running_stats(model))
+        yield
+
+
+class PassContexts:
+    """The contexts a hand-written loop wraps each pass in, for a SAM-type optimizer (a base of
+    :class:`~samnorm.SAM`, which gives :meth:`passes` and :meth:`restore`)."""
+
+    def passes(self) -> tuple[Pass, ...]:
+        """The passes of the current step (:meth:`SAM.passes <samnorm.SAM.passes>`)."""
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Restore ``w`` and abandon the step (:meth:`SAM.restore <samnorm.SAM.restore>`)."""
+        raise NotImplementedError
+
+    def pass_context(
+        self, index: int, model: nn.Module, *, last_micro_batch: bool = True
+    ) -> contextlib.AbstractContextManager[None]:
+        """Context of pass ``index`` over one micro-batch (:func:`~samnorm.sam.protocol.pass_context`):
+        DDP's ``no_sync`` unless the pass syncs and this is the window's last micro-batch; BatchNorm
+        statistics frozen unless it updates them."""
+        return pass_context(self.passes()[index], model, last_micro_batch=last_micro_batch)
+
+    @contextlib.contextmanager
+    def abandon_on_error(self) -> Iterator[None]:
+        """Restore ``w`` and abandon the step (:meth:`restore`) if the block raises, then re-raise."""
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
+
+    @contextlib.contextmanager
+    def first_pass(self, model: nn.Module) -> Iterator[None]:
+        """Context of the step's first forward/backward (:meth:`pass_context` of pass 0): for SAM
+        no DDP all-reduce (``no_sync``; ``sync_first_pass=True`` averages the perturbed tensors'
+        gradients, far less than DDP's all-reduce of every gradient)."""
+        with self.pass_context(0, model):
+            yield
+
+    @contextlib.contextmanager
+    def second_pass(self, model: nn.Module) -> Iterator[None]:
+        """Context of the step's last forward/backward (for SAM at ``w + e``, BatchNorm statistics
+        frozen, see :func:`disable_running_stats`); if the block raises, ``w`` is restored."""
+        with self.abandon_on_error(), self.pass_context(len(self.passes()) - 1, model):
+            yield
 
 
 def run_passes(
@@ -184,6 +280,127 @@ def begin_window(sam: SAM) -> None:
         )
     sam.begin_step()
     sam.zero_grad(set_to_none=True)
+
+
+def begin_first_pass(sam: SAM, loss: torch.Tensor | None, *, zero_grad: bool = False) -> None:
+    """:meth:`SAM.first_step <samnorm.SAM.first_step>` after its checks: begin the step and close
+    its first pass by what the pass is for. An ascent: perturb from ``loss`` (or ``.grad``); a plain
+    step's pass at ``w``: ``loss.backward()`` (its gradient is the descent's, kept); a first pass at
+    ``w + e`` (OnePassSAM, whose ascent came from its state before the forward): nothing to
+    differentiate, so a ``loss`` is refused (``ValueError``). ``zero_grad`` drops the gradients
+    after an ascent or before a pass at ``w + e``.
+
+    Example:
+        >>> from samnorm import SAM
+        >>> w = nn.Parameter(torch.ones(2))
+        >>> sam = SAM(torch.optim.SGD([w], lr=0.1), [w])
+        >>> begin_first_pass(sam, w.pow(2).sum()); sam.phase.name
+        'PERTURBED'
+    """
+    first = sam.passes()[0]
+    if first.at == "w+e" and loss is not None:
+        raise ValueError(
+            f"{type(sam).__name__} takes its ascent from the optimizer's state: call first_step() before the "
+            "forward pass, without a loss, then run one forward/backward and second_step()"
+        )
+    sam.begin_step()
+    if first.use == "ascent":
+        sam.end_pass(0, loss, zero_grad=zero_grad)
+    elif first.at == "w" and loss is not None:
+        with torch.enable_grad():
+            loss.backward()  # type: ignore[no-untyped-call]  # a plain step: the descent's gradient
+    elif first.at == "w+e" and zero_grad:  # (a plain step's .grad is the descent's: kept)
+        sam.zero_grad(set_to_none=True)
+
+
+_INTEGRATIONS = (
+    "samnorm.integrations.transformers.SAMTrainer, samnorm.integrations.lightning (manual "
+    "optimization), samnorm.integrations.timm, samnorm.integrations.accelerate"
+)
+_STEP_WITHOUT_FIRST_STEP = (
+    "SAM.step() without a closure finishes a step begun by first_step(), and none is begun. SAM "
+    "needs two forward/backward passes per step: (1) step(closure), the closure zeroing the "
+    "gradients, computing the loss, calling backward and returning the loss (it runs twice); or "
+    "(2) first_step(loss), then the second forward/backward, then step() (or second_step()); or "
+    "(3) samnorm.sam.protocol.run_passes(sam, model, batches, loss_fn), then step(). A "
+    "framework that runs one backward per step needs samnorm's integration for it: " + _INTEGRATIONS
+)
+_ACCUMULATION_IN_CLOSURE = (
+    "SAM.step(closure) under gradient accumulation: either the closure added its gradients to "
+    "gradients already present (e.g. Lightning's accumulate_grad_batches > 1), so the ascent would "
+    "use every micro-batch and the second pass only the last one; or accelerate's accumulate() "
+    "skipped the step, and so the closure, on all but the last micro-batch of each window. "
+    "Accumulate with the two-pass form: "
+    "backward over the micro-batches, first_step(), backward over the same micro-batches, "
+    "step(); in a framework use samnorm's integration (" + _INTEGRATIONS + "; for accelerate: "
+    "samnorm.integrations.accelerate.sam_backward). If your closure "
+    "zeroes the gradients itself, zero them with sam.zero_grad()."
+)
+
+
+def refuse_closure_step(sam: SAM, closure: Callable[[], torch.Tensor] | None) -> None:
+    """Refuse (``ValueError``) ``sam.step(closure)`` with no step begun where it cannot run the
+    whole step: without a closure, after ``scaler.unscale_`` (:func:`samnorm.sam.amp.refuse_unscale_before_closure`),
+    or inside accelerate's ``accumulate()`` over several micro-batches.
+
+    Example:
+        >>> import torch
+        >>> from samnorm import SAM
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> refuse_closure_step(SAM(torch.optim.SGD([w], lr=0.1), [w]), None)
+        Traceback (most recent call last):
+        ValueError: SAM.step() without a closure finishes a step begun by first_step(), and none is begun. ...
+    """
+    if closure is None:
+        raise ValueError(_STEP_WITHOUT_FIRST_STEP)
+    amp.refuse_unscale_before_closure(sam, sam.base_optimizer)
+    if _compat.accelerate_accumulation_steps() > 1:
+        raise ValueError(_ACCUMULATION_IN_CLOSURE)
+
+
+def run_closure(sam: SAM, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The passes of ``sam.step(closure)``: with no step begun, ``closure`` (zero grads, forward,
+    backward, return the loss) runs once per pass through :func:`run_passes` and the first pass's
+    loss is returned; gradients present before it that the closure added to instead of zeroing
+    them are refused (``ValueError``: the later passes could not see those micro-batches). After
+    ``first_step`` it runs once, as the step's last pass. Either way the step is left to finish
+    (``.grad`` holds the descent gradient).
+
+    Example:
+        >>> from samnorm import SAM
+        >>> w = nn.Parameter(torch.ones(2))
+        >>> sam = SAM(torch.optim.SGD([w], lr=0.1), [w])
+        >>> def closure():
+        ...     sam.zero_grad()
+        ...     loss = w.pow(2).sum()
+        ...     loss.backward()
+        ...     return loss
+        >>> run_closure(sam, closure).item(), sam.phase.name          # the step's first loss; step() next
+        (2.0, 'PERTURBED')
+    """
+    model = sam.model if sam.model is not None else nn.Module()
+    if sam.phase is not Phase.IDLE:  # after first_step the closure is the step's last pass
+        with torch.enable_grad(), sam.abandon_on_error(), sam.pass_context(len(sam.passes()) - 1, model):
+            return closure()
+    present = {id(p): p.grad for g in sam.param_groups for p in g["params"] if p.grad is not None}
+    calls = 0
+
+    def call(_: None) -> torch.Tensor:
+        nonlocal calls
+        with torch.enable_grad():
+            loss = closure()
+        calls += 1
+        if calls == 1 and present and not sam.zeroed_since_step and _grads_kept(sam, present):
+            raise ValueError(_ACCUMULATION_IN_CLOSURE)
+        return loss
+
+    loss: torch.Tensor = run_passes(sam, model, [None], call, backward=False, fresh=False)[0]
+    return loss
+
+
+def _grads_kept(sam: SAM, present: dict[int, torch.Tensor | None]) -> bool:
+    """Whether a parameter's ``.grad`` is still the tensor it held before the closure (added to)."""
+    return any(p.grad is present.get(id(p)) for g in sam.param_groups for p in g["params"])
 
 
 _REENTRANT = (

@@ -1,11 +1,19 @@
-"""SAM's record in the state dict (under ``"sam"``) and the upgrade of pickles from older releases:
-plain functions over dicts, so that :class:`samnorm.SAM` only calls them."""
+"""SAM's record in the state dict (under ``"sam"``) and its pickled ``__dict__``, with the upgrade of
+pickles from older releases: functions over dicts and SAM's public attributes, so that
+:class:`samnorm.SAM`'s ``state_dict``, ``load_state_dict``, ``__getstate__`` and ``__setstate__``
+only call them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["check_record", "class_name", "upgrade_pickle"]
+from .nonfinite import NonFinite
+from .protocol import Phase
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .optimizer import SAM
+
+__all__ = ["check_record", "class_name", "load_record", "pickled", "record", "unpickle", "upgrade_pickle"]
 
 
 def class_name(obj: object) -> str:
@@ -60,3 +68,58 @@ def upgrade_pickle(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
         state.pop(key, None)
     selection = state.pop("_selection", ())
     return state, legacy, None if count is None else int(count), selection
+
+
+def record(sam: SAM) -> dict[str, Any]:
+    """SAM's entry ``"sam"`` of its state dict: the defaults of the group settings (each group's own
+    travel in ``param_groups``), the other settings, the skipped-ascent count (reading it syncs) and
+    the base optimizer's class."""
+    return {
+        "rho": sam.defaults["rho"],
+        "adaptive": sam.defaults["adaptive"],
+        "eta": sam.defaults["eta"],
+        "eps": sam.eps,
+        "normalize_bias": sam.normalize_bias,
+        "sync_first_pass": sam.sync_first_pass,
+        "nonfinite_steps": sam.nonfinite_steps,
+        "base_optimizer": class_name(sam.base_optimizer),
+    }
+
+
+def load_record(sam: SAM, state_dict: dict[str, Any]) -> int | None:
+    """Load ``state_dict`` (with or without a ``"sam"`` entry) into ``sam``'s base optimizer, after
+    checking the entry (:func:`check_record`) and taking its defaults (before the load, so that
+    groups saved without settings get them); then its ``eps`` and ``sync_first_pass``. Returns
+    the saved skipped-ascent count, or ``None`` without an entry. SAM re-links its groups after."""
+    state_dict = dict(state_dict)
+    saved = state_dict.pop("sam", None)
+    if saved is not None:
+        check_record(saved, sam.normalize_bias, sam.base_optimizer)
+        sam.defaults.update(rho=float(saved["rho"]), adaptive=bool(saved["adaptive"]), eta=float(saved["eta"]))
+    sam.base_optimizer.load_state_dict(state_dict)
+    if saved is None:
+        return None
+    sam.eps = float(saved["eps"])
+    sam.sync_first_pass = bool(saved.get("sync_first_pass", False))
+    return int(saved.get("nonfinite_steps", 0))
+
+
+def pickled(fields: dict[str, Any]) -> dict[str, Any]:
+    """What ``pickle``/``copy`` take of a SAM's ``__dict__``: all of it but the scratch buffers and
+    the group index (rebuilt on the next step)."""
+    return {**fields, "_buffers": {}, "_group_of": ((), {})}
+
+
+def unpickle(saved: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A SAM's ``__dict__`` from a pickle of any release (:func:`upgrade_pickle`): the fields of
+    later releases filled in, a non-finite record built from an old count; the legacy group
+    defaults go into the base optimizer's defaults. Returns ``(fields, legacy selection or ())``:
+    SAM re-links its groups and rebuilds the selection."""
+    state, legacy, count, selection = upgrade_pickle(saved)
+    defaults = {"normalize_bias": True, "_bias_ids": set(), "_zeroed": False, "_group_of": ((), {})}
+    fields = {**defaults, "_phase": Phase.IDLE, "_saved": [], **state}
+    if count is not None or "_nonfinite" not in state:
+        fields["_nonfinite"] = NonFinite(count or 0)
+    for key, value in legacy.items():
+        fields["base_optimizer"].defaults.setdefault(key, value)
+    return fields, selection
