@@ -217,7 +217,7 @@ def setup(device_arg: str | None) -> tuple[int, int, Any]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # Left at exit, so that several commands run in one process share the group.
         atexit.register(leave_process_group)
-    return rank_world()[0], world, device
+    return (*rank_world(), device)  # the group's own rank and size once it exists
 
 
 def say(rank: int, text: str, stream: Any = None) -> None:

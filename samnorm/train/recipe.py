@@ -618,7 +618,6 @@ class _Run:
     steps_per_epoch: int
     total: int
     out_dir: str | None
-    ckpt_path: str | None
     say: Callable[[str], None]
     model_name: str | None
     model_kwargs: dict[str, Any]
@@ -638,6 +637,11 @@ class _Run:
     checked: int = 0  # the last step known finite
     saved_step: int | None = None  # the step of the last checkpoint written (None: none kept)
     bar: Any = None  # the tqdm progress bar (rank 0, progress=True)
+
+    @property
+    def ckpt_path(self) -> str | None:
+        """The checkpoint file in the output folder (None: the run keeps no files)."""
+        return None if self.out_dir is None else os.path.join(self.out_dir, CHECKPOINT_NAME)
 
     @classmethod
     def create(
@@ -691,7 +695,6 @@ class _Run:
             steps_per_epoch=steps_per_epoch,
             total=total,
             out_dir=out_dir,
-            ckpt_path=None if out_dir is None else os.path.join(out_dir, CHECKPOINT_NAME),
             say=_silent if rank != 0 else log or _to_stderr,
             model_name=model_name,
             model_kwargs=dict(model_kwargs or {}),
@@ -901,8 +904,8 @@ class _Run:
         }
         states = gather_objects({"rng": rng, "sampler": self.pseudo.state_dict(), "window": self.window.cpu()})
         with deferred_signals():  # a SIGTERM now comes after the checkpoint and the step it names
-            if self.rank == 0 and self.ckpt_path is not None and self.out_dir is not None:
-                atomic_save(self.checkpoint(step, states), self.ckpt_path)
+            if self.rank == 0 and self.out_dir is not None:
+                atomic_save(self.checkpoint(step, states), os.path.join(self.out_dir, CHECKPOINT_NAME))
                 _write_jsonl(os.path.join(self.out_dir, "log.jsonl"), self.history)
             self.saved_step = step if self.ckpt_path is not None else None  # in memory: nothing kept
 
